@@ -1,0 +1,1 @@
+"""Code shared by training and serving: encoder definitions, retrieval and the bundle format."""

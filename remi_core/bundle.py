@@ -1,0 +1,311 @@
+"""Versioned retrieval bundles: the contract between training and serving.
+
+A bundle root holds immutable version directories and a `current` symlink:
+
+    <root>/
+      current -> v20261125-101500-3fa2c1
+      v20261125-101500-3fa2c1/
+        manifest.json          format, model, data, metrics, and {role: {path, sha256}} for files
+        encoder.safetensors    encoder weights (no pickle anywhere in a bundle)
+        item_embeddings.npy    (N, d) float32, row r = catalogue row r, row 0 padding
+        item_ids.json          external item ids in row order (null for row 0)
+        popularity.json        catalogue rows by training-interaction count, most popular first
+        index.faiss            inner-product index over rows 1..N-1
+
+A version is built in a hidden temporary directory and renamed into place, then `current` is
+swapped with an atomic rename, so a reader that resolves `current` once never sees half a bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from remi_core.index import ROW_OFFSET, apply_search_params, build_index
+from remi_core.models import EncoderConfig, MultiInterestEncoder, build_encoder
+
+FORMAT_VERSION = 1
+CURRENT = "current"
+MANIFEST = "manifest.json"
+FILES = {
+    "encoder": "encoder.safetensors",
+    "item_embeddings": "item_embeddings.npy",
+    "item_ids": "item_ids.json",
+    "popularity": "popularity.json",
+    "index": "index.faiss",
+}
+
+
+class BundleError(Exception):
+    """A bundle is missing, incomplete, corrupt or inconsistent."""
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified bundle."""
+
+    path: Path
+    manifest: dict[str, Any]
+    encoder: MultiInterestEncoder
+    item_embeddings: np.ndarray  # (N, d) float32
+    item_ids: list[str | None]  # row -> external id
+    popularity: np.ndarray  # (P,) rows, most popular first
+    index: faiss.Index
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def config(self) -> EncoderConfig:
+        return self.encoder.cfg
+
+    def row_of(self) -> dict[str, int]:
+        """External id -> catalogue row."""
+        return {item: row for row, item in enumerate(self.item_ids) if item is not None}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def new_version_name(now: dt.datetime | None = None) -> str:
+    """Sortable, unique version names: v<UTC time>-<random suffix>."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return f"v{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def write_bundle(
+    root: Path,
+    *,
+    encoder: MultiInterestEncoder,
+    item_ids: list[str | None],
+    popularity: np.ndarray,
+    metadata: dict[str, Any],
+    index_factory: str = "Flat",
+    search_params: str = "",
+    version: str | None = None,
+    publish: bool = True,
+) -> Path:
+    """Write a complete version under root and (by default) make it current.
+
+    `metadata` goes into the manifest as is (dataset, training settings, metrics, ...).
+    Returns the version directory.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    version = version or new_version_name()
+    final = root / version
+    if final.exists():
+        raise BundleError(f"bundle version {version} already exists in {root}")
+    if len(item_ids) != encoder.cfg.num_items:
+        raise ValueError(f"{len(item_ids)} item ids for {encoder.cfg.num_items} catalogue rows")
+
+    tmp = root / f".tmp-{version}"
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+        save_file(state, str(tmp / FILES["encoder"]))
+        embeddings = state["item_embedding.weight"].float().numpy()
+        np.save(tmp / FILES["item_embeddings"], embeddings, allow_pickle=False)
+        (tmp / FILES["item_ids"]).write_text(json.dumps(item_ids))
+        (tmp / FILES["popularity"]).write_text(json.dumps([int(r) for r in popularity]))
+        index = build_index(embeddings, index_factory)
+        apply_search_params(index, search_params)
+        faiss.write_index(index, str(tmp / FILES["index"]))
+
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "version": version,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": encoder.cfg.to_dict(),
+            "num_items": encoder.cfg.num_items,
+            "index": {
+                "factory": index_factory,
+                "search_params": search_params,
+                "metric": "inner_product",
+                "row_offset": ROW_OFFSET,
+            },
+            **metadata,
+            "files": {
+                role: {"path": name, "sha256": sha256_of(tmp / name)} for role, name in FILES.items()
+            },
+        }
+        _write_json_atomic(tmp / MANIFEST, manifest)
+        # Readable by a serving process running as another user (safetensors writes 0600).
+        for file in tmp.iterdir():
+            file.chmod(0o644)
+        tmp.chmod(0o755)
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if publish:
+        set_current(root, version)
+    return final
+
+
+def set_current(root: Path, version: str) -> None:
+    """Atomically point `current` at an existing version (publish or roll back)."""
+    root = Path(root)
+    target = root / version
+    if not (target / MANIFEST).is_file():
+        raise BundleError(f"no bundle version {version!r} in {root}")
+    link = root / f".{CURRENT}.{uuid.uuid4().hex[:8]}"
+    os.symlink(version, link)  # relative, so the root can be mounted anywhere
+    os.replace(link, root / CURRENT)
+    _fsync_dir(root)
+
+
+def current_version(root: Path) -> str | None:
+    link = Path(root) / CURRENT
+    return os.readlink(link) if link.is_symlink() else None
+
+
+def resolve_current(root: Path) -> Path:
+    """The version directory `current` points at, resolved once."""
+    root = Path(root)
+    version = current_version(root)
+    if version is None:
+        raise BundleError(f"no published bundle: {root / CURRENT} does not exist")
+    path = root / version
+    if not path.is_dir():
+        raise BundleError(f"{root / CURRENT} points at missing version {version!r}")
+    return path
+
+
+def list_versions(root: Path) -> list[str]:
+    """Complete versions under root, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    names = [p.name for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file()]
+    return sorted(n for n in names if not n.startswith("."))
+
+
+def prune(root: Path, keep: int) -> list[str]:
+    """Delete all but the newest `keep` versions, never the current one; returns what went."""
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    versions = list_versions(root)
+    current = current_version(root)
+    survivors = set(versions[-keep:]) | {current}
+    removed = [v for v in versions if v not in survivors]
+    for version in removed:
+        shutil.rmtree(Path(root) / version)
+    return removed
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{manifest_path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{manifest_path}: format_version {manifest.get('format_version')!r} is not "
+            f"supported (expected {FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Check every file the manifest lists against its sha256."""
+    files = manifest.get("files", {})
+    missing_roles = set(FILES) - set(files)
+    if missing_roles:
+        raise BundleError(f"{path / MANIFEST} lists no file for {sorted(missing_roles)}")
+    for role, entry in files.items():
+        file = path / entry["path"]
+        if not file.is_file():
+            raise BundleError(f"bundle file {file} ({role}) is missing")
+        actual = sha256_of(file)
+        if actual != entry["sha256"]:
+            raise BundleError(
+                f"checksum mismatch for {file} ({role}): manifest says {entry['sha256'][:12]}..., "
+                f"file has {actual[:12]}..."
+            )
+
+
+def load_bundle(path: Path, device: str | torch.device = "cpu", verify: bool = True) -> Bundle:
+    """Load a version directory (or a root, meaning its current version) and check it."""
+    path = Path(path)
+    if (path / CURRENT).is_symlink():
+        path = resolve_current(path)
+    path = path.resolve()
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    files = {role: path / entry["path"] for role, entry in manifest["files"].items()}
+    try:
+        cfg = EncoderConfig.from_dict(manifest["model"])
+        encoder = build_encoder(cfg)
+        encoder.load_state_dict(load_file(str(files["encoder"])))
+        embeddings = np.load(files["item_embeddings"], allow_pickle=False)
+        item_ids = json.loads(files["item_ids"].read_text())
+        popularity = np.asarray(json.loads(files["popularity"].read_text()), dtype=np.int64)
+        index = faiss.read_index(str(files["index"]))
+        apply_search_params(index, manifest["index"].get("search_params", ""))
+    except (KeyError, ValueError, RuntimeError, OSError) as exc:
+        raise BundleError(f"cannot load bundle {path}: {exc}") from None
+    _check_shapes(path, cfg, encoder, embeddings, item_ids, popularity, index)
+    encoder.to(device).eval()
+    return Bundle(path, manifest, encoder, embeddings, item_ids, popularity, index)
+
+
+def _check_shapes(path, cfg, encoder, embeddings, item_ids, popularity, index) -> None:
+    expected = (cfg.num_items, cfg.dim)
+    if embeddings.shape != expected or embeddings.dtype != np.float32:
+        raise BundleError(
+            f"{path}: item_embeddings is {embeddings.dtype}{embeddings.shape}, expected "
+            f"float32{expected}"
+        )
+    if len(item_ids) != cfg.num_items:
+        raise BundleError(f"{path}: {len(item_ids)} item ids for {cfg.num_items} rows")
+    if index.d != cfg.dim or index.ntotal != cfg.num_items - ROW_OFFSET:
+        raise BundleError(
+            f"{path}: index holds {index.ntotal} vectors of size {index.d}, expected "
+            f"{cfg.num_items - ROW_OFFSET} of size {cfg.dim}"
+        )
+    if len(popularity) and (popularity.min() < 1 or popularity.max() >= cfg.num_items):
+        raise BundleError(f"{path}: popularity lists rows outside 1..{cfg.num_items - 1}")
+    table = encoder.item_table().detach().cpu().numpy()
+    if not np.array_equal(table, embeddings):
+        raise BundleError(f"{path}: item_embeddings differ from the encoder's item table")
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,51 @@
+"""REMI's training objective: sampled softmax with interest-aware hard negatives (IHN) plus
+routing regularisation (RR)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sampled_softmax_ihn(
+    pos_logits: torch.Tensor,
+    neg_logits: torch.Tensor,
+    beta: float = 0.0,
+    neg_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean sampled-softmax loss over the batch, with IHN importance weights.
+
+    pos_logits (B,), neg_logits (B, L) for L shared uniform negatives, neg_mask (B, L) bool marks
+    negatives to ignore (accidental hits of the positive). Each negative's exp-score is weighted by
+    w_i = exp(beta s_i) / mean_j exp(beta s_j), a Monte-Carlo estimate of sampling from
+    q_beta(i) ~ exp(beta s_i); the loss is -log(e^s+ / (e^s+ + sum_i w_i e^s_i)). It is computed
+    in the log domain (log w_i added to the logits), which is exact and cannot overflow.
+    beta = 0 makes every w_i = 1: the plain sampled softmax. As in the official code, gradients
+    flow through the weights too.
+    """
+    if neg_mask is not None:
+        neg_logits = neg_logits.masked_fill(neg_mask, -torch.inf)
+    if beta != 0.0:
+        scaled = beta * neg_logits
+        if neg_mask is None:
+            count = torch.full_like(pos_logits, neg_logits.shape[1])
+        else:
+            count = (~neg_mask).sum(dim=1).clamp(min=1).to(pos_logits.dtype)
+        log_mean = torch.logsumexp(scaled, dim=1) - count.log()  # (B,)
+        neg_logits = neg_logits + scaled - log_mean.unsqueeze(1)
+    logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)  # (B, 1 + L)
+    return (torch.logsumexp(logits, dim=1) - pos_logits).mean()
+
+
+def routing_regularizer(routing: torch.Tensor, dim: int) -> torch.Tensor:
+    """L_reg = sum over users of ||diag(C)||^2, C = (A - mean A)^T (A - mean A) / d.
+
+    routing (B, K, L): A^T per user, softmax over the L positions for each of the K interests.
+    diag(C)_k is (L times) the variance of interest k's routing weights: large when an interest
+    concentrates on a few items, which is what stops every interest collapsing onto the same
+    items. The 1/d scale and the batch sum match the official code, so its lambda values (e.g.
+    100) mean the same here.
+    """
+    centred = routing - routing.mean(dim=2, keepdim=True)
+    diag = centred.square().sum(dim=2) / dim  # (B, K), the diagonal of C without forming it
+    return diag.square().sum()
+

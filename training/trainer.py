@@ -1,0 +1,322 @@
+"""Training loop: ComiRec-style (user, cut point) sampling, REMI loss, validation, early stopping.
+
+All training sequences live on the training device as one flat tensor with offsets, and batches
+and negatives are sampled there, so a step never waits on the host; the loss is read back only
+when the progress bar is refreshed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from remi_core.models import EncoderConfig, MultiInterestEncoder, build_encoder, select_interest
+from training.data import SequenceDataset
+from training.evaluate import EvalSet, evaluate_model, evaluate_popularity, make_eval_set
+from training.losses import routing_regularizer, sampled_softmax_ihn
+
+log = logging.getLogger(__name__)
+
+MIN_CUT = 4  # ComiRec samples cut points from position 4 on, so every history has >= 4 items
+SELECT_METRIC = "recall@50"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (with the data and the seed)."""
+
+    model_type: str = "comirec-sa"
+    """Encoder architecture."""
+    dim: int = 64
+    """Embedding size d."""
+    num_interests: int = 4
+    """K, interests per user."""
+    seq_len: int = 20
+    """History window read by the encoder."""
+    beta: float = 0.1
+    """IHN concentration; 0 gives the plain sampled softmax."""
+    rr_lambda: float = 100.0
+    """Weight of the routing regulariser; 0 disables RR. beta=0, lambda=0 is plain ComiRec-SA."""
+    num_negatives: int = 0
+    """Shared uniform negatives per batch; 0 means 10 x batch_size."""
+    remove_accidental_hits: bool = True
+    """Ignore a sampled negative that is the positive itself (as TensorFlow's sampled softmax)."""
+    batch_size: int = 128
+    """Training examples per step."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    max_iters: int = 1_000_000
+    """Upper bound on training steps."""
+    eval_every: int = 200
+    """Validate (Recall@50 on validation users) every this many steps."""
+    patience: int = 50
+    """Stop after this many validations without improvement."""
+    seed: int = 2023
+    """Seeds initialisation and sampling; CPU runs with the same seed repeat exactly."""
+    device: str = "auto"
+    """'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ..."""
+
+    def encoder_config(self, num_items: int) -> EncoderConfig:
+        return EncoderConfig(
+            num_items=num_items,
+            model_type=self.model_type,
+            dim=self.dim,
+            num_interests=self.num_interests,
+            seq_len=self.seq_len,
+        )
+
+    @property
+    def negatives(self) -> int:
+        return self.num_negatives or 10 * self.batch_size
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings: {unknown}")
+        return cls(**data)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+class BatchSampler:
+    """Samples (history window, target) pairs of training users on the device.
+
+    A user is drawn uniformly, then a cut point c uniformly from [4, len - 1]; the history is the
+    up to seq_len items before c (right-padded), the target is the item at c.
+    """
+
+    def __init__(self, dataset: SequenceDataset, seq_len: int, device: torch.device) -> None:
+        seqs = [dataset.sequences[u] for u in dataset.train if len(dataset.sequences[u]) > MIN_CUT]
+        if not seqs:
+            raise ValueError(f"no training user has more than {MIN_CUT} interactions")
+        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+        self.flat = torch.as_tensor(np.concatenate(seqs), device=device)
+        self.lengths = torch.as_tensor(lengths, device=device)
+        self.offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(lengths)[:-1]]), device=device)
+        self.positions = torch.arange(seq_len, device=device)
+        self.seq_len = seq_len
+
+    def sample(
+        self, batch_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device = self.flat.device
+        users = torch.randint(len(self.lengths), (batch_size,), device=device, generator=generator)
+        lengths, offsets = self.lengths[users], self.offsets[users]
+        span = (lengths - MIN_CUT).float()
+        u = torch.rand(batch_size, device=device, generator=generator)
+        cut = MIN_CUT + (u * span).long().clamp(max=lengths - 1 - MIN_CUT)  # (B,)
+        start = (cut - self.seq_len).clamp(min=0)
+        pos = start.unsqueeze(1) + self.positions  # (B, L)
+        mask = pos < cut.unsqueeze(1)
+        items = torch.where(mask, self.flat[offsets.unsqueeze(1) + pos.clamp(max=cut.unsqueeze(1) - 1)], 0)
+        return items, mask, self.flat[offsets + cut]
+
+
+def remi_loss(
+    model: MultiInterestEncoder,
+    items: torch.Tensor,
+    mask: torch.Tensor,
+    target: torch.Tensor,
+    negatives: torch.Tensor,
+    cfg: TrainConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, routing regulariser) for one batch."""
+    interests, routing = model(items, mask)  # (B, K, d), (B, K, L)
+    table = model.item_table()
+    target_emb = table[target]  # (B, d)
+    user = select_interest(interests, target_emb)  # (B, d)
+    pos_logits = (user * target_emb).sum(dim=1)  # (B,)
+    neg_logits = user @ table[negatives].T  # (B, L_neg)
+    hits = negatives.unsqueeze(0) == target.unsqueeze(1) if cfg.remove_accidental_hits else None
+    loss = sampled_softmax_ihn(pos_logits, neg_logits, cfg.beta, hits)
+    reg = torch.zeros((), device=loss.device)
+    if routing is not None and cfg.rr_lambda:
+        reg = routing_regularizer(routing, cfg.dim)
+        loss = loss + cfg.rr_lambda * reg
+    return loss, reg
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_iteration: int
+    valid: dict[str, float]
+    test: dict[str, float]
+    popularity_test: dict[str, float]
+    iterations: int
+    seconds: float
+
+
+def train(
+    dataset: SequenceDataset,
+    cfg: TrainConfig,
+    run_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train an encoder on `dataset`, keeping the best validation checkpoint in `run_dir`.
+
+    The run directory describes itself: config.json (settings and data summary), the prepared
+    dataset, metrics.jsonl, best.safetensors (+ best.json) and last.pt for resuming.
+    """
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and not (run_dir / "last.pt").is_file():
+        raise FileNotFoundError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
+    if not resume:
+        dataset.save(run_dir / "dataset")
+        _write_json(run_dir / "config.json", {"train": asdict(cfg), "data": dataset.summary()})
+
+    torch.manual_seed(cfg.seed)
+    model = build_encoder(cfg.encoder_config(dataset.num_items)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed)
+    sampler = BatchSampler(dataset, cfg.seq_len, device)
+    valid_set = make_eval_set(dataset, dataset.valid, cfg.seq_len).to(device)
+
+    state = {"iteration": 0, "best": -math.inf, "best_iteration": 0, "stale": 0}
+    if resume:
+        state = _load_last(run_dir / "last.pt", model, optimizer, generator)
+        log.info("resumed %s at iteration %d", run_dir, state["iteration"])
+
+    metrics_log = (run_dir / "metrics.jsonl").open("a")
+    start_time = time.perf_counter()
+    running = torch.zeros((), device=device)
+    steps_since_eval = 0
+    last_valid = state["best"] if state["best"] > -math.inf else float("nan")
+    bar = tqdm(
+        total=cfg.max_iters, initial=state["iteration"], disable=not progress, dynamic_ncols=True
+    )
+    model.train()
+    try:
+        while state["iteration"] < cfg.max_iters and state["stale"] < cfg.patience:
+            items, mask, target = sampler.sample(cfg.batch_size, generator)
+            negatives = torch.randint(
+                1, dataset.num_items, (cfg.negatives,), device=device, generator=generator
+            )
+            loss, _ = remi_loss(model, items, mask, target, negatives, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.detach()
+            steps_since_eval += 1
+            state["iteration"] += 1
+            bar.update(1)
+
+            if state["iteration"] % cfg.eval_every == 0 or state["iteration"] == cfg.max_iters:
+                valid = evaluate_model(model, valid_set)
+                mean_loss = float(running) / steps_since_eval
+                running.zero_()
+                steps_since_eval = 0
+                last_valid = valid[SELECT_METRIC]
+                improved = last_valid > state["best"]
+                if improved:
+                    state.update(best=last_valid, best_iteration=state["iteration"], stale=0)
+                    save_file(_cpu_state(model), str(run_dir / "best.safetensors"))
+                    _write_json(run_dir / "best.json", {"iteration": state["iteration"], "valid": valid})
+                else:
+                    state["stale"] += 1
+                record = {
+                    "iteration": state["iteration"],
+                    "loss": mean_loss,
+                    "seconds": time.perf_counter() - start_time,
+                    **{f"valid/{k}": v for k, v in valid.items()},
+                }
+                metrics_log.write(json.dumps(record) + "\n")
+                metrics_log.flush()
+                _save_last(run_dir / "last.pt", model, optimizer, generator, state)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", val_r50=f"{last_valid:.4f}")
+    finally:
+        bar.close()
+        metrics_log.close()
+    seconds = time.perf_counter() - start_time
+
+    if not (run_dir / "best.safetensors").is_file():
+        raise RuntimeError("training ended before the first validation; raise max_iters")
+    model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
+    test_set = make_eval_set(dataset, dataset.test, cfg.seq_len)
+    valid = evaluate_model(model, valid_set)
+    test = evaluate_model(model, test_set.to(device))
+    pop_test = evaluate_popularity(dataset.popularity(), test_set)
+    summary = {
+        "best_iteration": state["best_iteration"],
+        "iterations": state["iteration"],
+        "seconds": seconds,
+        "valid": valid,
+        "test": test,
+        "popularity_test": pop_test,
+        "device": str(device),
+    }
+    _write_json(run_dir / "result.json", summary)
+    return TrainResult(
+        run_dir, state["best_iteration"], valid, test, pop_test, state["iteration"], seconds
+    )
+
+
+def load_run(run_dir: Path, which: str = "best") -> tuple[MultiInterestEncoder, SequenceDataset, TrainConfig]:
+    """Rebuild a trained encoder, its dataset and its settings from a run directory alone."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run: config.json missing")
+    cfg = TrainConfig.from_dict(json.loads(config_path.read_text())["train"])
+    dataset = SequenceDataset.load(run_dir / "dataset")
+    model = build_encoder(cfg.encoder_config(dataset.num_items))
+    weights = run_dir / f"{which}.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} does not exist (has the run validated yet?)")
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval(), dataset, cfg
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def _save_last(path, model, optimizer, generator, state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": _cpu_state(model),
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "state": state,
+        },
+        tmp,
+    )
+    tmp.replace(path)
+
+
+def _load_last(path, model, optimizer, generator) -> dict:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    generator.set_state(checkpoint["generator"])
+    return checkpoint["state"]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
