@@ -144,7 +144,8 @@ def write_bundle(
             },
             **metadata,
             "files": {
-                role: {"path": name, "sha256": sha256_of(tmp / name)} for role, name in FILES.items()
+                role: {"path": name, "sha256": sha256_of(tmp / name)}
+                for role, name in FILES.items()
             },
         }
         _write_json_atomic(tmp / MANIFEST, manifest)
@@ -196,8 +197,20 @@ def list_versions(root: Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         return []
-    names = [p.name for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file()]
-    return sorted(n for n in names if not n.startswith("."))
+    versions = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+        and (p / MANIFEST).is_file()
+    ]  # fmt: skip
+    return [p.name for p in sorted(versions, key=lambda p: (_created_at(p), p.name))]
+
+
+def _created_at(path: Path) -> str:
+    try:
+        return str(json.loads((path / MANIFEST).read_text()).get("created_at", ""))
+    except (OSError, ValueError):
+        return ""
 
 
 def prune(root: Path, keep: int) -> list[str]:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import tomllib
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import tomllib
 import typer
 import yaml
 
@@ -85,7 +85,9 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda
 # Export options
 FactoryOpt = Annotated[
     str | None,
-    typer.Option("--index-factory", help="Faiss index factory: Flat (exact), HNSW32, IVF1024,PQ16."),
+    typer.Option(
+        "--index-factory", help="Faiss index factory: Flat (exact), HNSW32, IVF1024,PQ16."
+    ),
 ]
 SearchParamsOpt = Annotated[
     str | None, typer.Option("--search-params", help="Faiss search parameters, e.g. nprobe=16.")
@@ -131,9 +133,7 @@ def _settings(cls: type[T], config: dict[str, Any], section: str, **flags: Any) 
         raise _fail(f"--config: {exc}") from None
 
 
-def _dataset(
-    dataset_dir: Path | None, config: dict[str, Any], **flags: Any
-) -> SequenceDataset:
+def _dataset(dataset_dir: Path | None, config: dict[str, Any], **flags: Any) -> SequenceDataset:
     try:
         if dataset_dir is not None:
             return SequenceDataset.load(dataset_dir)
@@ -197,7 +197,9 @@ def train_cmd(
     patience: PatienceOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from --run-dir/last.pt.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from --run-dir/last.pt.")
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
     """Train a REMI model (ComiRec-SA + IHN + RR) and keep the best validation checkpoint."""
@@ -207,6 +209,8 @@ def train_cmd(
             raise _fail(f"--resume: {run_dir} holds no run (config.json missing)")
         stored = json.loads((run_dir / "config.json").read_text())["train"]
         cfg = TrainConfig.from_dict(stored)
+        if max_iters is not None:  # the one setting a resumed run may change: how far to go
+            cfg = replace(cfg, max_iters=max_iters)
         dataset = SequenceDataset.load(run_dir / "dataset")
     else:
         dataset = _dataset(
@@ -240,7 +244,9 @@ def train_cmd(
 
 @app.command()
 def evaluate(
-    path: Annotated[Path, typer.Argument(help="A run directory, a bundle version or a bundle root.")],
+    path: Annotated[
+        Path, typer.Argument(help="A run directory, a bundle version or a bundle root.")
+    ],
     split: Annotated[str, typer.Option(help="valid or test.")] = "test",
     dataset_dir: Annotated[
         Path | None,
@@ -295,7 +301,9 @@ def export(
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         app()
     except KeyboardInterrupt:

@@ -33,7 +33,7 @@ class DataConfig:
     """Where interactions come from and how they are preprocessed."""
 
     source: str = SYNTHETIC
-    """'synthetic' for the built-in generator, or a path to a CSV, Parquet, sequence or .inter file."""
+    """'synthetic' (the built-in generator) or a path to a CSV, Parquet, sequence or .inter file."""
     format: str = "auto"
     """File format: auto (from the file name), csv, parquet, seq (`id item item ...`), inter."""
     user_col: str = "user_id"
@@ -84,7 +84,7 @@ class SequenceDataset:
         return counts
 
     def popularity(self) -> np.ndarray:
-        """Rows ordered by training-interaction count (ties: smaller row first), padding excluded."""
+        """Rows by training-interaction count, most first (ties: smaller row); no padding."""
         counts = self.item_counts(self.train)[1:]
         return (np.lexsort((np.arange(len(counts)), -counts)) + 1).astype(np.int64)
 
@@ -130,7 +130,9 @@ class SequenceDataset:
             meta = json.loads((directory / "dataset.json").read_text())
             arrays = np.load(directory / "sequences.npz", allow_pickle=False)
         except FileNotFoundError as exc:
-            raise DataError(f"{directory} is not a prepared dataset: {exc.filename} missing") from None
+            raise DataError(
+                f"{directory} is not a prepared dataset: {exc.filename} missing"
+            ) from None
         offsets = np.concatenate([[0], np.cumsum(arrays["lengths"])])
         items = arrays["items"]
         sequences = [items[offsets[i] : offsets[i + 1]] for i in range(len(arrays["lengths"]))]
@@ -216,7 +218,9 @@ def _read_table(path: Path, cfg: DataConfig, fmt: str) -> pd.DataFrame:
         try:
             out["time"] = pd.to_datetime(frame[cfg.time_col]).astype("int64")
         except (ValueError, TypeError):
-            raise DataError(f"{path}: column {cfg.time_col!r} holds unparseable timestamps") from None
+            raise DataError(
+                f"{path}: column {cfg.time_col!r} holds unparseable timestamps"
+            ) from None
     return out
 
 
@@ -299,7 +303,8 @@ def synthetic_interactions(num_users: int = 2000, seed: int = 7) -> pd.DataFrame
                 item = all_items[rng.choice(len(all_items), p=global_pop)]
             else:
                 c, g = groups[interests[current]]
-                item = f"{CATEGORIES[c]}-{g * ITEMS_PER_GROUP + rng.choice(ITEMS_PER_GROUP, p=zipf):04d}"
+                number = g * ITEMS_PER_GROUP + rng.choice(ITEMS_PER_GROUP, p=zipf)
+                item = f"{CATEGORIES[c]}-{number:04d}"
             clock += int(rng.integers(1, 600))
             users.append(f"user-{u:05d}")
             items.append(item)

@@ -38,7 +38,11 @@ def export_run(
         },
         "training": {
             "settings": asdict(cfg),
-            **{k: result[k] for k in ("best_iteration", "iterations", "seconds", "device") if k in result},
+            **{
+                k: result[k]
+                for k in ("best_iteration", "iterations", "seconds", "device")
+                if k in result
+            },
         },
         "metrics": {k: result.get(k, {}) for k in ("valid", "test", "popularity_test")},
         **(extra or {}),
@@ -56,7 +60,9 @@ def export_run(
     )
 
 
-def evaluate_bundle(bundle: Bundle, dataset: SequenceDataset, split: str = "test") -> dict[str, float]:
+def evaluate_bundle(
+    bundle: Bundle, dataset: SequenceDataset, split: str = "test"
+) -> dict[str, float]:
     """Metrics of a bundle's encoder on a dataset's held-out users, matching items by external id.
 
     The dataset may have a different catalogue (e.g. tonight's, with new items): its items are

@@ -48,4 +48,3 @@ def routing_regularizer(routing: torch.Tensor, dim: int) -> torch.Tensor:
     centred = routing - routing.mean(dim=2, keepdim=True)
     diag = centred.square().sum(dim=2) / dim  # (B, K), the diagonal of C without forming it
     return diag.square().sum()
-

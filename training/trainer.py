@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from remi_core.models import EncoderConfig, MultiInterestEncoder, build_encoder, select_interest
 from training.data import SequenceDataset
-from training.evaluate import EvalSet, evaluate_model, evaluate_popularity, make_eval_set
+from training.evaluate import evaluate_model, evaluate_popularity, make_eval_set
 from training.losses import routing_regularizer, sampled_softmax_ihn
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,9 @@ class BatchSampler:
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         self.flat = torch.as_tensor(np.concatenate(seqs), device=device)
         self.lengths = torch.as_tensor(lengths, device=device)
-        self.offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(lengths)[:-1]]), device=device)
+        self.offsets = torch.as_tensor(
+            np.concatenate([[0], np.cumsum(lengths)[:-1]]), device=device
+        )
         self.positions = torch.arange(seq_len, device=device)
         self.seq_len = seq_len
 
@@ -127,7 +129,9 @@ class BatchSampler:
         start = (cut - self.seq_len).clamp(min=0)
         pos = start.unsqueeze(1) + self.positions  # (B, L)
         mask = pos < cut.unsqueeze(1)
-        items = torch.where(mask, self.flat[offsets.unsqueeze(1) + pos.clamp(max=cut.unsqueeze(1) - 1)], 0)
+        items = torch.where(
+            mask, self.flat[offsets.unsqueeze(1) + pos.clamp(max=cut.unsqueeze(1) - 1)], 0
+        )
         return items, mask, self.flat[offsets + cut]
 
 
@@ -234,7 +238,9 @@ def train(
                 if improved:
                     state.update(best=last_valid, best_iteration=state["iteration"], stale=0)
                     save_file(_cpu_state(model), str(run_dir / "best.safetensors"))
-                    _write_json(run_dir / "best.json", {"iteration": state["iteration"], "valid": valid})
+                    _write_json(
+                        run_dir / "best.json", {"iteration": state["iteration"], "valid": valid}
+                    )
                 else:
                     state["stale"] += 1
                 record = {
@@ -274,7 +280,9 @@ def train(
     )
 
 
-def load_run(run_dir: Path, which: str = "best") -> tuple[MultiInterestEncoder, SequenceDataset, TrainConfig]:
+def load_run(
+    run_dir: Path, which: str = "best"
+) -> tuple[MultiInterestEncoder, SequenceDataset, TrainConfig]:
     """Rebuild a trained encoder, its dataset and its settings from a run directory alone."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"

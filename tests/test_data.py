@@ -1,0 +1,149 @@
+"""Loading and preprocessing interaction logs."""
+
+import gzip
+import random
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from training.data import (
+    DataConfig,
+    DataError,
+    SequenceDataset,
+    build_dataset,
+    load_dataset,
+    official_split,
+    synthetic_interactions,
+)
+
+
+def frame(rows):
+    return pd.DataFrame(rows, columns=["user", "item", "time"])
+
+
+def test_k_core_drops_rare_items_then_short_users():
+    pairs = [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("b", 2), ("b", 3), ("b", 4), ("c", 1),
+             ("c", 2)]  # fmt: skip
+    rows = [(u, f"i{j}", t) for t, (u, j) in enumerate(pairs)]
+    # min_count 2: item i4 (1 interaction) goes; every user keeps at least 2 interactions.
+    ds = build_dataset(frame(rows), "t", min_count=2)
+    assert sorted(i for i in ds.item_ids if i) == ["i1", "i2", "i3"]
+    assert sorted(ds.user_ids) == ["a", "b", "c"]
+    assert sorted(len(s) for s in ds.sequences) == [2, 3, 3]
+    # min_count 3: only i1, i2 survive, leaving every user with 2 < 3 interactions.
+    with pytest.raises(DataError, match="nothing left"):
+        build_dataset(frame(rows), "t", min_count=3)
+
+
+def test_filter_is_one_pass_like_the_official_scripts():
+    rows = [(f"u{k}", f"y{j}", 10 * k + j) for k in range(6) for j in range(4)]
+    rows += [(f"u{k}", "x", 100 + k) for k in (0, 1, 2, 3, 6)]
+    ds = build_dataset(frame(rows), "t", min_count=5)
+    # x had 5 interactions; dropping the short users u4, u5, u6 leaves it 4, yet it stays.
+    assert sorted(ds.user_ids) == ["u0", "u1", "u2", "u3"]
+    assert "x" in ds.item_ids
+
+
+def test_sequences_are_time_ordered_and_ids_round_trip(tmp_path):
+    rows = [("u", f"i{k}", 10 - k) for k in range(6)] * 1
+    rows += [("v", f"i{k}", k) for k in range(6)]
+    ds = build_dataset(frame(rows), "t", min_count=2)
+    by_user = dict(zip(ds.user_ids, ds.sequences, strict=True))
+    assert [ds.item_ids[r] for r in by_user["u"]] == [f"i{k}" for k in reversed(range(6))]
+    assert [ds.item_ids[r] for r in by_user["v"]] == [f"i{k}" for k in range(6)]
+    assert ds.item_ids[0] is None and min(min(s) for s in ds.sequences) == 1
+    ds.save(tmp_path)
+    loaded = SequenceDataset.load(tmp_path)
+    assert loaded.item_ids == ds.item_ids and loaded.user_ids == ds.user_ids
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.sequences, ds.sequences, strict=True))
+    assert loaded.fingerprint == ds.fingerprint
+    for split in ("train", "valid", "test"):
+        np.testing.assert_array_equal(getattr(loaded, split), getattr(ds, split))
+
+
+def test_split_is_the_official_rule_on_a_hand_example():
+    users = [f"user{k}" for k in range(10)]  # order of first appearance
+    reference = list(users)
+    random.seed(1230)
+    random.shuffle(reference)
+    train, valid, test = official_split(10, 1230)
+    assert [users[i] for i in train] == reference[:8]
+    assert [users[i] for i in valid] == reference[8:9]
+    assert [users[i] for i in test] == reference[9:]
+
+
+@pytest.mark.parametrize("n", [7, 10, 101])
+def test_split_sizes_are_8_1_1_and_disjoint(n):
+    train, valid, test = official_split(n, 3)
+    assert (len(train), len(valid), len(test)) == (int(n * 0.8), int(n * 0.9) - int(n * 0.8),
+                                                   n - int(n * 0.9))  # fmt: skip
+    assert sorted(np.concatenate([train, valid, test]).tolist()) == list(range(n))
+
+
+def test_users_follow_first_appearance_order():
+    rows = [("late", f"i{k}", 100 + k) for k in range(5)] + [
+        ("early", f"i{k}", k) for k in range(5)
+    ]
+    ds = build_dataset(frame(rows), "t", min_count=1)
+    assert ds.user_ids == ["late", "early"]  # file order, not time order
+
+
+def test_readers_agree_across_formats(tmp_path):
+    rows = [(f"u{u}", f"item{(u + k) % 7}", 1000 + 10 * k) for u in range(6) for k in range(6)]
+    df = pd.DataFrame(rows, columns=["uid", "iid", "ts"])
+    df.to_csv(tmp_path / "log.csv", index=False)
+    df.to_parquet(tmp_path / "log.parquet")
+    with gzip.open(tmp_path / "log.inter.gz", "wt") as f:
+        f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
+        for u, i, t in rows:
+            f.write(f"{u}\t{i}\t5\t{t}\n")
+    with open(tmp_path / "log.txt", "w") as f:
+        for u in range(6):
+            f.write(f"u{u} " + " ".join(f"item{(u + k) % 7}" for k in range(6)) + "\n")
+    cols = {"user_col": "uid", "item_col": "iid", "time_col": "ts"}
+    datasets = [
+        load_dataset(DataConfig(source=str(tmp_path / "log.csv"), **cols)),
+        load_dataset(DataConfig(source=str(tmp_path / "log.parquet"), **cols)),
+        load_dataset(DataConfig(source=str(tmp_path / "log.inter.gz"))),
+        load_dataset(DataConfig(source=str(tmp_path / "log.txt"))),
+    ]
+    assert len({d.fingerprint for d in datasets}) == 1
+    assert datasets[0].name == "log"
+
+
+def test_clear_errors_name_the_file_and_problem(tmp_path):
+    missing = tmp_path / "log.csv"
+    pd.DataFrame({"user_id": ["a"], "item": ["x"], "timestamp": [1]}).to_csv(missing, index=False)
+    with pytest.raises(DataError, match=re.escape(str(missing)) + ".*missing column.*item_id"):
+        load_dataset(DataConfig(source=str(missing)))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty.csv.*empty"):
+        load_dataset(DataConfig(source=str(empty)))
+    small = tmp_path / "small.txt"
+    small.write_text("u1 a b c\nu2 a b\n")
+    with pytest.raises(DataError, match="small.txt.*nothing left.*fewer than 5"):
+        load_dataset(DataConfig(source=str(small)))
+    with pytest.raises(DataError, match="nope.csv.*not found"):
+        load_dataset(DataConfig(source=str(tmp_path / "nope.csv")))
+    odd = tmp_path / "log.xyz"
+    odd.write_text("x")
+    with pytest.raises(DataError, match="--format"):
+        load_dataset(DataConfig(source=str(odd)))
+    bad_time = tmp_path / "bad.csv"
+    pd.DataFrame({"user_id": ["a"], "item_id": ["x"], "timestamp": ["soon"]}).to_csv(
+        bad_time, index=False
+    )
+    with pytest.raises(DataError, match="timestamp"):
+        load_dataset(DataConfig(source=str(bad_time)))
+
+
+def test_synthetic_data_is_seeded_readable_and_multi_interest():
+    a, b = synthetic_interactions(50, seed=3), synthetic_interactions(50, seed=3)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a.equals(synthetic_interactions(50, seed=4))
+    assert a["item"].str.fullmatch(r"[a-z]+-\d{4}").all()
+    categories = a.assign(cat=a["item"].str.split("-").str[0]).groupby("user")["cat"].nunique()
+    assert (categories >= 2).mean() > 0.9

@@ -1,0 +1,197 @@
+"""Training runs, bundles and the remi-train CLI on small synthetic data."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from remi_core.bundle import (
+    BundleError,
+    current_version,
+    list_versions,
+    load_bundle,
+    prune,
+    set_current,
+)
+from remi_core.models import pad_histories
+from remi_core.retrieval import dense_merged_topk
+from training.cli import app
+from training.data import DataConfig, load_dataset
+from training.export import evaluate_bundle, export_run
+from training.trainer import BatchSampler, TrainConfig, load_run, train
+
+SMALL = TrainConfig(dim=16, num_interests=3, seq_len=10, batch_size=64, max_iters=1200,
+                    eval_every=300, patience=4, seed=5, device="cpu")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return load_dataset(DataConfig(synthetic_users=600, synthetic_seed=11))
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    return train(dataset, SMALL, run_dir, progress=False)
+
+
+def test_sampler_windows_end_right_before_the_target(dataset):
+    sampler = BatchSampler(dataset, seq_len=10, device=torch.device("cpu"))
+    items, mask, target = sampler.sample(256, torch.Generator().manual_seed(0))
+    assert items.shape == mask.shape == (256, 10)
+    lengths = mask.sum(dim=1)
+    assert (lengths >= 4).all() and (items[~mask] == 0).all() and (items[mask] > 0).all()
+    # Every (window, target) pair must occur contiguously in some training sequence.
+    train_seqs = [dataset.sequences[u].tolist() for u in dataset.train]
+    for row in range(0, 256, 17):
+        window = items[row, : lengths[row]].tolist() + [int(target[row])]
+        assert any(
+            seq[i : i + len(window)] == window for seq in train_seqs for i in range(len(seq))
+        )
+
+
+def test_small_run_beats_most_popular(trained):
+    assert trained.test["recall@50"] > 1.5 * trained.popularity_test["recall@50"]
+    assert trained.test["ndcg@50"] > trained.popularity_test["ndcg@50"]
+    log = [
+        json.loads(line) for line in (trained.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["iteration"] for r in log] == [300, 600, 900, 1200]
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_seeded_cpu_runs_repeat_and_resume_continues_exactly(dataset, trained, tmp_path):
+    again = train(dataset, SMALL, tmp_path / "again", progress=False)
+    assert again.test == trained.test
+    # Stop at 600 steps, then resume to 1200: same weights as the uninterrupted run.
+    train(dataset, replace(SMALL, max_iters=600), tmp_path / "split", progress=False)
+    resumed = train(dataset, SMALL, tmp_path / "split", resume=True, progress=False)
+    a = load_file(str(trained.run_dir / "best.safetensors"))
+    b = load_file(str(tmp_path / "split" / "best.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.test == trained.test
+
+
+def test_bundle_round_trip_gives_the_same_scores(trained, tmp_path):
+    path = export_run(trained.run_dir, tmp_path / "bundles")
+    bundle = load_bundle(tmp_path / "bundles")
+    assert bundle.path == path.resolve() and current_version(tmp_path / "bundles") == path.name
+    manifest = bundle.manifest
+    assert manifest["model"]["model_type"] == "comirec-sa" and manifest["num_items"] == len(
+        bundle.item_ids
+    )
+    assert manifest["metrics"]["test"] == pytest.approx(trained.test)
+    assert manifest["dataset"]["sha256"] and manifest["training"]["settings"]["beta"] == SMALL.beta
+    model, dataset, _ = load_run(trained.run_dir)
+    items, mask = pad_histories([s[:8] for s in dataset.sequences[:5]], SMALL.seq_len)
+    with torch.inference_mode():
+        expected, _ = model(items, mask)
+        actual, _ = bundle.encoder(items, mask)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert evaluate_bundle(bundle, dataset) == pytest.approx(trained.test)
+    _, rows = dense_merged_topk(actual, torch.from_numpy(bundle.item_embeddings), 10)
+    assert all(bundle.item_ids[r] for r in rows.flatten().tolist())
+
+
+@pytest.mark.parametrize("role", ["encoder", "item_embeddings", "index", "item_ids"])
+def test_a_corrupted_file_is_rejected_by_its_checksum(trained, tmp_path, role):
+    path = export_run(trained.run_dir, tmp_path / "bundles")
+    manifest = json.loads((path / "manifest.json").read_text())
+    file = path / manifest["files"][role]["path"]
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"checksum mismatch for .*{file.name}"):
+        load_bundle(path)
+
+
+def test_publishing_pruning_and_rollback(trained, tmp_path):
+    root = tmp_path / "bundles"
+    first = export_run(trained.run_dir, root, version="v1")
+    export_run(trained.run_dir, root, version="v2")
+    export_run(trained.run_dir, root, version="v3", publish=False)
+    assert list_versions(root) == ["v1", "v2", "v3"] and current_version(root) == "v2"
+    set_current(root, first.name)  # roll back
+    assert load_bundle(root).version == "v1"
+    assert prune(root, keep=1) == ["v2"]  # newest kept, and the current one too
+    assert list_versions(root) == ["v1", "v3"]
+    with pytest.raises(BundleError, match="no bundle version 'v9'"):
+        set_current(root, "v9")
+    assert not [p for p in root.iterdir() if p.name.startswith(".")], "no temporary leftovers"
+
+
+def test_index_factory_is_recorded(trained, tmp_path):
+    path = export_run(trained.run_dir, tmp_path / "b", index_factory="HNSW16",
+                      search_params="efSearch=40")  # fmt: skip
+    bundle = load_bundle(path)
+    assert bundle.manifest["index"]["factory"] == "HNSW16"
+    assert bundle.manifest["index"]["search_params"] == "efSearch=40"
+    assert bundle.index.ntotal == len(bundle.item_ids) - 1
+
+
+runner = CliRunner()
+
+
+def test_cli_trains_exports_and_evaluates_with_a_config_file(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "data:\n  synthetic_users: 300\n"
+        "train:\n  dim: 8\n  seq_len: 8\n  max_iters: 50\n  eval_every: 25\n  batch_size: 32\n"
+        "  device: cpu\n"
+    )
+    run_dir = tmp_path / "run"
+    result = runner.invoke(app, ["train", "-c", str(config), "--run-dir", str(run_dir),
+                                 "--max-iters", "75", "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout[result.stdout.index("{") :])
+    assert out["iterations"] == 75  # the flag overrides the file
+    stored = json.loads((run_dir / "config.json").read_text())["train"]
+    assert stored["dim"] == 8 and stored["max_iters"] == 75
+    result = runner.invoke(app, ["export", "--run-dir", str(run_dir),
+                                 "--bundle-root", str(tmp_path / "b")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "b"), "--dataset-dir",
+                                 str(run_dir / "dataset")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "most_popular" in json.loads(result.stdout)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--run-dir", "R", "--data", "missing.csv"], "missing.csv: file not found"),
+        (["train", "--run-dir", "R", "-c", "nope.yaml"], "--config: nope.yaml does not exist"),
+        (["export", "--run-dir", "nowhere", "--bundle-root", "B"], "--run-dir: nowhere"),
+        (["train", "--run-dir", "R", "--device", "cuda:3", "--synthetic-users", "50"], "CUDA"),
+        (["evaluate", "R", "--split", "train"], "--split"),
+    ],
+)
+def test_cli_errors_name_the_flag_or_file(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    if torch.cuda.is_available() and "cuda:3" in args:
+        pytest.skip("a CUDA host may have that device")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_rejects_unknown_config_keys(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"train": {"dimension": 8}}))
+    result = runner.invoke(app, ["train", "-c", str(config), "--run-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "dimension" in result.output
+
+
+def test_run_directory_describes_itself(trained):
+    files = {p.name for p in Path(trained.run_dir).iterdir()}
+    assert {"config.json", "dataset", "metrics.jsonl", "best.safetensors", "last.pt",
+            "result.json"} <= files  # fmt: skip
+    model, dataset, cfg = load_run(trained.run_dir)
+    assert cfg == SMALL and model.item_table().shape == (dataset.num_items, SMALL.dim)
+    assert np.isfinite(model.item_table().detach().numpy()).all()
