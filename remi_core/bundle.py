@@ -201,8 +201,8 @@ def list_versions(root: Path) -> list[str]:
         p
         for p in root.iterdir()
         if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
-        and (p / MANIFEST).is_file()
-    ]  # fmt: skip
+    ]
+    versions = [p for p in versions if (p / MANIFEST).is_file()]
     return [p.name for p in sorted(versions, key=lambda p: (_created_at(p), p.name))]
 
 

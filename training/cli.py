@@ -300,6 +300,229 @@ def export(
     _echo_json({"bundle": str(path), "published": publish})
 
 
+# --- nightly retraining, bootstrap and version management --------------------------------------
+
+NightlyConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="REMI_TRAIN_CONFIG",
+        help="Config file with data:, train:, export: and nightly: sections; flags override it.",
+    ),
+]
+BundleRootOpt = Annotated[
+    Path,
+    typer.Option("--bundle-root", envvar="REMI_BUNDLE_ROOT", help="Bundle root holding `current`."),
+]
+StateDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        envvar="REMI_STATE_DIR",
+        help="Accumulated events, run directories and reports (default: artifacts/nightly).",
+    ),
+]
+RedisUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--redis-url",
+        envvar="REMI_REDIS_URL",
+        help="Redis with the event stream and the lock (default redis://localhost:6379/0).",
+    ),
+]
+
+LOCK_HELD_EXIT = 3
+
+
+def _nightly_config(
+    config: Path | None, bundle_root: Path, state_dir: Path | None, redis_url: str | None, **flags
+) -> Any:
+    """NightlyConfig from a config file's sections, overridden by the flags that were given."""
+    from training.nightly import NightlyConfig, NightlyError
+
+    settings = _read_config(config)
+    nightly = dict(settings.get("nightly", {}))
+    unknown = sorted(set(nightly) - NightlyConfig.scalar_fields())
+    if unknown:
+        raise _fail(f"--config: unknown nightly setting(s) {unknown}")
+    export = settings.get("export", {})
+    for key in ("index_factory", "search_params"):
+        if key in export:
+            nightly.setdefault(key, export[key])
+    given = {"bundle_root": bundle_root, "state_dir": state_dir, "redis_url": redis_url, **flags}
+    nightly.update({k: v for k, v in given.items() if v is not None})
+    for key in ("bundle_root", "state_dir"):
+        if key in nightly:
+            nightly[key] = Path(nightly[key])
+    try:
+        return NightlyConfig(
+            data=_settings(DataConfig, settings, "data"),
+            train=_settings(TrainConfig, settings, "train", device=flags.get("device")),
+            **{k: v for k, v in nightly.items() if k != "device"},
+        )
+    except (NightlyError, TypeError) as exc:
+        raise _fail(f"--config: {exc}") from None
+
+
+def _run_job(job: Any, cfg: Any) -> dict[str, Any]:
+    """Run a nightly/bootstrap job, turning its expected failures into clear CLI errors."""
+    from training.nightly import LockHeld, NightlyError
+
+    try:
+        return job(cfg)
+    except LockHeld as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=LOCK_HELD_EXIT) from None
+    except (NightlyError, DataError, BundleError) as exc:
+        raise _fail(str(exc)) from None
+    except ConnectionError as exc:  # redis-py's ConnectionError subclasses the builtin one
+        raise _fail(f"cannot reach Redis at {cfg.redis_url}: {exc}") from None
+
+
+@app.command()
+def nightly(
+    bundle_root: BundleRootOpt,
+    config: NightlyConfigOpt = None,
+    state_dir: StateDirOpt = None,
+    redis_url: RedisUrlOpt = None,
+    tolerance: Annotated[
+        float | None,
+        typer.Option(help="Publish when new >= current - tolerance on the metric (0.01)."),
+    ] = None,
+    retention: Annotated[
+        int | None, typer.Option(help="Versions to keep besides `current` (default 5).", min=1)
+    ] = None,
+    lock_ttl: Annotated[
+        float | None,
+        typer.Option("--lock-ttl", help="Lock expiry in seconds; a heartbeat extends it (300)."),
+    ] = None,
+    reload_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="REMI_API_URL", help="Service URL to POST /admin/reload after publishing."
+        ),
+    ] = None,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(envvar="REMI_ADMIN_TOKEN", help="Bearer token for the reload call."),
+    ] = None,
+    device: DeviceOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Retrain even if nothing changed since `current`.")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="Show the training progress bar.")] = False,
+) -> None:
+    """Fold new stream events into the data, retrain, and publish only if not worse.
+
+    Exit codes: 0 the run completed (published, kept the current bundle, or had nothing to do;
+    the JSON report says which and why), 2 bad settings or a failure, 3 another run holds the
+    lock.
+    """
+    from training.nightly import run_nightly
+
+    cfg = _nightly_config(
+        config, bundle_root, state_dir, redis_url, tolerance=tolerance, retention=retention,
+        lock_ttl_s=lock_ttl, reload_url=reload_url, admin_token=admin_token, device=device,
+        force=force or None, progress=progress,
+    )  # fmt: skip
+    if cfg.redis_url is None:
+        raise _fail("--redis-url: the nightly job needs Redis")
+    report = _run_job(run_nightly, cfg)
+    _echo_json(report)
+
+
+@app.command()
+def bootstrap(
+    bundle_root: BundleRootOpt,
+    config: NightlyConfigOpt = None,
+    state_dir: StateDirOpt = None,
+    redis_url: RedisUrlOpt = None,
+    device: DeviceOpt = None,
+    progress: Annotated[bool, typer.Option(help="Show the training progress bar.")] = False,
+) -> None:
+    """Train and publish the first bundle on the base data, unless one is already published.
+
+    Safe to run on every start: with a `current` bundle it only says so. With --redis-url (or
+    REMI_REDIS_URL) it takes the nightly lock, so it never races a nightly run.
+    """
+    from training.nightly import run_bootstrap
+
+    cfg = _nightly_config(
+        config, bundle_root, state_dir, redis_url, device=device, progress=progress
+    )
+    if redis_url is None:  # no Redis given: nothing to lock against (a plain local bootstrap)
+        cfg = replace(cfg, redis_url=None)
+    report = _run_job(run_bootstrap, cfg)
+    _echo_json(report)
+
+
+@app.command()
+def versions(
+    bundle_root: BundleRootOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List bundle versions, oldest first; `*` marks the one `current` points at."""
+    from remi_core.bundle import current_version, list_versions, read_manifest
+
+    current = current_version(bundle_root)
+    rows = []
+    for version in list_versions(bundle_root):
+        try:
+            manifest = read_manifest(bundle_root / version)
+        except BundleError as exc:
+            rows.append({"version": version, "current": version == current, "error": str(exc)})
+            continue
+        test = manifest.get("metrics", {}).get("test", {})
+        rows.append(
+            {
+                "version": version,
+                "current": version == current,
+                "created_at": manifest.get("created_at"),
+                "items": manifest.get("num_items", 1) - 1,
+                "test_recall@50": test.get("recall@50"),
+                "kind": manifest.get("nightly", {}).get("kind", "manual"),
+            }
+        )
+    if as_json:
+        _echo_json({"bundle_root": str(bundle_root), "current": current, "versions": rows})
+        return
+    if not rows:
+        typer.echo(f"no versions in {bundle_root}")
+        return
+    for row in rows:
+        mark = "*" if row["current"] else " "
+        if "error" in row:
+            typer.echo(f"{mark} {row['version']}  unreadable: {row['error']}")
+            continue
+        recall = row["test_recall@50"]
+        recall_text = f"{recall:.4f}" if isinstance(recall, float) else "n/a"
+        typer.echo(
+            f"{mark} {row['version']}  created {row['created_at']}  items {row['items']}  "
+            f"test recall@50 {recall_text}  ({row['kind']})"
+        )
+
+
+@app.command()
+def rollback(
+    version: Annotated[str, typer.Argument(help="Version to make current (see `versions`).")],
+    bundle_root: BundleRootOpt,
+) -> None:
+    """Point `current` at an earlier (or any existing) version; the service hot-reloads it.
+
+    The next nightly run compares its model against this version, so it may publish again;
+    stop the scheduler first to pin a version.
+    """
+    from remi_core.bundle import current_version, set_current
+
+    previous = current_version(bundle_root)
+    try:
+        set_current(bundle_root, version)
+    except BundleError as exc:
+        raise _fail(f"{exc} (see `remi-train versions --bundle-root {bundle_root}`)") from None
+    _echo_json({"bundle_root": str(bundle_root), "previous": previous, "current": version})
+
+
 def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

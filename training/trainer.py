@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -17,7 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from remi_core.models import EncoderConfig, MultiInterestEncoder, build_encoder, select_interest
@@ -65,6 +69,10 @@ class TrainConfig:
     """Seeds initialisation and sampling; CPU runs with the same seed repeat exactly."""
     device: str = "auto"
     """'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ..."""
+    amp: bool = False
+    """bfloat16 autocast for the forward pass (for GPUs; weights and Adam stay float32)."""
+    compile: bool = False
+    """torch.compile the training step (pays a one-off compile time; for long GPU runs)."""
 
     def encoder_config(self, num_items: int) -> EncoderConfig:
         return EncoderConfig(
@@ -159,6 +167,19 @@ def remi_loss(
     return loss, reg
 
 
+class Objective(nn.Module):
+    """The encoder plus REMI's loss as one module, so DistributedDataParallel sees every use of
+    the item table (input, target and negatives) inside a single forward."""
+
+    def __init__(self, encoder: MultiInterestEncoder, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.cfg = cfg
+
+    def forward(self, items, mask, target, negatives) -> torch.Tensor:
+        return remi_loss(self.encoder, items, mask, target, negatives, self.cfg)[0]
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -168,6 +189,30 @@ class TrainResult:
     popularity_test: dict[str, float]
     iterations: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def setup(cls, device: torch.device) -> tuple[Distributed, torch.device]:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls(), device
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), world_size), device
 
 
 def train(
@@ -181,36 +226,49 @@ def train(
 
     The run directory describes itself: config.json (settings and data summary), the prepared
     dataset, metrics.jsonl, best.safetensors (+ best.json) and last.pt for resuming.
+
+    Under torchrun every rank samples its own batches (seeded by rank) and gradients are averaged
+    by DistributedDataParallel; each rank validates the identical replica, so all ranks take the
+    same early-stopping decision without extra communication, and rank 0 writes the files.
     """
     run_dir = Path(run_dir)
-    device = resolve_device(cfg.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ddp, device = Distributed.setup(resolve_device(cfg.device))
     if resume and not (run_dir / "last.pt").is_file():
         raise FileNotFoundError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
-    if not resume:
-        dataset.save(run_dir / "dataset")
-        _write_json(run_dir / "config.json", {"train": asdict(cfg), "data": dataset.summary()})
+    if ddp.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            dataset.save(run_dir / "dataset")
+            _write_json(run_dir / "config.json", {"train": asdict(cfg), "data": dataset.summary()})
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # identical initial replicas on every rank
     model = build_encoder(cfg.encoder_config(dataset.num_items)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     generator = torch.Generator(device=device)
-    generator.manual_seed(cfg.seed)
+    generator.manual_seed(cfg.seed + ddp.rank)
     sampler = BatchSampler(dataset, cfg.seq_len, device)
     valid_set = make_eval_set(dataset, dataset.valid, cfg.seq_len).to(device)
 
     state = {"iteration": 0, "best": -math.inf, "best_iteration": 0, "stale": 0}
     if resume:
-        state = _load_last(run_dir / "last.pt", model, optimizer, generator)
+        state = _load_last(run_dir / "last.pt", model, optimizer, generator, ddp.rank)
         log.info("resumed %s at iteration %d", run_dir, state["iteration"])
+    objective: nn.Module = Objective(model, cfg)
+    if ddp.world_size > 1:
+        objective = DistributedDataParallel(objective)
+    if cfg.compile:
+        objective = torch.compile(objective)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
 
-    metrics_log = (run_dir / "metrics.jsonl").open("a")
+    metrics_log = (run_dir / "metrics.jsonl").open("a") if ddp.is_main else None
     start_time = time.perf_counter()
     running = torch.zeros((), device=device)
     steps_since_eval = 0
-    last_valid = state["best"] if state["best"] > -math.inf else float("nan")
     bar = tqdm(
-        total=cfg.max_iters, initial=state["iteration"], disable=not progress, dynamic_ncols=True
+        total=cfg.max_iters,
+        initial=state["iteration"],
+        disable=not (progress and ddp.is_main),
+        dynamic_ncols=True,
     )
     model.train()
     try:
@@ -219,7 +277,8 @@ def train(
             negatives = torch.randint(
                 1, dataset.num_items, (cfg.negatives,), device=device, generator=generator
             )
-            loss, _ = remi_loss(model, items, mask, target, negatives, cfg)
+            with autocast:
+                loss = objective(items, mask, target, negatives)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -233,30 +292,34 @@ def train(
                 mean_loss = float(running) / steps_since_eval
                 running.zero_()
                 steps_since_eval = 0
-                last_valid = valid[SELECT_METRIC]
-                improved = last_valid > state["best"]
-                if improved:
-                    state.update(best=last_valid, best_iteration=state["iteration"], stale=0)
-                    save_file(_cpu_state(model), str(run_dir / "best.safetensors"))
-                    _write_json(
-                        run_dir / "best.json", {"iteration": state["iteration"], "valid": valid}
-                    )
+                if valid[SELECT_METRIC] > state["best"]:
+                    state.update(best=valid[SELECT_METRIC], best_iteration=state["iteration"])
+                    state["stale"] = 0
+                    if ddp.is_main:
+                        save_file(_cpu_state(model), str(run_dir / "best.safetensors"))
+                        best = {"iteration": state["iteration"], "valid": valid}
+                        _write_json(run_dir / "best.json", best)
                 else:
                     state["stale"] += 1
-                record = {
-                    "iteration": state["iteration"],
-                    "loss": mean_loss,
-                    "seconds": time.perf_counter() - start_time,
-                    **{f"valid/{k}": v for k, v in valid.items()},
-                }
-                metrics_log.write(json.dumps(record) + "\n")
-                metrics_log.flush()
-                _save_last(run_dir / "last.pt", model, optimizer, generator, state)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", val_r50=f"{last_valid:.4f}")
+                if ddp.is_main:
+                    record = {
+                        "iteration": state["iteration"],
+                        "loss": mean_loss,
+                        "seconds": time.perf_counter() - start_time,
+                        **{f"valid/{k}": v for k, v in valid.items()},
+                    }
+                    metrics_log.write(json.dumps(record) + "\n")
+                    metrics_log.flush()
+                    _save_last(run_dir / "last.pt", model, optimizer, generator, state)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", val_r50=f"{valid[SELECT_METRIC]:.4f}")
     finally:
         bar.close()
-        metrics_log.close()
+        if metrics_log is not None:
+            metrics_log.close()
     seconds = time.perf_counter() - start_time
+    checksums = _replica_checksums(model, ddp)
+    if ddp.world_size > 1:
+        dist.barrier()  # rank 0 has written best.safetensors
 
     if not (run_dir / "best.safetensors").is_file():
         raise RuntimeError("training ended before the first validation; raise max_iters")
@@ -273,11 +336,25 @@ def train(
         "test": test,
         "popularity_test": pop_test,
         "device": str(device),
+        "world_size": ddp.world_size,
+        "replica_checksums": checksums,
     }
-    _write_json(run_dir / "result.json", summary)
+    if ddp.is_main:
+        _write_json(run_dir / "result.json", summary)
     return TrainResult(
         run_dir, state["best_iteration"], valid, test, pop_test, state["iteration"], seconds
     )
+
+
+def _replica_checksums(model: nn.Module, ddp: Distributed) -> list[float]:
+    """One float per rank summarising its weights: equal values mean the replicas agree."""
+    local = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+    local = local.reshape(1)
+    if ddp.world_size == 1:
+        return [float(local)]
+    gathered = [torch.zeros_like(local) for _ in range(ddp.world_size)]
+    dist.all_gather(gathered, local)
+    return [float(x) for x in gathered]
 
 
 def load_run(
@@ -316,11 +393,14 @@ def _save_last(path, model, optimizer, generator, state) -> None:
     tmp.replace(path)
 
 
-def _load_last(path, model, optimizer, generator) -> dict:
+def _load_last(path, model, optimizer, generator, rank: int) -> dict:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    generator.set_state(checkpoint["generator"])
+    if rank == 0:  # other ranks' streams are not saved; they restart from a rank-salted seed
+        generator.set_state(checkpoint["generator"])
+    else:
+        generator.manual_seed(int(checkpoint["state"]["iteration"]) * 7919 + rank)
     return checkpoint["state"]
 
 
