@@ -18,6 +18,7 @@ import typer
 import yaml
 
 from remi_core.bundle import BundleError, load_bundle
+from remi_core.models import MODEL_TYPES
 from training.data import DataConfig, DataError, SequenceDataset, load_dataset
 from training.evaluate import evaluate_model, evaluate_popularity, make_eval_set
 from training.export import evaluate_bundle, export_run
@@ -56,7 +57,9 @@ DatasetDirOpt = Annotated[
     typer.Option("--dataset-dir", help="A directory written by `prepare` (instead of --data)."),
 ]
 # Training options
-ModelOpt = Annotated[str | None, typer.Option("--model", help="Encoder: comirec-sa.")]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help=f"Encoder: {', '.join(MODEL_TYPES)}.")
+]
 DimOpt = Annotated[int | None, typer.Option("--dim", help="Embedding size d (default 64).")]
 InterestsOpt = Annotated[
     int | None, typer.Option("--interests", "-K", help="Interests per user K (default 4).")
@@ -521,6 +524,70 @@ def rollback(
     except BundleError as exc:
         raise _fail(f"{exc} (see `remi-train versions --bundle-root {bundle_root}`)") from None
     _echo_json({"bundle_root": str(bundle_root), "previous": previous, "current": version})
+
+
+@app.command()
+def report(
+    out: Annotated[
+        Path, typer.Option("--out", help="Where report.md, results.csv and figures go.")
+    ],
+    runs: Annotated[
+        Path, typer.Option("--runs", help="Run cache; finished runs are reused.")
+    ] = Path("runs/report"),
+    data_root: Annotated[
+        Path,
+        typer.Option("--data-root", envvar="REMI_DATA_ROOT", help="Folder with the real datasets."),
+    ] = Path("../shared/data"),
+    datasets: Annotated[
+        str, typer.Option(help="Comma-separated: beauty, sports.")
+    ] = "beauty,sports",
+    suites: Annotated[
+        str, typer.Option(help="Comma-separated: table2, table5, sweeps, seeds.")
+    ] = "table2,table5,sweeps,seeds",
+    max_iters: ItersOpt = None,
+    eval_every: EvalEveryOpt = None,
+    patience: PatienceOpt = None,
+    device: DeviceOpt = None,
+    amp: Annotated[bool, typer.Option(help="bfloat16 autocast (GPU).")] = False,
+    machine: Annotated[str, typer.Option(help="Machine description for the report.")] = "",
+    dry_run: Annotated[bool, typer.Option(help="List the experiments and stop.")] = False,
+) -> None:
+    """Regenerate the results report (tables, CSV, figures) on the real datasets."""
+    from training.experiments import plan, run_all, write_report
+
+    if not data_root.is_dir():
+        raise _fail(f"--data-root: {data_root} does not exist")
+    overrides = {"max_iters": max_iters, "eval_every": eval_every, "patience": patience,
+                 "device": device}  # fmt: skip
+    base = TrainConfig(amp=amp, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        experiments = plan(datasets.split(","), suites.split(","), base)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    unique = {(e.dataset, e.key) for e in experiments}
+    typer.echo(f"{len(experiments)} report rows, {len(unique)} distinct runs", err=True)
+    if dry_run:
+        for e in experiments:
+            typer.echo(f"{e.dataset}\t{e.label}\t{e.key}")
+        return
+    try:
+        rows = run_all(experiments, data_root, runs)
+    except (ValueError, DataError) as exc:
+        raise _fail(str(exc)) from None
+    path = write_report(rows, out, machine or _machine())
+    typer.echo(f"report: {path}")
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU ({os.cpu_count()} cores, {cpu}), torch {torch.__version__}"
 
 
 def main() -> None:

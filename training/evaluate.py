@@ -104,3 +104,21 @@ def evaluate_popularity(popularity: np.ndarray, eval_set: EvalSet) -> dict[str, 
     top = torch.as_tensor(popularity[: max(CUTOFFS)], dtype=torch.long)
     ranked = top.unsqueeze(0).expand(len(eval_set), -1)
     return ranked_metrics(ranked, eval_set.truth)
+
+
+@torch.inference_mode()
+def routing_concentration(
+    model: MultiInterestEncoder, eval_set: EvalSet, max_users: int = 1024
+) -> float | None:
+    """Mean over users and interests of an interest's largest routing weight.
+
+    Near 1 means routing collapse: each interest is built from a single history item; 1/L means
+    interests that average the whole history. None for models without a routing matrix.
+    """
+    was_training = model.training
+    model.eval()
+    device = model.item_table().device
+    items = eval_set.items[:max_users].to(device)
+    _, routing = model(items, eval_set.mask[:max_users].to(device))
+    model.train(was_training)
+    return None if routing is None else float(routing.amax(dim=2).mean())

@@ -26,7 +26,12 @@ from tqdm import tqdm
 
 from remi_core.models import EncoderConfig, MultiInterestEncoder, build_encoder, select_interest
 from training.data import SequenceDataset
-from training.evaluate import evaluate_model, evaluate_popularity, make_eval_set
+from training.evaluate import (
+    evaluate_model,
+    evaluate_popularity,
+    make_eval_set,
+    routing_concentration,
+)
 from training.losses import routing_regularizer, sampled_softmax_ihn
 
 log = logging.getLogger(__name__)
@@ -307,6 +312,7 @@ def train(
                         "loss": mean_loss,
                         "seconds": time.perf_counter() - start_time,
                         **{f"valid/{k}": v for k, v in valid.items()},
+                        "routing_max": routing_concentration(model, valid_set),
                     }
                     metrics_log.write(json.dumps(record) + "\n")
                     metrics_log.flush()

@@ -1,0 +1,144 @@
+"""Training throughput and time-to-quality.
+
+    python bench/bench_train.py                                   # synthetic data, pipelines only
+    python bench/bench_train.py --data ../shared/data/amazon_beauty/Beauty.txt.gz \
+        --target-hr50 0.2262 --time-budget 600                    # + time to the official HR@50
+
+Part 1 compares two input pipelines feeding the same REMI training step, in one run:
+  - "python loop": the official code's approach, a Python iterator that draws users and cut
+    points with `random`, builds padded lists and copies each batch to the device;
+  - "on device": our BatchSampler, all sequences resident on the device, sampling by indexing.
+It prints iterations per second of each and their ratio.
+
+Part 2 (with --target-hr50) trains with the shipped defaults and reports the wall-clock seconds
+(validation included) until the test HitRate@50 first reaches the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import time
+
+import torch
+
+from remi_core.models import build_encoder
+from training.data import DataConfig, load_dataset
+from training.evaluate import evaluate_model, make_eval_set
+from training.trainer import MIN_CUT, BatchSampler, Objective, TrainConfig, resolve_device
+
+
+class PythonLoopSampler:
+    """The official pipeline's shape: Python-level sampling and list building per batch."""
+
+    def __init__(self, dataset, seq_len: int, device: torch.device, seed: int) -> None:
+        self.seqs = [dataset.sequences[u].tolist() for u in dataset.train]
+        self.seqs = [s for s in self.seqs if len(s) > MIN_CUT]
+        self.seq_len, self.device, self.rng = seq_len, device, random.Random(seed)
+
+    def sample(self, batch_size: int, _generator=None):
+        items, mask, target = [], [], []
+        for _ in range(batch_size):
+            seq = self.rng.choice(self.seqs)
+            cut = self.rng.choice(range(MIN_CUT, len(seq)))
+            hist = seq[max(0, cut - self.seq_len) : cut]
+            pad = self.seq_len - len(hist)
+            items.append(hist + [0] * pad)
+            mask.append([True] * len(hist) + [False] * pad)
+            target.append(seq[cut])
+        as_tensor = lambda x, dt: torch.tensor(x, dtype=dt).to(self.device)  # noqa: E731
+        return (
+            as_tensor(items, torch.long),
+            as_tensor(mask, torch.bool),
+            as_tensor(target, torch.long),
+        )
+
+
+def throughput(sampler, dataset, cfg: TrainConfig, device, steps: int) -> float:
+    torch.manual_seed(cfg.seed)
+    model = build_encoder(cfg.encoder_config(dataset.num_items)).to(device)
+    objective = Objective(model, cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def step():
+        items, mask, target = sampler.sample(cfg.batch_size, generator)
+        negatives = torch.randint(1, dataset.num_items, (cfg.negatives,), device=device)
+        loss = objective(items, mask, target, negatives)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(20):  # warm-up
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps / (time.perf_counter() - start)
+
+
+def time_to_quality(dataset, cfg: TrainConfig, device, target: float, budget: float) -> None:
+    torch.manual_seed(cfg.seed)
+    model = build_encoder(cfg.encoder_config(dataset.num_items)).to(device)
+    objective = Objective(model, cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    sampler = BatchSampler(dataset, cfg.seq_len, device)
+    valid = make_eval_set(dataset, dataset.valid, cfg.seq_len).to(device)
+    test = make_eval_set(dataset, dataset.test, cfg.seq_len).to(device)
+    start, it = time.perf_counter(), 0
+    while time.perf_counter() - start < budget:
+        items, mask, target_rows = sampler.sample(cfg.batch_size, generator)
+        negatives = torch.randint(
+            1, dataset.num_items, (cfg.negatives,), device=device, generator=generator
+        )
+        loss = objective(items, mask, target_rows, negatives)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        it += 1
+        if it % cfg.eval_every == 0:
+            evaluate_model(model, valid)  # the validation a real run pays for, timed too
+            hr50 = evaluate_model(model, test)["hitrate@50"]
+            elapsed = time.perf_counter() - start
+            print(f"  iter {it:6d}  {elapsed:7.1f} s  test HR@50 {hr50:.4f}")
+            if hr50 >= target:
+                print(f"time to HR@50 >= {target}: {elapsed:.1f} s ({it} iterations)")
+                return
+    print(f"target HR@50 {target} not reached within {budget:.0f} s ({it} iterations)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="synthetic", help="synthetic or a dataset file")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per pipeline")
+    parser.add_argument("--target-hr50", type=float, default=None)
+    parser.add_argument("--time-budget", type=float, default=600.0, help="seconds")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    dataset = load_dataset(DataConfig(source=args.data))
+    cfg = TrainConfig(device=str(device))
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "CPU"
+    print(
+        f"device: {device} ({name}), torch {torch.__version__}; data: {dataset.summary()['name']}"
+        f" ({len(dataset.train)} train users, {dataset.num_items - 1} items)"
+    )
+    fast = throughput(BatchSampler(dataset, cfg.seq_len, device), dataset, cfg, device, args.steps)
+    slow = throughput(
+        PythonLoopSampler(dataset, cfg.seq_len, device, cfg.seed), dataset, cfg, device, args.steps
+    )
+    print(f"python loop: {slow:8.1f} it/s")
+    print(f"on device:   {fast:8.1f} it/s   ({fast / slow:.2f}x)")
+    if args.target_hr50 is not None:
+        time_to_quality(dataset, cfg, device, args.target_hr50, args.time_budget)
+
+
+if __name__ == "__main__":
+    main()

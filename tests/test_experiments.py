@@ -1,0 +1,60 @@
+"""The results report, built end to end on a tiny stand-in for the real datasets."""
+
+import gzip
+import os
+from pathlib import Path
+
+import pytest
+
+from training.data import DataConfig, load_dataset, synthetic_interactions
+from training.experiments import DATASETS, plan, run_all, write_report
+from training.trainer import TrainConfig
+
+SHARED = Path(os.environ.get("REMI_DATA_ROOT", Path(__file__).parents[1] / "../shared/data"))
+TINY = TrainConfig(dim=8, seq_len=8, batch_size=32, num_negatives=64, max_iters=40,
+                   eval_every=20, patience=2, device="cpu")  # fmt: skip
+
+
+@pytest.fixture
+def tiny_root(tmp_path):
+    """A data root laid out like ../shared/data, holding small synthetic sequences."""
+    frame = synthetic_interactions(250, seed=1)
+    path = tmp_path / "data" / DATASETS["beauty"]
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt") as f:
+        for user, items in frame.groupby("user", sort=False)["item"]:
+            f.write(f"{user} {' '.join(items)}\n")
+    return tmp_path / "data"
+
+
+def test_plan_runs_identical_settings_once():
+    experiments = plan(["beauty"], ["table2", "table5", "sweeps", "seeds"], TINY)
+    keys = {e.key for e in experiments}
+    assert len(experiments) == 33 and len(keys) < len(experiments)
+    remi_rows = [e for e in experiments if e.cfg.beta == 0.1 and e.cfg.rr_lambda == 100.0
+                 and e.cfg.model_type == "comirec-sa" and e.cfg.num_interests == 4
+                 and e.cfg.seed == TINY.seed]  # fmt: skip
+    assert len({e.key for e in remi_rows}) == 1 and len(remi_rows) > 3
+
+
+def test_report_is_written_and_runs_are_reused(tiny_root, tmp_path):
+    experiments = plan(["beauty"], ["table5"], TINY)
+    rows = run_all(experiments, tiny_root, tmp_path / "runs")
+    assert len(rows) == 4 and all(r["test/recall@50"] >= 0 for r in rows)
+    report = write_report(rows, tmp_path / "out", machine="test machine").read_text()
+    assert "Table 5" in report and "IHN=on,RR=on" in report and "test machine" in report
+    csv_lines = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 5
+    figures = {p.name for p in (tmp_path / "out" / "figures").iterdir()}
+    assert {"beauty-curves.png", "beauty-routing.png"} <= figures
+    stamps = [Path(r["run"], "result.json").stat().st_mtime_ns for r in rows]
+    again = run_all(experiments, tiny_root, tmp_path / "runs")
+    assert [Path(r["run"], "result.json").stat().st_mtime_ns for r in again] == stamps
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not (SHARED / DATASETS["beauty"]).is_file(), reason="../shared/data absent")
+def test_beauty_loads_with_the_published_sizes():
+    ds = load_dataset(DataConfig(source=str(SHARED / DATASETS["beauty"])))
+    assert (len(ds.user_ids), ds.num_items - 1, ds.num_interactions) == (22363, 12101, 198502)
+    assert (len(ds.train), len(ds.valid), len(ds.test)) == (17890, 2236, 2237)
