@@ -1,8 +1,9 @@
 """The results report: the paper's Table 2 and Table 5, hyper-parameter sweeps and seeds.
 
 Every experiment is a training run keyed by its dataset and settings, stored under
-`<runs>/<dataset>/<key>` (outside the repository: checkpoints are large); a run that already has a result is reused, so the report can be
-built up over several sessions (or machines) and regenerated from the stored results at any time.
+`<runs>/<dataset>/<key>` (outside the repository: checkpoints are large). A run that already has
+a result is reused, so the report can be built up over several sessions or machines and
+regenerated from the stored results at any time.
 """
 
 from __future__ import annotations
