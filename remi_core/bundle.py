@@ -116,6 +116,9 @@ def write_bundle(
         raise BundleError(f"bundle version {version} already exists in {root}")
     if len(item_ids) != encoder.cfg.num_items:
         raise ValueError(f"{len(item_ids)} item ids for {encoder.cfg.num_items} catalogue rows")
+    problem = _item_ids_problem(item_ids)
+    if problem:
+        raise ValueError(problem)
 
     tmp = root / f".tmp-{version}"
     tmp.mkdir()
@@ -234,6 +237,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise BundleError(f"{manifest_path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path} must hold a JSON object")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(
             f"{manifest_path}: format_version {manifest.get('format_version')!r} is not "
@@ -279,8 +284,8 @@ def load_bundle(path: Path, device: str | torch.device = "cpu", verify: bool = T
         popularity = np.asarray(json.loads(files["popularity"].read_text()), dtype=np.int64)
         index = faiss.read_index(str(files["index"]))
         apply_search_params(index, manifest["index"].get("search_params", ""))
-    except (KeyError, ValueError, RuntimeError, OSError) as exc:
-        raise BundleError(f"cannot load bundle {path}: {exc}") from None
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, OSError) as exc:
+        raise BundleError(f"cannot load bundle {path}: {type(exc).__name__}: {exc}") from None
     _check_shapes(path, cfg, encoder, embeddings, item_ids, popularity, index)
     encoder.to(device).eval()
     return Bundle(path, manifest, encoder, embeddings, item_ids, popularity, index)
@@ -295,6 +300,9 @@ def _check_shapes(path, cfg, encoder, embeddings, item_ids, popularity, index) -
         )
     if len(item_ids) != cfg.num_items:
         raise BundleError(f"{path}: {len(item_ids)} item ids for {cfg.num_items} rows")
+    problem = _item_ids_problem(item_ids)
+    if problem:
+        raise BundleError(f"{path}: {problem}")
     if index.d != cfg.dim or index.ntotal != cfg.num_items - ROW_OFFSET:
         raise BundleError(
             f"{path}: index holds {index.ntotal} vectors of size {index.d}, expected "
@@ -305,6 +313,18 @@ def _check_shapes(path, cfg, encoder, embeddings, item_ids, popularity, index) -
     table = encoder.item_table().detach().cpu().numpy()
     if not np.array_equal(table, embeddings):
         raise BundleError(f"{path}: item_embeddings differ from the encoder's item table")
+
+
+def _item_ids_problem(item_ids: list) -> str | None:
+    """Row 0 is padding (None); every other row a distinct, non-empty string id."""
+    if not item_ids or item_ids[0] is not None:
+        return "item_ids[0] must be null (padding row)"
+    real = item_ids[1:]
+    if not all(isinstance(i, str) and i for i in real):
+        return "item ids of rows 1.. must be non-empty strings"
+    if len(set(real)) != len(real):
+        return "item ids must be unique"
+    return None
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:

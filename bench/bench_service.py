@@ -1,0 +1,140 @@
+"""Benchmark the plain retrieval function (encode + one Faiss search + Eq. 7 merge), no HTTP.
+
+    python bench/bench_service.py                       # 100k items, d=64, K=4, Flat and HNSW32
+    python bench/bench_service.py --items 20000 --indexes Flat --rounds 50
+    python bench/bench_service.py --torch-threads 2     # see what OpenMP oversubscription costs
+
+Builds a synthetic bundle from a random encoder (weights do not change the cost), then times
+recommend_batch for batch size 1 and 32 and prints per-call and per-user latency percentiles,
+users/s, and the batching speed-up. HNSW recall against Flat is printed too, since a faster
+index that returns other items is not a like-for-like win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from remi_core.bundle import write_bundle  # noqa: E402
+from remi_core.models import EncoderConfig, build_encoder  # noqa: E402
+from service.recommender import LoadedModel, load_model, recommend_batch  # noqa: E402
+
+
+def make_model(
+    root: Path, items: int, dim: int, k: int, seq_len: int, factory: str, params: str
+) -> LoadedModel:
+    cfg = EncoderConfig(num_items=items + 1, dim=dim, num_interests=k, seq_len=seq_len)
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg)
+    ids = [None] + [f"item-{i}" for i in range(1, items + 1)]
+    start = time.perf_counter()
+    path = write_bundle(
+        root,
+        encoder=encoder,
+        item_ids=ids,
+        popularity=np.arange(1, min(items, 1000) + 1),
+        metadata={"dataset": "synthetic"},
+        index_factory=factory,
+        search_params=params,
+        publish=False,
+    )
+    built = time.perf_counter() - start
+    model = load_model(path)
+    print(f"  {factory:<8} built in {built:.1f}s, index on {model.index_device}")
+    return model
+
+
+def time_calls(
+    model: LoadedModel, histories: list[list[str]], batch: int, n: int, rounds: int
+) -> np.ndarray:
+    """Seconds per call of recommend_batch over consecutive slices of `batch` histories."""
+    times = []
+    for r in range(rounds):
+        chunk = [histories[(r * batch + i) % len(histories)] for i in range(batch)]
+        start = time.perf_counter()
+        recommend_batch(model, chunk, n=n)
+        times.append(time.perf_counter() - start)
+    return np.asarray(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--interests", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=20)
+    parser.add_argument("--history", type=int, default=30, help="history length per user")
+    parser.add_argument("--n", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=100, help="timed calls per setting")
+    parser.add_argument("--indexes", default="Flat,HNSW32", help="comma-separated factories")
+    parser.add_argument("--hnsw-ef", type=int, default=128)
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1, the service default: torch's and faiss's OpenMP "
+        "thread pools otherwise fight over the cores)",
+    )
+    parser.add_argument("--faiss-threads", type=int, default=None, help="faiss OpenMP threads")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.torch_threads)
+    if args.faiss_threads:
+        import faiss
+
+        faiss.omp_set_num_threads(args.faiss_threads)
+    rng = np.random.default_rng(0)
+    histories = [
+        [f"item-{i}" for i in rng.integers(1, args.items + 1, size=args.history)]
+        for _ in range(1024)
+    ]
+    print(
+        f"catalogue {args.items} items, d={args.dim}, K={args.interests}, seq_len={args.seq_len}, "
+        f"history {args.history}, n={args.n}, torch threads {torch.get_num_threads()}, "
+        f"cpus {os.cpu_count()}"
+    )
+    reference = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for factory in args.indexes.split(","):
+            params = f"efSearch={args.hnsw_ef}" if factory.startswith("HNSW") else ""
+            model = make_model(
+                Path(tmp), args.items, args.dim, args.interests, args.seq_len, factory, params
+            )
+            recommend_batch(model, histories[:32], n=args.n)  # warm-up
+            per_user = {}
+            for batch in (1, 32):
+                rounds = args.rounds if batch == 1 else max(args.rounds // 4, 5)
+                t = time_calls(model, histories, batch, args.n, rounds) * 1e3
+                p50, p95, p99 = np.percentile(t, [50, 95, 99])
+                per_user[batch] = np.median(t) / batch
+                print(
+                    f"  {factory:<8} batch {batch:>2}: per call p50 {p50:7.2f} ms"
+                    f"  p95 {p95:7.2f} ms  p99 {p99:7.2f} ms | per user {per_user[batch]:6.2f} ms"
+                    f"  ({1e3 / per_user[batch]:7.0f} users/s)"
+                )
+            print(
+                f"  {factory:<8} batching 32 users per call: {per_user[1] / per_user[32]:.1f}x "
+                "the throughput of one per call"
+            )
+            results = recommend_batch(model, histories[:200], n=args.n)
+            rows = [{i.item_id for i in r.items} for r in results]
+            if reference is None:
+                reference = rows
+            else:
+                pairs = zip(reference, rows, strict=True)
+                recall = np.mean([len(a & b) / len(a) for a, b in pairs])
+                first = args.indexes.split(",")[0]
+                print(f"  {factory:<8} recall@{args.n} vs {first}: {recall:.3f}")
+
+
+if __name__ == "__main__":
+    main()

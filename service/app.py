@@ -1,0 +1,455 @@
+"""FastAPI app: recommendations, events, health, metrics and hot reload.
+
+Build it with `create_app(settings)`; uvicorn uses `service.app:create_app` as a factory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Annotated, Any
+
+import anyio.to_thread
+import torch
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from remi_core.bundle import BundleError
+from service.errors import (
+    AdminDisabled,
+    RedisUnavailable,
+    ReloadFailed,
+    ServiceError,
+    Unauthorized,
+)
+from service.history import Event, HistoryStore
+from service.metrics import Metrics
+from service.recommender import LoadedModel, Result, recommend_batch
+from service.registry import ModelRegistry
+from service.schemas import (
+    BatchRequest,
+    BatchResponse,
+    ErrorResponse,
+    EventsRequest,
+    EventsResponse,
+    ExplanationOut,
+    InterestOut,
+    RecommendedItemOut,
+    RecommendRequest,
+    RecommendResponse,
+    ReloadResponse,
+    RoutingWeight,
+)
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The service cannot start (e.g. the bundle is missing or corrupt)."""
+
+
+# --- dependencies -------------------------------------------------------------------------------
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def get_model(request: Request) -> LoadedModel:
+    # Resolved once per request: the request keeps this model even if a reload swaps it.
+    return request.app.state.registry.model
+
+
+def get_store(request: Request) -> HistoryStore:
+    return request.app.state.store
+
+
+def require_admin(
+    settings: Annotated[Settings, Depends(get_settings)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> None:
+    if settings.admin_token is None:
+        raise AdminDisabled("admin endpoints are disabled: set REMI_ADMIN_TOKEN to enable them")
+    scheme, _, token = (authorization or "").partition(" ")
+    expected = settings.admin_token.get_secret_value()
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), expected.encode()):
+        raise Unauthorized("missing or wrong admin token (send 'Authorization: Bearer <token>')")
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+ModelDep = Annotated[LoadedModel, Depends(get_model)]
+StoreDep = Annotated[HistoryStore, Depends(get_store)]
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def limit_errors(entry: RecommendRequest, settings: Settings, loc: tuple[Any, ...]) -> list[dict]:
+    """Limits that come from settings, in the shape of pydantic's errors so one handler and one
+    response format cover both."""
+    errors = []
+    if entry.n > settings.max_n:
+        errors.append(
+            {
+                "type": "less_than_equal",
+                "loc": (*loc, "n"),
+                "msg": f"Input should be less than or equal to {settings.max_n}",
+            }
+        )
+    if entry.history is not None and len(entry.history) > settings.max_history:
+        errors.append(
+            {
+                "type": "too_long",
+                "loc": (*loc, "history"),
+                "msg": f"History should have at most {settings.max_history} items, "
+                f"not {len(entry.history)}",
+            }
+        )
+    return errors
+
+
+async def resolve_histories(
+    entries: Sequence[RecommendRequest], store: HistoryStore, settings: Settings
+) -> list[list[str]]:
+    """Histories from the bodies, and from Redis (one round trip) for user_id entries."""
+    users = [e.user_id for e in entries if e.history is None]
+    stored = iter(await store.histories(users, settings.max_history) if users else [])
+    return [list(e.history) if e.history is not None else next(stored) for e in entries]
+
+
+async def run_recommend(
+    model: LoadedModel,
+    entries: Sequence[RecommendRequest],
+    histories: list[list[str]],
+    metrics: Metrics,
+) -> list[RecommendResponse]:
+    # Encode and search are CPU-bound (torch and faiss release the GIL): keep them off the loop.
+    results = await anyio.to_thread.run_sync(
+        lambda: recommend_batch(
+            model,
+            histories,
+            n=[e.n for e in entries],
+            exclude_history=[e.exclude_history for e in entries],
+            explain=[e.explain for e in entries],
+        )
+    )
+    metrics.recommendations.inc(len(results))
+    metrics.fallbacks.inc(sum(r.fallback for r in results))
+    metrics.unknown_ids.inc(sum(len(r.unknown_ids) for r in results))
+    return [
+        to_response(model, entry, result) for entry, result in zip(entries, results, strict=True)
+    ]
+
+
+def to_response(model: LoadedModel, entry: RecommendRequest, result: Result) -> RecommendResponse:
+    explanation = None
+    if result.explanation is not None:
+        ex = result.explanation
+        explanation = ExplanationOut(
+            window=ex.window,
+            interests=[
+                InterestOut(
+                    interest=k,
+                    vector=ex.interests[k].tolist(),
+                    routing=[
+                        RoutingWeight(position=p, item_id=item, weight=float(ex.routing[k, p]))
+                        for p, item in enumerate(ex.window)
+                    ],
+                )
+                for k in range(ex.interests.shape[0])
+            ],
+        )
+    return RecommendResponse(
+        model_version=model.version,
+        user_id=entry.user_id,
+        fallback=result.fallback,
+        items=[
+            RecommendedItemOut(item_id=it.item_id, score=it.score, interest=it.interest)
+            for it in result.items
+        ],
+        unknown_ids=result.unknown_ids,
+        known_history_length=result.known_count,
+        explain=explanation,
+    )
+
+
+# --- routes -------------------------------------------------------------------------------------
+
+router = APIRouter()
+ERRORS: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorResponse, "description": "Invalid request (message in `detail`)."}
+}
+
+
+@router.get("/healthz", tags=["ops"])
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["ops"])
+async def readyz(registry: RegistryDep, store: StoreDep) -> JSONResponse:
+    """Readiness: a model is loaded. Redis is reported but does not make the service unready,
+    since requests with a history in the body work without it."""
+    redis_error = await store.ping()
+    ready = registry.loaded
+    body = {
+        "ready": ready,
+        "model_version": registry.model.version if ready else None,
+        "redis": {"ok": redis_error is None, "error": redis_error},
+        "reload": {
+            "ok": registry.last_error is None,
+            "error": registry.last_error,
+            "rejected_target": registry.failed_target,
+            "last_check_at": registry.last_check_at,
+        },
+    }
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/v1/model", tags=["ops"])
+async def model_manifest(model: ModelDep) -> dict[str, Any]:
+    """The served bundle's manifest, plus where its index lives."""
+    return {**model.manifest, "index_device": model.index_device}
+
+
+@router.get("/metrics", tags=["ops"])
+async def metrics_endpoint(metrics: MetricsDep) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post("/recommend", response_model=RecommendResponse, responses=ERRORS, tags=["recommend"])
+async def recommend(
+    body: RecommendRequest,
+    model: ModelDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    metrics: MetricsDep,
+) -> RecommendResponse:
+    """Top-n items for one user (history in the body, or a stored user's history)."""
+    if errors := limit_errors(body, settings, ("body",)):
+        raise RequestValidationError(errors)
+    histories = await resolve_histories([body], store, settings)
+    [response] = await run_recommend(model, [body], histories, metrics)
+    return response
+
+
+@router.post("/recommend/batch", response_model=BatchResponse, responses=ERRORS, tags=["recommend"])
+async def recommend_many(
+    body: BatchRequest,
+    model: ModelDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    metrics: MetricsDep,
+) -> BatchResponse:
+    """Many users in one encode and one search; each entry means what POST /recommend means."""
+    if len(body.requests) > settings.max_batch:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "too_long",
+                    "loc": ("body", "requests"),
+                    "msg": f"A batch should have at most {settings.max_batch} entries, "
+                    f"not {len(body.requests)}",
+                }
+            ]
+        )
+    errors = [
+        error
+        for i, entry in enumerate(body.requests)
+        for error in limit_errors(entry, settings, ("body", "requests", i))
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+    histories = await resolve_histories(body.requests, store, settings)
+    results = await run_recommend(model, body.requests, histories, metrics)
+    return BatchResponse(model_version=model.version, results=results)
+
+
+@router.post("/events", response_model=EventsResponse, responses=ERRORS, tags=["events"])
+async def post_events(
+    body: EventsRequest, settings: SettingsDep, store: StoreDep, metrics: MetricsDep
+) -> EventsResponse:
+    """Append interactions to the users' capped histories and to the nightly job's stream."""
+    if len(body.events) > settings.max_events:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "too_long",
+                    "loc": ("body", "events"),
+                    "msg": f"Should have at most {settings.max_events} events per request, "
+                    f"not {len(body.events)}",
+                }
+            ]
+        )
+    await store.append([Event(e.user_id, e.item_id, e.timestamp) for e in body.events])
+    metrics.events.inc(len(body.events))
+    return EventsResponse(stored=len(body.events))
+
+
+@router.post(
+    "/admin/reload",
+    response_model=ReloadResponse,
+    dependencies=[Depends(require_admin)],
+    tags=["admin"],
+)
+async def admin_reload(registry: RegistryDep) -> ReloadResponse:
+    """Load the bundle `current` points at now, if it is not the one serving."""
+    outcome = await registry.reload(force=True)
+    if outcome.error is not None:
+        raise ReloadFailed(
+            f"bundle {outcome.target} rejected, still serving {outcome.version}: {outcome.error}"
+        )
+    return ReloadResponse(
+        reloaded=outcome.reloaded,
+        version=outcome.version,
+        previous=outcome.previous,
+        current_target=outcome.target,
+    )
+
+
+# --- errors: the one place where domain errors become HTTP ---------------------------------------
+
+
+def _validation_summary(errors: Sequence[Any]) -> tuple[str, list[dict[str, Any]]]:
+    clean = []
+    for err in errors:
+        loc = [p for p in err.get("loc", ()) if p != "body"]
+        clean.append({"type": err.get("type"), "loc": list(err.get("loc", ())), "msg": err["msg"]})
+        where = ".".join(str(p) for p in loc)
+        clean[-1]["field"] = where or None
+    parts = [f"{c['field']}: {c['msg']}" if c["field"] else c["msg"] for c in clean]
+    return "; ".join(parts), clean
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    detail, errors = _validation_summary(exc.errors())
+    return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+
+
+async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    if isinstance(exc, RedisUnavailable):
+        request.app.state.metrics.redis_errors.inc()
+    headers = {"Retry-After": "1"} if exc.status_code == 503 else None
+    return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=headers)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Logged with its traceback here; the client only learns that it was our fault.
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+# --- metrics middleware -------------------------------------------------------------------------
+
+
+class MetricsMiddleware:
+    """Counts and times every request per route template (never per raw path: unbounded)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+
+# --- app ----------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    registry = ModelRegistry(
+        settings.bundle_root, settings.device, settings.verify_checksums, app.state.metrics
+    )
+    try:
+        model = await anyio.to_thread.run_sync(registry.load_initial)
+    except (BundleError, OSError) as exc:
+        log.error("cannot start: no usable bundle under %s: %s", settings.bundle_root, exc)
+        raise StartupError(f"no usable bundle under {settings.bundle_root}: {exc}") from None
+    log.info(
+        "serving bundle %s (%d items, K=%d, index on %s)",
+        model.version,
+        model.num_items,
+        model.num_interests,
+        model.index_device,
+    )
+    store = HistoryStore(
+        settings.redis_url, settings.redis_timeout_s, settings.history_cap, settings.stream_maxlen
+    )
+    redis_error = await store.ping()
+    if redis_error:
+        # Not fatal: history-in-body requests work, and the client reconnects when Redis is up.
+        log.warning("redis is not reachable at start-up: %s", redis_error)
+    app.state.registry = registry
+    app.state.store = store
+    poller = None
+    if settings.reload_interval_s > 0:
+        poller = asyncio.create_task(registry.poll(settings.reload_interval_s))
+    try:
+        yield
+    finally:
+        if poller is not None:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+        await store.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; nothing is loaded until the lifespan starts (uvicorn or TestClient)."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    settings = settings or Settings()
+    app = FastAPI(
+        title="REMI retrieval service",
+        summary="Multi-interest candidate retrieval over a versioned REMI bundle.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.include_router(router)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(ServiceError, _on_service_error)
+    app.add_exception_handler(Exception, _on_unexpected)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app

@@ -1,0 +1,105 @@
+"""`remi-serve`: run the service under uvicorn.
+
+Flags override REMI_* environment variables. They are passed on through the environment, because
+with --workers > 1 every worker process builds its own app from the environment.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+def _log_config(level: str) -> dict:
+    import uvicorn.config
+
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    # Route the service's own loggers through uvicorn's handler so they appear in its output.
+    config["loggers"]["service"] = {
+        "handlers": ["default"],
+        "level": level.upper(),
+        "propagate": False,
+    }
+    config["loggers"]["remi_core"] = {
+        "handlers": ["default"],
+        "level": level.upper(),
+        "propagate": False,
+    }
+    return config
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port to listen on.", min=0, max=65535)] = 8000,
+    workers: Annotated[
+        int, typer.Option(help="Worker processes; each loads its own copy of the bundle.", min=1)
+    ] = 1,
+    bundle_root: Annotated[
+        Path | None,
+        typer.Option(help="Bundle root holding `current` (default: REMI_BUNDLE_ROOT)."),
+    ] = None,
+    log_level: Annotated[
+        str, typer.Option(help="critical, error, warning, info or debug.")
+    ] = "info",
+    check: Annotated[
+        bool,
+        typer.Option(
+            help="Load and verify the bundle before starting the workers, so a bad bundle stops "
+            "start-up with one clear message (instead of every worker failing)."
+        ),
+    ] = True,
+) -> None:
+    """Serve recommendations over HTTP."""
+    if bundle_root is not None:
+        os.environ["REMI_BUNDLE_ROOT"] = str(bundle_root)
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
+    # faiss announces at INFO which CPU build it tried; that is noise in service logs.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    from service.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        typer.echo(f"error: invalid REMI_* settings:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+
+    if check:
+        from remi_core.bundle import BundleError
+        from service.recommender import load_model
+
+        try:
+            model = load_model(settings.bundle_root, "cpu", settings.verify_checksums)
+        except (BundleError, OSError) as exc:
+            typer.echo(f"error: cannot start: no usable bundle: {exc}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"bundle {model.version} verified ({model.num_items} items)", err=True)
+        del model
+
+    import uvicorn
+
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level.lower(),
+        log_config=_log_config(log_level),
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Domain errors. Routes and services raise these; app.py maps them to HTTP in one place."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class: a failure with a message meant for the client."""
+
+    status_code = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class RedisUnavailable(ServiceError):
+    """Redis could not be reached or did not answer in time."""
+
+    status_code = 503
+
+
+class ModelNotLoaded(ServiceError):
+    """No bundle is loaded (only possible while starting or stopping)."""
+
+    status_code = 503
+
+
+class ReloadFailed(ServiceError):
+    """A new bundle was rejected; the previous model keeps serving."""
+
+    status_code = 409
+
+
+class AdminDisabled(ServiceError):
+    """Admin endpoints are off because no admin token is configured."""
+
+    status_code = 403
+
+
+class Unauthorized(ServiceError):
+    """Missing or wrong admin token."""
+
+    status_code = 401

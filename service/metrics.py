@@ -1,0 +1,63 @@
+"""Prometheus metrics, on a registry per app so several apps can live in one process (tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Retrieval on CPU takes milliseconds; the upper buckets catch GC pauses and lock waits.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "remi_http_requests",
+            "HTTP requests by endpoint (route template), method and status code.",
+            ["endpoint", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "remi_http_request_duration_seconds",
+            "HTTP request latency by endpoint (route template).",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "remi_model_info", "1 for the model version being served.", ["version"], registry=r
+        )
+        self.model_loaded_at = Gauge(
+            "remi_model_loaded_timestamp_seconds",
+            "When the served model was loaded (unix time).",
+            registry=r,
+        )
+        self.recommendations = Counter(
+            "remi_recommendations", "Users answered (single and batch entries).", registry=r
+        )
+        self.fallbacks = Counter(
+            "remi_fallbacks",
+            "Users answered by the most-popular fallback (no known history item).",
+            registry=r,
+        )
+        self.unknown_ids = Counter(
+            "remi_unknown_item_ids", "History item ids not in the served catalogue.", registry=r
+        )
+        self.events = Counter("remi_events", "Interactions stored by POST /events.", registry=r)
+        self.reloads = Counter(
+            "remi_model_reloads", "Bundle loads after start-up by result.", ["result"], registry=r
+        )
+        self.reload_failing = Gauge(
+            "remi_model_reload_failing",
+            "1 while the latest bundle load failed and an older model keeps serving.",
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "remi_redis_errors", "Requests that failed because Redis was unavailable.", registry=r
+        )
+
+    def set_model(self, version: str, loaded_at: float) -> None:
+        self.model_info.clear()
+        self.model_info.labels(version=version).set(1)
+        self.model_loaded_at.set(loaded_at)

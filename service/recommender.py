@@ -1,0 +1,234 @@
+"""The retrieval step as a plain function over a batch of users: ids -> rows, encode, search, merge.
+
+Nothing here knows about HTTP, so the same code serves requests, batches concurrent requests
+together and runs in benchmarks (bench/bench_service.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import faiss
+import numpy as np
+import torch
+
+from remi_core.bundle import Bundle, BundleError, load_bundle
+from remi_core.index import ROW_OFFSET, to_best_device
+from remi_core.models import MultiInterestEncoder, pad_histories
+from remi_core.retrieval import faiss_merged_topk
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """One bundle ready to serve. Never mutated after loading, so a request that grabbed a
+    reference keeps a consistent model even while the registry swaps in a newer one."""
+
+    version: str
+    path: Path
+    manifest: Mapping[str, Any]
+    encoder: MultiInterestEncoder
+    device: torch.device
+    item_embeddings: np.ndarray  # (N, d) float32, read-only
+    item_ids: tuple[str | None, ...]  # row -> external id
+    row_of: Mapping[str, int]  # external id -> row
+    popularity: np.ndarray  # rows, most popular first, read-only
+    index: faiss.Index
+    index_device: str  # "cpu" or "gpu"
+    loaded_at: float
+    # GPU indexes are not safe to search from several threads at once; CPU ones are.
+    _search_lock: threading.Lock | None = field(default=None, repr=False)
+
+    @property
+    def seq_len(self) -> int:
+        return self.encoder.cfg.seq_len
+
+    @property
+    def num_interests(self) -> int:
+        return self.encoder.num_interests
+
+    @property
+    def num_items(self) -> int:
+        """Real catalogue items, padding row excluded."""
+        return len(self.item_ids) - ROW_OFFSET
+
+    def search(self, interests: np.ndarray, n: int, exclude: Sequence[np.ndarray] | None):
+        if self._search_lock is None:
+            return faiss_merged_topk(self.index, interests, self.item_embeddings, n, exclude)
+        with self._search_lock:
+            return faiss_merged_topk(self.index, interests, self.item_embeddings, n, exclude)
+
+
+def model_from_bundle(bundle: Bundle, device: str | torch.device = "cpu") -> LoadedModel:
+    """Wrap a loaded bundle for serving: index on the best device, arrays frozen."""
+    index, index_device = to_best_device(bundle.index)
+    embeddings = bundle.item_embeddings
+    embeddings.setflags(write=False)
+    popularity = bundle.popularity
+    popularity.setflags(write=False)
+    encoder = bundle.encoder.eval()
+    for param in encoder.parameters():
+        param.requires_grad_(False)
+    return LoadedModel(
+        version=bundle.version,
+        path=bundle.path,
+        manifest=MappingProxyType(bundle.manifest),
+        encoder=encoder,
+        device=torch.device(device),
+        item_embeddings=embeddings,
+        item_ids=tuple(bundle.item_ids),
+        row_of=MappingProxyType(bundle.row_of()),
+        popularity=popularity,
+        index=index,
+        index_device=index_device,
+        loaded_at=time.time(),
+        _search_lock=threading.Lock() if index_device == "gpu" else None,
+    )
+
+
+def load_model(path: Path, device: str = "cpu", verify: bool = True) -> LoadedModel:
+    """Load, verify and smoke-test a bundle (a version directory or a root's `current`).
+
+    Raises BundleError with a readable message for anything that would make it unservable.
+    """
+    try:
+        bundle = load_bundle(path, device=device, verify=verify)
+    except BundleError:
+        raise
+    except Exception as exc:
+        # load_bundle lets some malformed-manifest errors through (e.g. TypeError for a model
+        # section without num_items); they mean the same thing: this bundle cannot serve.
+        raise BundleError(f"cannot load bundle {path}: {type(exc).__name__}: {exc}") from exc
+    model = model_from_bundle(bundle, device)
+    smoke_test(model)
+    return model
+
+
+def smoke_test(model: LoadedModel) -> None:
+    """Run one real query end to end, so a bundle that loads but cannot serve is rejected."""
+    if model.num_items < 1:
+        raise BundleError(f"{model.path}: the catalogue is empty")
+    try:
+        [result] = recommend_batch(
+            model, [[model.item_ids[ROW_OFFSET]]], n=1, exclude_history=False
+        )
+    except Exception as exc:  # any failure here means the bundle cannot serve
+        raise BundleError(f"{model.path}: test query failed: {exc}") from exc
+    if result.fallback or len(result.items) != 1 or not np.isfinite(result.items[0].score):
+        raise BundleError(f"{model.path}: test query returned no finite score")
+
+
+@dataclass(frozen=True)
+class RecommendedItem:
+    item_id: str
+    score: float | None  # max_k <v_k, e_item>; None for popularity fallback items
+    interest: int | None  # argmax_k; None for popularity fallback items
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What formed each interest: the K vectors and their routing over the encoded window."""
+
+    window: list[str]  # the encoded items, oldest first
+    interests: np.ndarray  # (K, d)
+    routing: np.ndarray  # (K, len(window)), each row sums to 1
+
+
+@dataclass(frozen=True)
+class Result:
+    items: list[RecommendedItem]
+    unknown_ids: list[str]  # history ids not in this model's catalogue, first occurrence order
+    known_count: int  # known history items (all of them, not just the encoded window)
+    fallback: bool  # True when no known item was left and popularity answered
+    explanation: Explanation | None = None
+
+
+def _per_entry(value: T | Sequence[T], size: int, name: str) -> list[T]:
+    if isinstance(value, np.ndarray | Sequence) and not isinstance(value, str | bytes):
+        if len(value) != size:
+            raise ValueError(f"{name} has {len(value)} entries for {size} histories")
+        return list(value)
+    return [value] * size  # type: ignore[list-item]
+
+
+def recommend_batch(
+    model: LoadedModel,
+    histories: Sequence[Sequence[str]],
+    n: int | Sequence[int] = 50,
+    exclude_history: bool | Sequence[bool] = True,
+    explain: bool | Sequence[bool] = False,
+) -> list[Result]:
+    """Top-n items for each history (external ids, oldest first), in one encode and one search.
+
+    `n`, `exclude_history` and `explain` are either one value for all users or one per user, so
+    unrelated requests can share a batch. Unknown ids are dropped and reported; the last seq_len
+    known items are encoded; with no known item left, the most popular items answer instead.
+    """
+    size = len(histories)
+    ns = _per_entry(n, size, "n")
+    excludes = _per_entry(exclude_history, size, "exclude_history")
+    explains = _per_entry(explain, size, "explain")
+    if any(k < 1 for k in ns):
+        raise ValueError("n must be at least 1")
+
+    row_of = model.row_of
+    known_rows: list[np.ndarray] = []
+    unknown: list[list[str]] = []
+    for history in histories:
+        rows = [row_of.get(item, 0) for item in history]
+        known_rows.append(np.asarray([r for r in rows if r > 0], dtype=np.int64))
+        missing = (item for item, r in zip(history, rows, strict=True) if r == 0)
+        unknown.append(list(dict.fromkeys(missing)))
+
+    encoded = [b for b in range(size) if len(known_rows[b])]
+    retrieved: dict[int, Any] = {}
+    explanations: dict[int, Explanation] = {}
+    if encoded:
+        windows = [known_rows[b][-model.seq_len :] for b in encoded]
+        items, mask = pad_histories(windows, model.seq_len)
+        with torch.inference_mode():
+            interests_t, routing_t = model.encoder(items.to(model.device), mask.to(model.device))
+        interests = interests_t.float().cpu().numpy()
+        routing = routing_t.float().cpu().numpy() if routing_t is not None else None
+        exclude = [known_rows[b] if excludes[b] else known_rows[b][:0] for b in encoded]
+        found = model.search(interests, max(ns[b] for b in encoded), exclude)
+        for i, b in enumerate(encoded):
+            retrieved[b] = found[i]
+            if explains[b]:
+                width = len(windows[i])
+                explanations[b] = Explanation(
+                    window=[model.item_ids[r] for r in windows[i]],  # type: ignore[misc]
+                    interests=interests[i],
+                    routing=routing[i, :, :width]
+                    if routing is not None
+                    else np.full((model.num_interests, width), np.nan, dtype=np.float32),
+                )
+
+    results = []
+    for b in range(size):
+        if b in retrieved:
+            hit = retrieved[b]
+            items = [
+                RecommendedItem(model.item_ids[row], float(score), int(k))  # type: ignore[arg-type]
+                for row, score, k in zip(
+                    hit.rows[: ns[b]], hit.scores[: ns[b]], hit.interests[: ns[b]], strict=True
+                )
+            ]
+            results.append(
+                Result(items, unknown[b], len(known_rows[b]), False, explanations.get(b))
+            )
+        else:
+            # Nothing known to exclude, so the popularity list answers as is.
+            items = [
+                RecommendedItem(model.item_ids[row], None, None)  # type: ignore[arg-type]
+                for row in model.popularity[: ns[b]]
+            ]
+            results.append(Result(items, unknown[b], 0, True, None))
+    return results

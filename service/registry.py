@@ -1,0 +1,121 @@
+"""Holds the model being served and swaps in new bundles (hot reload)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio.to_thread
+
+from remi_core.bundle import BundleError, current_version, resolve_current
+from service.errors import ModelNotLoaded
+from service.metrics import Metrics
+from service.recommender import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    reloaded: bool
+    version: str | None  # the version serving after the attempt
+    previous: str | None
+    target: str | None  # what `current` pointed at
+    error: str | None = None
+
+
+class ModelRegistry:
+    """The served model is one reference, replaced in a single assignment.
+
+    Requests read `registry.model` once and keep that object, so a swap never changes the model
+    under a request in flight; the old model is freed when its last request lets go of it.
+    """
+
+    def __init__(self, root: Path, device: str, verify: bool, metrics: Metrics) -> None:
+        self.root = Path(root)
+        self.device = device
+        self.verify = verify
+        self.metrics = metrics
+        self._model: LoadedModel | None = None
+        self._name: str | None = None  # `current`'s target when the served model was loaded
+        self._lock = asyncio.Lock()  # one load at a time (poller and admin endpoint)
+        self.last_error: str | None = None
+        self.failed_target: str | None = None
+        self.last_check_at: float | None = None
+
+    @property
+    def model(self) -> LoadedModel:
+        model = self._model
+        if model is None:
+            raise ModelNotLoaded("no model is loaded yet")
+        return model
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def load_initial(self) -> LoadedModel:
+        """Load `current` at start-up; a BundleError here must stop the service."""
+        path = resolve_current(self.root)
+        model = load_model(path, self.device, self.verify)
+        self._swap(model, path.name)
+        return model
+
+    async def reload(self, force: bool = False) -> ReloadOutcome:
+        """Load `current` if it moved. Without `force`, a target that already failed is skipped
+        (versions are immutable, so retrying it every poll would only repeat the error)."""
+        async with self._lock:
+            self.last_check_at = time.time()
+            previous = self._model.version if self._model else None
+            try:
+                target = current_version(self.root)
+                path = resolve_current(self.root)
+            except (BundleError, OSError) as exc:
+                return self._failed(previous, None, str(exc))
+            if target == self._name:
+                return ReloadOutcome(False, previous, previous, target)
+            if target == self.failed_target and not force:
+                return ReloadOutcome(False, previous, previous, target, self.last_error)
+            log.info("loading bundle %s (serving %s)", path, previous)
+            try:
+                # Loading verifies checksums and runs a test query: seconds for big catalogues,
+                # so it runs in a thread while the old model keeps answering.
+                model = await anyio.to_thread.run_sync(load_model, path, self.device, self.verify)
+            except BundleError as exc:
+                return self._failed(previous, target, str(exc))
+            except Exception as exc:  # e.g. out of memory: the old model must keep serving
+                log.exception("unexpected error loading %s", path)
+                return self._failed(previous, target, f"{type(exc).__name__}: {exc}")
+            self._swap(model, target)
+            self.metrics.reloads.labels(result="success").inc()
+            log.info("now serving bundle %s (was %s)", model.version, previous)
+            return ReloadOutcome(True, model.version, previous, target)
+
+    def _swap(self, model: LoadedModel, name: str | None) -> None:
+        self._model = model
+        self._name = name
+        self.last_error = None
+        self.failed_target = None
+        self.metrics.set_model(model.version, model.loaded_at)
+        self.metrics.reload_failing.set(0)
+
+    def _failed(self, previous: str | None, target: str | None, error: str) -> ReloadOutcome:
+        if error != self.last_error:  # a poller hitting the same problem logs it once
+            log.error("bundle %s rejected, still serving %s: %s", target, previous, error)
+        self.last_error = error
+        self.failed_target = target
+        self.metrics.reloads.labels(result="failure").inc()
+        self.metrics.reload_failing.set(1)
+        return ReloadOutcome(False, previous, previous, target, error)
+
+    async def poll(self, interval_s: float) -> None:
+        """Background task: check `current` every interval_s seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.reload()
+            except Exception:  # never let the poller die; the next round tries again
+                log.exception("bundle reload check failed")

@@ -1,0 +1,124 @@
+"""Request and response bodies. Static rules live here; limits from settings are in app.py."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError
+
+# Ids are opaque strings; "\S" (searched, not anchored) rejects empty and all-blank ids.
+Id = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"\S")]
+# History entries may be anything string-like: ids the catalogue lacks are reported, not refused.
+HistoryItem = Annotated[str, StringConstraints(max_length=256)]
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    history: list[HistoryItem] | None = Field(
+        None, description="Item ids the user interacted with, oldest first."
+    )
+    user_id: Id | None = Field(
+        None, description="Use this user's stored history (from POST /events) instead."
+    )
+    n: int = Field(50, ge=1, description="How many items to return (at most REMI_MAX_N).")
+    exclude_history: bool = Field(True, description="Never return items from the history.")
+    explain: bool = Field(
+        False, description="Also return the interest vectors and their routing weights."
+    )
+
+    @model_validator(mode="after")
+    def _history_xor_user(self) -> RecommendRequest:
+        if (self.history is None) == (self.user_id is None):
+            # A custom error type keeps pydantic's "Value error, " prefix out of the message.
+            raise PydanticCustomError(
+                "history_xor_user_id", "Give exactly one of `history` or `user_id`"
+            )
+        return self
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[RecommendRequest] = Field(
+        ..., min_length=1, description="One entry per user, each like a POST /recommend body."
+    )
+
+
+class RecommendedItemOut(BaseModel):
+    item_id: str
+    score: float | None = Field(
+        description="max over interests of <interest, item embedding>; null for fallback items."
+    )
+    interest: int | None = Field(
+        description="Index of the interest that produced the score; null for fallback items."
+    )
+
+
+class RoutingWeight(BaseModel):
+    position: int = Field(description="Position in the encoded window, oldest first.")
+    item_id: str
+    weight: float
+
+
+class InterestOut(BaseModel):
+    interest: int
+    vector: list[float]
+    routing: list[RoutingWeight] = Field(
+        description="How much each encoded history item contributes to this interest (sums to 1)."
+    )
+
+
+class ExplanationOut(BaseModel):
+    window: list[str] = Field(description="The encoded items: the last seq_len known ones.")
+    interests: list[InterestOut]
+
+
+class RecommendResponse(BaseModel):
+    model_version: str
+    user_id: str | None = None
+    fallback: bool = Field(
+        description="True when no known history item was left and the most popular items answer."
+    )
+    items: list[RecommendedItemOut]
+    unknown_ids: list[str] = Field(description="History ids not in the served catalogue.")
+    known_history_length: int = Field(description="Known history items (before windowing).")
+    explain: ExplanationOut | None = None
+
+
+class BatchResponse(BaseModel):
+    model_version: str
+    results: list[RecommendResponse]
+
+
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Id
+    item_id: Id = Field(description="Any id: items new to the catalogue enter it at retraining.")
+    timestamp: Annotated[float, Field(strict=True, allow_inf_nan=False)] = Field(
+        description="Unix time in seconds (a JSON number)."
+    )
+
+
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[EventIn] = Field(..., min_length=1)
+
+
+class EventsResponse(BaseModel):
+    stored: int
+
+
+class ReloadResponse(BaseModel):
+    reloaded: bool
+    version: str | None
+    previous: str | None
+    current_target: str | None
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+    errors: list[dict[str, Any]] | None = None

@@ -1,0 +1,114 @@
+"""The `remi-serve` entry point, run as docker runs it: a real uvicorn in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from remi_core.bundle import current_version, resolve_current
+from service.cli import app
+from tests.conftest import RedisServer, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def serve_command(*args: str) -> list[str]:
+    # `python -m service.cli` is what the `remi-serve` console script calls (service.cli:main).
+    return [sys.executable, "-m", "service.cli", *args]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMI_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return {**env, **extra}
+
+
+def test_remi_serve_answers_over_http(
+    tiny_bundle_root: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w+")
+    proc = subprocess.Popen(
+        serve_command(
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--bundle-root",
+            str(tiny_bundle_root),
+            "--log-level",
+            "info",
+        ),  # fmt: skip
+        env=child_env(REMI_REDIS_URL=redis_server.url, REMI_BUNDLE_ROOT="/flag/overrides/this"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "remi-serve exited:\n" + log_text(log)
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "remi-serve never answered:\n" + log_text(log)
+            time.sleep(0.1)
+        r = httpx.post(f"{base}/recommend", json={"history": ["books-0001", "books-0002"], "n": 5})
+        assert r.status_code == 200, r.text
+        assert r.json()["model_version"] == current_version(tiny_bundle_root)
+        assert len(r.json()["items"]) == 5
+        r = httpx.post(
+            f"{base}/events",
+            json={"events": [{"user_id": "u", "item_id": "books-0003", "timestamp": 1}]},
+        )
+        assert r.status_code == 200, r.text
+        assert httpx.post(f"{base}/recommend", json={"user_id": "u"}).status_code == 200
+        assert httpx.get(f"{base}/readyz").json()["redis"]["ok"] is True
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    assert "serving bundle" in log_text(log)  # the service's own logs reach uvicorn's output
+
+
+def log_text(log) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()
+
+
+def test_remi_serve_refuses_a_corrupt_bundle(tiny_bundle_root: Path) -> None:
+    (resolve_current(tiny_bundle_root) / "item_ids.json").write_text('[null, "oops"]')
+    result = subprocess.run(
+        serve_command("--port", str(free_port()), "--bundle-root", str(tiny_bundle_root)),
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "cannot start: no usable bundle" in result.stderr
+    assert "checksum mismatch" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_remi_serve_help_lists_the_options() -> None:
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for option in ("--host", "--port", "--workers", "--bundle-root", "--log-level"):
+        assert option in result.output
+
+
+@pytest.mark.parametrize("bad", [["--port", "70000"], ["--workers", "0"]])
+def test_remi_serve_rejects_bad_options(bad: list[str]) -> None:
+    result = CliRunner().invoke(app, bad)
+    assert result.exit_code == 2

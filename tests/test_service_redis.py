@@ -1,0 +1,179 @@
+"""POST /events and user_id requests against a real redis-server, including an outage."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from remi_core.events import EVENTS_STREAM, history_key
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import RedisServer
+
+
+@pytest.fixture
+def client(tiny_bundle_root: Path, redis_server: RedisServer) -> Iterator[TestClient]:
+    settings = Settings(
+        bundle_root=tiny_bundle_root,
+        redis_url=redis_server.url,
+        redis_timeout_s=0.5,
+        history_cap=5,
+        max_events=10,
+        reload_interval_s=0,
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def events(user: str, items: list[str], start: float = 1_700_000_000) -> dict:
+    return {
+        "events": [
+            {"user_id": user, "item_id": item, "timestamp": start + i}
+            for i, item in enumerate(items)
+        ]
+    }
+
+
+def test_events_then_user_request(client: TestClient, redis_server: RedisServer) -> None:
+    items = ["books-0003", "books-0010", "brand-new-item", "books-0042"]
+    r = client.post("/events", json=events("alice", items))
+    assert r.status_code == 200, r.text
+    assert r.json() == {"stored": 4}
+    r = client.post("/events", json={"events": [{"user_id": "bob", "item_id": "books-0007",
+                                                  "timestamp": 1700000100.25}]})  # fmt: skip
+    assert r.status_code == 200
+
+    redis = redis_server.client()
+    assert redis.lrange(history_key("alice"), 0, -1) == items
+    stream = redis.xrange(EVENTS_STREAM)
+    assert [fields for _, fields in stream] == [
+        {"user_id": "alice", "item_id": item, "timestamp": str(1_700_000_000 + i)}
+        for i, item in enumerate(items)
+    ] + [{"user_id": "bob", "item_id": "books-0007", "timestamp": "1700000100.25"}]
+
+    by_user = client.post("/recommend", json={"user_id": "alice", "n": 8, "explain": True}).json()
+    by_history = client.post("/recommend", json={"history": items, "n": 8, "explain": True}).json()
+    assert by_user["user_id"] == "alice"
+    assert by_user["unknown_ids"] == ["brand-new-item"]  # accepted as an event, unknown to serve
+    assert by_user["known_history_length"] == 3
+    assert {k: v for k, v in by_user.items() if k != "user_id"} == {
+        k: v for k, v in by_history.items() if k != "user_id"
+    }
+
+    batch = client.post(
+        "/recommend/batch",
+        json={"requests": [{"user_id": "bob"}, {"history": items}, {"user_id": "alice"}]},
+    ).json()["results"]
+    assert batch[0] == client.post("/recommend", json={"user_id": "bob"}).json()
+    assert batch[2]["items"] == client.post("/recommend", json={"user_id": "alice"}).json()["items"]
+
+
+def test_history_is_capped_and_stream_keeps_everything(
+    client: TestClient, redis_server: RedisServer
+) -> None:
+    items = [f"books-{i:04d}" for i in range(1, 9)]
+    assert client.post("/events", json=events("carol", items[:6])).status_code == 200
+    assert client.post("/events", json=events("carol", items[6:])).status_code == 200
+    redis = redis_server.client()
+    assert redis.lrange(history_key("carol"), 0, -1) == items[-5:]  # history_cap=5
+    assert redis.xlen(EVENTS_STREAM) == 8
+    body = client.post("/recommend", json={"user_id": "carol", "explain": True}).json()
+    assert body["explain"]["window"] == items[-5:]
+
+
+def test_unknown_user_gets_the_fallback(client: TestClient) -> None:
+    body = client.post("/recommend", json={"user_id": "nobody", "n": 5}).json()
+    assert body["fallback"] is True
+    assert body["known_history_length"] == 0
+    assert len(body["items"]) == 5
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"events": []}, "at least 1"),
+        ({"events": [{"user_id": "", "item_id": "a", "timestamp": 1}]}, "events.0.user_id"),
+        ({"events": [{"user_id": "u", "item_id": " ", "timestamp": 1}]}, "events.0.item_id"),
+        ({"events": [{"user_id": "u", "item_id": "a", "timestamp": "1"}]}, "valid number"),
+        ({"events": [{"user_id": "u", "item_id": "a", "timestamp": True}]}, "valid number"),
+        ({"events": [{"user_id": "u", "item_id": "a"}]}, "events.0.timestamp: Field required"),
+        ({"events": [{"user_id": "u", "item_id": "a", "timestamp": 1}] * 11}, "at most 10 events"),
+        ({"user_id": "u", "item_id": "a", "timestamp": 1}, "events: Field required"),
+    ],
+)
+def test_invalid_events_are_422(
+    client: TestClient, redis_server: RedisServer, payload: dict, message: str
+) -> None:
+    r = client.post("/events", json=payload)
+    assert r.status_code == 422, r.text
+    assert message in r.json()["detail"]
+    assert redis_server.client().xlen(EVENTS_STREAM) == 0  # nothing half-written
+
+
+def test_redis_outage_then_recovery(client: TestClient, redis_server: RedisServer) -> None:
+    assert client.post("/events", json=events("dave", ["books-0001"])).status_code == 200
+    assert client.post("/recommend", json={"user_id": "dave"}).status_code == 200
+
+    redis_server.stop()
+    start = time.monotonic()
+    r = client.post("/recommend", json={"user_id": "dave"})
+    assert r.status_code == 503
+    assert "Redis" in r.json()["detail"] and "unavailable" in r.json()["detail"]
+    assert r.headers["retry-after"] == "1"
+    assert time.monotonic() - start < 2.0  # fails fast, no long retry loop
+    assert client.post("/events", json=events("dave", ["books-0002"])).status_code == 503
+    batch = client.post(
+        "/recommend/batch", json={"requests": [{"history": ["books-0001"]}, {"user_id": "dave"}]}
+    )
+    assert batch.status_code == 503
+    # Requests that carry their history do not need Redis.
+    r = client.post("/recommend", json={"history": ["books-0001", "books-0002"]})
+    assert r.status_code == 200
+    assert r.json()["fallback"] is False
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["redis"]["ok"] is False
+    assert ready.json()["redis"]["error"]
+    assert "remi_redis_errors_total 3.0" in client.get("/metrics").text
+
+    redis_server.start()  # same port, empty (nothing persisted)
+    assert client.get("/readyz").json()["redis"] == {"ok": True, "error": None}
+    assert client.post("/events", json=events("dave", ["books-0005"])).status_code == 200
+    r = client.post("/recommend", json={"user_id": "dave"})
+    assert r.status_code == 200
+    assert r.json()["known_history_length"] == 1
+
+
+def test_recovers_without_a_health_check_first(
+    client: TestClient, redis_server: RedisServer
+) -> None:
+    # The first command after a restart meets a stale pooled connection: it must still succeed.
+    assert client.post("/events", json=events("erin", ["books-0001"])).status_code == 200
+    redis_server.stop()
+    redis_server.start()
+    assert client.post("/events", json=events("erin", ["books-0002"])).status_code == 200
+    r = client.post("/recommend", json={"user_id": "erin"})
+    assert r.status_code == 200
+
+
+def test_frozen_redis_times_out_fast(client: TestClient, redis_server: RedisServer) -> None:
+    # A hung Redis (accepts nothing, answers nothing) must cost a timeout, not a stuck request.
+    assert client.post("/events", json=events("frank", ["books-0001"])).status_code == 200
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        r = client.post("/recommend", json={"user_id": "frank"})
+        assert r.status_code == 503
+        assert "Timeout" in r.json()["detail"]
+        assert time.monotonic() - start < 3.0  # 0.5 s timeout, one retry
+        assert client.post("/recommend", json={"history": ["books-0001"]}).status_code == 200
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    r = client.post("/recommend", json={"user_id": "frank"})
+    assert r.status_code == 200
+    assert r.json()["known_history_length"] == 1

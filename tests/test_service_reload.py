@@ -1,0 +1,212 @@
+"""Hot reload: swaps under load without a failed request, rejects corrupt bundles."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from remi_core.bundle import current_version, resolve_current, set_current
+from service.app import create_app
+from service.recommender import load_model, recommend_batch
+from service.settings import Settings
+from tests.helpers import dead_redis_url, write_tiny_bundle
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+HISTORY = ["books-0001", "books-0017", "books-0099", "books-0150"]
+
+
+def make_client(root: Path, **overrides: object) -> TestClient:
+    values: dict[str, object] = {
+        "bundle_root": root,
+        "redis_url": dead_redis_url(),
+        "admin_token": TOKEN,
+        "reload_interval_s": 0,
+    }
+    settings = Settings(**{**values, **overrides})
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture
+def client(tiny_bundle_root: Path) -> Iterator[TestClient]:
+    with make_client(tiny_bundle_root) as client:
+        yield client
+
+
+def expected_items(version_dir: Path, n: int = 10) -> list[dict]:
+    [result] = recommend_batch(load_model(version_dir), [HISTORY], n=n)
+    return [{"item_id": i.item_id, "score": i.score, "interest": i.interest} for i in result.items]
+
+
+def test_hot_reload_under_concurrent_requests(client: TestClient, tiny_bundle_root: Path) -> None:
+    old_dir = resolve_current(tiny_bundle_root)
+    old_version = client.get("/v1/model").json()["version"]
+    new_dir = write_tiny_bundle(tiny_bundle_root, seed=1, publish=False)
+    # Each version has its own answer; a response mixing models would match neither.
+    expected = {old_version: expected_items(old_dir), new_dir.name: expected_items(new_dir)}
+    assert expected[old_version] != expected[new_dir.name]
+
+    stop = threading.Event()
+    failures: list[str] = []
+    seen: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def hammer(worker: int) -> None:
+        while not stop.is_set():
+            try:
+                if worker % 2:
+                    r = client.post("/recommend", json={"history": HISTORY, "n": 10})
+                    bodies = [r.json()] if r.status_code == 200 else []
+                else:
+                    r = client.post(
+                        "/recommend/batch",
+                        json={"requests": [{"history": HISTORY, "n": 10}] * 3},
+                    )
+                    bodies = r.json()["results"] if r.status_code == 200 else []
+                if r.status_code != 200:
+                    raise AssertionError(f"{r.status_code}: {r.text}")
+                for body in bodies:
+                    if body["items"] != expected[body["model_version"]]:
+                        raise AssertionError(f"inconsistent answer from {body['model_version']}")
+                with lock:
+                    seen.update(b["model_version"] for b in bodies)
+            except Exception as exc:  # collected, so one failure does not hide the others
+                with lock:
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        set_current(tiny_bundle_root, new_dir.name)
+        r = client.post("/admin/reload", headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "reloaded": True,
+            "version": new_dir.name,
+            "previous": old_version,
+            "current_target": new_dir.name,
+        }
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert seen[old_version] > 0 and seen[new_dir.name] > 0
+    assert client.get("/v1/model").json()["version"] == new_dir.name
+    metrics = client.get("/metrics").text
+    assert f'remi_model_info{{version="{new_dir.name}"}} 1.0' in metrics
+    assert old_version not in metrics
+    assert 'remi_model_reloads_total{result="success"} 1.0' in metrics
+    # Nothing changed since: a second reload is a no-op.
+    assert client.post("/admin/reload", headers=AUTH).json()["reloaded"] is False
+
+
+def test_corrupt_bundle_is_rejected_and_old_model_keeps_serving(
+    client: TestClient, tiny_bundle_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old_version = current_version(tiny_bundle_root)
+    before = client.post("/recommend", json={"history": HISTORY}).json()
+
+    bad = write_tiny_bundle(tiny_bundle_root, seed=2, publish=False)
+    index = bad / "index.faiss"
+    index.write_bytes(index.read_bytes()[:-64])  # truncated copy, as from a failed transfer
+    set_current(tiny_bundle_root, bad.name)
+
+    r = client.post("/admin/reload", headers=AUTH)
+    assert r.status_code == 409
+    detail = r.json()["detail"]
+    assert f"bundle {bad.name} rejected, still serving {old_version}" in detail
+    assert "checksum mismatch" in detail and "index" in detail
+    assert any("rejected" in rec.getMessage() for rec in caplog.records)
+
+    assert client.post("/recommend", json={"history": HISTORY}).json() == before
+    ready = client.get("/readyz").json()
+    assert ready["ready"] is True and ready["model_version"] == old_version
+    assert ready["reload"]["ok"] is False
+    assert ready["reload"]["rejected_target"] == bad.name
+    assert "checksum mismatch" in ready["reload"]["error"]
+    metrics = client.get("/metrics").text
+    assert "remi_model_reload_failing 1.0" in metrics
+    assert 'remi_model_reloads_total{result="failure"} 1.0' in metrics
+
+    # Publishing a good bundle afterwards clears the error.
+    good = write_tiny_bundle(tiny_bundle_root, seed=3)
+    assert client.post("/admin/reload", headers=AUTH).json()["version"] == good.name
+    ready = client.get("/readyz").json()
+    assert ready["model_version"] == good.name
+    assert ready["reload"]["ok"] is True and ready["reload"]["error"] is None
+
+
+def test_inconsistent_bundle_is_rejected(client: TestClient, tiny_bundle_root: Path) -> None:
+    # Checksums match (written by write_bundle) but the manifest lies about the architecture.
+    old_version = current_version(tiny_bundle_root)
+    bad = write_tiny_bundle(tiny_bundle_root, seed=4, publish=False)
+    manifest = bad / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"num_interests": 4', '"num_interests": 5'))
+    set_current(tiny_bundle_root, bad.name)
+    r = client.post("/admin/reload", headers=AUTH, params={})
+    assert r.status_code == 409
+    assert "attn_out" in r.json()["detail"] or "size mismatch" in r.json()["detail"]
+    assert client.get("/v1/model").json()["version"] == old_version
+
+
+def test_periodic_check_picks_up_a_new_bundle(tiny_bundle_root: Path) -> None:
+    with make_client(tiny_bundle_root, reload_interval_s=0.05) as client:
+        old = client.get("/v1/model").json()["version"]
+        new = write_tiny_bundle(tiny_bundle_root, seed=5).name
+        deadline = time.monotonic() + 10
+        while client.get("/v1/model").json()["version"] == old:
+            assert time.monotonic() < deadline, "the new bundle was never picked up"
+            time.sleep(0.05)
+        assert client.get("/v1/model").json()["version"] == new
+        body = client.post("/recommend", json={"history": HISTORY}).json()
+        assert body["model_version"] == new
+
+        # A corrupt bundle is tried once, logged, and then left alone until it changes.
+        bad = write_tiny_bundle(tiny_bundle_root, seed=6, publish=False)
+        (bad / "popularity.json").write_text("[1, 2, 3]")
+        set_current(tiny_bundle_root, bad.name)
+        deadline = time.monotonic() + 10
+        while client.get("/readyz").json()["reload"]["ok"]:
+            assert time.monotonic() < deadline, "the corrupt bundle was never noticed"
+            time.sleep(0.05)
+        time.sleep(0.3)  # several more polls
+        assert 'remi_model_reloads_total{result="failure"} 1.0' in client.get("/metrics").text
+        assert client.get("/v1/model").json()["version"] == new
+
+
+def test_admin_needs_the_token(client: TestClient, tiny_bundle_root: Path) -> None:
+    assert client.post("/admin/reload").status_code == 401
+    wrong = client.post("/admin/reload", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert "admin token" in wrong.json()["detail"]
+    basic = client.post("/admin/reload", headers={"Authorization": f"Basic {TOKEN}"})
+    assert basic.status_code == 401
+    with make_client(tiny_bundle_root, admin_token=None) as no_admin:
+        r = no_admin.post("/admin/reload", headers=AUTH)
+        assert r.status_code == 403
+        assert "REMI_ADMIN_TOKEN" in r.json()["detail"]
+
+
+def test_malformed_manifest_is_rejected(client: TestClient, tiny_bundle_root: Path) -> None:
+    # The manifest itself has no checksum: a broken model section must still be a clean reject.
+    old_version = current_version(tiny_bundle_root)
+    bad = write_tiny_bundle(tiny_bundle_root, seed=7, publish=False)
+    manifest = bad / "manifest.json"
+    manifest.write_text(
+        manifest.read_text().replace('"num_items": 201,\n    "model_type"', '"model_type"', 1)
+    )
+    set_current(tiny_bundle_root, bad.name)
+    r = client.post("/admin/reload", headers=AUTH)
+    assert r.status_code == 409, r.text
+    assert "TypeError" in r.json()["detail"] and "num_items" in r.json()["detail"]
+    assert client.get("/v1/model").json()["version"] == old_version
