@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from remi_core.atomic import fsync_dir, write_json_atomic
 from remi_core.index import ROW_OFFSET, apply_search_params, build_index
 from remi_core.models import EncoderConfig, MultiInterestEncoder, build_encoder
 
@@ -87,7 +88,7 @@ def sha256_of(path: Path) -> str:
 
 def new_version_name(now: dt.datetime | None = None) -> str:
     """Sortable, unique version names: v<UTC time>-<random suffix>."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     return f"v{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
@@ -136,7 +137,7 @@ def write_bundle(
         manifest = {
             "format_version": FORMAT_VERSION,
             "version": version,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "model": encoder.cfg.to_dict(),
             "num_items": encoder.cfg.num_items,
             "index": {
@@ -151,12 +152,12 @@ def write_bundle(
                 for role, name in FILES.items()
             },
         }
-        _write_json_atomic(tmp / MANIFEST, manifest)
+        write_json_atomic(tmp / MANIFEST, manifest)
         # Readable by a serving process running as another user (safetensors writes 0600).
         for file in tmp.iterdir():
             file.chmod(0o644)
         tmp.chmod(0o755)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -175,7 +176,7 @@ def set_current(root: Path, version: str) -> None:
     link = root / f".{CURRENT}.{uuid.uuid4().hex[:8]}"
     os.symlink(version, link)  # relative, so the root can be mounted anywhere
     os.replace(link, root / CURRENT)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def current_version(root: Path) -> str | None:
@@ -325,20 +326,3 @@ def _item_ids_problem(item_ids: list) -> str | None:
     if len(set(real)) != len(real):
         return "item ids must be unique"
     return None
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

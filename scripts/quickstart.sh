@@ -36,7 +36,7 @@ echo "== POST /recommend =="
 python - "$PORT" <<'PY'
 import json, sys, httpx
 request = {"history": ["books-0003", "books-0010", "games-0050", "books-0001", "games-0049"],
-           "n": 5}
+           "n": 10}
 print("request: ", json.dumps(request))
 response = httpx.post(f"http://127.0.0.1:{sys.argv[1]}/recommend", json=request, timeout=10)
 print("response:", json.dumps(response.json(), indent=2))

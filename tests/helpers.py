@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,3 +90,17 @@ def assert_brute_force(
     outside[returned] = False
     if outside.any() and returned:
         assert best[outside].max() <= min(scores) + 1e-6
+
+
+def same_response(a: Any, b: Any) -> bool:
+    """Deep equality that allows float noise: encoding a user inside a batch and alone may pick
+    different matmul kernels, which round differently in the last bits."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_response(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same_response(x, y) for x, y in zip(a, b, strict=True))
+    if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+        return same_response(dataclasses.asdict(a), dataclasses.asdict(b))
+    return a == b

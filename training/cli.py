@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import tomllib
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import tomllib
 import typer
 import yaml
 
@@ -370,8 +371,13 @@ def _nightly_config(
 
 def _run_job(job: Any, cfg: Any) -> dict[str, Any]:
     """Run a nightly/bootstrap job, turning its expected failures into clear CLI errors."""
+    from redis.exceptions import RedisError
+
     from training.nightly import LockHeld, NightlyError
 
+    # SIGTERM (docker stop, a Kubernetes deadline) unwinds like Ctrl-C: the run writes its
+    # failure report and releases the lock instead of leaving it until the TTL expires.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return job(cfg)
     except LockHeld as exc:
@@ -379,8 +385,10 @@ def _run_job(job: Any, cfg: Any) -> dict[str, Any]:
         raise typer.Exit(code=LOCK_HELD_EXIT) from None
     except (NightlyError, DataError, BundleError) as exc:
         raise _fail(str(exc)) from None
-    except ConnectionError as exc:  # redis-py's ConnectionError subclasses the builtin one
-        raise _fail(f"cannot reach Redis at {cfg.redis_url}: {exc}") from None
+    except RedisError as exc:
+        raise _fail(f"Redis at {cfg.redis_url} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()

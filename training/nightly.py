@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from remi_core.atomic import fsync_dir, write_json_atomic
 from remi_core.bundle import (
     BundleError,
     current_version,
@@ -310,7 +311,7 @@ def save_events(state_dir: Path, frame: pd.DataFrame) -> Path | None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return path
 
 
@@ -446,7 +447,7 @@ def _redis_client(url: str) -> Any:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def run_nightly(cfg: NightlyConfig) -> dict[str, Any]:
@@ -480,10 +481,14 @@ def _run(cfg: NightlyConfig, bootstrap: bool) -> dict[str, Any]:
     client = _redis_client(cfg.redis_url) if cfg.redis_url else None
     lock = RedisLock(client, cfg.lock_key, cfg.lock_ttl_s) if client is not None else None
     if lock is not None:
-        lock.acquire()  # LockHeld goes to the caller: refused runs write no report
+        try:
+            lock.acquire()  # LockHeld goes to the caller: refused runs write no report
+        except BaseException:
+            client.close()
+            raise
     report: dict[str, Any] = {
         "kind": "bootstrap" if bootstrap else "nightly",
-        "run_id": f"{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
+        "run_id": f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
         "started_at": _now(),
         "status": "running",
         "bundle_root": str(cfg.bundle_root),
@@ -685,6 +690,8 @@ def _commit_position(
     """Advance the saved position to end_id (the very last step), then trim the stream."""
     if client is None or end_id is None:
         return
+    if _parse_id(end_id) <= _parse_id(report["events"]["position_before"]):
+        return  # nothing new was read: never move the position backwards
     with timer.stage("commit"):
         if lock is not None:
             lock.check()
@@ -722,18 +729,8 @@ def write_report(state_dir: Path, report: dict[str, Any]) -> Path:
     directory = Path(state_dir) / "reports"
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{report['run_id']}.json"
-    tmp = directory / f".{path.name}.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, path)
+    write_json_atomic(path, report)
     return path
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def with_overrides(cfg: NightlyConfig, **values: Any) -> NightlyConfig:

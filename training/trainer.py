@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from remi_core.atomic import write_json_atomic
 from remi_core.models import EncoderConfig, MultiInterestEncoder, build_encoder, select_interest
 from training.data import SequenceDataset
 from training.evaluate import (
@@ -244,7 +245,9 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             dataset.save(run_dir / "dataset")
-            _write_json(run_dir / "config.json", {"train": asdict(cfg), "data": dataset.summary()})
+            write_json_atomic(
+                run_dir / "config.json", {"train": asdict(cfg), "data": dataset.summary()}
+            )
 
     torch.manual_seed(cfg.seed)  # identical initial replicas on every rank
     model = build_encoder(cfg.encoder_config(dataset.num_items)).to(device)
@@ -303,7 +306,7 @@ def train(
                     if ddp.is_main:
                         save_file(_cpu_state(model), str(run_dir / "best.safetensors"))
                         best = {"iteration": state["iteration"], "valid": valid}
-                        _write_json(run_dir / "best.json", best)
+                        write_json_atomic(run_dir / "best.json", best)
                 else:
                     state["stale"] += 1
                 if ddp.is_main:
@@ -346,7 +349,7 @@ def train(
         "replica_checksums": checksums,
     }
     if ddp.is_main:
-        _write_json(run_dir / "result.json", summary)
+        write_json_atomic(run_dir / "result.json", summary)
     return TrainResult(
         run_dir, state["best_iteration"], valid, test, pop_test, state["iteration"], seconds
     )
@@ -408,9 +411,3 @@ def _load_last(path, model, optimizer, generator, rank: int) -> dict:
     else:
         generator.manual_seed(int(checkpoint["state"]["iteration"]) * 7919 + rank)
     return checkpoint["state"]
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)

@@ -1,0 +1,420 @@
+"""Static checks of docker-compose.yml and docker/: no Docker engine needed.
+
+The file must parse, and everything it references must exist: build contexts, Dockerfiles and
+what they COPY (past .dockerignore), console scripts and their subcommands and flags, settings
+named by environment variables, volumes, configs, and the crontab the scheduler renders.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shlex
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE = REPO / "docker-compose.yml"
+GPU_OVERRIDE = REPO / "docker-compose.gpu.yml"
+ENTRYPOINT = REPO / "docker" / "scheduler-entrypoint.sh"
+# Executables that come from the images rather than from this package.
+KNOWN_BINARIES = {"redis-server", "redis-cli", "cron", "python", "sh"}
+CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+
+
+# --- helpers shared with test_compose_native ------------------------------------------------------
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_]\w*)")
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Compose's variable interpolation: $$, ${VAR}, ${VAR:-default}, ${VAR-default}, $VAR."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(4)
+        op, default = match.group(2), match.group(3) or ""
+        if op in (":-", ":?"):
+            if env.get(name):
+                return env[name]
+            if op == ":?":
+                raise ValueError(f"required variable {name} is unset")
+            return default
+        if op in ("-", "?"):
+            if name in env:
+                return env[name]
+            if op == "?":
+                raise ValueError(f"required variable {name} is unset")
+            return default
+        return env.get(name, "")
+
+    return _VAR.sub(substitute, value)
+
+
+def load_compose(path: Path = COMPOSE, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The compose file as compose would see it with `env` (default: no variables set)."""
+    return interpolate(yaml.safe_load(path.read_text()), env or {})
+
+
+def command_list(command: Any) -> list[str]:
+    return shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
+
+
+def render_crontab(env: dict[str, str]) -> str:
+    """What the scheduler's entrypoint writes to /etc/cron.d (its --print mode)."""
+    result = subprocess.run(
+        ["sh", str(ENTRYPOINT), "--print"],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout
+
+
+def parse_crontab(text: str) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """(environment lines, [(schedule, user, command)]) of a /etc/cron.d file."""
+    env, jobs = {}, []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if re.match(r"^[A-Za-z_][A-Za-z0-9_]*\s*=", line):
+            name, _, value = line.partition("=")
+            env[name.strip()] = value.strip()
+            continue
+        if line.startswith("@"):
+            schedule, user, command = line.split(None, 2)
+        else:
+            parts = line.split(None, 6)
+            assert len(parts) == 7, f"cron line needs 5 fields, a user and a command: {line!r}"
+            schedule, user, command = " ".join(parts[:5]), parts[5], parts[6]
+        jobs.append((schedule, user, command))
+    return env, jobs
+
+
+# --- parsing Dockerfiles and .dockerignore --------------------------------------------------------
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    lines, current = [], ""
+    for raw in path.read_text().splitlines():
+        stripped = raw.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        current += stripped
+        lines.append(current)
+        current = ""
+    out = []
+    for line in lines:
+        instruction, _, args = line.partition(" ")
+        out.append((instruction.upper(), args.strip()))
+    return out
+
+
+def copy_sources(args: str) -> list[str] | None:
+    """Sources of a COPY/ADD from the build context; None for COPY --from (another stage)."""
+    tokens = json.loads(args) if args.startswith("[") else shlex.split(args)
+    flags = [t for t in tokens if t.startswith("--")]
+    if any(f.startswith("--from") for f in flags):
+        return None
+    paths = [t for t in tokens if not t.startswith("--")]
+    return paths[:-1]
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path (or a parent directory) wins."""
+    parts = Path(path).parts
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pat = pattern[1:] if negate else pattern
+        if any(fnmatch.fnmatch(c, pat) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def ignore_patterns(context: Path) -> list[str]:
+    file = context / ".dockerignore"
+    if not file.is_file():
+        return []
+    lines = [line.strip() for line in file.read_text().splitlines()]
+    return [line.rstrip("/") for line in lines if line and not line.startswith("#")]
+
+
+# --- the CLIs -------------------------------------------------------------------------------------
+
+
+def console_scripts() -> dict[str, str]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def click_app(script: str) -> Any:
+    module, _, attr = console_scripts()[script].partition(":")
+    assert attr == "main"
+    mod = __import__(module, fromlist=["app"])
+    return typer.main.get_command(mod.app)
+
+
+def check_cli_invocation(argv: list[str]) -> None:
+    """argv[0] is a console script: its subcommand must exist and every --flag must be known."""
+    script = argv[0]
+    assert script in console_scripts(), f"{script} is not a console script of this package"
+    command = click_app(script)
+    args = argv[1:]
+    if hasattr(command, "commands"):  # a group (typer may ship its own click classes)
+        assert args, f"{script} needs a subcommand"
+        sub, args = args[0], args[1:]
+        assert sub in command.commands, f"{script} has no subcommand {sub!r}"
+        module = __import__(console_scripts()[script].split(":")[0], fromlist=["app"])
+        help_run = CliRunner().invoke(module.app, [sub, "--help"])
+        assert help_run.exit_code == 0, help_run.output
+        command = command.commands[sub]
+    known = {opt for p in command.params for opt in (*p.opts, *p.secondary_opts)}
+    for token in args:
+        if token.startswith("--"):
+            flag = token.split("=", 1)[0]
+            assert flag in known, f"`{' '.join(argv)}`: {script} does not accept {flag}"
+
+
+def declared_envvars() -> set[str]:
+    """Environment variables read by any remi-train option, and the service's settings."""
+    names = set()
+    group = click_app("remi-train")
+    for command in group.commands.values():
+        for param in command.params:
+            envvar = getattr(param, "envvar", None)
+            if envvar:
+                names.update([envvar] if isinstance(envvar, str) else envvar)
+    return names
+
+
+def service_settings_envvars() -> set[str]:
+    from service.settings import Settings
+
+    return {f"REMI_{name.upper()}" for name in Settings.model_fields}
+
+
+# --- tests ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return load_compose()
+
+
+def test_compose_parses_with_the_expected_services(compose) -> None:
+    assert set(compose["services"]) == {"redis", "bootstrap", "api", "scheduler"}
+    assert compose["services"]["redis"]["image"].startswith("redis:7")
+    assert compose["services"]["api"]["ports"] == ["8000:8000"]
+    # Interpolated defaults look right.
+    assert "configs/demo.yaml" in compose["services"]["bootstrap"]["command"]
+
+
+def test_builds_reference_existing_dockerfiles_and_sources(compose) -> None:
+    built = 0
+    for name, service in compose["services"].items():
+        if "build" not in service:
+            continue
+        built += 1
+        context = (REPO / service["build"]["context"]).resolve()
+        dockerfile = context / service["build"].get("dockerfile", "Dockerfile")
+        assert context.is_dir(), f"{name}: build context {context} missing"
+        assert dockerfile.is_file(), f"{name}: {dockerfile} missing"
+        patterns = ignore_patterns(context)
+        instructions = dockerfile_instructions(dockerfile)
+        for instruction, args in instructions:
+            if instruction not in ("COPY", "ADD"):
+                continue
+            for source in copy_sources(args) or []:
+                assert (context / source).exists(), f"{dockerfile.name}: COPY {source} missing"
+                assert not dockerignored(source, patterns), (
+                    f"{dockerfile.name}: COPY {source} is excluded by .dockerignore"
+                )
+    assert built == 3
+
+
+@pytest.mark.parametrize("dockerfile", ["api.Dockerfile", "trainer.Dockerfile"])
+def test_images_run_as_non_root_with_a_healthcheck(dockerfile: str) -> None:
+    instructions = dockerfile_instructions(REPO / "docker" / dockerfile)
+    final_stage = instructions[max(i for i, (ins, _) in enumerate(instructions) if ins == "FROM") :]
+    users = [args for ins, args in final_stage if ins == "USER"]
+    assert users and users[-1] not in ("root", "0"), f"{dockerfile}: final stage runs as root"
+    assert any(ins == "HEALTHCHECK" for ins, _ in final_stage), f"{dockerfile}: no HEALTHCHECK"
+    # Extras installed from the package must exist in pyproject.
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    for _, args in instructions:
+        for group in re.findall(r"\[([a-z,]+)\]", args):
+            for extra in group.split(","):
+                assert extra in extras, f"{dockerfile}: unknown extra {extra!r}"
+
+
+def test_trainer_image_pins_cuda_torch_and_faiss_gpu() -> None:
+    text = (REPO / "docker" / "trainer.Dockerfile").read_text()
+    assert re.search(r"ARG BASE_IMAGE=nvidia/cuda:12\.\S+", text)
+    assert re.search(r"ARG TORCH_INDEX_URL=\S+/cu12\d", text)
+    assert re.search(r"ARG FAISS_PACKAGE=faiss-gpu-cu12==\S+", text)
+    api = (REPO / "docker" / "api.Dockerfile").read_text()
+    assert "python:3.11-slim" in api and "whl/cpu" in api and "faiss-cpu==" in api
+
+
+def test_commands_are_existing_scripts_subcommands_and_flags(compose) -> None:
+    for name, service in compose["services"].items():
+        if "command" not in service:
+            continue
+        argv = command_list(service["command"])
+        if argv[0] in console_scripts():
+            check_cli_invocation(argv)
+        else:
+            assert argv[0] in KNOWN_BINARIES, f"{name}: unknown executable {argv[0]!r}"
+        if "entrypoint" in service:
+            [entry] = command_list(service["entrypoint"])
+            assert entry.startswith("/app/"), f"{name}: entrypoint outside the image's /app"
+            assert (REPO / entry.removeprefix("/app/")).is_file()
+            assert os.access(REPO / entry.removeprefix("/app/"), os.X_OK)
+
+
+def test_healthchecks_use_available_commands(compose) -> None:
+    services = compose["services"]
+    for name in ("redis", "api", "scheduler"):
+        test = services[name]["healthcheck"]["test"]
+        assert test[0] in ("CMD", "CMD-SHELL"), name
+        if test[0] == "CMD":
+            assert test[1] in KNOWN_BINARIES, f"{name}: healthcheck runs unknown {test[1]!r}"
+    api_check = services["api"]["healthcheck"]["test"]
+    assert "/healthz" in api_check[-1]
+    compile(api_check[-1], "<healthcheck>", "exec")  # the python -c code is valid Python
+    assert services["scheduler"]["healthcheck"]["test"][1] == 'kill -0 "$(cat /var/run/crond.pid)"'
+
+
+def test_environment_names_are_settings_the_programs_read(compose) -> None:
+    services = compose["services"]
+    serve_vars = service_settings_envvars()
+    for key in services["api"]["environment"]:
+        assert key in serve_vars, f"api: {key} is not a field of service.settings.Settings"
+    train_vars = declared_envvars()
+    entry_vars = set(re.findall(r"REMI_[A-Z0-9_]+", ENTRYPOINT.read_text()))
+    crontab_vars = set(re.findall(r"REMI_[A-Z0-9_]+", (REPO / "docker" / "crontab").read_text()))
+    for name in ("bootstrap", "scheduler"):
+        for key in services[name]["environment"]:
+            assert key in train_vars | entry_vars | crontab_vars, (
+                f"{name}: nothing reads {key} (not an envvar of a remi-train option, nor used by "
+                "the scheduler entrypoint or crontab)"
+            )
+
+
+def test_volumes_and_dependencies_are_declared(compose) -> None:
+    declared = set(compose.get("volumes", {}))
+    used = set()
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith((".", "/")):
+                assert (REPO / source).exists(), f"{name}: bind mount {source} missing"
+            else:
+                assert source in declared, f"{name}: volume {source!r} not declared"
+                used.add(source)
+        for dependency, spec in service.get("depends_on", {}).items():
+            assert dependency in compose["services"], f"{name}: depends on unknown {dependency}"
+            assert spec["condition"] in CONDITIONS
+    assert used == declared
+    services = compose["services"]
+    assert services["api"]["depends_on"]["bootstrap"]["condition"] == (
+        "service_completed_successfully"
+    )
+    assert services["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["bootstrap"]["restart"] == "no"
+    assert "redis-data:/data" in services["redis"]["volumes"]
+    assert "--appendonly" in services["redis"]["command"]
+    assert "bundles:/bundles:ro" in services["api"]["volumes"]
+
+
+def test_referenced_configs_exist_and_are_valid(compose) -> None:
+    from training.cli import _nightly_config
+
+    for variant in ({}, {"REMI_TRAIN_CONFIG": "configs/nightly-test.yaml"}):
+        services = load_compose(env=variant)["services"]
+        argv = command_list(services["bootstrap"]["command"])
+        config = argv[argv.index("--config") + 1]
+        assert services["scheduler"]["environment"]["REMI_TRAIN_CONFIG"] == config
+        assert (REPO / config).is_file(), f"{config} missing"
+        cfg = _nightly_config(REPO / config, Path("/bundles"), Path("/state"), None)
+        assert cfg.train.max_iters > 0
+
+
+def test_scheduler_crontab_renders_a_valid_job(compose) -> None:
+    env = {k: str(v) for k, v in compose["services"]["scheduler"]["environment"].items()}
+    cron_env, jobs = parse_crontab(render_crontab(env))
+    [(schedule, user, command)] = jobs
+    assert schedule == "30 2 * * *" and user == "remi"
+    assert cron_env["REMI_REDIS_URL"] == "redis://redis:6379/0"
+    assert "REMI_NIGHTLY_SCHEDULE" not in cron_env
+    assert cron_env["PATH"].startswith("/opt/venv/bin:")
+    assert "%" not in command  # cron would turn it into a newline
+    tokens = shlex.split(command)
+    start = tokens.index("remi-train")
+    end = tokens.index(">>") if ">>" in tokens else len(tokens)
+    check_cli_invocation(tokens[start:end])
+    assert tokens[start + 1] == "nightly"
+    # A custom schedule is honoured; a malformed one is refused.
+    _, [(custom, _, _)] = parse_crontab(
+        render_crontab({**env, "REMI_NIGHTLY_SCHEDULE": "0 * * * *"})
+    )
+    assert custom == "0 * * * *"
+    bad = subprocess.run(
+        ["sh", str(ENTRYPOINT), "--print"],
+        env={"PATH": os.environ["PATH"], "REMI_NIGHTLY_SCHEDULE": "0 2 *"},
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "5 cron fields" in bad.stderr
+
+
+def test_entrypoint_is_valid_shell() -> None:
+    subprocess.run(["sh", "-n", str(ENTRYPOINT)], check=True)
+    # The venv path used by the crontab is the one the trainer image creates.
+    assert "python3 -m venv /opt/venv" in (REPO / "docker" / "trainer.Dockerfile").read_text()
+
+
+def test_gpu_is_opt_in_through_the_override_file(compose) -> None:
+    override = load_compose(GPU_OVERRIDE)
+    assert set(override["services"]) <= set(compose["services"])
+    for name, service in override["services"].items():
+        [device] = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+        assert compose["services"][name]["build"]["dockerfile"] == "docker/trainer.Dockerfile"
+    for service in compose["services"].values():  # the base file asks for no GPU
+        assert "deploy" not in service
+
+
+def test_dockerignore_keeps_the_image_inputs() -> None:
+    patterns = ignore_patterns(REPO)
+    for kept in ("pyproject.toml", "remi_core/bundle.py", "configs/demo.yaml", "docker/crontab"):
+        assert not dockerignored(kept, patterns), kept
+    for dropped in (".git", "tests/test_nightly.py", "remi_core/__pycache__/x.pyc", "runs/a"):
+        assert dockerignored(dropped, patterns), dropped

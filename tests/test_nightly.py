@@ -1,0 +1,447 @@
+"""Nightly retraining: event consumption, the publish decision, the lock, crashes and retention.
+
+The fast tests cover the pieces; the integration tests run the whole job on the tiny synthetic
+config (configs/nightly-test.yaml, a few seconds per training run) against a real redis-server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from remi_core.bundle import current_version, list_versions, read_manifest, set_current
+from remi_core.events import EVENTS_STREAM
+from tests.conftest import write_tiny_bundle
+from training.cli import LOCK_HELD_EXIT, app
+from training.data import DataConfig
+from training.nightly import (
+    LockHeld,
+    LockLost,
+    NightlyConfig,
+    RedisLock,
+    decide,
+    events_frame,
+    load_events,
+    run_bootstrap,
+    run_nightly,
+    save_events,
+)
+from training.trainer import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_CONFIG = REPO / "configs" / "nightly-test.yaml"
+NEW_ITEM = "brand-new-item-1"
+
+
+def config_from_file(path: Path, **overrides) -> NightlyConfig:
+    raw = yaml.safe_load(path.read_text())
+    nightly = dict(raw.get("nightly", {}))
+    nightly.update(overrides)
+    return NightlyConfig(
+        data=DataConfig(**raw.get("data", {})),
+        train=TrainConfig(**raw.get("train", {})),
+        **nightly,
+    )
+
+
+def new_item_events(users: int = 8, start: float | None = None) -> list[dict]:
+    """Events that introduce NEW_ITEM: 2 clicks on it by each of `users` new users, so it passes
+    the min_count (5) rule with room to spare, as do the users (6 events each)."""
+    start = start or time.time()
+    pattern = ["books-0001", "books-0002", NEW_ITEM, "books-0003", NEW_ITEM, "books-0004"]
+    return [
+        {"user_id": f"event-user-{u}", "item_id": item, "timestamp": start + u * 10 + k}
+        for u in range(users)
+        for k, item in enumerate(pattern)
+    ]
+
+
+def xadd_events(client, events: list[dict]) -> None:
+    for e in events:
+        client.xadd(
+            EVENTS_STREAM,
+            {"user_id": e["user_id"], "item_id": e["item_id"], "timestamp": str(e["timestamp"])},
+        )
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    # The test config sets torch_threads=1 (fast on shared cores); don't leak it to other tests.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- fast: pieces ---------------------------------------------------------------------------------
+
+
+def test_decide_publishes_first_bundle_and_within_tolerance() -> None:
+    ok, why = decide({"recall@50": 0.3}, None, "recall@50", 0.01)
+    assert ok and "first" in why
+    assert decide({"recall@50": 0.295}, {"recall@50": 0.3}, "recall@50", 0.01)[0]
+    assert decide({"recall@50": 0.35}, {"recall@50": 0.3}, "recall@50", 0.0)[0]
+    ok, why = decide({"recall@50": 0.2}, {"recall@50": 0.3}, "recall@50", 0.01)
+    assert not ok and "worse" in why and "0.3000" in why
+
+
+def test_config_validation() -> None:
+    from training.nightly import NightlyError
+
+    with pytest.raises(NightlyError, match="retention"):
+        NightlyConfig(retention=0)
+    with pytest.raises(NightlyError, match="split"):
+        NightlyConfig(split="random")
+
+
+def test_events_saved_atomically_and_deduplicated(tmp_path: Path) -> None:
+    entries = [
+        ("100-0", {"user_id": "u1", "item_id": "a", "timestamp": "1"}),
+        ("100-1", {"user_id": "u1", "item_id": "b", "timestamp": "2.5"}),
+        ("101-0", {"user_id": "u2"}),  # malformed: no item, no timestamp
+        ("102-0", {"user_id": "u2", "item_id": "a", "timestamp": "nan"}),  # malformed
+        ("103-0", {"user_id": "u1", "item_id": "a", "timestamp": "1"}),  # client retry duplicate
+    ]
+    frame, bad = events_frame(entries)
+    assert bad == 2 and len(frame) == 3
+    first = save_events(tmp_path, frame)
+    # A crash after saving: the next run re-reads the same range into the same file name.
+    again = save_events(tmp_path, frame)
+    assert first == again and first.name == "events-100-0--103-0.csv"
+    later, _ = events_frame([("200-0", {"user_id": "u3", "item_id": "c", "timestamp": "9"})])
+    save_events(tmp_path, later)
+    events, dropped = load_events(tmp_path)
+    assert list(events["stream_id"]) == ["100-0", "100-1", "200-0"]
+    assert dropped == 1  # the retry duplicate
+    assert events["time"].tolist() == [1.0, 2.5, 9.0]
+    assert not list((tmp_path / "events").glob(".*tmp"))
+
+
+def test_lock_refuses_second_holder_and_releases_only_its_own(redis_server) -> None:
+    client = redis_server.client()
+    first = RedisLock(client, "remi:nightly:lock", ttl_s=5)
+    first.acquire()
+    second = RedisLock(client, "remi:nightly:lock", ttl_s=5)
+    with pytest.raises(LockHeld, match="refusing to overlap"):
+        second.acquire()
+    second.release()  # not the holder: must not delete the lock
+    assert client.get("remi:nightly:lock") == first.token
+    first.check()
+    first.release()
+    assert client.get("remi:nightly:lock") is None
+
+
+def test_lock_heartbeat_extends_and_expiry_frees_a_dead_holder(redis_server) -> None:
+    client = redis_server.client()
+    lock = RedisLock(client, "k", ttl_s=0.6)
+    lock.acquire()
+    time.sleep(1.5)  # > 2 TTLs: only the heartbeat keeps it
+    lock.check()
+    # Simulate the holder dying: stop the heartbeat without releasing.
+    lock._stop.set()
+    lock._thread.join()
+    time.sleep(0.8)
+    assert client.get("k") is None
+    with pytest.raises(LockLost):
+        lock.check()
+    successor = RedisLock(client, "k", ttl_s=5)
+    successor.acquire()  # a new run gets it
+    successor.release()
+
+
+# --- integration: the whole job -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def bootstrapped_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle root bootstrapped once per session with the test config (copy before use)."""
+    threads = torch.get_num_threads()
+    try:
+        base = tmp_path_factory.mktemp("nightly-template")
+        cfg = config_from_file(
+            TEST_CONFIG, bundle_root=base / "bundles", state_dir=base / "state", redis_url=None
+        )
+        report = run_bootstrap(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert report["decision"] == "published", report
+    assert run_bootstrap(cfg)["decision"] == "exists"  # idempotent
+    return base / "bundles"
+
+
+@pytest.fixture
+def nightly_env(tmp_path: Path, bootstrapped_root: Path, redis_server):
+    """(config, redis client) over a fresh copy of the bootstrapped bundle root."""
+    root = tmp_path / "bundles"
+    shutil.copytree(bootstrapped_root, root, symlinks=True)
+    cfg = config_from_file(
+        TEST_CONFIG, bundle_root=root, state_dir=tmp_path / "state", redis_url=redis_server.url
+    )
+    return cfg, redis_server.client()
+
+
+@pytest.mark.integration
+def test_events_posted_to_the_api_become_recommendable_after_nightly(nightly_env) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    cfg, client = nightly_env
+    settings = Settings(bundle_root=cfg.bundle_root, redis_url=cfg.redis_url, reload_interval_s=0.2)
+    first = current_version(cfg.bundle_root)
+    with TestClient(create_app(settings)) as api:
+        before = api.post("/recommend", json={"history": [NEW_ITEM, "books-0001"]}).json()
+        assert before["unknown_ids"] == [NEW_ITEM]
+        response = api.post("/events", json={"events": new_item_events()})
+        assert response.status_code == 200, response.text
+        stream_end = client.xrevrange(EVENTS_STREAM, count=1)[0][0]
+
+        report = run_nightly(cfg)
+
+        assert report["status"] == "ok"
+        assert report["decision"] == "published", report["reason"]
+        assert report["events"]["read"] == 48 and report["events"]["accumulated"] == 48
+        assert report["data"]["new_items"] == {"count": 1, "sample": [NEW_ITEM]}
+        assert report["metrics"]["current"] is not None  # the old bundle was evaluated too
+        assert set(report["durations_s"]) >= {"events", "data", "train", "publish", "total"}
+        assert json.loads(Path(report["report_path"]).read_text())["decision"] == "published"
+        # Consumed: position advanced to the end captured at the start, stream trimmed.
+        assert client.get(cfg.position_key) == stream_end
+        assert client.xlen(EVENTS_STREAM) == 0
+        assert client.get(cfg.lock_key) is None
+        new_version = report["published_version"]
+        assert current_version(cfg.bundle_root) == new_version != first
+
+        deadline = time.monotonic() + 20
+        while api.get("/v1/model").json()["version"] != new_version:
+            assert time.monotonic() < deadline, "the service did not hot-reload the new bundle"
+            time.sleep(0.1)
+        after = api.post("/recommend", json={"history": [NEW_ITEM, "books-0001"], "n": 1000}).json()
+        assert after["model_version"] == new_version and after["unknown_ids"] == []
+        stored = api.post(
+            "/recommend", json={"user_id": "event-user-0", "n": 1000, "exclude_history": False}
+        ).json()
+        assert NEW_ITEM in [item["item_id"] for item in stored["items"]]
+
+    # Idempotent: nothing new since the published bundle -> no training, nothing published.
+    again = run_nightly(cfg)
+    assert again["decision"] == "skipped" and "train" not in again["durations_s"]
+    assert current_version(cfg.bundle_root) == new_version
+    # Later nights keep the accumulated events even though the stream was trimmed.
+    assert again["events"]["accumulated"] == 48
+
+
+@pytest.mark.integration
+def test_worse_model_is_not_published_and_retention_keeps_current(nightly_env) -> None:
+    cfg, client = nightly_env
+    good = current_version(cfg.bundle_root)
+    # Two newer versions, then `current` stays on the older good one (as after a rollback).
+    for seed in (1, 2):
+        write_tiny_bundle(cfg.bundle_root, seed=seed, publish=False)
+        time.sleep(1.1)  # version names sort by the second
+    assert len(list_versions(cfg.bundle_root)) == 3 and current_version(cfg.bundle_root) == good
+    xadd_events(client, new_item_events(users=2))
+    crippled = replace(cfg, train=replace(cfg.train, lr=0.0), retention=1)
+
+    report = run_nightly(crippled)
+
+    assert report["decision"] == "rejected"
+    assert "worse" in report["reason"] and "keeping the current bundle" in report["reason"]
+    comparison = report["metrics"]["comparison"]
+    assert comparison["new"] < comparison["current"] - cfg.tolerance
+    assert current_version(cfg.bundle_root) == good
+    # retention=1 keeps the newest version and, although older, the current one.
+    remaining = list_versions(cfg.bundle_root)
+    assert good in remaining and len(remaining) == 2 and len(report["pruned"]) == 1
+    # The events still count: consumed and kept for the next night.
+    assert report["events"]["accumulated"] == 12
+    assert client.get(cfg.position_key) == report["events"]["stream_end"]
+
+
+@pytest.mark.integration
+def test_killed_run_changes_nothing_and_next_run_completes(nightly_env, tmp_path: Path) -> None:
+    cfg, client = nightly_env
+    xadd_events(client, new_item_events())
+    stream_before = client.xrange(EVENTS_STREAM)
+    published = current_version(cfg.bundle_root)
+    # A run that would train for a long time, so it is surely killed mid-training.
+    raw = yaml.safe_load(TEST_CONFIG.read_text())
+    raw["train"].update(max_iters=1_000_000, patience=1_000_000)
+    slow_config = tmp_path / "slow.yaml"
+    slow_config.write_text(yaml.safe_dump(raw))
+    command = [
+        sys.executable, "-m", "training.cli", "nightly",
+        "--config", str(slow_config),
+        "--bundle-root", str(cfg.bundle_root),
+        "--state-dir", str(cfg.state_dir),
+        "--redis-url", cfg.redis_url,
+        "--lock-ttl", "2",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMI_")}
+    victim = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((cfg.state_dir / "runs").glob("*/metrics.jsonl")):
+            assert victim.poll() is None, victim.stderr.read()
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.05)
+
+        # While it trains, an overlapping run is refused with a clear message and exit code.
+        overlap = CliRunner().invoke(
+            app,
+            [
+                "nightly",
+                "--config",
+                str(TEST_CONFIG),
+                "--bundle-root",
+                str(cfg.bundle_root),
+                "--state-dir",
+                str(tmp_path / "other-state"),
+                "--redis-url",
+                cfg.redis_url,
+            ],  # fmt: skip
+        )
+        assert overlap.exit_code == LOCK_HELD_EXIT, overlap.output
+        assert "another nightly run holds the lock" in overlap.output
+        assert not (tmp_path / "other-state").exists()
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        victim.stderr.close()
+
+    assert current_version(cfg.bundle_root) == published
+    assert client.get(cfg.position_key) is None
+    assert client.xrange(EVENTS_STREAM) == stream_before
+    assert len(list(cfg.state_dir.glob("events/events-*.csv"))) == 1  # saved before training
+
+    # The dead run's lock expires by itself (TTL 2 s); the next run then completes.
+    deadline = time.monotonic() + 10
+    while client.get(cfg.lock_key) is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    report = run_nightly(cfg)
+    assert report["status"] == "ok" and report["decision"] in ("published", "rejected")
+    assert report["events"]["read"] == 48
+    assert report["events"]["accumulated"] == 48  # the re-read range deduplicated
+    assert client.get(cfg.position_key) == stream_before[-1][0]
+    assert client.xlen(EVENTS_STREAM) == 0
+    # The killed run's directory is cleaned up by the run-directory retention in time.
+    assert len(list((cfg.state_dir / "runs").iterdir())) <= cfg.keep_runs
+
+
+@pytest.mark.integration
+def test_terminated_run_reports_and_releases_the_lock(nightly_env, tmp_path: Path) -> None:
+    cfg, client = nightly_env
+    xadd_events(client, new_item_events(users=1))
+    raw = yaml.safe_load(TEST_CONFIG.read_text())
+    raw["train"].update(max_iters=1_000_000, patience=1_000_000)
+    slow_config = tmp_path / "slow.yaml"
+    slow_config.write_text(yaml.safe_dump(raw))
+    command = [
+        sys.executable, "-m", "training.cli", "nightly", "--config", str(slow_config),
+        "--bundle-root", str(cfg.bundle_root), "--state-dir", str(cfg.state_dir),
+        "--redis-url", cfg.redis_url,
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMI_")}
+    run = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list((cfg.state_dir / "runs").glob("*/metrics.jsonl")):
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)  # docker stop / a Kubernetes deadline
+    assert run.wait(30) == 128 + signal.SIGTERM
+    assert client.get(cfg.lock_key) is None  # released at once, not after the TTL
+    assert client.get(cfg.position_key) is None
+    [report] = [json.loads(f.read_text()) for f in (cfg.state_dir / "reports").glob("*.json")]
+    assert report["status"] == "failed" and "SystemExit" in report["error"]
+
+
+def test_overlapping_run_is_refused_by_the_cli(redis_server, tmp_path: Path) -> None:
+    client = redis_server.client()
+    holder = RedisLock(client, "remi:nightly:lock", ttl_s=30)
+    holder.acquire()
+    try:
+        result = CliRunner().invoke(
+            app,
+            [
+                "nightly",
+                "--config",
+                str(TEST_CONFIG),
+                "--bundle-root",
+                str(tmp_path / "b"),
+                "--state-dir",
+                str(tmp_path / "s"),
+                "--redis-url",
+                redis_server.url,
+            ],  # fmt: skip
+        )
+    finally:
+        holder.release()
+    assert result.exit_code == LOCK_HELD_EXIT
+    assert "another nightly run holds the lock" in result.output
+    assert holder.token.split(":")[0] in result.output  # names the holder
+    assert not (tmp_path / "b").exists()
+
+
+# --- versions and rollback ------------------------------------------------------------------------
+
+
+def test_versions_and_rollback_commands(tmp_path: Path) -> None:
+    root = tmp_path / "bundles"
+    old = write_tiny_bundle(root, seed=0).name
+    time.sleep(1.1)
+    new = write_tiny_bundle(root, seed=1).name
+    runner = CliRunner()
+    listed = runner.invoke(app, ["versions", "--bundle-root", str(root)])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert lines[0].startswith(f"  {old}") and lines[1].startswith(f"* {new}")
+
+    rolled = runner.invoke(app, ["rollback", old, "--bundle-root", str(root)])
+    assert rolled.exit_code == 0, rolled.output
+    assert json.loads(rolled.output) == {"bundle_root": str(root), "previous": new, "current": old}
+    assert current_version(root) == old
+    data = json.loads(runner.invoke(app, ["versions", "--bundle-root", str(root), "--json"]).output)
+    assert [v["current"] for v in data["versions"]] == [True, False]
+
+    missing = runner.invoke(app, ["rollback", "v-nope", "--bundle-root", str(root)])
+    assert missing.exit_code == 2 and "no bundle version" in missing.output
+    assert current_version(root) == old
+
+
+def test_bootstrap_does_nothing_when_a_bundle_exists(tmp_path: Path) -> None:
+    root = tmp_path / "bundles"
+    version = write_tiny_bundle(root).name
+    result = CliRunner().invoke(
+        app, ["bootstrap", "--config", str(TEST_CONFIG), "--bundle-root", str(root)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["decision"] == "exists"
+    assert current_version(root) == version
+    set_current(root, version)
+    assert read_manifest(root / version)["version"] == version
+
+
+def test_events_frame_matches_service_format() -> None:
+    # The service writes whole-second timestamps as "1700000000" and others via repr(float).
+    frame, bad = events_frame(
+        [
+            ("1-0", {"user_id": "u", "item_id": "i", "timestamp": "1700000000"}),
+            ("1-1", {"user_id": "u", "item_id": "j", "timestamp": "1700000000.25"}),
+        ]
+    )
+    assert bad == 0
+    assert isinstance(frame, pd.DataFrame) and frame["time"].tolist() == [1.7e9, 1.70000000025e9]
