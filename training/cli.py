@@ -6,6 +6,7 @@ Settings can come from a config file (`--config`, JSON, YAML or TOML with option
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import signal
@@ -558,6 +559,12 @@ def report(
     device: DeviceOpt = None,
     amp: Annotated[bool, typer.Option(help="bfloat16 autocast (GPU).")] = False,
     machine: Annotated[str, typer.Option(help="Machine description for the report.")] = "",
+    only: Annotated[
+        str | None, typer.Option(help="Run only rows whose label matches this glob.")
+    ] = None,
+    train_missing: Annotated[
+        bool, typer.Option(help="Train missing runs (--no-train-missing: report finished ones).")
+    ] = True,
     dry_run: Annotated[bool, typer.Option(help="List the experiments and stop.")] = False,
 ) -> None:
     """Regenerate the results report (tables, CSV, figures) on the real datasets."""
@@ -572,6 +579,8 @@ def report(
         experiments = plan(datasets.split(","), suites.split(","), base)
     except ValueError as exc:
         raise _fail(str(exc)) from None
+    if only:
+        experiments = [e for e in experiments if fnmatch.fnmatch(e.label, only)]
     unique = {(e.dataset, e.key) for e in experiments}
     typer.echo(f"{len(experiments)} report rows, {len(unique)} distinct runs", err=True)
     if dry_run:
@@ -579,9 +588,11 @@ def report(
             typer.echo(f"{e.dataset}\t{e.label}\t{e.key}")
         return
     try:
-        rows = run_all(experiments, data_root, runs)
+        rows = run_all(experiments, data_root, runs, train_missing=train_missing)
     except (ValueError, DataError) as exc:
         raise _fail(str(exc)) from None
+    if not rows:
+        raise _fail("no finished runs to report")
     path = write_report(rows, out, machine or _machine())
     typer.echo(f"report: {path}")
 

@@ -139,19 +139,29 @@ def load_real_dataset(data_root: Path, name: str) -> SequenceDataset:
 
 
 def run_all(
-    experiments: list[Experiment], data_root: Path, runs: Path, progress: bool = False
+    experiments: list[Experiment],
+    data_root: Path,
+    runs: Path,
+    progress: bool = False,
+    train_missing: bool = True,
 ) -> list[dict]:
-    """Run (or reuse) every experiment; returns one result row per experiment."""
+    """Run (or reuse, or resume) every experiment; returns a result row per finished one.
+
+    With train_missing=False nothing is trained: rows come from finished runs only.
+    """
     datasets: dict[str, SequenceDataset] = {}
     rows = []
     for i, exp in enumerate(experiments, 1):
         run_dir = Path(runs) / exp.dataset / exp.key
         result_file = run_dir / "result.json"
         if not result_file.is_file():
+            if not train_missing:
+                continue
             if exp.dataset not in datasets:
                 datasets[exp.dataset] = load_real_dataset(data_root, exp.dataset)
             log.info("[%d/%d] %s %s -> %s", i, len(experiments), exp.dataset, exp.label, run_dir)
-            train(datasets[exp.dataset], exp.cfg, run_dir, progress=progress)
+            resume = (run_dir / "last.pt").is_file()  # an interrupted run continues
+            train(datasets[exp.dataset], exp.cfg, run_dir, resume=resume, progress=progress)
         result = json.loads(result_file.read_text())
         rows.append(
             {
