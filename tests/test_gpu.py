@@ -1,0 +1,56 @@
+"""GPU paths: run only where CUDA (and, for the index, a GPU build of faiss) is present."""
+
+import numpy as np
+import pytest
+import torch
+
+from remi_core.index import build_index, gpu_available, to_best_device
+from remi_core.retrieval import dense_merged_topk, faiss_merged_topk
+from training.data import DataConfig, load_dataset
+from training.trainer import TrainConfig, train
+
+pytestmark = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@needs_cuda
+def test_training_on_cuda_with_mixed_precision_beats_most_popular(tmp_path):
+    dataset = load_dataset(DataConfig(synthetic_users=600, synthetic_seed=11))
+    cfg = TrainConfig(
+        dim=16,
+        num_interests=3,
+        seq_len=10,
+        batch_size=64,
+        max_iters=1200,
+        eval_every=300,
+        patience=4,
+        device="cuda",
+        amp=True,
+    )
+    result = train(dataset, cfg, tmp_path / "run", progress=False)
+    assert result.test["recall@50"] > 1.5 * result.popularity_test["recall@50"]
+
+
+@needs_cuda
+def test_dense_merge_on_cuda_matches_cpu():
+    gen = torch.Generator().manual_seed(3)
+    interests = torch.randn(8, 4, 16, generator=gen)
+    items = torch.randn(300, 16, generator=gen)
+    cpu_scores, cpu_rows = dense_merged_topk(interests, items, 20)
+    gpu_scores, gpu_rows = dense_merged_topk(interests.cuda(), items.cuda(), 20)
+    torch.testing.assert_close(gpu_scores.cpu(), cpu_scores, rtol=1e-4, atol=1e-4)
+    assert (gpu_rows.cpu() == cpu_rows).float().mean() > 0.99
+
+
+@pytest.mark.skipif(not gpu_available(), reason="faiss without GPU support, or no GPU")
+def test_gpu_index_gives_the_cpu_results():
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((500, 16)).astype(np.float32)
+    interests = rng.standard_normal((4, 4, 16)).astype(np.float32)
+    index = build_index(items)
+    gpu_index, where = to_best_device(build_index(items))
+    assert where == "gpu"
+    cpu = faiss_merged_topk(index, interests, items, 30)
+    gpu = faiss_merged_topk(gpu_index, interests, items, 30)
+    for a, b in zip(cpu, gpu, strict=True):
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-4)
