@@ -1,13 +1,15 @@
 """The results report, built end to end on a tiny stand-in for the real datasets."""
 
 import gzip
+import json
 import os
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 
 from training.data import DataConfig, load_dataset, synthetic_interactions
-from training.experiments import DATASETS, plan, run_all, write_report
+from training.experiments import DATASETS, find_run, plan, run_all, write_report
 from training.trainer import TrainConfig
 
 SHARED = Path(os.environ.get("REMI_DATA_ROOT", Path(__file__).parents[1] / "../shared/data"))
@@ -58,3 +60,14 @@ def test_beauty_loads_with_the_published_sizes():
     ds = load_dataset(DataConfig(source=str(SHARED / DATASETS["beauty"])))
     assert (len(ds.user_ids), ds.num_items - 1, ds.num_interactions) == (22363, 12101, 198502)
     assert (len(ds.train), len(ds.valid), len(ds.test)) == (17890, 2236, 2237)
+
+
+def test_finished_runs_are_found_by_their_settings(tmp_path):
+    run = tmp_path / "beauty" / "any-name"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": asdict(TINY)}))
+    assert find_run(tmp_path / "beauty", TINY) == run
+    assert find_run(tmp_path / "beauty", replace(TINY, beta=0.5)) is None
+    older = {k: v for k, v in asdict(TINY).items() if k != "weight_decay"}
+    (run / "config.json").write_text(json.dumps({"train": older}))
+    assert find_run(tmp_path / "beauty", TINY) is None, "a setting it lacks is not assumed"

@@ -78,6 +78,10 @@ NegOpt = Annotated[
 ]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Batch size (default 128).")]
 LrOpt = Annotated[float | None, typer.Option("--lr", help="Adam learning rate (default 1e-3).")]
+WdOpt = Annotated[
+    float | None,
+    typer.Option("--weight-decay", help="Decoupled (AdamW) weight decay (0.1; 0 = plain Adam)."),
+]
 ItersOpt = Annotated[int | None, typer.Option("--max-iters", help="Maximum training steps.")]
 EvalEveryOpt = Annotated[
     int | None, typer.Option("--eval-every", help="Validate every N steps (default 200).")
@@ -197,6 +201,7 @@ def train_cmd(
     negatives: NegOpt = None,
     batch_size: BatchOpt = None,
     lr: LrOpt = None,
+    weight_decay: WdOpt = None,
     max_iters: ItersOpt = None,
     eval_every: EvalEveryOpt = None,
     patience: PatienceOpt = None,
@@ -226,8 +231,8 @@ def train_cmd(
         cfg = _settings(
             TrainConfig, settings, "train", model_type=model, dim=dim, num_interests=interests,
             seq_len=seq_len, beta=beta, rr_lambda=rr_lambda, num_negatives=negatives,
-            batch_size=batch_size, lr=lr, max_iters=max_iters, eval_every=eval_every,
-            patience=patience, seed=seed, device=device,
+            batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_iters=max_iters,
+            eval_every=eval_every, patience=patience, seed=seed, device=device,
         )  # fmt: skip
     typer.echo(f"data: {json.dumps(dataset.summary())}", err=True)
     try:
@@ -551,8 +556,8 @@ def report(
         str, typer.Option(help="Comma-separated: beauty, sports.")
     ] = "beauty,sports",
     suites: Annotated[
-        str, typer.Option(help="Comma-separated: table2, table5, sweeps, seeds.")
-    ] = "table2,table5,sweeps,seeds",
+        str, typer.Option(help="Comma-separated: table2, table5, sweeps, seeds, ablation.")
+    ] = "table2,table5,sweeps,seeds,ablation",
     max_iters: ItersOpt = None,
     eval_every: EvalEveryOpt = None,
     patience: PatienceOpt = None,

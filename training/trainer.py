@@ -65,6 +65,9 @@ class TrainConfig:
     """Training examples per step."""
     lr: float = 1e-3
     """Adam learning rate."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (AdamW); 0 is plain Adam, the official code's optimiser. Without it
+    the item table overfits: on Beauty validation Recall@50 peaks early and then falls."""
     max_iters: int = 1_000_000
     """Upper bound on training steps."""
     eval_every: int = 200
@@ -252,7 +255,9 @@ def train(
     torch.manual_seed(cfg.seed)  # identical initial replicas on every rank
     model = build_encoder(cfg.encoder_config(dataset.num_items)).to(device)
     # The fused kernel updates all parameters in one pass: ~15% more steps/s on a CPU.
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
+    )
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed + ddp.rank)
     sampler = BatchSampler(dataset, cfg.seq_len, device)
