@@ -275,7 +275,8 @@ def train(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
 
     metrics_log = (run_dir / "metrics.jsonl").open("a") if ddp.is_main else None
-    start_time = time.perf_counter()
+    # Wall clock of the whole run, earlier sessions of a resumed run included.
+    start_time = time.perf_counter() - state.get("seconds", 0.0)
     running = torch.zeros((), device=device)
     steps_since_eval = 0
     bar = tqdm(
@@ -315,6 +316,7 @@ def train(
                         write_json_atomic(run_dir / "best.json", best)
                 else:
                     state["stale"] += 1
+                state["seconds"] = time.perf_counter() - start_time
                 if ddp.is_main:
                     record = {
                         "iteration": state["iteration"],
