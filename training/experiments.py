@@ -129,6 +129,8 @@ def plan(datasets: Iterable[str], suites: Iterable[str], base: TrainConfig) -> l
             elif suite == "ablation":
                 # Our one change to the official recipe: decoupled weight decay. Without it:
                 for seed in SEEDS:
+                    cfg = replace(base, seed=seed, weight_decay=0.0, **PLAIN)
+                    out.append(Experiment(ds, f"ablation/ComiRec-SA, weight decay 0/{seed}", cfg))
                     cfg = replace(base, seed=seed, weight_decay=0.0, **REMI)
                     out.append(Experiment(ds, f"ablation/REMI, weight decay 0/{seed}", cfg))
                     cfg = replace(base, seed=seed, **REMI)
