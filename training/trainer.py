@@ -274,7 +274,9 @@ def train(
         objective = torch.compile(objective)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
 
-    metrics_log = (run_dir / "metrics.jsonl").open("a") if ddp.is_main else None
+    # A fresh run starts a fresh log; a resumed one continues it.
+    log_mode = "a" if resume else "w"
+    metrics_log = (run_dir / "metrics.jsonl").open(log_mode) if ddp.is_main else None
     # Wall clock of the whole run, earlier sessions of a resumed run included.
     start_time = time.perf_counter() - state.get("seconds", 0.0)
     running = torch.zeros((), device=device)
