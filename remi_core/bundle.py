@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +138,7 @@ def write_bundle(
         manifest = {
             "format_version": FORMAT_VERSION,
             "version": version,
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(),  # microseconds: orders versions
             "model": encoder.cfg.to_dict(),
             "num_items": encoder.cfg.num_items,
             "index": {
@@ -170,8 +171,8 @@ def write_bundle(
 def set_current(root: Path, version: str) -> None:
     """Atomically point `current` at an existing version (publish or roll back)."""
     root = Path(root)
-    target = root / version
-    if not (target / MANIFEST).is_file():
+    version = version.rstrip("/")  # shell completion adds one
+    if version not in list_versions(root):
         raise BundleError(f"no bundle version {version!r} in {root}")
     link = root / f".{CURRENT}.{uuid.uuid4().hex[:8]}"
     os.symlink(version, link)  # relative, so the root can be mounted anywhere
@@ -181,7 +182,7 @@ def set_current(root: Path, version: str) -> None:
 
 def current_version(root: Path) -> str | None:
     link = Path(root) / CURRENT
-    return os.readlink(link) if link.is_symlink() else None
+    return Path(os.readlink(link)).name if link.is_symlink() else None
 
 
 def resolve_current(root: Path) -> Path:
@@ -227,6 +228,14 @@ def prune(root: Path, keep: int) -> list[str]:
     removed = [v for v in versions if v not in survivors]
     for version in removed:
         shutil.rmtree(Path(root) / version)
+    # Half-built versions and link swaps of writers that died; never a live writer's (fresh).
+    stale = time.time() - 3600
+    for leftover in Path(root).glob(".*"):
+        if leftover.lstat().st_mtime < stale:
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
     return removed
 
 

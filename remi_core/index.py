@@ -25,9 +25,12 @@ def build_index(item_embeddings: np.ndarray, factory: str = "Flat") -> faiss.Ind
         index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise ValueError(f"invalid Faiss index factory string {factory!r}: {exc}") from None
-    if not index.is_trained:
-        index.train(vectors)
-    index.add(vectors)
+    try:
+        if not index.is_trained:
+            index.train(vectors)
+        index.add(vectors)
+    except RuntimeError as exc:  # e.g. fewer training points than IVF lists
+        raise ValueError(f"cannot build Faiss index {factory!r}: {exc}") from None
     return index
 
 

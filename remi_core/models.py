@@ -74,6 +74,11 @@ class MultiInterestEncoder(nn.Module):
         self.cfg = cfg
         self.item_embedding = nn.Embedding(cfg.num_items, cfg.dim, padding_idx=0)
 
+    def reset_parameters(self) -> None:
+        # Kaiming-normal on every weight (the item table included), as the official code does.
+        for weight in self.parameters():
+            nn.init.kaiming_normal_(weight)
+
     @property
     def num_interests(self) -> int:
         """K of the interests (B, K, d) that forward returns, which may differ from the config."""
@@ -104,11 +109,6 @@ class ComiRecSA(MultiInterestEncoder):
         self.attn_hidden = nn.Linear(d, 4 * d, bias=False)
         self.attn_out = nn.Linear(4 * d, cfg.num_interests, bias=False)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # Kaiming-normal on every weight, as the official REMI code does.
-        for weight in self.parameters():
-            nn.init.kaiming_normal_(weight)
 
     def routing(self, items: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return masked item representations H (B, L, d) and routing A (B, K, L)."""
@@ -213,11 +213,6 @@ class ComiRecDR(_CapsuleEncoder):
         )
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        # Kaiming-normal on every weight (the item table included), as the official code does.
-        for weight in self.parameters():
-            nn.init.kaiming_normal_(weight)
-
     def predictions(self, h: torch.Tensor) -> torch.Tensor:
         batch, length, d = h.shape
         u_hat = torch.einsum("lod,bld->blo", self.bilinear[0, :length], h)  # (B, L, K*d)
@@ -257,11 +252,6 @@ class MIND(_CapsuleEncoder):
         self.register_buffer("eval_routing_init", torch.randn(1, cfg.num_interests, cfg.seq_len))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        # Kaiming-normal on every weight (the item table included), as the official code does.
-        for weight in self.parameters():
-            nn.init.kaiming_normal_(weight)
-
     def predictions(self, h: torch.Tensor) -> torch.Tensor:
         # One map for all interests: broadcasting over K replaces the official K-fold repeat.
         return self.bilinear(h).unsqueeze(1)  # (B, 1, L, d)
@@ -295,11 +285,6 @@ class YouTubeDNN(MultiInterestEncoder):
     @property
     def num_interests(self) -> int:
         return 1
-
-    def reset_parameters(self) -> None:
-        # Kaiming-normal on every weight (the item table included), as the official code does.
-        for weight in self.parameters():
-            nn.init.kaiming_normal_(weight)
 
     def forward(
         self, items: torch.Tensor, mask: torch.Tensor

@@ -16,6 +16,7 @@ import typer
 from pydantic import ValidationError
 
 app = typer.Typer(add_completion=False, help=__doc__)
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 def _log_config(level: str) -> dict:
@@ -59,6 +60,9 @@ def serve(
     ] = True,
 ) -> None:
     """Serve recommendations over HTTP."""
+    if log_level.lower() not in LOG_LEVELS:
+        typer.secho(f"error: --log-level must be one of {', '.join(LOG_LEVELS)}", err=True)
+        raise typer.Exit(code=2)
     if bundle_root is not None:
         os.environ["REMI_BUNDLE_ROOT"] = str(bundle_root)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")

@@ -15,6 +15,7 @@ from training.data import (
     build_dataset,
     load_dataset,
     official_split,
+    read_interactions,
     synthetic_interactions,
 )
 
@@ -147,3 +148,13 @@ def test_synthetic_data_is_seeded_readable_and_multi_interest():
     assert a["item"].str.fullmatch(r"[a-z]+-\d{4}").all()
     categories = a.assign(cat=a["item"].str.split("-").str[0]).groupby("user")["cat"].nunique()
     assert (categories >= 2).mean() > 0.9
+
+
+def test_dates_become_unix_seconds_like_streamed_events(tmp_path):
+    dates = pd.to_datetime(["2026-01-01 00:00:00", "2026-01-01 00:00:10"])
+    df = pd.DataFrame({"user_id": ["a", "a"], "item_id": ["x", "y"], "timestamp": dates})
+    df.to_parquet(tmp_path / "log.parquet")
+    df.assign(timestamp=dates.strftime("%Y-%m-%dT%H:%M:%S")).to_csv(tmp_path / "log.csv")
+    for name in ("log.parquet", "log.csv"):
+        frame = read_interactions(DataConfig(source=str(tmp_path / name)))
+        assert frame["time"].tolist() == [1767225600.0, 1767225610.0]

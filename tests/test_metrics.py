@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.evaluate import EvalSet, evaluate_popularity
+from training.evaluate import EvalSet, evaluate_popularity, ranked_metrics
 from training.metrics import ranking_metrics
 
 
@@ -54,3 +54,10 @@ def test_popularity_baseline_uses_the_same_metric_code():
     assert m["ndcg@20"] == pytest.approx(
         (1 / math.log2(3) + (1 / math.log2(8) + 1 / math.log2(9)) / (1 + 1 / math.log2(3))) / 2
     )
+
+
+def test_truth_unknown_to_the_model_counts_but_never_matches():
+    # Truth {3, an item the evaluated bundle lacks (-1)}; the bundle ranks 3 first.
+    m = ranked_metrics(torch.tensor([[3, 5]]), torch.tensor([[3, -1]]))
+    assert m["recall@20"] == pytest.approx(0.5)
+    assert m["ndcg@20"] == pytest.approx(1 / (1 + 1 / math.log2(3)))

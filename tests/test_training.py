@@ -122,6 +122,11 @@ def test_publishing_pruning_and_rollback(trained, tmp_path):
     assert list_versions(root) == ["v1", "v3"]
     with pytest.raises(BundleError, match="no bundle version 'v9'"):
         set_current(root, "v9")
+    for bad in ("current", "../bundles/v1", ".tmp-v1"):
+        with pytest.raises(BundleError, match="no bundle version"):
+            set_current(root, bad)
+    set_current(root, "v3/")  # as shell completion types it
+    assert current_version(root) == "v3" and prune(root, keep=1) == ["v1"]
     assert not [p for p in root.iterdir() if p.name.startswith(".")], "no temporary leftovers"
 
 
@@ -169,6 +174,9 @@ def test_cli_trains_exports_and_evaluates_with_a_config_file(tmp_path):
         (["export", "--run-dir", "nowhere", "--bundle-root", "B"], "--run-dir: nowhere"),
         (["train", "--run-dir", "R", "--device", "cuda:3", "--synthetic-users", "50"], "CUDA"),
         (["evaluate", "R", "--split", "train"], "--split"),
+        (["train", "--run-dir", "R", "--eval-every", "0"], "eval_every must be at least 1"),
+        (["train", "--run-dir", "R", "--beta", "-1"], "beta must not be negative"),
+        (["evaluate", "R", "--dataset-dir", "nowhere"], "R/manifest.json is missing"),
     ],
 )
 def test_cli_errors_name_the_flag_or_file(tmp_path, monkeypatch, args, message):

@@ -138,8 +138,8 @@ def _settings(cls: type[T], config: dict[str, Any], section: str, **flags: Any) 
         raise _fail(f"--config: unknown {section} setting(s) {unknown}; known: {sorted(known)}")
     try:
         return cls(**values)
-    except TypeError as exc:
-        raise _fail(f"--config: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise _fail(f"invalid {section} settings: {exc}") from None
 
 
 def _dataset(dataset_dir: Path | None, config: dict[str, Any], **flags: Any) -> SequenceDataset:
@@ -217,11 +217,14 @@ def train_cmd(
     if resume:
         if not (run_dir / "config.json").is_file():
             raise _fail(f"--resume: {run_dir} holds no run (config.json missing)")
-        stored = json.loads((run_dir / "config.json").read_text())["train"]
-        cfg = TrainConfig.from_dict(stored)
-        if max_iters is not None:  # the one setting a resumed run may change: how far to go
-            cfg = replace(cfg, max_iters=max_iters)
-        dataset = SequenceDataset.load(run_dir / "dataset")
+        try:
+            stored = json.loads((run_dir / "config.json").read_text())["train"]
+            cfg = TrainConfig.from_dict(stored)
+            if max_iters is not None:  # the one setting a resumed run may change: how far to go
+                cfg = replace(cfg, max_iters=max_iters)
+            dataset = SequenceDataset.load(run_dir / "dataset")
+        except (ValueError, KeyError, DataError) as exc:
+            raise _fail(f"--resume: cannot read the run in {run_dir}: {exc}") from None
     else:
         dataset = _dataset(
             dataset_dir, settings, source=data, format=format, user_col=user_col,
@@ -266,26 +269,24 @@ def evaluate(
     """Recall/HitRate/NDCG@20,50 of a run or a bundle, beside the most-popular baseline."""
     if split not in ("valid", "test"):
         raise _fail("--split must be 'valid' or 'test'")
-    if (path / "config.json").is_file():
-        model, dataset, cfg = load_run(path)
-        if dataset_dir is not None:
-            raise _fail("--dataset-dir applies to bundles; a run is evaluated on its own data")
-        users = dataset.valid if split == "valid" else dataset.test
-        eval_set = make_eval_set(dataset, users, cfg.seq_len)
-        metrics = evaluate_model(model, eval_set)
-    else:
-        if dataset_dir is None:
-            raise _fail("--dataset-dir is required to evaluate a bundle")
-        try:
+    try:
+        if (path / "config.json").is_file():
+            if dataset_dir is not None:
+                raise _fail("--dataset-dir applies to bundles; a run is evaluated on its own data")
+            model, dataset, cfg = load_run(path)
+            eval_set = make_eval_set(dataset, dataset.users(split), cfg.seq_len)
+            metrics = evaluate_model(model, eval_set)
+        else:
+            if dataset_dir is None:
+                raise _fail("--dataset-dir is required to evaluate a bundle")
             bundle = load_bundle(path)
-        except BundleError as exc:
-            raise _fail(str(exc)) from None
-        dataset = SequenceDataset.load(dataset_dir)
-        metrics = evaluate_bundle(bundle, dataset, split)
-        users = dataset.valid if split == "valid" else dataset.test
-        eval_set = make_eval_set(dataset, users, bundle.config.seq_len)
+            dataset = SequenceDataset.load(dataset_dir)
+            metrics = evaluate_bundle(bundle, dataset, split)
+            eval_set = make_eval_set(dataset, dataset.users(split), bundle.config.seq_len)
+    except (BundleError, DataError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
     popular = evaluate_popularity(dataset.popularity(), eval_set)
-    _echo_json({"split": split, "users": len(users), "model": metrics, "most_popular": popular})
+    _echo_json({"split": split, "users": len(eval_set), "model": metrics, "most_popular": popular})
 
 
 @app.command()
@@ -305,7 +306,7 @@ def export(
         raise _fail(f"--run-dir: {run_dir} is not a training run (config.json missing)")
     try:
         path = export_run(run_dir, bundle_root, factory, params, publish=publish)
-    except (ValueError, FileNotFoundError, BundleError) as exc:
+    except (ValueError, FileNotFoundError, BundleError, DataError) as exc:
         raise _fail(str(exc)) from None
     _echo_json({"bundle": str(path), "published": publish})
 
@@ -408,7 +409,10 @@ def nightly(
         typer.Option(help="Publish when new >= current - tolerance on the metric (0.01)."),
     ] = None,
     retention: Annotated[
-        int | None, typer.Option(help="Versions to keep besides `current` (default 5).", min=1)
+        int | None,
+        typer.Option(
+            help="Newest versions to keep; `current` is always kept too (default 5).", min=1
+        ),
     ] = None,
     lock_ttl: Annotated[
         float | None,

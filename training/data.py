@@ -76,6 +76,12 @@ class SequenceDataset:
     def num_interactions(self) -> int:
         return int(sum(len(s) for s in self.sequences))
 
+    def users(self, split: str) -> np.ndarray:
+        """User indices of 'train', 'valid' or 'test'."""
+        if split not in ("train", "valid", "test"):
+            raise ValueError(f"split must be 'train', 'valid' or 'test', not {split!r}")
+        return getattr(self, split)
+
     def item_counts(self, users: np.ndarray) -> np.ndarray:
         """(N,) interaction counts per row over the given users' full sequences."""
         counts = np.zeros(self.num_items, dtype=np.int64)
@@ -204,24 +210,35 @@ def _read_table(path: Path, cfg: DataConfig, fmt: str) -> pd.DataFrame:
             f"{path}: missing column(s) {missing}; found {list(frame.columns)} "
             f"(set --user-col/--item-col/--time-col)"
         )
-    out = pd.DataFrame(
+    times = _unix_seconds(frame[cfg.time_col])
+    if times is None:
+        raise DataError(f"{path}: column {cfg.time_col!r} holds unparseable timestamps")
+    return pd.DataFrame(
         {
             "user": frame[cfg.user_col].astype(str),
             "item": frame[cfg.item_col].astype(str),
-            "time": pd.to_numeric(frame[cfg.time_col], errors="coerce")
-            if fmt == "csv"
-            else frame[cfg.time_col],
+            "time": times,
         }
     )
-    if fmt == "csv" and out["time"].isna().any():
-        # Non-numeric timestamps (ISO dates, ...) still sort correctly as datetimes.
+
+
+def _unix_seconds(column: pd.Series) -> pd.Series | None:
+    """Timestamps as float unix seconds, so base data and streamed events sort together.
+
+    Numbers are taken to be unix seconds already; dates and date strings are converted."""
+    if pd.api.types.is_datetime64_any_dtype(column):
+        dates = column
+    else:
+        numbers = pd.to_numeric(column, errors="coerce")
+        if not numbers.isna().any():
+            return numbers.astype(float)
         try:
-            out["time"] = pd.to_datetime(frame[cfg.time_col]).astype("int64")
+            dates = pd.to_datetime(column, utc=True, format="mixed")
         except (ValueError, TypeError):
-            raise DataError(
-                f"{path}: column {cfg.time_col!r} holds unparseable timestamps"
-            ) from None
-    return out
+            return None
+    if dates.dt.tz is None:
+        dates = dates.dt.tz_localize("UTC")
+    return (dates - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)
 
 
 def _read_seq(path: Path, cfg: DataConfig, fmt: str) -> pd.DataFrame:
@@ -327,6 +344,7 @@ def build_dataset(
     where = source or name
     if frame.empty:
         raise DataError(f"{where}: no interactions")
+    frame = frame.assign(time=pd.to_numeric(frame["time"], errors="coerce"))
     if frame["time"].isna().any():
         bad = int(frame["time"].isna().sum())
         raise DataError(f"{where}: {bad} interaction(s) have a missing or non-numeric timestamp")

@@ -68,15 +68,10 @@ def summarise(per_user: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def ranked_metrics(ranked: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
-    # Unknown-to-the-model truth rows are stored as -1: they count in |truth| but never match.
-    present = truth != 0
-    comparable = torch.where(truth > 0, truth, torch.zeros_like(truth))
-    per_user = ranking_metrics(ranked, comparable, CUTOFFS)
-    num_truth = present.sum(dim=1).clamp(min=1).float()
-    num_known = (truth > 0).sum(dim=1).clamp(min=1).float()
-    for n in CUTOFFS:  # rescale recall to the full truth size
-        per_user[f"recall@{n}"] = per_user[f"recall@{n}"] * num_known / num_truth
-    return summarise(per_user)
+    # Truth rows unknown to the model are stored as -1: they count in |truth| but never match.
+    known = torch.where(truth > 0, truth, torch.zeros_like(truth))
+    num_truth = (truth != 0).sum(dim=1)
+    return summarise(ranking_metrics(ranked, known, CUTOFFS, num_truth))
 
 
 @torch.inference_mode()

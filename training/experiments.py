@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from training.data import DataConfig, SequenceDataset, load_dataset
+from training.evaluate import make_eval_set
 from training.trainer import TrainConfig, load_run, train
 
 log = logging.getLogger(__name__)
@@ -356,27 +357,21 @@ def _routing_heatmaps(rows, ds, directory, plt) -> list[Path]:
     """Routing matrices of a few test users without and with RR (the paper's Figure 1b)."""
     import torch
 
-    from remi_core.models import pad_histories
-
     pair = {}
     for r in rows:
-        if r["dataset"] == ds and r["model"] == "comirec-sa" and r["beta"] == REMI["beta"]:
+        if r["dataset"] == ds and r["model"] == "comirec-sa":
             pair.setdefault("with RR" if r["rr_lambda"] else "without RR", r)
     if len(pair) < 2:
         return []
     fig, axes = plt.subplots(2, 3, figsize=(12, 5))
     for row_axes, (name, r) in zip(axes, sorted(pair.items(), reverse=True), strict=True):
         model, dataset, cfg = load_run(Path(r["run"]))
-        users = dataset.test[:3]
-        items, mask = pad_histories(
-            [dataset.sequences[u][: int(len(dataset.sequences[u]) * 0.8)] for u in users],
-            cfg.seq_len,
-        )
+        users = make_eval_set(dataset, dataset.test[:3], cfg.seq_len)
         with torch.inference_mode():
-            _, routing = model(items, mask)
+            _, routing = model(users.items, users.mask)
         for ax, a in zip(row_axes, routing, strict=True):
             ax.imshow(a.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
-            ax.set(title=f"{name}", xlabel="history position", ylabel="interest")
+            ax.set(title=f"{name}: {r['label']}", xlabel="history position", ylabel="interest")
     fig.tight_layout()
     path = directory / f"{ds}-routing.png"
     fig.savefig(path, dpi=90)

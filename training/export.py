@@ -70,6 +70,5 @@ def evaluate_bundle(
     """
     row_of = bundle.row_of()
     row_map = np.array([row_of.get(item, 0) if item else 0 for item in dataset.item_ids], np.int64)
-    users = {"valid": dataset.valid, "test": dataset.test}[split]
-    eval_set = make_eval_set(dataset, users, bundle.config.seq_len, row_map=row_map)
+    eval_set = make_eval_set(dataset, dataset.users(split), bundle.config.seq_len, row_map=row_map)
     return evaluate_model(bundle.encoder, eval_set)

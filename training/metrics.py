@@ -17,15 +17,21 @@ def hit_matrix(ranked: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 
 def ranking_metrics(
-    ranked: torch.Tensor, truth: torch.Tensor, cutoffs: tuple[int, ...] = (20, 50)
+    ranked: torch.Tensor,
+    truth: torch.Tensor,
+    cutoffs: tuple[int, ...] = (20, 50),
+    num_truth: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-user recall, hit rate and NDCG at each cutoff: {"recall@20": (B,), ...}.
 
     ranked (B, N) best first with N >= max(cutoffs) (or the catalogue size if smaller);
-    truth (B, T) unique rows padded with 0.
+    truth (B, T) unique rows padded with 0. num_truth (B,) overrides |truth| when some truth
+    items cannot be listed (a model that does not know them still owes them).
     """
     hits = hit_matrix(ranked, truth).float()  # (B, N)
-    num_truth = (truth > 0).sum(dim=1).clamp(min=1).float()  # (B,)
+    if num_truth is None:
+        num_truth = (truth > 0).sum(dim=1)
+    num_truth = num_truth.clamp(min=1).float()  # (B,)
     discounts = 1.0 / torch.log2(torch.arange(hits.shape[1], device=hits.device) + 2.0)
     ideal = torch.cumsum(discounts, dim=0)  # ideal[m - 1] = IDCG of m hits
     out = {}

@@ -41,7 +41,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ from training.data import (
     build_dataset,
     read_interactions,
 )
+from training.evaluate import CUTOFFS
 from training.export import evaluate_bundle, export_run
 from training.trainer import TrainConfig, train
 
@@ -155,6 +156,11 @@ class NightlyConfig:
             raise NightlyError("lock_ttl_s must be positive")
         if self.tolerance < 0:
             raise NightlyError("tolerance must not be negative")
+        metrics = [f"{m}@{n}" for m in ("recall", "hitrate", "ndcg") for n in CUTOFFS]
+        if self.compare_metric not in metrics:
+            raise NightlyError(
+                f"compare_metric must be one of {metrics}, not {self.compare_metric!r}"
+            )
 
     @classmethod
     def scalar_fields(cls) -> set[str]:
@@ -332,8 +338,8 @@ def load_events(state_dir: Path) -> tuple[pd.DataFrame, int]:
     before = len(frame)
     frame["time"] = frame["time"].astype(float)
     frame = frame.drop_duplicates("stream_id").drop_duplicates(["user", "item", "time"])
-    order = sorted(range(len(frame)), key=lambda i: _parse_id(frame["stream_id"].iloc[i]))
-    frame = frame.iloc[order].reset_index(drop=True)
+    ms_seq = frame["stream_id"].str.split("-", expand=True).astype("int64")
+    frame = frame.iloc[np.lexsort((ms_seq[1], ms_seq[0]))].reset_index(drop=True)
     return frame, before - len(frame)
 
 
@@ -655,6 +661,8 @@ def _run_locked(
                     "comparison": comparison,
                 }
             }
+            if lock is not None:
+                lock.check()
             path = export_run(
                 run_dir,
                 root,
@@ -663,16 +671,26 @@ def _run_locked(
                 publish=False,
                 extra=extra,
             )
-            if lock is not None:
-                lock.check()
-            set_current(root, path.name)
+            try:
+                if lock is not None:
+                    lock.check()
+                set_current(root, path.name)
+            except BaseException:
+                # Never leave an unpublished version behind: it would count toward retention.
+                shutil.rmtree(path, ignore_errors=True)
+                raise
             report.update(decision="published", published_version=path.name)
             log.info("published %s", path.name)
         else:
             report["decision"] = "rejected"
         report["current_version"] = current_version(root)
-        report["pruned"] = prune(root, cfg.retention)
-        _prune_runs(runs, cfg.keep_runs)
+        # Best effort: housekeeping that fails must not block consuming the events below.
+        try:
+            report["pruned"] = prune(root, cfg.retention)
+            _prune_runs(runs, cfg.keep_runs)
+        except OSError as exc:
+            log.warning("pruning failed: %s", exc)
+            report["prune_error"] = str(exc)
     if publish and cfg.reload_url:
         report["reload"] = notify_reload(cfg.reload_url, cfg.admin_token)
 
@@ -731,8 +749,3 @@ def write_report(state_dir: Path, report: dict[str, Any]) -> Path:
     path = directory / f"{report['run_id']}.json"
     write_json_atomic(path, report)
     return path
-
-
-def with_overrides(cfg: NightlyConfig, **values: Any) -> NightlyConfig:
-    """A copy with the given (non-None) settings replaced."""
-    return replace(cfg, **{k: v for k, v in values.items() if v is not None})

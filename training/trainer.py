@@ -25,7 +25,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from remi_core.atomic import write_json_atomic
-from remi_core.models import EncoderConfig, MultiInterestEncoder, build_encoder, select_interest
+from remi_core.models import (
+    MODEL_TYPES,
+    EncoderConfig,
+    MultiInterestEncoder,
+    build_encoder,
+    select_interest,
+)
 from training.data import SequenceDataset
 from training.evaluate import (
     evaluate_model,
@@ -82,6 +88,20 @@ class TrainConfig:
     """bfloat16 autocast for the forward pass (for GPUs; weights and Adam stay float32)."""
     compile: bool = False
     """torch.compile the training step (pays a one-off compile time; for long GPU runs)."""
+
+    def __post_init__(self) -> None:
+        positive = ("dim", "num_interests", "seq_len", "batch_size", "max_iters", "eval_every",
+                    "patience")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("beta", "rr_lambda", "num_negatives", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, not {self.lr}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, not {self.model_type!r}")
 
     def encoder_config(self, num_items: int) -> EncoderConfig:
         return EncoderConfig(
