@@ -12,7 +12,8 @@ quiet_pip() {
 }
 if ! .venv/bin/python -c "import torch, faiss, fastapi, matplotlib, training, service" 2>/dev/null
 then
-    # The CPU build of torch; pinning it keeps pip from pulling a multi-GB CUDA build.
-    quiet_pip "torch==${TORCH_VERSION:-2.13.0}"
+    # torch first and pinned, so the project install below does not pick another release.
+    # TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu selects the CPU-only build.
+    quiet_pip "torch==${TORCH_VERSION:-2.13.0}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
     quiet_pip -e ".[dev]"
 fi

@@ -95,11 +95,9 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("beta", "rr_lambda", "num_negatives", "weight_decay"):
+        for name in ("beta", "rr_lambda", "num_negatives", "lr", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, not {self.lr}")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, not {self.model_type!r}")
 
