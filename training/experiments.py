@@ -366,12 +366,15 @@ def _routing_heatmaps(rows, ds, directory, plt) -> list[Path]:
     fig, axes = plt.subplots(2, 3, figsize=(12, 5))
     for row_axes, (name, r) in zip(axes, sorted(pair.items(), reverse=True), strict=True):
         model, dataset, cfg = load_run(Path(r["run"]))
-        users = make_eval_set(dataset, dataset.test[:3], cfg.seq_len)
+        # The first three test users with a full input window: long histories show routing best.
+        full = [u for u in dataset.test if int(len(dataset.sequences[u]) * 0.8) >= cfg.seq_len]
+        users = make_eval_set(dataset, np.asarray(full[:3]), cfg.seq_len)
         with torch.inference_mode():
             _, routing = model(users.items, users.mask)
         for ax, a in zip(row_axes, routing, strict=True):
             ax.imshow(a.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
-            ax.set(title=f"{name}: {r['label']}", xlabel="history position", ylabel="interest")
+            ax.set_title(f"{name}\n{r['label']}", fontsize=8)
+            ax.set(xlabel="history position", ylabel="interest")
     fig.tight_layout()
     path = directory / f"{ds}-routing.png"
     fig.savefig(path, dpi=90)
