@@ -26,7 +26,14 @@ import torch
 from remi_core.models import build_encoder
 from training.data import DataConfig, load_dataset
 from training.evaluate import evaluate_model, make_eval_set
-from training.trainer import MIN_CUT, BatchSampler, Objective, TrainConfig, resolve_device
+from training.trainer import (
+    MIN_CUT,
+    BatchSampler,
+    Objective,
+    TrainConfig,
+    make_optimizer,
+    resolve_device,
+)
 
 
 class PythonLoopSampler:
@@ -55,28 +62,37 @@ class PythonLoopSampler:
         )
 
 
-def throughput(sampler, dataset, cfg: TrainConfig, device, steps: int) -> float:
-    torch.manual_seed(cfg.seed)
-    model = build_encoder(cfg.encoder_config(dataset.num_items)).to(device)
-    objective = Objective(model, cfg)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+class Trainer:
+    """The training step exactly as the trainer runs it (model, REMI objective, optimiser)."""
 
-    def step():
-        items, mask, target = sampler.sample(cfg.batch_size, generator)
-        negatives = torch.randint(1, dataset.num_items, (cfg.negatives,), device=device)
-        loss = objective(items, mask, target, negatives)
-        optimizer.zero_grad(set_to_none=True)
+    def __init__(self, dataset, cfg: TrainConfig, device) -> None:
+        torch.manual_seed(cfg.seed)
+        self.model = build_encoder(cfg.encoder_config(dataset.num_items)).to(device)
+        self.objective = Objective(self.model, cfg)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.cfg, self.device, self.num_items = cfg, device, dataset.num_items
+
+    def step(self, sampler) -> None:
+        items, mask, target = sampler.sample(self.cfg.batch_size, self.generator)
+        negatives = torch.randint(
+            1, self.num_items, (self.cfg.negatives,), device=self.device, generator=self.generator
+        )
+        loss = self.objective(items, mask, target, negatives)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
 
+
+def throughput(sampler, dataset, cfg: TrainConfig, device, steps: int) -> float:
+    trainer = Trainer(dataset, cfg, device)
     for _ in range(20):  # warm-up
-        step()
+        trainer.step(sampler)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        trainer.step(sampler)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return steps / (time.perf_counter() - start)
@@ -95,28 +111,17 @@ def sampling_rate(sampler, batch_size: int, device, steps: int) -> float:
 
 
 def time_to_quality(dataset, cfg: TrainConfig, device, target: float, budget: float) -> None:
-    torch.manual_seed(cfg.seed)
-    model = build_encoder(cfg.encoder_config(dataset.num_items)).to(device)
-    objective = Objective(model, cfg)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    trainer = Trainer(dataset, cfg, device)
     sampler = BatchSampler(dataset, cfg.seq_len, device)
     valid = make_eval_set(dataset, dataset.valid, cfg.seq_len).to(device)
     test = make_eval_set(dataset, dataset.test, cfg.seq_len).to(device)
     start, it = time.perf_counter(), 0
     while time.perf_counter() - start < budget:
-        items, mask, target_rows = sampler.sample(cfg.batch_size, generator)
-        negatives = torch.randint(
-            1, dataset.num_items, (cfg.negatives,), device=device, generator=generator
-        )
-        loss = objective(items, mask, target_rows, negatives)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        trainer.step(sampler)
         it += 1
         if it % cfg.eval_every == 0:
-            evaluate_model(model, valid)  # the validation a real run pays for, timed too
-            hr50 = evaluate_model(model, test)["hitrate@50"]
+            evaluate_model(trainer.model, valid)  # the validation a real run pays for, timed too
+            hr50 = evaluate_model(trainer.model, test)["hitrate@50"]
             elapsed = time.perf_counter() - start
             print(f"  iter {it:6d}  {elapsed:7.1f} s  test HR@50 {hr50:.4f}")
             if hr50 >= target:

@@ -102,27 +102,20 @@ StoreDep = Annotated[HistoryStore, Depends(get_store)]
 # --- helpers ------------------------------------------------------------------------------------
 
 
+def limit_error(kind: str, loc: tuple[Any, ...], msg: str) -> dict[str, Any]:
+    """A limit from settings, in the shape of pydantic's errors so one handler and one response
+    format cover both."""
+    return {"type": kind, "loc": loc, "msg": msg}
+
+
 def limit_errors(entry: RecommendRequest, settings: Settings, loc: tuple[Any, ...]) -> list[dict]:
-    """Limits that come from settings, in the shape of pydantic's errors so one handler and one
-    response format cover both."""
     errors = []
     if entry.n > settings.max_n:
-        errors.append(
-            {
-                "type": "less_than_equal",
-                "loc": (*loc, "n"),
-                "msg": f"Input should be less than or equal to {settings.max_n}",
-            }
-        )
+        msg = f"Input should be less than or equal to {settings.max_n}"
+        errors.append(limit_error("less_than_equal", (*loc, "n"), msg))
     if entry.history is not None and len(entry.history) > settings.max_history:
-        errors.append(
-            {
-                "type": "too_long",
-                "loc": (*loc, "history"),
-                "msg": f"History should have at most {settings.max_history} items, "
-                f"not {len(entry.history)}",
-            }
-        )
+        msg = f"History should have at most {settings.max_history} items, not {len(entry.history)}"
+        errors.append(limit_error("too_long", (*loc, "history"), msg))
     return errors
 
 
@@ -262,16 +255,8 @@ async def recommend_many(
 ) -> BatchResponse:
     """Many users in one encode and one search; each entry means what POST /recommend means."""
     if len(body.requests) > settings.max_batch:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "too_long",
-                    "loc": ("body", "requests"),
-                    "msg": f"A batch should have at most {settings.max_batch} entries, "
-                    f"not {len(body.requests)}",
-                }
-            ]
-        )
+        msg = f"A batch should have at most {settings.max_batch} entries, not {len(body.requests)}"
+        raise RequestValidationError([limit_error("too_long", ("body", "requests"), msg)])
     errors = [
         error
         for i, entry in enumerate(body.requests)
@@ -290,16 +275,10 @@ async def post_events(
 ) -> EventsResponse:
     """Append interactions to the users' capped histories and to the nightly job's stream."""
     if len(body.events) > settings.max_events:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "too_long",
-                    "loc": ("body", "events"),
-                    "msg": f"Should have at most {settings.max_events} events per request, "
-                    f"not {len(body.events)}",
-                }
-            ]
+        msg = (
+            f"Should have at most {settings.max_events} events per request, not {len(body.events)}"
         )
+        raise RequestValidationError([limit_error("too_long", ("body", "events"), msg)])
     await store.append([Event(e.user_id, e.item_id, e.timestamp) for e in body.events])
     metrics.events.inc(len(body.events))
     return EventsResponse(stored=len(body.events))

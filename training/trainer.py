@@ -194,6 +194,13 @@ def remi_loss(
     return loss, reg
 
 
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # The fused kernel updates all parameters in one pass: ~15% more steps/s on a CPU.
+    return torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
+    )
+
+
 class Objective(nn.Module):
     """The encoder plus REMI's loss as one module, so DistributedDataParallel sees every use of
     the item table (input, target and negatives) inside a single forward."""
@@ -272,10 +279,7 @@ def train(
 
     torch.manual_seed(cfg.seed)  # identical initial replicas on every rank
     model = build_encoder(cfg.encoder_config(dataset.num_items)).to(device)
-    # The fused kernel updates all parameters in one pass: ~15% more steps/s on a CPU.
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
-    )
+    optimizer = make_optimizer(model, cfg)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed + ddp.rank)
     sampler = BatchSampler(dataset, cfg.seq_len, device)
