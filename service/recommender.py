@@ -103,8 +103,8 @@ def load_model(path: Path, device: str = "cpu", verify: bool = True) -> LoadedMo
     except BundleError:
         raise
     except Exception as exc:
-        # load_bundle lets some malformed-manifest errors through (e.g. TypeError for a model
-        # section without num_items); they mean the same thing: this bundle cannot serve.
+        # Whatever else a loader raises (e.g. safetensors on an unparseable weights file when
+        # checksums are off) means the same thing: this bundle cannot serve.
         raise BundleError(f"cannot load bundle {path}: {type(exc).__name__}: {exc}") from exc
     model = model_from_bundle(bundle, device)
     smoke_test(model)
