@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from remi_core.bundle import BundleError, current_version, resolve_current
+from remi_core.bundle import BundleError, resolve_current
 from service.errors import ModelNotLoaded
 from service.metrics import Metrics
 from service.recommender import LoadedModel, load_model
@@ -71,10 +71,10 @@ class ModelRegistry:
             self.last_check_at = time.time()
             previous = self._model.version if self._model else None
             try:
-                target = current_version(self.root)
-                path = resolve_current(self.root)
+                path = resolve_current(self.root)  # read the link once: target and path agree
             except (BundleError, OSError) as exc:
                 return self._failed(previous, None, str(exc))
+            target = path.name
             if target == self._name:
                 return ReloadOutcome(False, previous, previous, target)
             if target == self.failed_target and not force:
