@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from remi_core.atomic import fsync_dir, write_json_atomic
 from remi_core.index import ROW_OFFSET, apply_search_params, build_index
-from remi_core.models import EncoderConfig, MultiInterestEncoder, build_encoder
+from remi_core.models import EncoderConfig, MultiInterestEncoder, build_encoder, cpu_state_dict
 
 FORMAT_VERSION = 1
 CURRENT = "current"
@@ -125,7 +125,7 @@ def write_bundle(
     tmp = root / f".tmp-{version}"
     tmp.mkdir()
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+        state = cpu_state_dict(encoder)
         save_file(state, str(tmp / FILES["encoder"]))
         embeddings = state["item_embedding.weight"].float().numpy()
         np.save(tmp / FILES["item_embeddings"], embeddings, allow_pickle=False)

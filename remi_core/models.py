@@ -359,6 +359,11 @@ def build_encoder(cfg: EncoderConfig) -> MultiInterestEncoder:
     return cls(cfg)
 
 
+def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights as contiguous CPU tensors, as safetensors and checkpoints store them."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
 def select_interest(interests: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Hard read-out: the interest closest to the target item, by inner product.
 

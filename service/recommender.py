@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -60,9 +61,7 @@ class LoadedModel:
         return len(self.item_ids) - ROW_OFFSET
 
     def search(self, interests: np.ndarray, n: int, exclude: Sequence[np.ndarray] | None):
-        if self._search_lock is None:
-            return faiss_merged_topk(self.index, interests, self.item_embeddings, n, exclude)
-        with self._search_lock:
+        with self._search_lock or nullcontext():
             return faiss_merged_topk(self.index, interests, self.item_embeddings, n, exclude)
 
 

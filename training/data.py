@@ -404,10 +404,13 @@ def _fingerprint(item_ids: list, user_ids: list, sequences: list[np.ndarray]) ->
     return digest.hexdigest()
 
 
-def load_dataset(cfg: DataConfig, extra: pd.DataFrame | None = None) -> SequenceDataset:
-    """Read, optionally append extra interactions (e.g. streamed events), and preprocess."""
-    frame = read_interactions(cfg)
-    if extra is not None and len(extra):
-        frame = pd.concat([frame, extra[["user", "item", "time"]]], ignore_index=True)
+def load_dataset(cfg: DataConfig) -> SequenceDataset:
+    """Read the configured source and preprocess it."""
+    return preprocess(cfg, read_interactions(cfg))
+
+
+def preprocess(cfg: DataConfig, frame: pd.DataFrame) -> SequenceDataset:
+    """Preprocess (user, item, time) rows read from cfg's source, plus any rows appended to them
+    (e.g. streamed events), into a dataset named after the source."""
     name = SYNTHETIC if cfg.source == SYNTHETIC else Path(cfg.source).name.split(".")[0]
     return build_dataset(frame, name, cfg.min_count, cfg.split_seed, source=cfg.source)

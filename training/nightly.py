@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from remi_core.atomic import fsync_dir, write_json_atomic
+from remi_core.atomic import atomic_file, write_json_atomic
 from remi_core.bundle import (
     BundleError,
     current_version,
@@ -61,11 +61,10 @@ from remi_core.bundle import (
 )
 from remi_core.events import EVENTS_STREAM
 from training.data import (
-    SYNTHETIC,
     DataConfig,
     DataError,
     SequenceDataset,
-    build_dataset,
+    preprocess,
     read_interactions,
 )
 from training.evaluate import CUTOFFS
@@ -311,13 +310,8 @@ def save_events(state_dir: Path, frame: pd.DataFrame) -> Path | None:
     directory.mkdir(parents=True, exist_ok=True)
     first, last = frame["stream_id"].iloc[0], frame["stream_id"].iloc[-1]
     path = directory / f"events-{first}--{last}.csv"
-    tmp = directory / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    with tmp.open("w", newline="") as f:
-        frame.to_csv(f, index=False, columns=list(EVENT_COLUMNS), quoting=csv.QUOTE_NONNUMERIC)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(directory)
+    with atomic_file(path) as tmp:
+        frame.to_csv(tmp, index=False, columns=list(EVENT_COLUMNS), quoting=csv.QUOTE_NONNUMERIC)
     return path
 
 
@@ -372,16 +366,13 @@ def stable_split(dataset: SequenceDataset, seed: int) -> None:
 def build_nightly_dataset(
     cfg: NightlyConfig, events: pd.DataFrame | None
 ) -> tuple[SequenceDataset, int]:
-    """Tonight's dataset (base + events, as `load_dataset(..., extra=events)` builds it) and the
-    number of base interactions read (for the report)."""
+    """Tonight's dataset (base + events) and the number of base interactions read (for the
+    report)."""
     frame = read_interactions(cfg.data)
     base_count = len(frame)
     if events is not None and len(events):
         frame = pd.concat([frame, events[["user", "item", "time"]]], ignore_index=True)
-    name = SYNTHETIC if cfg.data.source == SYNTHETIC else Path(cfg.data.source).name.split(".")[0]
-    dataset = build_dataset(
-        frame, name, cfg.data.min_count, cfg.data.split_seed, source=cfg.data.source
-    )
+    dataset = preprocess(cfg.data, frame)
     if cfg.split == "stable":
         stable_split(dataset, cfg.data.split_seed)
     dataset.extra["split"] = cfg.split

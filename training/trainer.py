@@ -24,12 +24,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from remi_core.atomic import write_json_atomic
+from remi_core.atomic import atomic_file, write_json_atomic
 from remi_core.models import (
     MODEL_TYPES,
     EncoderConfig,
     MultiInterestEncoder,
     build_encoder,
+    cpu_state_dict,
     select_interest,
 )
 from training.data import SequenceDataset
@@ -335,7 +336,8 @@ def train(
                     state.update(best=valid[SELECT_METRIC], best_iteration=state["iteration"])
                     state["stale"] = 0
                     if ddp.is_main:
-                        save_file(_cpu_state(model), str(run_dir / "best.safetensors"))
+                        with atomic_file(run_dir / "best.safetensors") as tmp:
+                            save_file(cpu_state_dict(model), str(tmp))
                         best = {"iteration": state["iteration"], "valid": valid}
                         write_json_atomic(run_dir / "best.json", best)
                 else:
@@ -416,22 +418,15 @@ def load_run(
     return model.eval(), dataset, cfg
 
 
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-
-
 def _save_last(path, model, optimizer, generator, state) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "model": _cpu_state(model),
-            "optimizer": optimizer.state_dict(),
-            "generator": generator.get_state(),
-            "state": state,
-        },
-        tmp,
-    )
-    tmp.replace(path)
+    checkpoint = {
+        "model": cpu_state_dict(model),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "state": state,
+    }
+    with atomic_file(path) as tmp:
+        torch.save(checkpoint, tmp)
 
 
 def _load_last(path, model, optimizer, generator, rank: int) -> dict:
