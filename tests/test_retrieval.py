@@ -36,9 +36,12 @@ def seeded():
 
 
 @pytest.mark.parametrize("n", [1, 10, 50])
-def test_dense_merge_equals_brute_force(seeded, n):
+@pytest.mark.parametrize("chunk", [None, 1, 4])  # None: sized to the device; 4 leaves a remainder
+def test_dense_merge_equals_brute_force(seeded, n, chunk):
     interests, items = seeded
-    scores, rows = dense_merged_topk(torch.from_numpy(interests), torch.from_numpy(items), n)
+    scores, rows = dense_merged_topk(
+        torch.from_numpy(interests), torch.from_numpy(items), n, chunk=chunk
+    )
     reference = brute_force(interests, items)
     for b in range(len(interests)):
         assert_is_topn_of(reference[b], rows[b].numpy(), scores[b].numpy(), n)
