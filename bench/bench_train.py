@@ -142,9 +142,10 @@ def cpu_memory_effects(dataset, cfg: TrainConfig, sampler, steps: int) -> None:
     score_kept = scoring_seconds(model, valid, chunk=512)
     score_sized = scoring_seconds(model, valid, chunk=None)
     print("CPU memory (training step it/s; exact scoring of the validation users, s):")
-    print(f"  glibc defaults:      {step_default:8.1f} it/s   {score_default:6.3f} s (512-user blocks)")
+    blocks = "(512-user blocks)"
+    print(f"  glibc defaults:      {step_default:8.1f} it/s   {score_default:6.3f} s {blocks}")
     print(
-        f"  keep_freed_memory(): {step_kept:8.1f} it/s   {score_kept:6.3f} s (512-user blocks)"
+        f"  keep_freed_memory(): {step_kept:8.1f} it/s   {score_kept:6.3f} s {blocks}"
         f"   ({step_kept / step_default:.2f}x, {score_default / score_kept:.2f}x)"
     )
     print(
