@@ -71,3 +71,33 @@ def test_finished_runs_are_found_by_their_settings(tmp_path):
     older = {k: v for k, v in asdict(TINY).items() if k != "weight_decay"}
     (run / "config.json").write_text(json.dumps({"train": older}))
     assert find_run(tmp_path / "beauty", TINY) is None, "a setting it lacks is not assumed"
+
+
+def _row(tmp_path, label: str, model: str, r50: float, hr50: float) -> dict:
+    """A report row as run_all returns it, with a one-line training log for the curves."""
+    run = tmp_path / "runs" / label.replace("/", "_")
+    run.mkdir(parents=True)
+    log = {"iteration": 200, "valid/recall@50": r50, "routing_max": 0.5}
+    (run / "metrics.jsonl").write_text(json.dumps(log) + "\n")
+    test = {"recall@20": r50 / 2, "hitrate@20": hr50 / 2, "ndcg@20": 0.01,
+            "recall@50": r50, "hitrate@50": hr50, "ndcg@50": 0.02}  # fmt: skip
+    return {"dataset": "beauty", "label": label, "run": str(run), "model": model,
+            "rr_lambda": 0.0, "seconds": 1.0, "iterations": 200,
+            **{f"test/{k}": v for k, v in test.items()},
+            **{f"pop/{k}": v / 4 for k, v in test.items()}}  # fmt: skip
+
+
+def test_table2_shows_the_gain_and_sweeps_are_plotted(tmp_path):
+    rows = [
+        _row(tmp_path, "table2/comirec-dr", "comirec-dr", 0.10, 0.20),
+        _row(tmp_path, "table2/comirec-dr+REMI", "comirec-dr", 0.15, 0.25),
+        *(_row(tmp_path, f"sweep/beta={b:g}", "comirec-dr", 0.1 + b / 100, 0.2) for b in (0, 1, 4)),
+    ]
+    report = write_report(rows, tmp_path / "out", machine="m").read_text()
+    table2 = report.split("## Table 2")[1].split("\n## ")[0]
+    assert "| beauty | most popular | - | 0.0125 | 0.0250 | 0.0250 | 0.0500 |" in table2
+    assert (
+        "| beauty | comirec-dr | REMI | 0.0750 | 0.1250 | 0.1500 | 0.2500 | +50.0% | +25.0% |"
+        in (table2)
+    )
+    assert (tmp_path / "out" / "figures" / "beauty-sweeps.png").stat().st_size > 0
