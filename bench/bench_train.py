@@ -134,7 +134,7 @@ def cpu_memory_effects(dataset, cfg: TrainConfig, sampler, steps: int) -> None:
     """Step and validation speed with glibc's defaults, then after keep_freed_memory()."""
     device = torch.device("cpu")
     valid = make_eval_set(dataset, dataset.valid, cfg.seq_len)
-    model = Trainer(dataset, cfg, device).model
+    model = build_encoder(cfg.encoder_config(dataset.num_items))  # scoring cost needs no training
     step_default = throughput(sampler, dataset, cfg, device, steps)
     score_default = scoring_seconds(model, valid, chunk=512)
     keep_freed_memory()
