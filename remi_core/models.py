@@ -51,6 +51,17 @@ class EncoderConfig:
     """K, the number of interest vectors per user; single-interest models ignore it (K = 1)."""
     seq_len: int = 20
     """Length of the behaviour window the encoder reads (the most recent items)."""
+    routing_grad: bool = False
+    """Dynamic routing (ComiRec-DR, MIND) only: backpropagate through every routing iteration,
+    so the coupling coefficients get gradients and REMI's routing regulariser can shape them.
+    False is the official stop-gradient, under which RR cannot act on these models."""
+
+    def __post_init__(self) -> None:
+        if self.routing_grad and self.model_type not in CAPSULE_MODEL_TYPES:
+            raise ValueError(
+                f"routing_grad applies to {', '.join(CAPSULE_MODEL_TYPES)} only, "
+                f"not {self.model_type!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,16 +160,13 @@ class _CapsuleEncoder(MultiInterestEncoder):
     zeroes them after a softmax over all L positions, which leaks routing mass to padding and
     shrinks the capsules of short histories; both agree on full windows.
 
-    With `stop_grad` (the official default) the coupling coefficients are a function of detached
-    tensors only, so the returned routing matrix carries no gradient: REMI's routing regulariser
-    then changes the loss value but not the training of these models.
+    Without `cfg.routing_grad` (the official stop-gradient) the coupling coefficients are a
+    function of detached tensors only, so the returned routing matrix carries no gradient: REMI's
+    routing regulariser then changes the loss value but not the training of these models.
+    With it, every iteration routes u_hat itself and the whole loop is differentiable.
     """
 
     routing_iterations: int = 3
-
-    def __init__(self, cfg: EncoderConfig, stop_grad: bool = True) -> None:
-        super().__init__(cfg)
-        self.stop_grad = stop_grad
 
     def predictions(self, h: torch.Tensor) -> torch.Tensor:
         """Per-interest predictions u_hat (B, K or 1, L, d) of the masked items h (B, L, d)."""
@@ -179,7 +187,7 @@ class _CapsuleEncoder(MultiInterestEncoder):
         # neither move the logits nor enter a capsule.
         h = self.item_embedding(items) * mask.unsqueeze(-1).to(self.item_embedding.weight.dtype)
         u_hat = self.predictions(h)  # (B, K, L, d); MIND's shared map gives (B, 1, L, d)
-        u_iter = u_hat.detach() if self.stop_grad else u_hat
+        u_iter = u_hat if self.cfg.routing_grad else u_hat.detach()
         batch, length = items.shape
         logits = self.initial_logits(batch, length, h)  # (B, K, L)
         valid = mask.unsqueeze(1)  # (B, 1, L)
@@ -204,8 +212,8 @@ class ComiRecDR(_CapsuleEncoder):
     routing = the final coupling coefficients c (B, K, L), zero on padding.
     """
 
-    def __init__(self, cfg: EncoderConfig, stop_grad: bool = True) -> None:
-        super().__init__(cfg, stop_grad)
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__(cfg)
         # Kept in the official (1, L, K*d, d) layout because kaiming_normal_ derives its fan-in
         # from the shape, and the initial scale should match the reference implementation.
         self.bilinear = nn.Parameter(
@@ -241,10 +249,8 @@ class MIND(_CapsuleEncoder):
     rebuild MIND without it.
     """
 
-    def __init__(
-        self, cfg: EncoderConfig, relu_layer: bool = False, stop_grad: bool = True
-    ) -> None:
-        super().__init__(cfg, stop_grad)
+    def __init__(self, cfg: EncoderConfig, relu_layer: bool = False) -> None:
+        super().__init__(cfg)
         self.bilinear = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.relu_layer: nn.Module | None = None
         if relu_layer:
@@ -346,6 +352,9 @@ _REGISTRY: dict[str, type[MultiInterestEncoder]] = {
     "gru4rec": GRU4Rec,
 }
 MODEL_TYPES: tuple[str, ...] = tuple(_REGISTRY)
+CAPSULE_MODEL_TYPES: tuple[str, ...] = tuple(
+    name for name, cls in _REGISTRY.items() if issubclass(cls, _CapsuleEncoder)
+)
 
 
 def build_encoder(cfg: EncoderConfig) -> MultiInterestEncoder:

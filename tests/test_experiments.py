@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from training.data import DataConfig, load_dataset, synthetic_interactions
-from training.experiments import DATASETS, find_run, plan, run_all, write_report
+from training.experiments import DATASETS, find_run, plan, run_all, run_status, write_report
 from training.trainer import TrainConfig
 
 SHARED = Path(os.environ.get("REMI_DATA_ROOT", Path(__file__).parents[1] / "../shared/data"))
@@ -32,7 +32,9 @@ def tiny_root(tmp_path):
 def test_plan_runs_identical_settings_once():
     experiments = plan(["beauty"], ["table2", "table5", "sweeps", "seeds"], TINY)
     keys = {e.key for e in experiments}
-    assert len(experiments) == 33 and len(keys) < len(experiments)
+    assert len(experiments) == 35 and len(keys) < len(experiments)
+    routed = [e for e in experiments if e.cfg.routing_grad]
+    assert {e.cfg.model_type for e in routed} == {"comirec-dr", "mind"}
     remi_rows = [e for e in experiments if e.cfg.beta == 0.1 and e.cfg.rr_lambda == 100.0
                  and e.cfg.model_type == "comirec-sa" and e.cfg.num_interests == 4
                  and e.cfg.seed == TINY.seed]  # fmt: skip
@@ -41,7 +43,9 @@ def test_plan_runs_identical_settings_once():
 
 def test_report_is_written_and_runs_are_reused(tiny_root, tmp_path):
     experiments = plan(["beauty"], ["table5"], TINY)
+    assert {run_status(e, tmp_path / "runs") for e in experiments} == {"not run"}
     rows = run_all(experiments, tiny_root, tmp_path / "runs")
+    assert {run_status(e, tmp_path / "runs") for e in experiments} == {"finished"}
     assert len(rows) == 4 and all(r["test/recall@50"] >= 0 for r in rows)
     report = write_report(rows, tmp_path / "out", machine="test machine").read_text()
     assert "Table 5" in report and "IHN=on,RR=on" in report and "test machine" in report
@@ -71,6 +75,12 @@ def test_finished_runs_are_found_by_their_settings(tmp_path):
     older = {k: v for k, v in asdict(TINY).items() if k != "weight_decay"}
     (run / "config.json").write_text(json.dumps({"train": older}))
     assert find_run(tmp_path / "beauty", TINY) is None, "a setting it lacks is not assumed"
+    # ... unless its value before it existed is known: runs from before --routing-grad had none.
+    dr = replace(TINY, model_type="comirec-dr")
+    older = {k: v for k, v in asdict(dr).items() if k != "routing_grad"}
+    (run / "config.json").write_text(json.dumps({"train": older}))
+    assert find_run(tmp_path / "beauty", dr) == run
+    assert find_run(tmp_path / "beauty", replace(dr, routing_grad=True)) is None
 
 
 def _row(tmp_path, label: str, model: str, r50: float, hr50: float) -> dict:
@@ -91,6 +101,7 @@ def test_table2_shows_the_gain_and_sweeps_are_plotted(tmp_path):
     rows = [
         _row(tmp_path, "table2/comirec-dr", "comirec-dr", 0.10, 0.20),
         _row(tmp_path, "table2/comirec-dr+REMI", "comirec-dr", 0.15, 0.25),
+        _row(tmp_path, "table2/comirec-dr+REMI+routing-grad", "comirec-dr", 0.12, 0.30),
         *(_row(tmp_path, f"sweep/beta={b:g}", "comirec-dr", 0.1 + b / 100, 0.2) for b in (0, 1, 4)),
     ]
     report = write_report(rows, tmp_path / "out", machine="m").read_text()
@@ -99,5 +110,9 @@ def test_table2_shows_the_gain_and_sweeps_are_plotted(tmp_path):
     assert (
         "| beauty | comirec-dr | REMI | 0.0750 | 0.1250 | 0.1500 | 0.2500 | +50.0% | +25.0% |"
         in (table2)
+    )
+    assert (
+        "| comirec-dr | REMI + routing grad | 0.0600 | 0.1500 | 0.1200 | 0.3000 | +20.0% | +50.0% |"
+        in table2
     )
     assert (tmp_path / "out" / "figures" / "beauty-sweeps.png").stat().st_size > 0

@@ -12,7 +12,6 @@ from remi_core.bundle import load_bundle, write_bundle
 from remi_core.models import (
     MIND,
     MODEL_TYPES,
-    ComiRecDR,
     EncoderConfig,
     MultiInterestEncoder,
     build_encoder,
@@ -29,7 +28,7 @@ WITH_ROUTING = {"comirec-sa", "comirec-dr", "mind"}
 SINGLE_INTEREST = {"youtube-dnn", "gru4rec"}
 
 
-def make(model_type: str, seed: int = 0, **overrides: int) -> MultiInterestEncoder:
+def make(model_type: str, seed: int = 0, **overrides: int | bool) -> MultiInterestEncoder:
     cfg = {"num_items": N, "model_type": model_type, "dim": D, "num_interests": K, "seq_len": L}
     torch.manual_seed(seed)
     return build_encoder(EncoderConfig(**{**cfg, **overrides}))
@@ -154,13 +153,34 @@ def test_remi_loss_adds_rr_exactly_when_the_model_routes(
 
 def test_rr_trains_comirec_sa_but_not_the_stop_gradient_capsules():
     # The official stop-gradient makes the capsules' coupling coefficients constants, so RR can
-    # only shift their loss; without it the routing becomes differentiable.
+    # only shift their loss; routing_grad makes the routing differentiable.
     items, mask = batch()
     assert make("comirec-sa")(items, mask)[1].requires_grad
     for model_type in ("comirec-dr", "mind"):
         assert not make(model_type).train()(items, mask)[1].requires_grad
-    cfg = EncoderConfig(num_items=N, model_type="comirec-dr", dim=D, num_interests=K, seq_len=L)
-    assert ComiRecDR(cfg, stop_grad=False)(items, mask)[1].requires_grad
+        model = make(model_type, routing_grad=True).train()
+        _, routing = model(items, mask)
+        routing.var(dim=-1).sum().backward()  # an RR-like term alone
+        for name, param in model.named_parameters():
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("model_type", ["comirec-dr", "mind"])
+def test_routing_grad_changes_gradients_only(model_type: str):
+    items, mask = batch()
+    official = make(model_type).eval()
+    differentiable = make(model_type, routing_grad=True).eval()
+    differentiable.load_state_dict(official.state_dict())
+    for a, b in zip(official(items, mask), differentiable(items, mask), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_routing_grad_is_refused_for_models_without_dynamic_routing():
+    for model_type in ("comirec-sa", "youtube-dnn", "gru4rec"):
+        with pytest.raises(ValueError, match="routing_grad applies to comirec-dr, mind only"):
+            make(model_type, routing_grad=True)
+        with pytest.raises(ValueError, match="routing_grad"):
+            TrainConfig(model_type=model_type, routing_grad=True)
 
 
 def test_mind_is_random_in_training_and_fixed_in_eval():

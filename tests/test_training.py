@@ -176,6 +176,7 @@ def test_cli_trains_exports_and_evaluates_with_a_config_file(tmp_path):
         (["evaluate", "R", "--split", "train"], "--split"),
         (["train", "--run-dir", "R", "--eval-every", "0"], "eval_every must be at least 1"),
         (["train", "--run-dir", "R", "--beta", "-1"], "beta must not be negative"),
+        (["train", "--run-dir", "R", "--routing-grad"], "routing_grad applies to comirec-dr, mind"),
         (["evaluate", "R", "--dataset-dir", "nowhere"], "R/manifest.json is missing"),
     ],
 )

@@ -73,6 +73,14 @@ BetaOpt = Annotated[
 LambdaOpt = Annotated[
     float | None, typer.Option("--rr-lambda", help="Routing-regulariser weight; 0 disables RR.")
 ]
+RoutingGradOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--routing-grad/--no-routing-grad",
+        help="ComiRec-DR/MIND: backpropagate through dynamic routing so RR can act (default: "
+        "the official stop-gradient).",
+    ),
+]
 NegOpt = Annotated[
     int | None, typer.Option("--negatives", help="Shared negatives per batch (0 = 10 x batch).")
 ]
@@ -198,6 +206,7 @@ def train_cmd(
     seq_len: SeqLenOpt = None,
     beta: BetaOpt = None,
     rr_lambda: LambdaOpt = None,
+    routing_grad: RoutingGradOpt = None,
     negatives: NegOpt = None,
     batch_size: BatchOpt = None,
     lr: LrOpt = None,
@@ -233,9 +242,9 @@ def train_cmd(
         )  # fmt: skip
         cfg = _settings(
             TrainConfig, settings, "train", model_type=model, dim=dim, num_interests=interests,
-            seq_len=seq_len, beta=beta, rr_lambda=rr_lambda, num_negatives=negatives,
-            batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_iters=max_iters,
-            eval_every=eval_every, patience=patience, seed=seed, device=device,
+            seq_len=seq_len, beta=beta, rr_lambda=rr_lambda, routing_grad=routing_grad,
+            num_negatives=negatives, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            max_iters=max_iters, eval_every=eval_every, patience=patience, seed=seed, device=device,
         )  # fmt: skip
     typer.echo(f"data: {json.dumps(dataset.summary())}", err=True)
     try:
@@ -574,10 +583,12 @@ def report(
     train_missing: Annotated[
         bool, typer.Option(help="Train missing runs (--no-train-missing: report finished ones).")
     ] = True,
-    dry_run: Annotated[bool, typer.Option(help="List the experiments and stop.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="List the experiments, whether each has run, and stop.")
+    ] = False,
 ) -> None:
     """Regenerate the results report (tables, CSV, figures) on the real datasets."""
-    from training.experiments import plan, run_all, write_report
+    from training.experiments import plan, run_all, run_status, write_report
 
     if not data_root.is_dir():
         raise _fail(f"--data-root: {data_root} does not exist")
@@ -594,7 +605,7 @@ def report(
     typer.echo(f"{len(experiments)} report rows, {len(unique)} distinct runs", err=True)
     if dry_run:
         for e in experiments:
-            typer.echo(f"{e.dataset}\t{e.label}\t{e.key}")
+            typer.echo(f"{e.dataset}\t{e.label}\t{run_status(e, runs)}")
         return
     try:
         rows = run_all(experiments, data_root, runs, train_missing=train_missing)

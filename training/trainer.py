@@ -66,6 +66,9 @@ class TrainConfig:
     """IHN concentration; 0 gives the plain sampled softmax."""
     rr_lambda: float = 100.0
     """Weight of the routing regulariser; 0 disables RR. beta=0, lambda=0 is plain ComiRec-SA."""
+    routing_grad: bool = False
+    """ComiRec-DR and MIND only: gradients through every dynamic-routing iteration, so RR can
+    act on their routing; False is the official stop-gradient (see EncoderConfig)."""
     num_negatives: int = 0
     """Shared uniform negatives per batch; 0 means 10 x batch_size."""
     remove_accidental_hits: bool = True
@@ -103,6 +106,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, not {self.model_type!r}")
+        self.encoder_config(num_items=2)  # architecture checks (routing_grad) fail here, early
 
     def encoder_config(self, num_items: int) -> EncoderConfig:
         return EncoderConfig(
@@ -111,6 +115,7 @@ class TrainConfig:
             dim=self.dim,
             num_interests=self.num_interests,
             seq_len=self.seq_len,
+            routing_grad=self.routing_grad,
         )
 
     @property
