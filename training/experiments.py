@@ -187,7 +187,10 @@ def run_dir(exp: Experiment, runs: Path) -> Path:
 
 def run_status(exp: Experiment, runs: Path) -> str:
     """'finished', 'started' (running, or interrupted: it resumes from last.pt) or 'not run'."""
-    path = run_dir(exp, runs)
+    return _status(run_dir(exp, runs))
+
+
+def _status(path: Path) -> str:
     if (path / "result.json").is_file():
         return "finished"
     return "started" if (path / "last.pt").is_file() else "not run"
@@ -208,16 +211,16 @@ def run_all(
     rows = []
     for i, exp in enumerate(experiments, 1):
         path = run_dir(exp, runs)
-        result_file = path / "result.json"
-        if not result_file.is_file():
+        status = _status(path)
+        if status != "finished":
             if not train_missing:
                 continue
             if exp.dataset not in datasets:
                 datasets[exp.dataset] = load_real_dataset(data_root, exp.dataset)
             log.info("[%d/%d] %s %s -> %s", i, len(experiments), exp.dataset, exp.label, path)
-            resume = (path / "last.pt").is_file()  # an interrupted run continues
+            resume = status == "started"  # an interrupted run continues
             train(datasets[exp.dataset], exp.cfg, path, resume=resume, progress=progress)
-        result = json.loads(result_file.read_text())
+        result = json.loads((path / "result.json").read_text())
         rows.append(
             {
                 "dataset": exp.dataset,
