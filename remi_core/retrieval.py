@@ -5,8 +5,9 @@ the K interests; the top-N of the merged candidates are returned. With exact per
 this equals the top-N of max_k <v_k, e_i> over the whole catalogue: an item that some interest
 under-scores because it missed that interest's list is beaten by at least N items that made it,
 so it cannot enter the merged top-N. `dense_merged_topk` uses that identity for evaluation;
-`faiss_merged_topk` is the serving path over an index. Both skip padding row 0 and break ties by
-the smaller row, so results are deterministic.
+`faiss_merged_topk` is the serving path over an index. Both skip padding row 0. The serving
+merge breaks ties by the smaller row, so served lists are deterministic; the dense path leaves
+the order of exactly equal scores to `topk`, which does not promise one.
 """
 
 from __future__ import annotations

@@ -83,6 +83,39 @@ def test_split_sizes_are_8_1_1_and_disjoint(n):
     assert sorted(np.concatenate([train, valid, test]).tolist()) == list(range(n))
 
 
+def official_preprocessing(rows, min_count, seed=1230):
+    """The official script's user handling, step by step: a dict of users in raw order."""
+    users, item_count = {}, {}
+    for user, item, _ in rows:
+        users.setdefault(user, []).append(item)
+        item_count[item] = item_count.get(item, 0) + 1
+    kept = [u for u, items in users.items()
+            if sum(item_count[i] >= min_count for i in items) >= min_count]  # fmt: skip
+    rng = random.Random(seed)
+    rng.shuffle(kept)
+    n = len(kept)
+    return kept[: int(n * 0.8)], kept[int(n * 0.8) : int(n * 0.9)], kept[int(n * 0.9) :]
+
+
+def test_split_matches_the_official_script_on_an_interleaved_log():
+    # Every third user's first interaction is with an item that the filter drops, so ordering
+    # users by their first *kept* interaction would move them and change the split.
+    rows, t = [], 0
+    for step in range(6):
+        for u in range(30):
+            item = f"rare{u}" if step == 0 and u % 3 == 0 else f"i{(u + step) % 8}"
+            if step > 0 or u % 3 == 0:
+                rows.append((f"u{u:02d}", item, t))
+                t += 1
+    ds = build_dataset(frame(rows), "t", min_count=5)
+    train, valid, test = official_preprocessing(rows, min_count=5)
+    users = np.asarray(ds.user_ids)
+    ours = [list(users[ds.train]), list(users[ds.valid]), list(users[ds.test])]
+    assert ours == [train, valid, test]
+    by_first_kept = list(pd.unique(frame(rows).query("not item.str.startswith('rare')")["user"]))
+    assert by_first_kept != ds.user_ids  # the example does tell the two orders apart
+
+
 def test_users_follow_first_appearance_order():
     rows = [("late", f"i{k}", 100 + k) for k in range(5)] + [
         ("early", f"i{k}", k) for k in range(5)

@@ -3,10 +3,12 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from training.evaluate import EvalSet, evaluate_popularity, ranked_metrics
+from training.data import build_dataset
+from training.evaluate import EvalSet, evaluate_popularity, make_eval_set, ranked_metrics
 from training.metrics import ranking_metrics
 
 
@@ -61,3 +63,18 @@ def test_truth_unknown_to_the_model_counts_but_never_matches():
     m = ranked_metrics(torch.tensor([[3, 5]]), torch.tensor([[3, -1]]))
     assert m["recall@20"] == pytest.approx(0.5)
     assert m["ndcg@20"] == pytest.approx(1 / (1 + 1 / math.log2(3)))
+
+
+def test_a_repeated_held_out_item_counts_once_per_interaction_in_recall():
+    # History a..h, held out [x, x] (80/20 cut at 8): one distinct item, two interactions. The
+    # official code divides by the interactions, so retrieving x gives Recall 1/2, not 1.
+    items = [*"abcdefgh", "x", "x"]
+    rows = pd.DataFrame({"user": "u", "item": items, "time": range(len(items))})
+    dataset = build_dataset(rows, "t", min_count=1)
+    eval_set = make_eval_set(dataset, np.array([0]), seq_len=20)
+    x = dataset.item_ids.index("x")
+    assert eval_set.truth.tolist() == [[x]] and eval_set.num_truth.tolist() == [2]
+    m = ranked_metrics(torch.tensor([[x, 1]]), eval_set.truth, eval_set.num_truth)
+    assert m["recall@20"] == pytest.approx(0.5)
+    assert m["hitrate@20"] == 1.0
+    assert m["ndcg@20"] == pytest.approx(1.0)  # the one distinct item, ranked first

@@ -3,7 +3,8 @@
 The preprocessing follows ComiRec's and REMI's official scripts, so results on the same raw data
 are measured on the same users: count every item over all interactions and keep those with at
 least `min_count`; keep users with at least `min_count` kept interactions (one pass each, not
-iterated to a fixed point); list kept users in order of first appearance, shuffle them with
+iterated to a fixed point); list kept users in the order of their first interaction in the raw
+log (filtered items included, as the official scripts' dict of users keeps it), shuffle them with
 Python's `random.seed(split_seed)` + `random.shuffle`, and cut 8:1:1 at int(0.8 n), int(0.9 n).
 """
 
@@ -364,7 +365,10 @@ def build_dataset(
     kept = kept.iloc[np.lexsort((np.arange(len(kept)), kept["time"].to_numpy()))]
     item_order = list(pd.unique(kept.sort_index()["item"]))
     row_of = {item: row for row, item in enumerate(item_order, start=1)}
-    users_in_order = list(pd.unique(kept.sort_index()["user"]))
+    # The official scripts key users by their first raw interaction, before any filtering; in an
+    # interleaved log that order differs from the first kept interaction and so does the split.
+    kept_users = set(kept["user"])
+    users_in_order = [u for u in pd.unique(frame["user"]) if u in kept_users]
     grouped = kept.groupby("user", sort=False)["item"]
     sequence_of = {
         user: np.fromiter((row_of[i] for i in items), dtype=np.int64, count=len(items))

@@ -26,10 +26,15 @@ class EvalSet:
 
     items: torch.Tensor  # (U, L) right-padded input windows
     mask: torch.Tensor  # (U, L) bool
-    truth: torch.Tensor  # (U, T) unique truth rows, right-padded with 0
+    truth: torch.Tensor  # (U, T) distinct truth rows, right-padded with 0; -1: unknown item
+    # (U,) held-out interactions, repeats included (Recall's denominator); None: distinct items
+    num_truth: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> EvalSet:
-        return EvalSet(self.items.to(device), self.mask.to(device), self.truth.to(device))
+        num_truth = None if self.num_truth is None else self.num_truth.to(device)
+        return EvalSet(
+            self.items.to(device), self.mask.to(device), self.truth.to(device), num_truth
+        )
 
     def __len__(self) -> int:
         return self.items.shape[0]
@@ -44,11 +49,12 @@ def make_eval_set(
     an older bundle can be evaluated on the same users; unknown items drop out of the input and
     count as truth that model cannot hit.
     """
-    histories, truths = [], []
+    histories, truths, counts = [], [], []
     for u in users:
         seq = dataset.sequences[u]
         cut = int(len(seq) * 0.8)
         history, truth = seq[:cut], np.unique(seq[cut:])
+        counts.append(len(seq) - cut)
         if row_map is not None:
             history = row_map[history]
             history = history[history > 0]
@@ -60,18 +66,17 @@ def make_eval_set(
     truth = torch.zeros(len(truths), width, dtype=torch.long)
     for i, t in enumerate(truths):
         truth[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
-    return EvalSet(items, mask, truth)
+    return EvalSet(items, mask, truth, torch.tensor(counts, dtype=torch.long))
 
 
 def summarise(per_user: dict[str, torch.Tensor]) -> dict[str, float]:
     return {name: float(values.mean()) for name, values in per_user.items()}
 
 
-def ranked_metrics(ranked: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
-    # Truth rows unknown to the model are stored as -1: they count in |truth| but never match.
-    known = torch.where(truth > 0, truth, torch.zeros_like(truth))
-    num_truth = (truth != 0).sum(dim=1)
-    return summarise(ranking_metrics(ranked, known, CUTOFFS, num_truth))
+def ranked_metrics(
+    ranked: torch.Tensor, truth: torch.Tensor, num_truth: torch.Tensor | None = None
+) -> dict[str, float]:
+    return summarise(ranking_metrics(ranked, truth, CUTOFFS, num_truth))
 
 
 @torch.inference_mode()
@@ -91,14 +96,15 @@ def evaluate_model(
         _, rows = dense_merged_topk(interests, items, max(CUTOFFS))
         ranked.append(rows)
     model.train(was_training)
-    return ranked_metrics(torch.cat(ranked), eval_set.truth.to(device))
+    num_truth = None if eval_set.num_truth is None else eval_set.num_truth.to(device)
+    return ranked_metrics(torch.cat(ranked), eval_set.truth.to(device), num_truth)
 
 
 def evaluate_popularity(popularity: np.ndarray, eval_set: EvalSet) -> dict[str, float]:
     """The most-popular baseline: every user gets the same ranked list."""
     top = torch.as_tensor(popularity[: max(CUTOFFS)], dtype=torch.long)
     ranked = top.unsqueeze(0).expand(len(eval_set), -1)
-    return ranked_metrics(ranked, eval_set.truth)
+    return ranked_metrics(ranked, eval_set.truth, eval_set.num_truth)
 
 
 @torch.inference_mode()

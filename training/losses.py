@@ -31,6 +31,9 @@ def sampled_softmax_ihn(
         else:
             count = (~neg_mask).sum(dim=1).clamp(min=1).to(pos_logits.dtype)
         log_mean = torch.logsumexp(scaled, dim=1) - count.log()  # (B,)
+        # A row whose negatives are all masked has nothing to weigh: -inf there would turn the
+        # masked logits into -inf - -inf = NaN; 0 keeps them -inf (the beta = 0 result).
+        log_mean = log_mean.nan_to_num(neginf=0.0)
         neg_logits = neg_logits + scaled - log_mean.unsqueeze(1)
     logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)  # (B, 1 + L)
     return (torch.logsumexp(logits, dim=1) - pos_logits).mean()
@@ -43,7 +46,9 @@ def routing_regularizer(routing: torch.Tensor, dim: int) -> torch.Tensor:
     diag(C)_k is (L times) the variance of interest k's routing weights: large when an interest
     concentrates on a few items, which is what stops every interest collapsing onto the same
     items. The 1/d scale and the batch sum match the official code, so its lambda values (e.g.
-    100) mean the same here.
+    100) mean the same here. Like the official code, the variance runs over all L slots, padding
+    included (where the routing is ~0): a routing spread evenly over a short history still pays
+    a little, so short histories are pushed somewhat harder towards spreading.
     """
     centred = routing - routing.mean(dim=2, keepdim=True)
     diag = centred.square().sum(dim=2) / dim  # (B, K), the diagonal of C without forming it

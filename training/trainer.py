@@ -191,8 +191,10 @@ def remi_loss(
     table = model.item_table()
     target_emb = table[target]  # (B, d)
     user = select_interest(interests, target_emb)  # (B, d)
-    pos_logits = (user * target_emb).sum(dim=1)  # (B,)
-    neg_logits = user @ table[negatives].T  # (B, L_neg)
+    # The logits leave autocast in float32: bfloat16's 8-bit mantissa would blur IHN's
+    # exp(beta s) weights and the logsumexp over 1,280 negatives.
+    pos_logits = (user * target_emb).sum(dim=1).float()  # (B,)
+    neg_logits = (user @ table[negatives].T).float()  # (B, L_neg)
     hits = negatives.unsqueeze(0) == target.unsqueeze(1) if cfg.remove_accidental_hits else None
     loss = sampled_softmax_ihn(pos_logits, neg_logits, cfg.beta, hits)
     reg = torch.zeros((), device=loss.device)
@@ -451,8 +453,12 @@ def _save_last(path, model, optimizer, generator, state) -> None:
         "model": cpu_state_dict(model),
         "optimizer": optimizer.state_dict(),
         "generator": generator.get_state(),
+        # The global stream drives MIND's random routing start and GRU4Rec's dropout.
+        "global_rng": torch.get_rng_state(),
         "state": state,
     }
+    if generator.device.type == "cuda":
+        checkpoint["global_cuda_rng"] = torch.cuda.get_rng_state(generator.device)
     with atomic_file(path) as tmp:
         torch.save(checkpoint, tmp)
 
@@ -465,4 +471,8 @@ def _load_last(path, model, optimizer, generator, rank: int) -> dict:
         generator.set_state(checkpoint["generator"])
     else:
         generator.manual_seed(int(checkpoint["state"]["iteration"]) * 7919 + rank)
+    if "global_rng" in checkpoint:  # absent from checkpoints written before it was saved
+        torch.set_rng_state(checkpoint["global_rng"])
+    if "global_cuda_rng" in checkpoint and generator.device.type == "cuda":
+        torch.cuda.set_rng_state(checkpoint["global_cuda_rng"], generator.device)
     return checkpoint["state"]
