@@ -162,7 +162,9 @@ def to_response(model: LoadedModel, entry: RecommendRequest, result: Result) -> 
                 InterestOut(
                     interest=k,
                     vector=ex.interests[k].tolist(),
-                    routing=[
+                    routing=None
+                    if ex.routing is None
+                    else [
                         RoutingWeight(position=p, item_id=item, weight=float(ex.routing[k, p]))
                         for p, item in enumerate(ex.window)
                     ],
@@ -189,6 +191,19 @@ def to_response(model: LoadedModel, entry: RecommendRequest, result: Result) -> 
 router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "Invalid request (message in `detail`)."}
+}
+# Routes that touch Redis (for /recommend*, only entries given by user_id do).
+STORE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    409: {
+        "model": ErrorResponse,
+        "description": "A Redis key involved holds the wrong type (named in `detail`); "
+        "nothing was written. Not worth retrying until the key is fixed.",
+    },
+    503: {
+        "model": ErrorResponse,
+        "description": "Redis is unavailable (or no model is loaded yet); retry after Retry-After.",
+    },
 }
 
 
@@ -229,7 +244,9 @@ async def metrics_endpoint(metrics: MetricsDep) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.post("/recommend", response_model=RecommendResponse, responses=ERRORS, tags=["recommend"])
+@router.post(
+    "/recommend", response_model=RecommendResponse, responses=STORE_ERRORS, tags=["recommend"]
+)
 async def recommend(
     body: RecommendRequest,
     model: ModelDep,
@@ -245,7 +262,9 @@ async def recommend(
     return response
 
 
-@router.post("/recommend/batch", response_model=BatchResponse, responses=ERRORS, tags=["recommend"])
+@router.post(
+    "/recommend/batch", response_model=BatchResponse, responses=STORE_ERRORS, tags=["recommend"]
+)
 async def recommend_many(
     body: BatchRequest,
     model: ModelDep,
@@ -269,7 +288,7 @@ async def recommend_many(
     return BatchResponse(model_version=model.version, results=results)
 
 
-@router.post("/events", response_model=EventsResponse, responses=ERRORS, tags=["events"])
+@router.post("/events", response_model=EventsResponse, responses=STORE_ERRORS, tags=["events"])
 async def post_events(
     body: EventsRequest, settings: SettingsDep, store: StoreDep, metrics: MetricsDep
 ) -> EventsResponse:
@@ -313,6 +332,12 @@ def _validation_summary(errors: Sequence[Any]) -> tuple[str, list[dict[str, Any]
     for err in errors:
         loc = [p for p in err.get("loc", ()) if p != "body"]
         clean.append({"type": err.get("type"), "loc": list(err.get("loc", ())), "msg": err["msg"]})
+        if err.get("type") == "json_invalid":
+            # Here loc holds the character offset of the syntax error, not a field name.
+            at = f" (at character {loc[0]})" if loc else ""
+            clean[-1]["msg"] = f"request body is not valid JSON{at}: {err['msg']}"
+            clean[-1]["field"] = None
+            continue
         where = ".".join(str(p) for p in loc)
         clean[-1]["field"] = where or None
     parts = [f"{c['field']}: {c['msg']}" if c["field"] else c["msg"] for c in clean]

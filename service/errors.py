@@ -19,6 +19,13 @@ class RedisUnavailable(ServiceError):
     status_code = 503
 
 
+class HistoryConflict(ServiceError):
+    """A Redis key the service writes or reads holds another type (e.g. a foreign writer's
+    string where a user's list belongs). Retrying cannot help until someone fixes the key."""
+
+    status_code = 409
+
+
 class ModelNotLoaded(ServiceError):
     """No bundle is loaded (only possible while starting or stopping)."""
 

@@ -137,7 +137,8 @@ class Explanation:
 
     window: list[str]  # the encoded items, oldest first
     interests: np.ndarray  # (K, d)
-    routing: np.ndarray  # (K, len(window)), each row sums to 1
+    # (K, len(window)), each row sums to 1; None for models without routing (K = 1 models)
+    routing: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -205,9 +206,7 @@ def recommend_batch(
                 explanations[b] = Explanation(
                     window=[model.item_ids[r] for r in windows[i]],  # type: ignore[misc]
                     interests=interests[i],
-                    routing=routing[i, :, :width]
-                    if routing is not None
-                    else np.full((model.num_interests, width), np.nan, dtype=np.float32),
+                    routing=routing[i, :, :width] if routing is not None else None,
                 )
 
     results = []

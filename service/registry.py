@@ -76,6 +76,9 @@ class ModelRegistry:
                 return self._failed(previous, None, str(exc))
             target = path.name
             if target == self._name:
+                # `current` is back on the served bundle (e.g. rolled back after a rejected
+                # one): nothing is pending, so an earlier failure no longer applies.
+                self._clear_failure()
                 return ReloadOutcome(False, previous, previous, target)
             if target == self.failed_target and not force:
                 return ReloadOutcome(False, previous, previous, target, self.last_error)
@@ -97,9 +100,12 @@ class ModelRegistry:
     def _swap(self, model: LoadedModel, name: str | None) -> None:
         self._model = model
         self._name = name
+        self.metrics.set_model(model.version, model.loaded_at)
+        self._clear_failure()
+
+    def _clear_failure(self) -> None:
         self.last_error = None
         self.failed_target = None
-        self.metrics.set_model(model.version, model.loaded_at)
         self.metrics.reload_failing.set(0)
 
     def _failed(self, previous: str | None, target: str | None, error: str) -> ReloadOutcome:

@@ -65,8 +65,9 @@ class RoutingWeight(BaseModel):
 class InterestOut(BaseModel):
     interest: int
     vector: list[float]
-    routing: list[RoutingWeight] = Field(
-        description="How much each encoded history item contributes to this interest (sums to 1)."
+    routing: list[RoutingWeight] | None = Field(
+        description="How much each encoded history item contributes to this interest (sums to "
+        "1); null for models without a routing matrix (single-interest youtube-dnn, gru4rec)."
     )
 
 

@@ -23,7 +23,14 @@ from remi_core.models import EncoderConfig, build_encoder
 from service.app import StartupError, create_app
 from service.recommender import load_model, recommend_batch
 from service.settings import Settings
-from tests.helpers import assert_brute_force, dead_redis_url, same_response, tiny_item_ids
+from tests.helpers import (
+    TINY,
+    assert_brute_force,
+    dead_redis_url,
+    same_response,
+    tiny_item_ids,
+    write_tiny_bundle,
+)
 
 ITEMS = [i for i in tiny_item_ids() if i is not None]
 
@@ -306,3 +313,32 @@ def test_bundle_with_repeated_item_ids_is_refused(tmp_path: Path) -> None:
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="unique"):
         load_model(tmp_path)
+
+
+def test_malformed_json_detail_names_the_position_not_a_field(client: TestClient) -> None:
+    r = client.post(
+        "/recommend", content=b'{"history": [', headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422
+    body = r.json()
+    assert body["detail"] == "request body is not valid JSON (at character 13): JSON decode error"
+    assert [e["field"] for e in body["errors"]] == [None]
+    assert body["errors"][0]["type"] == "json_invalid"
+
+
+@pytest.mark.parametrize("model_type", ["youtube-dnn", "gru4rec"])
+def test_explain_without_a_routing_matrix_gives_null_routing(
+    tmp_path: Path, model_type: str
+) -> None:
+    root = tmp_path / "bundles"
+    write_tiny_bundle(root, seed=0, model_type=model_type)
+    settings = Settings(bundle_root=root, redis_url=dead_redis_url(), reload_interval_s=0)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/recommend", json={"history": ITEMS[:4], "n": 5, "explain": True})
+    assert r.status_code == 200, r.text
+    assert "NaN" not in r.text
+    explain = r.json()["explain"]
+    assert explain["window"] == ITEMS[:4]
+    assert [i["interest"] for i in explain["interests"]] == [0]  # one interest, no routing
+    assert explain["interests"][0]["routing"] is None
+    assert len(explain["interests"][0]["vector"]) == TINY["dim"]

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from redis import Redis
 
 from remi_core.events import EVENTS_STREAM, history_key
 from service.app import create_app
+from service.history import _redact
 from service.settings import Settings
 from tests.conftest import RedisServer
 from tests.helpers import same_response
@@ -180,3 +182,127 @@ def test_frozen_redis_times_out_fast(client: TestClient, redis_server: RedisServ
     r = client.post("/recommend", json={"user_id": "frank"})
     assert r.status_code == 200
     assert r.json()["known_history_length"] == 1
+
+
+def test_undecodable_history_entries_count_as_unknown(
+    client: TestClient, redis_server: RedisServer
+) -> None:
+    # A foreign writer may store bytes that are not UTF-8; they can be no catalogue id.
+    raw = Redis.from_url(redis_server.url)  # no decoding: stores the bytes as given
+    try:
+        raw.rpush(history_key("zed"), b"\xff\xfe", b"books-0003")
+    finally:
+        raw.close()
+    r = client.post("/recommend", json={"user_id": "zed", "n": 5, "explain": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["fallback"] is False
+    assert body["known_history_length"] == 1
+    assert body["explain"]["window"] == ["books-0003"]
+    assert len(body["unknown_ids"]) == 1
+    assert "remi_unknown_item_ids_total 1.0" in client.get("/metrics").text
+
+
+def test_wrong_type_history_key_is_409_and_nothing_is_written(
+    client: TestClient, redis_server: RedisServer
+) -> None:
+    redis = redis_server.client()
+    assert client.post("/events", json=events("amy", ["books-0001"])).status_code == 200
+    redis.set(history_key("bob"), "x")  # a foreign writer's string where a list belongs
+
+    both = events("amy", ["books-0002"])["events"] + events("bob", ["books-0003"])["events"]
+    r = client.post("/events", json={"events": both})
+    assert r.status_code == 409, r.text
+    assert "retry-after" not in r.headers  # retrying cannot help
+    detail = r.json()["detail"]
+    assert "'bob'" in detail and f"'{history_key('bob')}'" in detail and "not a list" in detail
+    # Nothing of the batch was written: not amy's event, not the stream entries.
+    assert redis.lrange(history_key("amy"), 0, -1) == ["books-0001"]
+    assert redis.xlen(EVENTS_STREAM) == 1
+    assert redis.get(history_key("bob")) == "x"
+
+    r = client.post("/recommend", json={"user_id": "bob"})
+    assert r.status_code == 409, r.text
+    assert "retry-after" not in r.headers
+    detail = r.json()["detail"]
+    assert "'bob'" in detail and f"'{history_key('bob')}'" in detail and "not a list" in detail
+    batch = client.post(
+        "/recommend/batch", json={"requests": [{"user_id": "amy"}, {"user_id": "bob"}]}
+    )
+    assert batch.status_code == 409
+    assert "remi_redis_errors_total 0.0" in client.get("/metrics").text
+
+    redis.delete(history_key("bob"))  # once the key is fixed, the same batch goes through
+    assert client.post("/events", json={"events": both}).status_code == 200
+    assert redis.lrange(history_key("bob"), 0, -1) == ["books-0003"]
+    assert redis.xlen(EVENTS_STREAM) == 3
+
+
+def test_wrong_type_stream_key_is_409_and_nothing_is_written(
+    client: TestClient, redis_server: RedisServer
+) -> None:
+    redis = redis_server.client()
+    redis.rpush(EVENTS_STREAM, "not-a-stream")
+    r = client.post("/events", json=events("amy", ["books-0001", "books-0002"]))
+    assert r.status_code == 409, r.text
+    assert f"'{EVENTS_STREAM}'" in r.json()["detail"] and "not a stream" in r.json()["detail"]
+    assert redis.exists(history_key("amy")) == 0
+    assert redis.lrange(EVENTS_STREAM, 0, -1) == ["not-a-stream"]
+
+
+def test_stream_maxlen_trims_the_stream_approximately(
+    tiny_bundle_root: Path, redis_server: RedisServer
+) -> None:
+    settings = Settings(
+        bundle_root=tiny_bundle_root,
+        redis_url=redis_server.url,
+        history_cap=5,
+        stream_maxlen=1,
+        max_events=1000,
+        reload_interval_s=0,
+    )
+    items = [f"books-{i % 200 + 1:04d}" for i in range(250)]
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/events", json=events("gina", items)).status_code == 200
+    redis = redis_server.client()
+    # "MAXLEN ~" drops whole stream nodes (100 entries by default), so some stay beyond 1.
+    assert 1 <= redis.xlen(EVENTS_STREAM) < 250
+    assert redis.lrange(history_key("gina"), 0, -1) == items[-5:]
+    last = redis.xrevrange(EVENTS_STREAM, count=1)[0][1]
+    assert last == {"user_id": "gina", "item_id": items[-1], "timestamp": str(1_700_000_249)}
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+        ("redis://:s3cret@redis.internal:6379/2", "redis://***@redis.internal:6379/2"),
+        ("rediss://app:s3cret@redis.internal/0", "rediss://app:***@redis.internal/0"),
+        ("redis://app@redis.internal/0", "redis://app@redis.internal/0"),
+        ("redis://host/0?password=s3cret", "redis://host/0?password=***"),
+        (
+            "unix:///tmp/r.sock?db=0&password=s3cret",
+            "unix:///tmp/r.sock?db=0&password=***",
+        ),
+        (
+            "redis://:p@ss@host/0?socket_timeout=1&Password=s3cret&username=app",
+            "redis://***@host/0?socket_timeout=1&Password=***&username=app",
+        ),
+    ],
+)
+def test_redact_hides_passwords_in_userinfo_and_query(url: str, redacted: str) -> None:
+    assert _redact(url) == redacted
+    assert "s3cret" not in _redact(url) and "p@ss" not in _redact(url)
+
+
+def test_redis_password_in_query_string_does_not_leak(
+    tiny_bundle_root: Path, tmp_path: Path
+) -> None:
+    url = f"unix://{tmp_path / 'nothing-here.sock'}?db=0&password=s3cret"
+    settings = Settings(bundle_root=tiny_bundle_root, redis_url=url, reload_interval_s=0)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/recommend", json={"user_id": "zed"})
+        assert r.status_code == 503, r.text
+        assert "password=***" in r.json()["detail"]
+        assert "s3cret" not in r.text
+        assert "s3cret" not in client.get("/readyz").text

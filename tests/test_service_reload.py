@@ -210,3 +210,26 @@ def test_malformed_manifest_is_rejected(client: TestClient, tiny_bundle_root: Pa
     assert r.status_code == 409, r.text
     assert "TypeError" in r.json()["detail"] and "num_items" in r.json()["detail"]
     assert client.get("/v1/model").json()["version"] == old_version
+
+
+def test_pointing_current_back_at_the_served_bundle_clears_the_failure(
+    client: TestClient, tiny_bundle_root: Path
+) -> None:
+    served = current_version(tiny_bundle_root)
+    bad = write_tiny_bundle(tiny_bundle_root, seed=8, publish=False)
+    (bad / "popularity.json").write_text("[1, 2, 3]")
+    set_current(tiny_bundle_root, bad.name)
+    assert client.post("/admin/reload", headers=AUTH).status_code == 409
+    assert client.get("/readyz").json()["reload"]["ok"] is False
+    assert "remi_model_reload_failing 1.0" in client.get("/metrics").text
+
+    set_current(tiny_bundle_root, served)  # roll back: nothing newer to load
+    r = client.post("/admin/reload", headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["reloaded"] is False and r.json()["version"] == served
+    reload = client.get("/readyz").json()["reload"]
+    assert reload["ok"] is True
+    assert reload["error"] is None and reload["rejected_target"] is None
+    metrics = client.get("/metrics").text
+    assert "remi_model_reload_failing 0.0" in metrics
+    assert 'remi_model_reloads_total{result="failure"} 1.0' in metrics  # history is kept
