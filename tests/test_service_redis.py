@@ -6,6 +6,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,17 +20,16 @@ from tests.conftest import RedisServer
 from tests.helpers import same_response
 
 
+def redis_settings(bundle_root: Path, redis_server: RedisServer, **overrides: Any) -> Settings:
+    defaults = {"redis_timeout_s": 0.5, "history_cap": 5, "max_events": 10, "reload_interval_s": 0}
+    return Settings(
+        bundle_root=bundle_root, redis_url=redis_server.url, **{**defaults, **overrides}
+    )
+
+
 @pytest.fixture
 def client(tiny_bundle_root: Path, redis_server: RedisServer) -> Iterator[TestClient]:
-    settings = Settings(
-        bundle_root=tiny_bundle_root,
-        redis_url=redis_server.url,
-        redis_timeout_s=0.5,
-        history_cap=5,
-        max_events=10,
-        reload_interval_s=0,
-    )
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(redis_settings(tiny_bundle_root, redis_server))) as client:
         yield client
 
 
@@ -253,14 +253,7 @@ def test_wrong_type_stream_key_is_409_and_nothing_is_written(
 def test_stream_maxlen_trims_the_stream_approximately(
     tiny_bundle_root: Path, redis_server: RedisServer
 ) -> None:
-    settings = Settings(
-        bundle_root=tiny_bundle_root,
-        redis_url=redis_server.url,
-        history_cap=5,
-        stream_maxlen=1,
-        max_events=1000,
-        reload_interval_s=0,
-    )
+    settings = redis_settings(tiny_bundle_root, redis_server, stream_maxlen=1, max_events=1000)
     items = [f"books-{i % 200 + 1:04d}" for i in range(250)]
     with TestClient(create_app(settings)) as client:
         assert client.post("/events", json=events("gina", items)).status_code == 200
