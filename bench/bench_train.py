@@ -14,8 +14,13 @@ On a CPU it also measures, in the same process, the training step and the valida
 before and after `keep_freed_memory()` (glibc keeps freed gradient buffers mapped) and with the
 old fixed 512-user scoring block against the block sized to the device.
 
-Part 2 (with --target-hr50) trains with the shipped defaults and reports the wall-clock seconds
-(validation included) until the test HitRate@50 first reaches the target.
+Part 2 times the step of each `--variants` entry (eager, bfloat16 autocast, torch.compile, and
+CUDA graphs through torch.compile's reduce-overhead mode, alone or with autocast) against eager.
+
+Part 3 (with --target-hr50) trains each variant with the shipped defaults and reports the
+wall-clock seconds (validation included) until the test HitRate@50 first reaches the target.
+Compilation happened in part 2, in the same process, so part 3's times leave it out; part 2
+prints it as the warm-up time of each variant.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import platform
 import random
 import time
+from dataclasses import replace
 
 import torch
 
@@ -36,10 +42,22 @@ from training.trainer import (
     BatchSampler,
     Objective,
     TrainConfig,
+    TrainStep,
     keep_freed_memory,
     make_optimizer,
     resolve_device,
 )
+
+# name -> (bfloat16 autocast, torch.compile mode or None). "reduce-overhead" records the compiled
+# forward and backward as CUDA graphs, which removes the per-kernel launch cost of a small step.
+VARIANTS = {
+    "eager": (False, None),
+    "amp": (True, None),
+    "compile": (False, "default"),
+    "compile+amp": (True, "default"),
+    "cudagraphs": (False, "reduce-overhead"),
+    "cudagraphs+amp": (True, "reduce-overhead"),
+}
 
 
 class PythonLoopSampler:
@@ -69,39 +87,52 @@ class PythonLoopSampler:
 
 
 class Trainer:
-    """The training step exactly as the trainer runs it (model, REMI objective, optimiser)."""
+    """A fresh model trained by the trainer's own TrainStep, in one of the VARIANTS."""
 
-    def __init__(self, dataset, cfg: TrainConfig, device) -> None:
+    def __init__(self, dataset, cfg: TrainConfig, device, sampler, variant: str = "eager") -> None:
+        amp, compile_mode = VARIANTS[variant]
+        cfg = replace(cfg, amp=amp)
         torch.manual_seed(cfg.seed)
         self.model = build_encoder(cfg.encoder_config(dataset.num_items)).to(device)
-        self.objective = Objective(self.model, cfg)
-        self.optimizer = make_optimizer(self.model, cfg)
-        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        self.cfg, self.device, self.num_items = cfg, device, dataset.num_items
+        objective = Objective(self.model, cfg)
+        if compile_mode is not None:
+            objective = torch.compile(objective, mode=compile_mode)
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        optimizer = make_optimizer(self.model, cfg)
+        num_items = dataset.num_items
+        self.train_step = TrainStep(objective, optimizer, sampler, generator, cfg, num_items)
+        self.cudagraphs = compile_mode == "reduce-overhead"
 
-    def step(self, sampler) -> None:
-        items, mask, target = sampler.sample(self.cfg.batch_size, self.generator)
-        negatives = torch.randint(
-            1, self.num_items, (self.cfg.negatives,), device=self.device, generator=self.generator
-        )
-        loss = self.objective(items, mask, target, negatives)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+    def step(self) -> None:
+        if self.cudagraphs:  # a new iteration: the graphs may reuse the last one's outputs
+            torch.compiler.cudagraph_mark_step_begin()
+        self.train_step()
 
 
-def throughput(sampler, dataset, cfg: TrainConfig, device, steps: int) -> float:
-    trainer = Trainer(dataset, cfg, device)
-    for _ in range(20):  # warm-up
-        trainer.step(sampler)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def throughput(sampler, dataset, cfg: TrainConfig, device, steps: int, variant="eager") -> float:
+    return timed_steps(sampler, dataset, cfg, device, steps, variant)[0]
+
+
+def timed_steps(
+    sampler, dataset, cfg: TrainConfig, device, steps: int, variant="eager"
+) -> tuple[float, float]:
+    """(steps per second after warm-up, seconds of the 20 warm-up steps: compilation, graphs)."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    trainer = Trainer(dataset, cfg, device, sampler, variant)
+    start = time.perf_counter()
+    for _ in range(20):
+        trainer.step()
+    sync()
+    warm_up = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.step(sampler)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps / (time.perf_counter() - start)
+        trainer.step()
+    sync()
+    return steps / (time.perf_counter() - start), warm_up
 
 
 def sampling_rate(sampler, batch_size: int, device, steps: int) -> float:
@@ -154,24 +185,28 @@ def cpu_memory_effects(dataset, cfg: TrainConfig, sampler, steps: int) -> None:
     )
 
 
-def time_to_quality(dataset, cfg: TrainConfig, device, target: float, budget: float) -> None:
-    trainer = Trainer(dataset, cfg, device)
+def time_to_quality(
+    dataset, cfg: TrainConfig, device, target: float, budget: float, variant: str
+) -> float | None:
+    """Seconds from the first step to test HR@50 >= target (None: not within budget)."""
     sampler = BatchSampler(dataset, cfg.seq_len, device)
     valid = make_eval_set(dataset, dataset.valid, cfg.seq_len).to(device)
     test = make_eval_set(dataset, dataset.test, cfg.seq_len).to(device)
     start, it = time.perf_counter(), 0
+    trainer = Trainer(dataset, cfg, device, sampler, variant)
     while time.perf_counter() - start < budget:
-        trainer.step(sampler)
+        trainer.step()
         it += 1
         if it % cfg.eval_every == 0:
             evaluate_model(trainer.model, valid)  # the validation a real run pays for, timed too
             hr50 = evaluate_model(trainer.model, test)["hitrate@50"]
             elapsed = time.perf_counter() - start
-            print(f"  iter {it:6d}  {elapsed:7.1f} s  test HR@50 {hr50:.4f}")
+            print(f"  {variant}: iter {it:6d}  {elapsed:7.1f} s  test HR@50 {hr50:.4f}")
             if hr50 >= target:
-                print(f"time to HR@50 >= {target}: {elapsed:.1f} s ({it} iterations)")
-                return
-    print(f"target HR@50 {target} not reached within {budget:.0f} s ({it} iterations)")
+                print(f"  {variant}: HR@50 >= {target} after {elapsed:.1f} s ({it} iterations)")
+                return elapsed
+    print(f"  {variant}: HR@50 {target} not reached within {budget:.0f} s ({it} iterations)")
+    return None
 
 
 def main() -> None:
@@ -180,10 +215,20 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=200, help="timed steps per pipeline")
     parser.add_argument("--target-hr50", type=float, default=None)
-    parser.add_argument("--time-budget", type=float, default=600.0, help="seconds")
+    parser.add_argument("--time-budget", type=float, default=600.0, help="seconds per variant")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated, from {', '.join(VARIANTS)} (default: all on CUDA, eager on CPU)",
+    )
     args = parser.parse_args()
 
     device = resolve_device(args.device)
+    default = "eager" if device.type == "cpu" else ",".join(VARIANTS)
+    variants = (args.variants or default).split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     dataset = load_dataset(DataConfig(source=args.data))
     cfg = TrainConfig(device=str(device))
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "CPU"
@@ -205,8 +250,26 @@ def main() -> None:
     slow = throughput(python_loop, dataset, cfg, device, args.steps)
     print(f"  python loop: {slow:10.1f}")
     print(f"  on device:   {fast:10.1f}   ({fast / slow:.2f}x)")
+
+    print("training step variants, on-device sampling (it/s; seconds of the first 20 steps):")
+    rates = {}
+    for variant in variants:
+        rates[variant], warm_up = timed_steps(on_device, dataset, cfg, device, args.steps, variant)
+        print(
+            f"  {variant:15s} {rates[variant]:10.1f}   ({rates[variant] / fast:.2f}x eager)"
+            f"   warm-up {warm_up:6.1f} s"
+        )
+
     if args.target_hr50 is not None:
-        time_to_quality(dataset, cfg, device, args.target_hr50, args.time_budget)
+        print(f"time to test HR@50 >= {args.target_hr50} (validation every {cfg.eval_every}):")
+        seconds = {
+            v: time_to_quality(dataset, cfg, device, args.target_hr50, args.time_budget, v)
+            for v in variants
+        }
+        print("summary: variant, it/s, seconds to target")
+        for v in variants:
+            reached = "not reached" if seconds[v] is None else f"{seconds[v]:.1f} s"
+            print(f"  {v:15s} {rates[v]:10.1f}   {reached}")
 
 
 if __name__ == "__main__":

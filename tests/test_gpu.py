@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from remi_core.index import build_index, gpu_available, to_best_device
+from remi_core.models import build_encoder
 from remi_core.retrieval import dense_merged_topk, faiss_merged_topk
 from training.data import DataConfig, load_dataset
-from training.trainer import TrainConfig, train
+from training.trainer import BatchSampler, Objective, TrainConfig, TrainStep, make_optimizer, train
 
 pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -29,6 +30,32 @@ def test_training_on_cuda_with_mixed_precision_beats_most_popular(tmp_path):
     )
     result = train(dataset, cfg, tmp_path / "run", progress=False)
     assert result.test["recall@50"] > 1.5 * result.popularity_test["recall@50"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("model_type", ["comirec-sa", "mind"])
+def test_a_training_step_never_waits_on_the_host(model_type):
+    # Sampling, loss and update must queue on the GPU without a device-to-host copy or sync.
+    dataset = load_dataset(DataConfig(synthetic_users=600, synthetic_seed=11))
+    cfg = TrainConfig(model_type=model_type, dim=16, seq_len=10, batch_size=64, amp=True)
+    device = torch.device("cuda")
+    model = build_encoder(cfg.encoder_config(dataset.num_items)).to(device)
+    step = TrainStep(
+        Objective(model, cfg),
+        make_optimizer(model, cfg),
+        BatchSampler(dataset, cfg.seq_len, device),
+        torch.Generator(device=device).manual_seed(0),
+        cfg,
+        dataset.num_items,
+    )
+    step()  # lazy initialisation (cuBLAS handles, optimizer state) may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @needs_cuda

@@ -244,6 +244,36 @@ class Objective(nn.Module):
 
 
 @dataclass
+class TrainStep:
+    """One optimisation step as every run takes it: a batch and the shared negatives sampled on
+    the device, REMI's loss (under bfloat16 autocast with cfg.amp), backward, update.
+
+    Nothing in it waits on the host, so steps queue up on a GPU; the returned loss is a device
+    tensor for the caller to accumulate.
+    """
+
+    objective: nn.Module  # an Objective, possibly wrapped by DDP or torch.compile
+    optimizer: torch.optim.Optimizer
+    sampler: BatchSampler  # or any object with the same sample()
+    generator: torch.Generator  # on the training device
+    cfg: TrainConfig
+    num_items: int  # catalogue rows including padding row 0
+
+    def __call__(self) -> torch.Tensor:
+        device = self.generator.device
+        items, mask, target = self.sampler.sample(self.cfg.batch_size, self.generator)
+        negatives = torch.randint(
+            1, self.num_items, (self.cfg.negatives,), device=device, generator=self.generator
+        )
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
+            loss = self.objective(items, mask, target, negatives)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+@dataclass
 class TrainResult:
     run_dir: Path
     best_iteration: int
@@ -325,7 +355,7 @@ def train(
         objective = DistributedDataParallel(objective)
     if cfg.compile:
         objective = torch.compile(objective)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+    step = TrainStep(objective, optimizer, sampler, generator, cfg, dataset.num_items)
 
     # A fresh run starts a fresh log; a resumed one continues it.
     log_mode = "a" if resume else "w"
@@ -343,16 +373,7 @@ def train(
     model.train()
     try:
         while state["iteration"] < cfg.max_iters and state["stale"] < cfg.patience:
-            items, mask, target = sampler.sample(cfg.batch_size, generator)
-            negatives = torch.randint(
-                1, dataset.num_items, (cfg.negatives,), device=device, generator=generator
-            )
-            with autocast:
-                loss = objective(items, mask, target, negatives)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running += loss.detach()
+            running += step()
             steps_since_eval += 1
             state["iteration"] += 1
             bar.update(1)

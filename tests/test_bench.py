@@ -1,0 +1,39 @@
+"""The training benchmark runs end to end on tiny settings (its figures are not checked here)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "bench/bench_train.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_training_benchmark_times_each_variant_to_the_target():
+    run = bench("--variants", "eager,amp", "--steps", "5", "--target-hr50", "0.3")
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert "python loop" in out and "on device" in out
+    for variant in ("eager", "amp"):
+        assert f"{variant}: HR@50 >= 0.3 after" in out
+    summary = out.split("summary:")[1].splitlines()[1:]
+    assert [line.split()[0] for line in summary] == ["eager", "amp"]
+
+
+def test_an_unknown_variant_is_named_in_the_error():
+    run = bench("--variants", "eager,turbo")
+    assert run.returncode == 2
+    assert "--variants: unknown turbo" in run.stderr
