@@ -575,7 +575,7 @@ def report(
     eval_every: EvalEveryOpt = None,
     patience: PatienceOpt = None,
     device: DeviceOpt = None,
-    amp: Annotated[bool, typer.Option(help="bfloat16 autocast (GPU).")] = False,
+    amp: Annotated[bool, typer.Option(help="bfloat16 autocast for every run.")] = False,
     machine: Annotated[str, typer.Option(help="Machine description for the report.")] = "",
     only: Annotated[
         str | None, typer.Option(help="Run only rows whose label matches this glob.")

@@ -91,9 +91,9 @@ class TrainConfig:
     device: str = "auto"
     """'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ..."""
     amp: bool = False
-    """bfloat16 autocast for the forward pass (for GPUs; weights and Adam stay float32)."""
+    """bfloat16 autocast for the forward pass (weights, Adam and the loss stay float32)."""
     compile: bool = False
-    """torch.compile the training step (pays a one-off compile time; for long GPU runs)."""
+    """torch.compile the training step (a one-off compilation; needs a C++ compiler on CPU)."""
 
     def __post_init__(self) -> None:
         positive = ("dim", "num_interests", "seq_len", "batch_size", "max_iters", "eval_every",
