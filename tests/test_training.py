@@ -71,6 +71,8 @@ def test_seeded_cpu_runs_repeat_and_resume_continues_exactly(dataset, trained, t
     # Stop at 600 steps, then resume to 1200: same weights as the uninterrupted run.
     train(dataset, replace(SMALL, max_iters=600), tmp_path / "split", progress=False)
     resumed = train(dataset, SMALL, tmp_path / "split", resume=True, progress=False)
+    config = json.loads((tmp_path / "split" / "config.json").read_text())["train"]
+    assert config["max_iters"] == SMALL.max_iters  # the run describes how far it went
     a = load_file(str(trained.run_dir / "best.safetensors"))
     b = load_file(str(tmp_path / "split" / "best.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

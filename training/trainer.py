@@ -334,9 +334,10 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             dataset.save(run_dir / "dataset")
-            write_json_atomic(
-                run_dir / "config.json", {"train": asdict(cfg), "data": dataset.summary()}
-            )
+        # Rewritten on resume too, so the file names the max_iters the run now goes to.
+        write_json_atomic(
+            run_dir / "config.json", {"train": asdict(cfg), "data": dataset.summary()}
+        )
 
     torch.manual_seed(cfg.seed)  # identical initial replicas on every rank
     model = build_encoder(cfg.encoder_config(dataset.num_items)).to(device)
