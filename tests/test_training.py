@@ -166,12 +166,13 @@ def test_cli_trains_exports_and_evaluates_with_a_config_file(tmp_path):
     )
     run_dir = tmp_path / "run"
     result = runner.invoke(app, ["train", "-c", str(config), "--run-dir", str(run_dir),
-                                 "--max-iters", "75", "--no-progress"])  # fmt: skip
+                                 "--max-iters", "75", "--amp", "--no-progress"])  # fmt: skip
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout[result.stdout.index("{") :])
     assert out["iterations"] == 75  # the flag overrides the file
     stored = json.loads((run_dir / "config.json").read_text())["train"]
     assert stored["dim"] == 8 and stored["max_iters"] == 75
+    assert stored["amp"] is True and stored["compile"] is False
     result = runner.invoke(app, ["export", "--run-dir", str(run_dir),
                                  "--bundle-root", str(tmp_path / "b")])  # fmt: skip
     assert result.exit_code == 0, result.output

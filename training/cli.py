@@ -99,6 +99,17 @@ PatienceOpt = Annotated[
 ]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Training seed.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
+AmpOpt = Annotated[
+    bool | None,
+    typer.Option("--amp/--no-amp", help="bfloat16 autocast (the loss stays float32)."),
+]
+CompileOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--compile/--no-compile",
+        help="torch.compile the training step (one-off compilation; a C++ compiler on CPU).",
+    ),
+]
 # Export options
 FactoryOpt = Annotated[
     str | None,
@@ -216,6 +227,8 @@ def train_cmd(
     patience: PatienceOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
+    amp: AmpOpt = None,
+    compile: CompileOpt = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from --run-dir/last.pt.")
     ] = False,
@@ -245,6 +258,7 @@ def train_cmd(
             seq_len=seq_len, beta=beta, rr_lambda=rr_lambda, routing_grad=routing_grad,
             num_negatives=negatives, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             max_iters=max_iters, eval_every=eval_every, patience=patience, seed=seed, device=device,
+            amp=amp, compile=compile,
         )  # fmt: skip
     typer.echo(f"data: {json.dumps(dataset.summary())}", err=True)
     try:
