@@ -589,7 +589,7 @@ def report(
     eval_every: EvalEveryOpt = None,
     patience: PatienceOpt = None,
     device: DeviceOpt = None,
-    amp: Annotated[bool, typer.Option(help="bfloat16 autocast for every run.")] = False,
+    amp: AmpOpt = None,
     machine: Annotated[str, typer.Option(help="Machine description for the report.")] = "",
     only: Annotated[
         str | None, typer.Option(help="Run only rows whose label matches this glob.")
@@ -607,8 +607,8 @@ def report(
     if not data_root.is_dir():
         raise _fail(f"--data-root: {data_root} does not exist")
     overrides = {"max_iters": max_iters, "eval_every": eval_every, "patience": patience,
-                 "device": device}  # fmt: skip
-    base = TrainConfig(amp=amp, **{k: v for k, v in overrides.items() if v is not None})
+                 "device": device, "amp": amp}  # fmt: skip
+    base = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     try:
         experiments = plan(datasets.split(","), suites.split(","), base)
     except ValueError as exc:
