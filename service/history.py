@@ -12,7 +12,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from remi_core.events import EVENTS_STREAM, history_key
+from remi_core.redis_keys import EVENTS_STREAM, history_key
 from service.errors import HistoryConflict, RedisUnavailable
 
 log = logging.getLogger(__name__)

@@ -390,13 +390,37 @@ def build_dataset(
     )
 
 
+# --------------------------------------------------------------------------------------------
+# User splits: both return (train, valid, test) user indices, 8:1:1.
+
+
 def official_split(num_users: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Shuffle user indices with Python's `random` as the official scripts do, cut 8:1:1."""
+    """Shuffle user indices with Python's `random` as the official scripts do, cut 8:1:1.
+
+    Used for `prepare`/`train` and the results report: the same users as the official code."""
     order = list(range(num_users))
     random.Random(seed).shuffle(order)
     a, b = int(num_users * 0.8), int(num_users * 0.9)
     as_array = lambda xs: np.asarray(xs, dtype=np.int64)  # noqa: E731
     return as_array(order[:a]), as_array(order[a:b]), as_array(order[b:])
+
+
+def stable_split(user_ids: list[str], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split 8:1:1 by a hash of each user id: a user's split depends on nothing but its id.
+
+    Used by the nightly job: the official shuffle reassigns every user whenever a new user
+    appears, so the published model would be scored on users it trained on. With this split a
+    user held out tonight was held out on every earlier night.
+    """
+    buckets = np.array(
+        [
+            int.from_bytes(hashlib.sha256(f"{seed}:{user}".encode()).digest()[:8], "big") % 10
+            for user in user_ids
+        ],
+        dtype=np.int64,
+    )
+    as_array = lambda where: np.flatnonzero(where).astype(np.int64)  # noqa: E731
+    return as_array(buckets < 8), as_array(buckets == 8), as_array(buckets == 9)
 
 
 def _fingerprint(item_ids: list, user_ids: list, sequences: list[np.ndarray]) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from remi_core.bundle import Bundle
 from remi_core.models import MultiInterestEncoder, pad_histories
 from remi_core.retrieval import dense_merged_topk
 from training.data import SequenceDataset
@@ -123,3 +124,17 @@ def routing_concentration(
     _, routing = model(items, eval_set.mask[:max_users].to(device))
     model.train(was_training)
     return None if routing is None else float(routing.amax(dim=2).mean())
+
+
+def evaluate_bundle(
+    bundle: Bundle, dataset: SequenceDataset, split: str = "test"
+) -> dict[str, float]:
+    """Metrics of a bundle's encoder on a dataset's held-out users, matching items by external id.
+
+    The dataset may have a different catalogue (e.g. tonight's, with new items): its items are
+    translated to the bundle's rows, and items the bundle does not know cannot be hit.
+    """
+    row_of = bundle.row_of()
+    row_map = np.array([row_of.get(item, 0) if item else 0 for item in dataset.item_ids], np.int64)
+    eval_set = make_eval_set(dataset, dataset.users(split), bundle.config.seq_len, row_map=row_map)
+    return evaluate_model(bundle.encoder, eval_set)

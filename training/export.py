@@ -1,34 +1,38 @@
-"""Turn a training run into a published retrieval bundle, and evaluate bundles."""
+"""Turn a training run into a retrieval bundle (see remi_core/bundle.py for the format)."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from remi_core.bundle import Bundle, write_bundle
-from training.data import SequenceDataset
-from training.evaluate import evaluate_model, make_eval_set
+from remi_core.bundle import write_bundle
+from training.run_dir import RunDir
 from training.trainer import load_run
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How a run becomes a bundle (the `export:` section of a config file)."""
+
+    index_factory: str = "Flat"
+    """Faiss index factory: Flat (exact), HNSW32, IVF1024,PQ16, ..."""
+    search_params: str = ""
+    """Faiss search parameters, e.g. nprobe=16 or efSearch=64."""
 
 
 def export_run(
     run_dir: Path,
     bundle_root: Path,
-    index_factory: str = "Flat",
-    search_params: str = "",
+    index_factory: str = ExportConfig.index_factory,
+    search_params: str = ExportConfig.search_params,
     publish: bool = True,
     version: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write the run's best checkpoint as a new bundle version; returns its directory."""
-    run_dir = Path(run_dir)
     model, dataset, cfg = load_run(run_dir)
-    result_path = run_dir / "result.json"
-    result = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    result = RunDir(run_dir).read_result()
     metadata = {
         "dataset": {
             "name": dataset.name,
@@ -58,17 +62,3 @@ def export_run(
         version=version,
         publish=publish,
     )
-
-
-def evaluate_bundle(
-    bundle: Bundle, dataset: SequenceDataset, split: str = "test"
-) -> dict[str, float]:
-    """Metrics of a bundle's encoder on a dataset's held-out users, matching items by external id.
-
-    The dataset may have a different catalogue (e.g. tonight's, with new items): its items are
-    translated to the bundle's rows, and items the bundle does not know cannot be hit.
-    """
-    row_of = bundle.row_of()
-    row_map = np.array([row_of.get(item, 0) if item else 0 for item in dataset.item_ids], np.int64)
-    eval_set = make_eval_set(dataset, dataset.users(split), bundle.config.seq_len, row_map=row_map)
-    return evaluate_model(bundle.encoder, eval_set)

@@ -1,9 +1,13 @@
 """REMI's training objective: sampled softmax with interest-aware hard negatives (IHN) plus
-routing regularisation (RR)."""
+routing regularisation (RR), and the encoder-plus-loss module the trainer optimises."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from remi_core.models import MultiInterestEncoder, select_interest
+from training.config import TrainConfig
 
 
 def sampled_softmax_ihn(
@@ -53,3 +57,42 @@ def routing_regularizer(routing: torch.Tensor, dim: int) -> torch.Tensor:
     centred = routing - routing.mean(dim=2, keepdim=True)
     diag = centred.square().sum(dim=2) / dim  # (B, K), the diagonal of C without forming it
     return diag.square().sum()
+
+
+def remi_loss(
+    model: MultiInterestEncoder,
+    items: torch.Tensor,
+    mask: torch.Tensor,
+    target: torch.Tensor,
+    negatives: torch.Tensor,
+    cfg: TrainConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, routing regulariser) for one batch."""
+    interests, routing = model(items, mask)  # (B, K, d), (B, K, L)
+    table = model.item_table()
+    target_emb = table[target]  # (B, d)
+    user = select_interest(interests, target_emb)  # (B, d)
+    # The logits leave autocast in float32: bfloat16's 8-bit mantissa would blur IHN's
+    # exp(beta s) weights and the logsumexp over 1,280 negatives.
+    pos_logits = (user * target_emb).sum(dim=1).float()  # (B,)
+    neg_logits = (user @ table[negatives].T).float()  # (B, L_neg)
+    hits = negatives.unsqueeze(0) == target.unsqueeze(1) if cfg.remove_accidental_hits else None
+    loss = sampled_softmax_ihn(pos_logits, neg_logits, cfg.beta, hits)
+    reg = torch.zeros((), device=loss.device)
+    if routing is not None and cfg.rr_lambda:
+        reg = routing_regularizer(routing, cfg.dim)
+        loss = loss + cfg.rr_lambda * reg
+    return loss, reg
+
+
+class Objective(nn.Module):
+    """The encoder plus REMI's loss as one module, so DistributedDataParallel sees every use of
+    the item table (input, target and negatives) inside a single forward."""
+
+    def __init__(self, encoder: MultiInterestEncoder, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.cfg = cfg
+
+    def forward(self, items, mask, target, negatives) -> torch.Tensor:
+        return remi_loss(self.encoder, items, mask, target, negatives, self.cfg)[0]

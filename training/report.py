@@ -16,13 +16,16 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from remi_core.models import CAPSULE_MODEL_TYPES
+from training.config import TrainConfig
 from training.data import DataConfig, SequenceDataset, load_dataset
 from training.evaluate import make_eval_set
-from training.trainer import TrainConfig, load_run, train
+from training.run_dir import RunDir, RunError
+from training.trainer import load_run, train
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,6 @@ DATASETS = {
 }
 MODELS = ("comirec-sa", "comirec-dr", "mind", "youtube-dnn", "gru4rec")
 SEEDS = (2023, 2024, 2025)
-SUITES = ("table2", "table5", "sweeps", "seeds", "ablation")
 
 # The official code (Tokkiu/REMI) on the same data and split, test metrics of its best-validation
 # checkpoint, measured on an H100 (from the project's issue tracker).
@@ -67,6 +69,60 @@ PLAIN = {"beta": 0.0, "rr_lambda": 0.0}
 REMI = {"beta": 0.1, "rr_lambda": 100.0}
 
 
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def _table2_rows(model: str) -> list[tuple[str, dict[str, Any]]]:
+    rows = [
+        (f"table2/{model}", {"model_type": model, **PLAIN}),
+        (f"table2/{model}+REMI", {"model_type": model, **REMI}),
+    ]
+    if model in CAPSULE_MODEL_TYPES:  # RR can act on DR/MIND routing only with its gradients
+        remi = {"model_type": model, "routing_grad": True, **REMI}
+        rows.append((f"table2/{model}+REMI+routing-grad", remi))
+    return rows
+
+
+# Each suite: (report row label, settings changed from the base config). A label may name a
+# setting of the resulting config in braces, e.g. {weight_decay:g}.
+SUITES: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "table2": [row for model in MODELS for row in _table2_rows(model)],
+    "table5": [
+        (
+            f"table5/IHN={_on(ihn)},RR={_on(rr)}",
+            {"beta": REMI["beta"] if ihn else 0.0, "rr_lambda": REMI["rr_lambda"] if rr else 0.0},
+        )
+        for ihn in (False, True)
+        for rr in (False, True)
+    ],
+    "sweeps": [(f"sweep/beta={b:g}", {"beta": b}) for b in (0.0, 0.1, 1.0, 4.0, 10.0)]
+    + [(f"sweep/lambda={lam:g}", {"rr_lambda": lam}) for lam in (0.0, 10.0, 100.0, 1000.0)]
+    + [(f"sweep/K={k}", {"num_interests": k}) for k in (2, 4, 6, 8)],
+    "seeds": [
+        row
+        for seed in SEEDS
+        for row in [
+            (f"seeds/ComiRec-SA/{seed}", {"seed": seed, **PLAIN}),
+            (f"seeds/REMI/{seed}", {"seed": seed, **REMI}),
+        ]
+    ],
+    # Our one change to the official recipe is decoupled weight decay; these run without it.
+    "ablation": [
+        row
+        for seed in SEEDS
+        for row in [
+            (
+                f"ablation/ComiRec-SA, weight decay 0/{seed}",
+                {"seed": seed, "weight_decay": 0.0, **PLAIN},
+            ),
+            (f"ablation/REMI, weight decay 0/{seed}", {"seed": seed, "weight_decay": 0.0, **REMI}),
+            (f"ablation/REMI, weight decay {{weight_decay:g}}/{seed}", {"seed": seed, **REMI}),
+        ]
+    ],
+}
+
+
 @dataclass(frozen=True)
 class Experiment:
     dataset: str
@@ -80,72 +136,17 @@ class Experiment:
 
 
 def plan(datasets: Iterable[str], suites: Iterable[str], base: TrainConfig) -> list[Experiment]:
-    """All experiments of the chosen suites (identical settings run once)."""
-    out: list[Experiment] = []
+    """All experiments of the chosen suites: each SUITES row applied to `base`, per dataset."""
+    suites = list(suites)
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown suite {unknown[0]!r}; expected one of {', '.join(SUITES)}")
+    out = []
     for ds in datasets:
         for suite in suites:
-            if suite == "table2":
-                for model in MODELS:
-                    out.append(
-                        Experiment(ds, f"table2/{model}", replace(base, model_type=model, **PLAIN))
-                    )
-                    out.append(
-                        Experiment(
-                            ds, f"table2/{model}+REMI", replace(base, model_type=model, **REMI)
-                        )
-                    )
-                    if model in CAPSULE_MODEL_TYPES:  # RR can only act with routing gradients
-                        cfg = replace(base, model_type=model, routing_grad=True, **REMI)
-                        out.append(Experiment(ds, f"table2/{model}+REMI+routing-grad", cfg))
-            elif suite == "table5":
-                for ihn in (False, True):
-                    for rr in (False, True):
-                        cfg = replace(
-                            base,
-                            beta=REMI["beta"] if ihn else 0.0,
-                            rr_lambda=REMI["rr_lambda"] if rr else 0.0,
-                        )
-                        out.append(
-                            Experiment(
-                                ds,
-                                f"table5/IHN={'on' if ihn else 'off'},RR={'on' if rr else 'off'}",
-                                cfg,
-                            )
-                        )
-            elif suite == "sweeps":
-                for beta in (0.0, 0.1, 1.0, 4.0, 10.0):
-                    out.append(Experiment(ds, f"sweep/beta={beta:g}", replace(base, beta=beta)))
-                for lam in (0.0, 10.0, 100.0, 1000.0):
-                    out.append(
-                        Experiment(ds, f"sweep/lambda={lam:g}", replace(base, rr_lambda=lam))
-                    )
-                for k in (2, 4, 6, 8):
-                    out.append(Experiment(ds, f"sweep/K={k}", replace(base, num_interests=k)))
-            elif suite == "seeds":
-                for seed in SEEDS:
-                    out.append(
-                        Experiment(
-                            ds, f"seeds/ComiRec-SA/{seed}", replace(base, seed=seed, **PLAIN)
-                        )
-                    )
-                    out.append(
-                        Experiment(ds, f"seeds/REMI/{seed}", replace(base, seed=seed, **REMI))
-                    )
-            elif suite == "ablation":
-                # Our one change to the official recipe: decoupled weight decay. Without it:
-                for seed in SEEDS:
-                    cfg = replace(base, seed=seed, weight_decay=0.0, **PLAIN)
-                    out.append(Experiment(ds, f"ablation/ComiRec-SA, weight decay 0/{seed}", cfg))
-                    cfg = replace(base, seed=seed, weight_decay=0.0, **REMI)
-                    out.append(Experiment(ds, f"ablation/REMI, weight decay 0/{seed}", cfg))
-                    cfg = replace(base, seed=seed, **REMI)
-                    out.append(
-                        Experiment(
-                            ds, f"ablation/REMI, weight decay {cfg.weight_decay:g}/{seed}", cfg
-                        )
-                    )
-            else:
-                raise ValueError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)}")
+            for label, overrides in SUITES[suite]:
+                cfg = replace(base, **overrides)
+                out.append(Experiment(ds, label.format(**asdict(cfg)), cfg))
     return out
 
 
@@ -156,44 +157,29 @@ def load_real_dataset(data_root: Path, name: str) -> SequenceDataset:
     return load_dataset(DataConfig(source=str(path)))
 
 
-# Training settings introduced after runs were recorded, with the behaviour those runs had.
-# (weight_decay is not here: runs from before it used Adam, i.e. 0, not today's default.)
-SETTINGS_ADDED_LATER = {"routing_grad": False}
-
-
 def find_run(directory: Path, cfg: TrainConfig) -> Path | None:
-    """An existing run with exactly these settings (whatever its directory is called).
-
-    A setting missing from a run's config.json is not assumed, except those in
-    `SETTINGS_ADDED_LATER`, whose value for older runs is known.
-    """
+    """An existing run with exactly these settings (whatever its directory is called)."""
     if not directory.is_dir():
         return None
     wanted = asdict(cfg)
     for config in sorted(directory.glob("*/config.json")):
         try:
-            if {**SETTINGS_ADDED_LATER, **json.loads(config.read_text())["train"]} == wanted:
+            if RunDir(config.parent).read_config()["train"] == wanted:
                 return config.parent
-        except (ValueError, KeyError):
+        except (RunError, KeyError):
             continue
     return None
 
 
-def run_dir(exp: Experiment, runs: Path) -> Path:
+def run_path(exp: Experiment, runs: Path) -> RunDir:
     """Where an experiment's run is (or will be) kept in the run cache."""
     directory = Path(runs) / exp.dataset
-    return find_run(directory, exp.cfg) or directory / exp.key
+    return RunDir(find_run(directory, exp.cfg) or directory / exp.key)
 
 
 def run_status(exp: Experiment, runs: Path) -> str:
     """'finished', 'started' (running, or interrupted: it resumes from last.pt) or 'not run'."""
-    return _status(run_dir(exp, runs))
-
-
-def _status(path: Path) -> str:
-    if (path / "result.json").is_file():
-        return "finished"
-    return "started" if (path / "last.pt").is_file() else "not run"
+    return run_path(exp, runs).status()
 
 
 def run_all(
@@ -210,22 +196,22 @@ def run_all(
     datasets: dict[str, SequenceDataset] = {}
     rows = []
     for i, exp in enumerate(experiments, 1):
-        path = run_dir(exp, runs)
-        status = _status(path)
+        run = run_path(exp, runs)
+        status = run.status()
         if status != "finished":
             if not train_missing:
                 continue
             if exp.dataset not in datasets:
                 datasets[exp.dataset] = load_real_dataset(data_root, exp.dataset)
-            log.info("[%d/%d] %s %s -> %s", i, len(experiments), exp.dataset, exp.label, path)
+            log.info("[%d/%d] %s %s -> %s", i, len(experiments), exp.dataset, exp.label, run.path)
             resume = status == "started"  # an interrupted run continues
-            train(datasets[exp.dataset], exp.cfg, path, resume=resume, progress=progress)
-        result = json.loads((path / "result.json").read_text())
+            train(datasets[exp.dataset], exp.cfg, run.path, resume=resume, progress=progress)
+        result = run.read_result()
         rows.append(
             {
                 "dataset": exp.dataset,
                 "label": exp.label,
-                "run": str(path),
+                "run": str(run.path),
                 "model": exp.cfg.model_type,
                 "beta": exp.cfg.beta,
                 "rr_lambda": exp.cfg.rr_lambda,
@@ -416,9 +402,7 @@ def _figures(rows: list[dict], directory: Path) -> list[Path]:
             chosen = [r for r in rows if r["dataset"] == ds][:4]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         for r in chosen:
-            log_rows = [
-                json.loads(x) for x in (Path(r["run"]) / "metrics.jsonl").read_text().splitlines()
-            ]
+            log_rows = RunDir(r["run"]).read_metrics()
             its = [x["iteration"] for x in log_rows]
             ax1.plot(its, [x["valid/recall@50"] for x in log_rows], label=r["label"])
             ax2.plot(its, [x.get("routing_max") or np.nan for x in log_rows], label=r["label"])

@@ -1,0 +1,78 @@
+"""Commands for published bundles: list the versions, roll back to one."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from remi_core.bundle import (
+    BundleError,
+    current_version,
+    list_versions,
+    read_manifest,
+    set_current,
+)
+from training.commands.nightly import BundleRootOpt
+from training.commands.options import CliError, echo_json
+
+
+def versions(
+    bundle_root: BundleRootOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List bundle versions, oldest first; `*` marks the one `current` points at."""
+    current = current_version(bundle_root)
+    rows = [_version_row(bundle_root / v, v == current) for v in list_versions(bundle_root)]
+    if as_json:
+        echo_json({"bundle_root": str(bundle_root), "current": current, "versions": rows})
+        return
+    if not rows:
+        typer.echo(f"no versions in {bundle_root}")
+    for row in rows:
+        typer.echo(_version_line(row))
+
+
+def _version_row(path: Any, is_current: bool) -> dict[str, Any]:
+    try:
+        manifest = read_manifest(path)
+    except BundleError as exc:
+        return {"version": path.name, "current": is_current, "error": str(exc)}
+    test = manifest.get("metrics", {}).get("test", {})
+    return {
+        "version": path.name,
+        "current": is_current,
+        "created_at": manifest.get("created_at"),
+        "items": manifest.get("num_items", 1) - 1,
+        "test_recall@50": test.get("recall@50"),
+        "kind": manifest.get("nightly", {}).get("kind", "manual"),
+    }
+
+
+def _version_line(row: dict[str, Any]) -> str:
+    mark = "*" if row["current"] else " "
+    if "error" in row:
+        return f"{mark} {row['version']}  unreadable: {row['error']}"
+    recall = row["test_recall@50"]
+    recall_text = f"{recall:.4f}" if isinstance(recall, float) else "n/a"
+    return (
+        f"{mark} {row['version']}  created {row['created_at']}  items {row['items']}  "
+        f"test recall@50 {recall_text}  ({row['kind']})"
+    )
+
+
+def rollback(
+    version: Annotated[str, typer.Argument(help="Version to make current (see `versions`).")],
+    bundle_root: BundleRootOpt,
+) -> None:
+    """Point `current` at an earlier (or any existing) version; the service hot-reloads it.
+
+    The next nightly run compares its model against this version, so it may publish again;
+    stop the scheduler first to pin a version.
+    """
+    previous = current_version(bundle_root)
+    try:
+        set_current(bundle_root, version)
+    except BundleError as exc:
+        raise CliError(f"{exc} (see `remi-train versions --bundle-root {bundle_root}`)") from None
+    echo_json({"bundle_root": str(bundle_root), "previous": previous, "current": version})

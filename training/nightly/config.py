@@ -1,0 +1,82 @@
+"""Settings of the nightly and bootstrap jobs, and the errors they raise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from remi_core.redis_keys import EVENTS_STREAM
+from training.config import TrainConfig
+from training.data import DataConfig
+from training.evaluate import CUTOFFS
+from training.export import ExportConfig
+
+
+class NightlyError(RuntimeError):
+    """The nightly job cannot run as configured (bad settings, no data, ...)."""
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    """Everything one nightly (or bootstrap) run needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Base interactions (the same settings as `remi-train train`)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training settings for tonight's model."""
+    bundle_root: Path = Path("artifacts/bundles")
+    """Bundle root holding the versions and `current`."""
+    state_dir: Path = Path("artifacts/nightly")
+    """Accumulated events (events/), run directories (runs/) and reports (reports/)."""
+    redis_url: str | None = "redis://localhost:6379/0"
+    """Redis with the event stream and the lock; None: no events, no lock (bootstrap only)."""
+    stream_key: str = EVENTS_STREAM
+    """Stream the service appends events to."""
+    position_key: str = "remi:nightly:position"
+    """Redis key holding the last stream id this job consumed."""
+    lock_key: str = "remi:nightly:lock"
+    """Redis key of the lock that refuses overlapping runs."""
+    lock_ttl_s: float = 300.0
+    """Lock expiry in seconds; a heartbeat extends it every ttl/3 while the run is alive."""
+    tolerance: float = 0.01
+    """Publish when new >= current - tolerance on compare_metric (absolute), on test users."""
+    compare_metric: str = "recall@50"
+    """Metric of the publish decision."""
+    retention: int = 5
+    """Keep the newest this many versions (plus `current`, whatever its age)."""
+    keep_runs: int = 2
+    """Training run directories kept under state_dir/runs."""
+    index_factory: str = ExportConfig.index_factory
+    """Faiss index factory of published bundles (default: the `export:` section's)."""
+    search_params: str = ExportConfig.search_params
+    """Faiss search parameters of published bundles (default: the `export:` section's)."""
+    reload_url: str | None = None
+    """Service base URL; after publishing, POST <url>/admin/reload (best effort; it polls too)."""
+    admin_token: str | None = None
+    """Bearer token for the reload call."""
+    force: bool = False
+    """Retrain even when the data and settings equal those of the current bundle."""
+    progress: bool = False
+    """Show the training progress bar."""
+    torch_threads: int | None = None
+    """Intra-op threads for torch; None keeps torch's default (all cores it sees). Set it where
+    the job shares cores or a container's CPU quota is below the host's core count, where the
+    default oversubscribes and training gets several times slower."""
+
+    def __post_init__(self) -> None:
+        if self.retention < 1:
+            raise NightlyError("retention must be at least 1")
+        if self.lock_ttl_s <= 0:
+            raise NightlyError("lock_ttl_s must be positive")
+        if self.tolerance < 0:
+            raise NightlyError("tolerance must not be negative")
+        metrics = [f"{m}@{n}" for m in ("recall", "hitrate", "ndcg") for n in CUTOFFS]
+        if self.compare_metric not in metrics:
+            raise NightlyError(
+                f"compare_metric must be one of {metrics}, not {self.compare_metric!r}"
+            )
+
+    @classmethod
+    def scalar_fields(cls) -> set[str]:
+        """Settings that a config file's `nightly:` section may set."""
+        return {f.name for f in fields(cls)} - {"data", "train"}

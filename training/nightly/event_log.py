@@ -1,0 +1,159 @@
+"""The event log: the service's Redis stream, read once, kept as CSV files in the state directory.
+
+Steps 2 and 8 of the job (see job.py): `collect` reads the entries after the saved position up to
+the stream's end *now* and appends them to state_dir/events/ before anything else happens;
+`advance_position` moves the saved position to that end, last of all, and trims the consumed
+entries from the stream. Every later night reads all saved files again (`load_events`), so the
+accumulated events keep counting whether or not a night's model is published.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from remi_core.atomic import atomic_file
+
+EVENT_COLUMNS = ("stream_id", "user", "item", "time")
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    """What step 2 read: tonight's new entries, and every accumulated event."""
+
+    position_before: str  # the saved position: the last stream id consumed by an earlier run
+    stream_end: str | None  # the stream's last id when this run started (None: empty stream)
+    read: int  # entries read after position_before, up to stream_end
+    malformed: int  # of those, entries without a usable user, item or timestamp
+    saved_to: Path | None  # the file they were saved to (None: nothing new)
+    accumulated: pd.DataFrame  # all saved events, deduplicated, oldest first
+    duplicates_dropped: int
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "position_before": self.position_before,
+            "stream_end": self.stream_end,
+            "read": self.read,
+            "malformed": self.malformed,
+            "saved_to": str(self.saved_to) if self.saved_to else None,
+            "accumulated": len(self.accumulated),
+            "duplicates_dropped": self.duplicates_dropped,
+        }
+
+    @property
+    def has_new(self) -> bool:
+        """Whether the stream reached past the saved position (so step 8 advances it)."""
+        return self.stream_end is not None and parse_id(self.stream_end) > parse_id(
+            self.position_before
+        )
+
+
+def parse_id(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def next_id(stream_id: str) -> str:
+    """The smallest id after stream_id (an exclusive XRANGE start that works on any Redis)."""
+    ms, seq = parse_id(stream_id)
+    return f"{ms}-{seq + 1}"
+
+
+def collect(client: Any, stream_key: str, position_key: str, state_dir: Path) -> EventBatch:
+    """Step 2: read (saved position, stream end] and save it to the event log."""
+    position = client.get(position_key) or "0-0"
+    last = client.xrevrange(stream_key, count=1)
+    end = last[0][0] if last else None
+    entries = []
+    if end is not None and parse_id(end) > parse_id(position):
+        entries = list(read_stream(client, stream_key, position, end))
+    frame, malformed = events_frame(entries)
+    saved = save_events(state_dir, frame)
+    events, duplicates = load_events(state_dir)
+    return EventBatch(position, end, len(entries), malformed, saved, events, duplicates)
+
+
+def advance_position(
+    client: Any, stream_key: str, position_key: str, batch: EventBatch
+) -> dict[str, Any]:
+    """Step 8: save the stream end as the position, then trim the consumed (saved) entries."""
+    assert batch.stream_end is not None and batch.has_new
+    client.set(position_key, batch.stream_end)
+    # XTRIM MINID drops ids < minid: exactly the consumed (and saved) entries.
+    trimmed = client.xtrim(stream_key, minid=next_id(batch.stream_end), approximate=False)
+    return {"position_after": batch.stream_end, "trimmed": trimmed}
+
+
+def read_stream(
+    client: Any, key: str, after: str, end: str, page: int = 10_000
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """Entries with after < id <= end, oldest first, in pages."""
+    start = next_id(after)
+    while True:
+        batch = client.xrange(key, min=start, max=end, count=page)
+        yield from batch
+        if len(batch) < page:
+            return
+        start = next_id(batch[-1][0])
+
+
+def events_frame(entries: list[tuple[str, dict[str, str]]]) -> tuple[pd.DataFrame, int]:
+    """(stream_id, user, item, time) rows from stream entries, and how many were malformed."""
+    rows, bad = [], 0
+    for stream_id, data in entries:
+        try:
+            user, item = str(data["user_id"]), str(data["item_id"])
+            ts = float(data["timestamp"])
+        except (KeyError, TypeError, ValueError):
+            bad += 1
+            continue
+        if not user.strip() or not item.strip() or not np.isfinite(ts):
+            bad += 1
+            continue
+        rows.append((stream_id, user, item, ts))
+    return pd.DataFrame(rows, columns=list(EVENT_COLUMNS)), bad
+
+
+def save_events(state_dir: Path, frame: pd.DataFrame) -> Path | None:
+    """Write a batch of events as state_dir/events/events-<first id>--<last id>.csv, atomically.
+
+    Files are never rewritten; a re-read range (after a crash) lands in a file with the same
+    name, which is simply replaced by identical content.
+    """
+    if frame.empty:
+        return None
+    directory = Path(state_dir) / "events"
+    directory.mkdir(parents=True, exist_ok=True)
+    first, last = frame["stream_id"].iloc[0], frame["stream_id"].iloc[-1]
+    path = directory / f"events-{first}--{last}.csv"
+    with atomic_file(path) as tmp:
+        frame.to_csv(tmp, index=False, columns=list(EVENT_COLUMNS), quoting=csv.QUOTE_NONNUMERIC)
+    return path
+
+
+def load_events(state_dir: Path) -> tuple[pd.DataFrame, int]:
+    """All accumulated events, deduplicated; and how many duplicates were dropped.
+
+    Dedupe by stream id (a range read twice after a crash), then by (user, item, time): the
+    service delivers at least once, so a client retry can store the same event under two ids.
+    """
+    files = sorted((Path(state_dir) / "events").glob("events-*.csv"))
+    if not files:
+        return pd.DataFrame(columns=list(EVENT_COLUMNS)), 0
+    frames = [
+        pd.read_csv(f, dtype={"stream_id": str, "user": str, "item": str}, keep_default_na=False)
+        for f in files
+    ]
+    frame = pd.concat(frames, ignore_index=True)
+    before = len(frame)
+    frame["time"] = frame["time"].astype(float)
+    frame = frame.drop_duplicates("stream_id").drop_duplicates(["user", "item", "time"])
+    ms_seq = frame["stream_id"].str.split("-", expand=True).astype("int64")
+    frame = frame.iloc[np.lexsort((ms_seq[1], ms_seq[0]))].reset_index(drop=True)
+    return frame, before - len(frame)

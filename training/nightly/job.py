@@ -1,0 +1,382 @@
+"""The nightly job: fold streamed events into the data, retrain, and publish only if not worse.
+
+One run of `run_nightly` (the `remi-train nightly` command) is a one-shot, idempotent job. Its
+steps, which `_run_steps` below takes in this order (and docs/operations.md links here):
+
+1. **Lock.** Take the Redis lock (SET NX PX + heartbeat, lock.py), so two runs never overlap.
+2. **Collect events.** Note the stream's last id *now*, read the events after the saved position
+   up to it, and save them in the state directory as one CSV named by its stream-id range
+   (written atomically; event_log.py). Every later night reads all of these files again,
+   deduplicated, so accumulated events keep counting whether or not tonight's model is published.
+3. **Build the dataset.** Base data + accumulated events. Items first seen in events enter the
+   catalogue under the same k-core rule as the base data (at least `min_count` interactions).
+   Users are split by a hash of their id (`stable_split` in training/data.py), so tonight's
+   test users were test users on every earlier night too.
+4. **Skip if unchanged.** If the data and training settings equal those of the current bundle,
+   there is nothing to retrain (unless `force`); go to step 8.
+5. **Train** tonight's model (the same `train()` as `remi-train train`).
+6. **Compare.** Evaluate the published bundle on the same held-out test users and decide:
+   publish only when new >= current - tolerance on `compare_metric`.
+7. **Publish** (if the decision says so): write the bundle and swap `current` atomically; then
+   prune old versions (never the current one) and old run directories, and ask the service to
+   reload.
+8. **Commit.** Last of all, advance the saved stream position to the end noted in step 2 and
+   trim the consumed part of the stream.
+
+Bootstrap (`run_bootstrap`) takes steps 1 (when given Redis), 3, 5 and 7 on the base data alone,
+and only when no bundle is published yet.
+
+Crash safety: nothing observable changes before step 7's single atomic `current` swap, and the
+saved position moves only after it. A run killed anywhere before that leaves `current` and the
+stream position as they were; the next run re-reads the same events, and the stream-id dedupe
+makes that harmless. The lock expires on its own (its TTL) when its holder dies.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from remi_core.atomic import write_json_atomic
+from remi_core.bundle import FILES, BundleError, current_version, read_manifest, resolve_current
+from training.data import DataError, SequenceDataset, preprocess, read_interactions, stable_split
+from training.nightly import publish
+from training.nightly.config import NightlyConfig, NightlyError
+from training.nightly.event_log import EventBatch, advance_position, collect
+from training.nightly.lock import RedisLock
+from training.nightly.publish import Outcome
+from training.trainer import TrainResult, train
+
+log = logging.getLogger(__name__)
+
+SPLIT = "stable"  # recorded in reports and bundle keys: the held-out users are hash-chosen
+
+
+# --- what the steps return -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Published:
+    """The bundle `current` points at when the run starts."""
+
+    version: str | None
+    manifest: dict[str, Any] | None  # None: nothing published, or its manifest is unreadable
+    item_ids: set[str] | None  # its catalogue, for the report's new items
+
+
+@dataclass(frozen=True)
+class NightlyData:
+    """Step 3: tonight's dataset and what it was built from."""
+
+    dataset: SequenceDataset
+    base_interactions: int
+    event_interactions: int
+    key: dict[str, Any]  # what identifies this training input (compared in step 4)
+    new_items: list[str] | None  # items the published bundle does not know
+
+    def report(self) -> dict[str, Any]:
+        out = {
+            **self.dataset.summary(),
+            "split": SPLIT,
+            "base_interactions_read": self.base_interactions,
+            "event_interactions_read": self.event_interactions,
+        }
+        if self.new_items is not None:
+            out["new_items"] = {"count": len(self.new_items), "sample": self.new_items[:20]}
+        return out
+
+
+@dataclass(frozen=True)
+class Trained:
+    """Step 5: tonight's run directory and its result."""
+
+    run_dir: Path
+    result: TrainResult
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        return {"valid": self.result.valid, "test": self.result.test}
+
+
+@dataclass
+class NightlyRun:
+    """One run's record: each step's result as it completes, rendered into the report."""
+
+    cfg: NightlyConfig
+    kind: str  # nightly or bootstrap
+    client: Any = None  # Redis, or None for a bootstrap without Redis
+    lock: RedisLock | None = None
+    run_id: str = field(
+        default_factory=lambda: f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    )
+    started_at: str = field(default_factory=lambda: _now())
+    timer: _Timer = field(default_factory=lambda: _Timer())
+    published: Published | None = None
+    events: EventBatch | None = None
+    data: NightlyData | None = None
+    trained: Trained | None = None
+    comparison: publish.Comparison | None = None
+    outcome: Outcome | None = None
+    committed: dict[str, Any] | None = None
+
+    def check_lock(self) -> None:
+        """Before any visible change: raise LockLost if this run no longer holds the lock."""
+        if self.lock is not None:
+            self.lock.check()
+
+    def report(self, status: str, error: str | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "run_id": self.run_id,
+            "started_at": self.started_at,
+            "status": status,
+            "bundle_root": str(self.cfg.bundle_root),
+            "state_dir": str(self.cfg.state_dir),
+        }
+        if self.published is not None:
+            out["previous_version"] = self.published.version
+        if self.events is not None:
+            out["events"] = {**self.events.report(), **(self.committed or {})}
+        if self.data is not None:
+            out["data"] = self.data.report()
+        if self.trained is not None:
+            out["run_dir"] = str(self.trained.run_dir)
+            out["training"] = _training_report(self.trained, self.cfg)
+        if self.comparison is not None:
+            out.update(self.comparison.report())
+        if self.outcome is not None:
+            out.update(decision=self.outcome.decision, reason=self.outcome.reason)
+            out.update(current_version=self.outcome.current_version, **self.outcome.details)
+        if error is not None:
+            out["error"] = error
+        out["finished_at"] = _now()
+        out["durations_s"] = {**self.timer.durations, "total": self.timer.total()}
+        return out
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.durations: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        log.info("nightly: %s", name)
+        try:
+            yield
+        finally:
+            self.durations[name] = round(time.perf_counter() - t0, 3)
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 3)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+# --- the job -----------------------------------------------------------------------------------
+
+
+def run_nightly(cfg: NightlyConfig) -> dict[str, Any]:
+    """One nightly run; returns the report (also written to state_dir/reports/)."""
+    if cfg.redis_url is None:
+        raise NightlyError("the nightly job needs a Redis URL (events and the lock live there)")
+    return _run(cfg, "nightly")
+
+
+def run_bootstrap(cfg: NightlyConfig) -> dict[str, Any]:
+    """Train and publish the first bundle on the base data, only if none is published yet.
+
+    Idempotent: with a `current` bundle present it does nothing. It never reads or advances the
+    event stream, so the first nightly run still sees every event.
+    """
+    root = Path(cfg.bundle_root)
+    existing = current_version(root)
+    if existing is not None:
+        return {
+            "kind": "bootstrap",
+            "decision": "exists",
+            "reason": f"{root / 'current'} already points at {existing}; nothing to do",
+            "current_version": existing,
+        }
+    return _run(cfg, "bootstrap")
+
+
+def _run(cfg: NightlyConfig, kind: str) -> dict[str, Any]:
+    """Step 1 (the lock), the other steps under it, and the report whatever happens."""
+    if cfg.torch_threads is not None:
+        torch.set_num_threads(cfg.torch_threads)
+    run = NightlyRun(cfg, kind)
+    if cfg.redis_url is not None:
+        run.client = _redis_client(cfg.redis_url)
+        run.lock = RedisLock(run.client, cfg.lock_key, cfg.lock_ttl_s)
+        try:
+            run.lock.acquire()  # LockHeld goes to the caller: refused runs write no report
+        except BaseException:
+            run.client.close()
+            raise
+    status, error = "ok", None
+    try:
+        _run_steps(run)
+    except BaseException as exc:
+        # A normal failure (not SIGKILL) still leaves a report saying where it stopped.
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        report = run.report(status, error)
+        _write_report(cfg.state_dir, report)
+        if run.lock is not None:
+            run.lock.release()
+        if run.client is not None:
+            run.client.close()
+    return report
+
+
+def _run_steps(run: NightlyRun) -> None:
+    """Steps 2-8 of the module docstring, in order."""
+    cfg = run.cfg
+    Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+    run.published = published_bundle(Path(cfg.bundle_root))
+    if run.kind == "bootstrap" and run.published.version is not None:
+        reason = f"{run.published.version} was published meanwhile"
+        run.outcome = Outcome("exists", reason, run.published.version)
+        return
+    if run.kind == "nightly":
+        with run.timer.stage("events"):
+            run.events = collect(run.client, cfg.stream_key, cfg.position_key, cfg.state_dir)
+    with run.timer.stage("data"):
+        run.data = build_data(cfg, run.events, run.published)
+    if unchanged(cfg, run.data, run.published):
+        run.outcome = _skipped(run.published)
+    else:
+        with run.timer.stage("train"):
+            run.trained = train_model(cfg, run.data.dataset, run.run_id)
+        with run.timer.stage("evaluate_current"):
+            run.comparison = publish.compare(cfg, run.trained.metrics(), run.published.version,
+                                             run.data.dataset)  # fmt: skip
+        with run.timer.stage("publish"):
+            run.outcome = publish.publish(run)
+        if run.outcome.decision == "published" and cfg.reload_url:
+            run.outcome.details["reload"] = publish.notify_reload(cfg.reload_url, cfg.admin_token)
+    commit(run)
+
+
+def published_bundle(root: Path) -> Published:
+    """What `current` points at now, and its manifest and catalogue when they are readable."""
+    version = current_version(root)
+    if version is None:
+        return Published(None, None, None)
+    try:
+        manifest = read_manifest(resolve_current(root))
+    except BundleError as exc:
+        log.warning("current bundle unreadable: %s", exc)
+        return Published(version, None, None)
+    item_ids = None
+    with suppress(OSError, ValueError):
+        path = resolve_current(root) / FILES["item_ids"]
+        item_ids = {i for i in json.loads(path.read_text()) if i}
+    return Published(version, manifest, item_ids)
+
+
+def build_data(cfg: NightlyConfig, events: EventBatch | None, published: Published) -> NightlyData:
+    """Step 3: base data + accumulated events, preprocessed and split by user-id hash."""
+    frame = read_interactions(cfg.data)
+    base_count = len(frame)
+    event_count = 0
+    if events is not None and len(events.accumulated):
+        event_count = len(events.accumulated)
+        frame = pd.concat([frame, events.accumulated[["user", "item", "time"]]], ignore_index=True)
+    dataset = preprocess(cfg.data, frame)
+    dataset.train, dataset.valid, dataset.test = stable_split(dataset.user_ids, cfg.data.split_seed)
+    if not len(dataset.valid) or not len(dataset.test):
+        raise DataError(
+            f"{dataset.name}: {len(dataset.user_ids)} users are too few for a stable 8:1:1 split "
+            "(no validation or test user)"
+        )
+    dataset.extra["split"] = SPLIT
+    key = {
+        "data_fingerprint": dataset.fingerprint,
+        "split": SPLIT,
+        "train_settings": json.loads(json.dumps(asdict(cfg.train))),
+    }
+    new_items = None
+    if published.manifest is not None and published.item_ids is not None:
+        new_items = [i for i in dataset.item_ids[1:] if i not in published.item_ids]
+    return NightlyData(dataset, base_count, event_count, key, new_items)
+
+
+def unchanged(cfg: NightlyConfig, data: NightlyData, published: Published) -> bool:
+    """Step 4: the current bundle was trained on this very data with these settings."""
+    if cfg.force or published.manifest is None:
+        return False
+    return published.manifest.get("nightly", {}).get("key") == data.key
+
+
+def _skipped(published: Published) -> Outcome:
+    reason = (
+        f"data and training settings equal those of the current bundle {published.version}; "
+        "nothing to retrain (use --force to retrain anyway)"
+    )
+    return Outcome("skipped", reason, published.version)
+
+
+def train_model(cfg: NightlyConfig, dataset: SequenceDataset, run_id: str) -> Trained:
+    """Step 5: train tonight's model in state_dir/runs/<run id>."""
+    run_dir = Path(cfg.state_dir) / "runs" / run_id
+    result = train(dataset, cfg.train, run_dir, progress=cfg.progress)
+    return Trained(run_dir, result)
+
+
+def _training_report(trained: Trained, cfg: NightlyConfig) -> dict[str, Any]:
+    result = trained.result
+    return {
+        "best_iteration": result.best_iteration,
+        "iterations": result.iterations,
+        "seconds": round(result.seconds, 2),
+        "settings": asdict(cfg.train),
+    }
+
+
+def commit(run: NightlyRun) -> None:
+    """Step 8: advance the saved position to the end read in step 2, then trim the stream."""
+    if run.events is None or not run.events.has_new:
+        return  # bootstrap, or nothing new was read: never move the position backwards
+    with run.timer.stage("commit"):
+        run.check_lock()
+        run.committed = advance_position(
+            run.client, run.cfg.stream_key, run.cfg.position_key, run.events
+        )
+
+
+def _redis_client(url: str) -> Any:
+    import redis
+
+    # Generous timeouts: a nightly job may wait on a busy Redis, it must not hang forever.
+    return redis.Redis.from_url(
+        url, decode_responses=True, socket_timeout=30, socket_connect_timeout=10
+    )
+
+
+def _write_report(state_dir: Path, report: dict[str, Any]) -> None:
+    """state_dir/reports/<run id>.json; a report that cannot be written is logged, not raised."""
+    directory = Path(state_dir) / "reports"
+    path = directory / f"{report['run_id']}.json"
+    report["report_path"] = str(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, report)
+    except OSError as exc:
+        report.pop("report_path")
+        log.error("could not write the run report: %s", exc)

@@ -1,0 +1,177 @@
+"""Steps 6 and 7 of the nightly job (see job.py): compare with the published bundle, publish."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from remi_core.bundle import BundleError, current_version, load_bundle, prune, set_current
+from training.data import SequenceDataset
+from training.evaluate import evaluate_bundle
+from training.export import export_run
+from training.nightly.config import NightlyConfig
+
+if TYPE_CHECKING:
+    from training.nightly.job import NightlyRun
+
+log = logging.getLogger(__name__)
+
+COMPARE_SPLIT = "test"  # held-out users never used for early stopping
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Step 6: tonight's metrics beside the published bundle's, on the same users, and the call."""
+
+    publish: bool
+    reason: str
+    new: dict[str, dict[str, float]]  # split -> metrics of tonight's model
+    current: dict[str, dict[str, float]] | None  # the same for the published bundle, if usable
+    summary: dict[str, Any]  # metric, split, tolerance, new, current, delta
+    current_unusable: str | None = None  # why the published bundle could not be evaluated
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.current_unusable is not None:
+            out["current_unusable"] = self.current_unusable
+        out["metrics"] = {"new": self.new, "current": self.current, "comparison": self.summary}
+        return out
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the run ended: the decision, why, and what `current` is afterwards."""
+
+    decision: str  # exists, skipped, published or rejected
+    reason: str
+    current_version: str | None
+    details: dict[str, Any] = field(default_factory=dict)  # published_version, pruned, reload
+
+
+def decide(
+    new: dict[str, float],
+    current: dict[str, float] | None,
+    metric: str,
+    tolerance: float,
+) -> tuple[bool, str]:
+    """(publish?, why) for the new model's and the current bundle's metrics on the same users."""
+    if current is None:
+        return True, "no usable published bundle: publishing the first one"
+    new_value, old_value = new[metric], current[metric]
+    delta = new_value - old_value
+    if new_value >= old_value - tolerance:
+        return True, (
+            f"new {metric} {new_value:.4f} vs current {old_value:.4f} (delta {delta:+.4f}) is "
+            f"within the tolerance {tolerance:.4f}"
+        )
+    return False, (
+        f"new {metric} {new_value:.4f} is worse than current {old_value:.4f} by {-delta:.4f}, "
+        f"more than the tolerance {tolerance:.4f}: keeping the current bundle"
+    )
+
+
+def compare(
+    cfg: NightlyConfig,
+    new: dict[str, dict[str, float]],
+    published_version: str | None,
+    dataset: SequenceDataset,
+) -> Comparison:
+    """Step 6: evaluate the published bundle on tonight's held-out users and decide."""
+    current, unusable = None, None
+    if published_version is not None:
+        try:
+            bundle = load_bundle(cfg.bundle_root)
+            current = {s: evaluate_bundle(bundle, dataset, s) for s in ("valid", "test")}
+        except BundleError as exc:
+            unusable = str(exc)
+            log.warning("cannot evaluate the current bundle: %s", exc)
+    metric = cfg.compare_metric
+    old = None if current is None else current[COMPARE_SPLIT]
+    ok, reason = decide(new[COMPARE_SPLIT], old, metric, cfg.tolerance)
+    summary: dict[str, Any] = {
+        "metric": metric,
+        "split": COMPARE_SPLIT,
+        "tolerance": cfg.tolerance,
+        "new": new[COMPARE_SPLIT][metric],
+    }
+    if old is not None:
+        summary["current"] = old[metric]
+        summary["delta"] = summary["new"] - summary["current"]
+    log.info("nightly decision: %s (%s)", "publish" if ok else "keep", reason)
+    return Comparison(ok, reason, new, current, summary, unusable)
+
+
+def publish(run: NightlyRun) -> Outcome:
+    """Step 7: publish if step 6 said so, then prune old versions and run directories."""
+    cfg, comparison = run.cfg, run.comparison
+    assert comparison is not None
+    root = Path(cfg.bundle_root)
+    details: dict[str, Any] = {}
+    if comparison.publish:
+        details["published_version"] = _swap_in(run)
+    version = current_version(root)
+    # Best effort: housekeeping that fails must not block consuming the events (step 8).
+    try:
+        details["pruned"] = prune(root, cfg.retention)
+        prune_runs(Path(cfg.state_dir) / "runs", cfg.keep_runs)
+    except OSError as exc:
+        log.warning("pruning failed: %s", exc)
+        details["prune_error"] = str(exc)
+    decision = "published" if comparison.publish else "rejected"
+    return Outcome(decision, comparison.reason, version, details)
+
+
+def _swap_in(run: NightlyRun) -> str:
+    """Write tonight's bundle unpublished, then point `current` at it (the one visible change)."""
+    assert run.trained is not None and run.data is not None and run.comparison is not None
+    root = Path(run.cfg.bundle_root)
+    extra = {
+        "nightly": {
+            "key": run.data.key,
+            "run_id": run.run_id,
+            "kind": run.kind,
+            "events_until": None if run.events is None else run.events.stream_end,
+            "accumulated_events": run.data.event_interactions,
+            "comparison": run.comparison.summary,
+        }
+    }
+    run.check_lock()
+    path = export_run(run.trained.run_dir, root, run.cfg.index_factory, run.cfg.search_params,
+                      publish=False, extra=extra)  # fmt: skip
+    try:
+        run.check_lock()
+        set_current(root, path.name)
+    except BaseException:
+        # Never leave an unpublished version behind: it would count toward retention.
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    log.info("published %s", path.name)
+    return path.name
+
+
+def notify_reload(url: str, token: str | None) -> dict[str, Any]:
+    """POST <url>/admin/reload; failures are reported, not raised (the service also polls)."""
+    request = urllib.request.Request(f"{url.rstrip('/')}/admin/reload", method="POST", data=b"")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return {"ok": True, "status": response.status, "body": json.loads(response.read())}
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        log.warning("reload notification to %s failed: %s", url, exc)
+        return {"ok": False, "error": str(exc)}
+
+
+def prune_runs(runs: Path, keep: int) -> None:
+    """Delete all but the newest `keep` run directories (run ids sort by time)."""
+    if not runs.is_dir():
+        return
+    dirs = sorted(p for p in runs.iterdir() if p.is_dir())
+    for old in dirs[: max(0, len(dirs) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
