@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from remi_core.events import EVENTS_STREAM, history_key
+from remi_core.redis_keys import EVENTS_STREAM, history_key
 from service.app import create_app
 from service.history import _redact
 from service.settings import Settings

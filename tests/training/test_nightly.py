@@ -23,7 +23,7 @@ import yaml
 from typer.testing import CliRunner
 
 from remi_core.bundle import current_version, list_versions, read_manifest, set_current
-from remi_core.events import EVENTS_STREAM
+from remi_core.redis_keys import EVENTS_STREAM
 from tests.conftest import write_tiny_bundle
 from training.cli import LOCK_HELD_EXIT, app
 from training.data import DataConfig
