@@ -1,18 +1,28 @@
-"""Test helpers shared by several test modules (fixtures live in conftest.py)."""
+"""Test helpers shared by several test modules (fixtures live in conftest.py, which imports
+from here; nothing here imports a test module or conftest)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from remi_core.bundle import Bundle, write_bundle
 from remi_core.models import EncoderConfig, build_encoder, pad_histories
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = {"num_items": 201, "dim": 16, "num_interests": 4, "seq_len": 10}
 
 
@@ -26,6 +36,8 @@ def write_tiny_bundle(
     publish: bool = True,
     version: str | None = None,
     popularity_size: int = 50,
+    index_factory: str = "Flat",
+    search_params: str = "",
     **config: int,
 ) -> Path:
     """Write a bundle from a seeded random encoder; returns the version directory."""
@@ -41,6 +53,8 @@ def write_tiny_bundle(
         item_ids=tiny_item_ids(cfg.num_items),
         popularity=popularity,
         metadata={"dataset": "tiny-test", "seed": seed},
+        index_factory=index_factory,
+        search_params=search_params,
         version=version,
         publish=publish,
     )
@@ -48,8 +62,6 @@ def write_tiny_bundle(
 
 def dead_redis_url() -> str:
     """A Redis URL nothing listens on (for tests that must not need Redis)."""
-    from tests.conftest import free_port
-
     return f"redis://127.0.0.1:{free_port()}/0"
 
 
@@ -104,3 +116,187 @@ def same_response(a: Any, b: Any) -> bool:
     if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
         return same_response(dataclasses.asdict(a), dataclasses.asdict(b))
     return a == b
+
+
+# --- Redis ---------------------------------------------------------------------------------------
+
+REDIS_SERVER = shutil.which("redis-server") or (
+    "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A throwaway redis-server on a fixed port that can be stopped and started again, so tests
+    can simulate an outage and the recovery after it. Nothing is persisted."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        if REDIS_SERVER is None:
+            raise RuntimeError("redis-server is not installed")
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        if self.running:
+            return
+        self.proc = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with code {self.proc.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url, decode_responses=True)
+
+
+# --- events ---------------------------------------------------------------------------------------
+
+NEW_ITEM = "brand-new-item-1"
+
+
+def new_item_events(users: int = 8, start: float | None = None) -> list[dict]:
+    """Events that introduce NEW_ITEM: 2 clicks on it by each of `users` new users, so it passes
+    the min_count (5) rule with room to spare, as do the users (6 events each)."""
+    start = start or time.time()
+    pattern = ["books-0001", "books-0002", NEW_ITEM, "books-0003", NEW_ITEM, "books-0004"]
+    return [
+        {"user_id": f"event-user-{u}", "item_id": item, "timestamp": start + u * 10 + k}
+        for u in range(users)
+        for k, item in enumerate(pattern)
+    ]
+
+
+# --- the compose stack ---------------------------------------------------------------------------
+
+COMPOSE = REPO / "docker-compose.yml"
+ENTRYPOINT = REPO / "docker" / "scheduler-entrypoint.sh"
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_]\w*)")
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Compose's variable interpolation: $$, ${VAR}, ${VAR:-default}, ${VAR-default}, $VAR."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(4)
+        op, default = match.group(2), match.group(3) or ""
+        if op in (":-", ":?"):
+            if env.get(name):
+                return env[name]
+            if op == ":?":
+                raise ValueError(f"required variable {name} is unset")
+            return default
+        if op in ("-", "?"):
+            if name in env:
+                return env[name]
+            if op == "?":
+                raise ValueError(f"required variable {name} is unset")
+            return default
+        return env.get(name, "")
+
+    return _VAR.sub(substitute, value)
+
+
+def load_compose(path: Path = COMPOSE, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The compose file as compose would see it with `env` (default: no variables set)."""
+    return interpolate(yaml.safe_load(path.read_text()), env or {})
+
+
+def command_list(command: Any) -> list[str]:
+    return shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
+
+
+def render_crontab(env: dict[str, str]) -> str:
+    """What the scheduler's entrypoint writes to /etc/cron.d (its --print mode)."""
+    result = subprocess.run(
+        ["sh", str(ENTRYPOINT), "--print"],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout
+
+
+def parse_crontab(text: str) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """(environment lines, [(schedule, user, command)]) of a /etc/cron.d file."""
+    env, jobs = {}, []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if re.match(r"^[A-Za-z_][A-Za-z0-9_]*\s*=", line):
+            name, _, value = line.partition("=")
+            env[name.strip()] = value.strip()
+            continue
+        if line.startswith("@"):
+            schedule, user, command = line.split(None, 2)
+        else:
+            parts = line.split(None, 6)
+            assert len(parts) == 7, f"cron line needs 5 fields, a user and a command: {line!r}"
+            schedule, user, command = " ".join(parts[:5]), parts[5], parts[6]
+        jobs.append((schedule, user, command))
+    return env, jobs

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import training.trainer as trainer
+import training.losses as loss_module
 from remi_core.bundle import load_bundle, write_bundle
 from remi_core.models import (
     MIND,
@@ -18,8 +18,9 @@ from remi_core.models import (
     pad_histories,
 )
 from remi_core.retrieval import dense_merged_topk, faiss_merged_topk
+from training.config import TrainConfig
 from training.evaluate import EvalSet, evaluate_model
-from training.trainer import TrainConfig, remi_loss
+from training.losses import remi_loss
 
 N, D, K, L = 60, 8, 3, 6
 # Lengths cover a full window, short ones and a single item; all-padding rows get their own test.
@@ -120,13 +121,13 @@ def test_remi_loss_adds_rr_exactly_when_the_model_routes(
     model_type: str, monkeypatch: pytest.MonkeyPatch
 ):
     calls = []
-    original = trainer.routing_regularizer
+    original = loss_module.routing_regularizer
 
     def spy(routing: torch.Tensor, dim: int) -> torch.Tensor:
         calls.append(tuple(routing.shape))
         return original(routing, dim)
 
-    monkeypatch.setattr(trainer, "routing_regularizer", spy)
+    monkeypatch.setattr(loss_module, "routing_regularizer", spy)
 
     model = make(model_type).train()
     items, mask = batch()
@@ -160,7 +161,7 @@ def test_rr_trains_comirec_sa_but_not_the_stop_gradient_capsules():
         assert not make(model_type).train()(items, mask)[1].requires_grad
         model = make(model_type, routing_grad=True).train()
         _, routing = model(items, mask)
-        trainer.routing_regularizer(routing, D).backward()  # RR alone
+        loss_module.routing_regularizer(routing, D).backward()  # RR alone
         for name, param in model.named_parameters():
             assert param.grad is not None and param.grad.abs().sum() > 0, name
 

@@ -14,9 +14,7 @@ from typer.testing import CliRunner
 
 from remi_core.bundle import current_version, resolve_current
 from service.cli import app
-from tests.conftest import RedisServer, free_port
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, RedisServer, free_port
 
 
 def serve_command(*args: str) -> list[str]:

@@ -16,8 +16,7 @@ from remi_core.redis_keys import EVENTS_STREAM, history_key
 from service.app import create_app
 from service.history import _redact
 from service.settings import Settings
-from tests.conftest import RedisServer
-from tests.helpers import same_response
+from tests.helpers import RedisServer, same_response
 
 
 def redis_settings(bundle_root: Path, redis_server: RedisServer, **overrides: Any) -> Settings:

@@ -23,11 +23,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REDIS_SERVER, free_port
-from tests.test_compose_static import command_list, load_compose, parse_crontab, render_crontab
-from tests.test_nightly import NEW_ITEM, new_item_events
+from tests.helpers import (
+    NEW_ITEM,
+    REDIS_SERVER,
+    REPO,
+    command_list,
+    free_port,
+    load_compose,
+    new_item_events,
+    parse_crontab,
+    render_crontab,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 # The console scripts of the environment running the tests (e.g. .venv/bin, which CI does not
 # put on PATH): the stand-in for the images' /opt/venv/bin.
 SCRIPTS = Path(sys.executable).parent

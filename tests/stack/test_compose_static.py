@@ -19,94 +19,21 @@ from typing import Any
 
 import pytest
 import typer
-import yaml
 from typer.testing import CliRunner
 
-REPO = Path(__file__).resolve().parents[1]
-COMPOSE = REPO / "docker-compose.yml"
+from tests.helpers import (
+    ENTRYPOINT,
+    REPO,
+    command_list,
+    load_compose,
+    parse_crontab,
+    render_crontab,
+)
+
 GPU_OVERRIDE = REPO / "docker-compose.gpu.yml"
-ENTRYPOINT = REPO / "docker" / "scheduler-entrypoint.sh"
 # Executables that come from the images rather than from this package.
 KNOWN_BINARIES = {"redis-server", "redis-cli", "cron", "python", "sh"}
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
-
-
-# --- helpers shared with test_compose_native ------------------------------------------------------
-
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_]\w*)")
-
-
-def interpolate(value: Any, env: dict[str, str]) -> Any:
-    """Compose's variable interpolation: $$, ${VAR}, ${VAR:-default}, ${VAR-default}, $VAR."""
-    if isinstance(value, dict):
-        return {k: interpolate(v, env) for k, v in value.items()}
-    if isinstance(value, list):
-        return [interpolate(v, env) for v in value]
-    if not isinstance(value, str):
-        return value
-
-    def substitute(match: re.Match) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name = match.group(1) or match.group(4)
-        op, default = match.group(2), match.group(3) or ""
-        if op in (":-", ":?"):
-            if env.get(name):
-                return env[name]
-            if op == ":?":
-                raise ValueError(f"required variable {name} is unset")
-            return default
-        if op in ("-", "?"):
-            if name in env:
-                return env[name]
-            if op == "?":
-                raise ValueError(f"required variable {name} is unset")
-            return default
-        return env.get(name, "")
-
-    return _VAR.sub(substitute, value)
-
-
-def load_compose(path: Path = COMPOSE, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The compose file as compose would see it with `env` (default: no variables set)."""
-    return interpolate(yaml.safe_load(path.read_text()), env or {})
-
-
-def command_list(command: Any) -> list[str]:
-    return shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
-
-
-def render_crontab(env: dict[str, str]) -> str:
-    """What the scheduler's entrypoint writes to /etc/cron.d (its --print mode)."""
-    result = subprocess.run(
-        ["sh", str(ENTRYPOINT), "--print"],
-        env={"PATH": os.environ["PATH"], **env},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return result.stdout
-
-
-def parse_crontab(text: str) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
-    """(environment lines, [(schedule, user, command)]) of a /etc/cron.d file."""
-    env, jobs = {}, []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if re.match(r"^[A-Za-z_][A-Za-z0-9_]*\s*=", line):
-            name, _, value = line.partition("=")
-            env[name.strip()] = value.strip()
-            continue
-        if line.startswith("@"):
-            schedule, user, command = line.split(None, 2)
-        else:
-            parts = line.split(None, 6)
-            assert len(parts) == 7, f"cron line needs 5 fields, a user and a command: {line!r}"
-            schedule, user, command = " ".join(parts[:5]), parts[5], parts[6]
-        jobs.append((schedule, user, command))
-    return env, jobs
 
 
 # --- parsing Dockerfiles and .dockerignore --------------------------------------------------------
@@ -355,7 +282,7 @@ def test_volumes_and_dependencies_are_declared(compose) -> None:
 
 
 def test_referenced_configs_exist_and_are_valid(compose) -> None:
-    from training.cli import _nightly_config
+    from training.commands.nightly import nightly_config
 
     for variant in ({}, {"REMI_TRAIN_CONFIG": "configs/nightly-test.yaml"}):
         services = load_compose(env=variant)["services"]
@@ -363,7 +290,7 @@ def test_referenced_configs_exist_and_are_valid(compose) -> None:
         config = argv[argv.index("--config") + 1]
         assert services["scheduler"]["environment"]["REMI_TRAIN_CONFIG"] == config
         assert (REPO / config).is_file(), f"{config} missing"
-        cfg = _nightly_config(REPO / config, Path("/bundles"), Path("/state"), None)
+        cfg = nightly_config(REPO / config, Path("/bundles"), Path("/state"), None)
         assert cfg.train.max_iters > 0
 
 

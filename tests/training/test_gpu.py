@@ -7,8 +7,10 @@ import torch
 from remi_core.index import build_index, gpu_available, to_best_device
 from remi_core.models import build_encoder
 from remi_core.retrieval import dense_merged_topk, faiss_merged_topk
+from training.config import TrainConfig
 from training.data import DataConfig, load_dataset
-from training.trainer import BatchSampler, Objective, TrainConfig, TrainStep, make_optimizer, train
+from training.losses import Objective
+from training.trainer import BatchSampler, TrainStep, make_optimizer, train
 
 pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

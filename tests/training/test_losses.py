@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from remi_core.models import build_encoder
-from training.losses import routing_regularizer, sampled_softmax_ihn
-from training.trainer import TrainConfig, remi_loss
+from training.config import TrainConfig
+from training.losses import remi_loss, routing_regularizer, sampled_softmax_ihn
 
 
 def test_beta_zero_is_the_plain_sampled_softmax():

@@ -24,26 +24,16 @@ from typer.testing import CliRunner
 
 from remi_core.bundle import current_version, list_versions, read_manifest, set_current
 from remi_core.redis_keys import EVENTS_STREAM
-from tests.conftest import write_tiny_bundle
+from tests.helpers import NEW_ITEM, REPO, new_item_events, write_tiny_bundle
 from training.cli import LOCK_HELD_EXIT, app
 from training.data import DataConfig
-from training.nightly import (
-    LockHeld,
-    LockLost,
-    NightlyConfig,
-    RedisLock,
-    decide,
-    events_frame,
-    load_events,
-    run_bootstrap,
-    run_nightly,
-    save_events,
-)
+from training.nightly import LockHeld, LockLost, NightlyConfig, run_bootstrap, run_nightly
+from training.nightly.event_log import events_frame, load_events, save_events
+from training.nightly.lock import RedisLock
+from training.nightly.publish import decide
 from training.trainer import TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
 TEST_CONFIG = REPO / "configs" / "nightly-test.yaml"
-NEW_ITEM = "brand-new-item-1"
 
 
 def config_from_file(path: Path, **overrides) -> NightlyConfig:
@@ -55,18 +45,6 @@ def config_from_file(path: Path, **overrides) -> NightlyConfig:
         train=TrainConfig(**raw.get("train", {})),
         **nightly,
     )
-
-
-def new_item_events(users: int = 8, start: float | None = None) -> list[dict]:
-    """Events that introduce NEW_ITEM: 2 clicks on it by each of `users` new users, so it passes
-    the min_count (5) rule with room to spare, as do the users (6 events each)."""
-    start = start or time.time()
-    pattern = ["books-0001", "books-0002", NEW_ITEM, "books-0003", NEW_ITEM, "books-0004"]
-    return [
-        {"user_id": f"event-user-{u}", "item_id": item, "timestamp": start + u * 10 + k}
-        for u in range(users)
-        for k, item in enumerate(pattern)
-    ]
 
 
 def xadd_events(client, events: list[dict]) -> None:
@@ -102,8 +80,10 @@ def test_config_validation() -> None:
 
     with pytest.raises(NightlyError, match="retention"):
         NightlyConfig(retention=0)
-    with pytest.raises(NightlyError, match="split"):
-        NightlyConfig(split="random")
+    with pytest.raises(NightlyError, match="compare_metric"):
+        NightlyConfig(compare_metric="auc")
+    with pytest.raises(TypeError):  # removed options are not silently accepted
+        NightlyConfig(split="official")  # type: ignore[call-arg]
 
 
 def test_events_saved_atomically_and_deduplicated(tmp_path: Path) -> None:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO
 from training.data import DataConfig, load_dataset, synthetic_interactions
-from training.experiments import DATASETS, find_run, plan, run_all, run_status, write_report
+from training.report import DATASETS, find_run, plan, run_all, run_status, write_report
 from training.trainer import TrainConfig
 
-SHARED = Path(os.environ.get("REMI_DATA_ROOT", Path(__file__).parents[1] / "../shared/data"))
+SHARED = Path(os.environ.get("REMI_DATA_ROOT", REPO / "../shared/data"))
 TINY = TrainConfig(dim=8, seq_len=8, batch_size=32, num_negatives=64, max_iters=40,
                    eval_every=20, patience=2, device="cpu")  # fmt: skip
 
@@ -75,12 +76,6 @@ def test_finished_runs_are_found_by_their_settings(tmp_path):
     older = {k: v for k, v in asdict(TINY).items() if k != "weight_decay"}
     (run / "config.json").write_text(json.dumps({"train": older}))
     assert find_run(tmp_path / "beauty", TINY) is None, "a setting it lacks is not assumed"
-    # ... unless its value before it existed is known: runs from before --routing-grad had none.
-    dr = replace(TINY, model_type="comirec-dr")
-    older = {k: v for k, v in asdict(dr).items() if k != "routing_grad"}
-    (run / "config.json").write_text(json.dumps({"train": older}))
-    assert find_run(tmp_path / "beauty", dr) == run
-    assert find_run(tmp_path / "beauty", replace(dr, routing_grad=True)) is None
 
 
 def _row(tmp_path, label: str, model: str, r50: float, hr50: float) -> dict:

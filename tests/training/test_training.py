@@ -11,18 +11,15 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from remi_core.bundle import (
-    BundleError,
     current_version,
-    list_versions,
     load_bundle,
-    prune,
-    set_current,
 )
 from remi_core.models import pad_histories
 from remi_core.retrieval import dense_merged_topk
 from training.cli import app
 from training.data import DataConfig, load_dataset
-from training.export import evaluate_bundle, export_run
+from training.evaluate import evaluate_bundle
+from training.export import export_run
 from training.trainer import BatchSampler, TrainConfig, load_run, train
 
 SMALL = TrainConfig(dim=16, num_interests=3, seq_len=10, batch_size=64, max_iters=1200,
@@ -111,47 +108,6 @@ def test_bundle_round_trip_gives_the_same_scores(trained, tmp_path):
     assert evaluate_bundle(bundle, dataset) == pytest.approx(trained.test)
     _, rows = dense_merged_topk(actual, torch.from_numpy(bundle.item_embeddings), 10)
     assert all(bundle.item_ids[r] for r in rows.flatten().tolist())
-
-
-@pytest.mark.parametrize("role", ["encoder", "item_embeddings", "index", "item_ids"])
-def test_a_corrupted_file_is_rejected_by_its_checksum(trained, tmp_path, role):
-    path = export_run(trained.run_dir, tmp_path / "bundles")
-    manifest = json.loads((path / "manifest.json").read_text())
-    file = path / manifest["files"][role]["path"]
-    data = bytearray(file.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    file.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=f"checksum mismatch for .*{file.name}"):
-        load_bundle(path)
-
-
-def test_publishing_pruning_and_rollback(trained, tmp_path):
-    root = tmp_path / "bundles"
-    first = export_run(trained.run_dir, root, version="v1")
-    export_run(trained.run_dir, root, version="v2")
-    export_run(trained.run_dir, root, version="v3", publish=False)
-    assert list_versions(root) == ["v1", "v2", "v3"] and current_version(root) == "v2"
-    set_current(root, first.name)  # roll back
-    assert load_bundle(root).version == "v1"
-    assert prune(root, keep=1) == ["v2"]  # newest kept, and the current one too
-    assert list_versions(root) == ["v1", "v3"]
-    with pytest.raises(BundleError, match="no bundle version 'v9'"):
-        set_current(root, "v9")
-    for bad in ("current", "../bundles/v1", ".tmp-v1"):
-        with pytest.raises(BundleError, match="no bundle version"):
-            set_current(root, bad)
-    set_current(root, "v3/")  # as shell completion types it
-    assert current_version(root) == "v3" and prune(root, keep=1) == ["v1"]
-    assert not [p for p in root.iterdir() if p.name.startswith(".")], "no temporary leftovers"
-
-
-def test_index_factory_is_recorded(trained, tmp_path):
-    path = export_run(trained.run_dir, tmp_path / "b", index_factory="HNSW16",
-                      search_params="efSearch=40")  # fmt: skip
-    bundle = load_bundle(path)
-    assert bundle.manifest["index"]["factory"] == "HNSW16"
-    assert bundle.manifest["index"]["search_params"] == "efSearch=40"
-    assert bundle.index.ntotal == len(bundle.item_ids) - 1
 
 
 runner = CliRunner()
