@@ -39,7 +39,7 @@ BundleRootOpt = Annotated[
 ]
 StateDirOpt = Annotated[Path | None, setting(NightlyConfig, "state_dir", envvar="REMI_STATE_DIR")]
 RedisUrlOpt = Annotated[str | None, setting(NightlyConfig, "redis_url", envvar="REMI_REDIS_URL")]
-ProgressOpt = Annotated[bool, typer.Option(help="Show the training progress bar.")]
+ProgressOpt = Annotated[bool, setting(NightlyConfig, "progress", "--progress/--no-progress")]
 
 
 def nightly_config(

@@ -58,11 +58,16 @@ def field_default(cls: type, name: str) -> Any:
     return spec.default
 
 
+# (config class, field) -> its command-line flags, for the settings tables in docs/.
+FLAGS: dict[tuple[type, str], tuple[str, ...]] = {}
+
+
 def setting(cls: type, name: str, *flags: str, **kwargs: Any) -> Any:
     """A typer option for field `name` of `cls`: --name-with-dashes unless flags are given."""
     default = field_default(cls, name)
     kwargs.setdefault("show_default", "none" if default is None else str(default))
     flags = flags or (f"--{name.replace('_', '-')}",)
+    FLAGS.setdefault((cls, name), flags)
     return typer.Option(*flags, help=field_docs(cls)[name], **kwargs)
 
 
