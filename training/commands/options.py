@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import json
 import textwrap
 import tomllib
-from functools import cache
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -22,8 +24,6 @@ import typer
 import yaml
 
 from training.config import TrainConfig
-from training.data import DataConfig
-from training.export import ExportConfig
 
 T = TypeVar("T")
 
@@ -32,7 +32,7 @@ class CliError(Exception):
     """A bad flag, config file or argument; the message names it. Exit code 2."""
 
 
-@cache
+@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Each dataclass field's docstring (the string literal right under it), on one line."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
@@ -71,43 +71,56 @@ def setting(cls: type, name: str, *flags: str, **kwargs: Any) -> Any:
     return typer.Option(*flags, help=field_docs(cls)[name], **kwargs)
 
 
+def config_options(
+    cls: type, section: str, only: tuple[str, ...] | None = None, **flags: tuple[str, ...]
+) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorator: give a command one option per field of the config class `cls`.
+
+    Each option comes from `setting()`: --field-name (or the names in `flags`), the field's type,
+    docstring and default; booleans get --x/--no-x. The command declares a keyword parameter
+    `<section>_flags` and receives in it the fields given on the command line, {field: value}.
+    `only` limits the options to some fields.
+    """
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if only is None or f.name in only]
+
+    def annotation(name: str) -> Any:
+        kind = hints[name]
+        kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        dashed = name.replace("_", "-")
+        decls = flags.get(name) or (
+            (f"--{dashed}/--no-{dashed}",) if kind is bool else (f"--{dashed}",)
+        )
+        return Annotated[kind | None, setting(cls, name, *decls)]
+
+    def decorate(command: Callable[..., T]) -> Callable[..., T]:
+        receiver = f"{section}_flags"
+        signature = inspect.signature(command, eval_str=True)
+        kept = [p for p in signature.parameters.values() if p.name != receiver]
+        added = [
+            inspect.Parameter(f"{section}_{name}", inspect.Parameter.KEYWORD_ONLY,
+                              default=None, annotation=annotation(name))
+            for name in names
+        ]  # fmt: skip
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> T:
+            given = {name: kwargs.pop(f"{section}_{name}") for name in names}
+            kwargs[receiver] = {k: v for k, v in given.items() if v is not None}
+            return command(**kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=kept + added)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in kept + added}
+        return wrapper
+
+    return decorate
+
+
 ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="Config file (JSON/YAML/TOML); flags override it."),
 ]
-# Data
-SourceOpt = Annotated[str | None, setting(DataConfig, "source", "--data")]
-FormatOpt = Annotated[str | None, setting(DataConfig, "format")]
-UserColOpt = Annotated[str | None, setting(DataConfig, "user_col")]
-ItemColOpt = Annotated[str | None, setting(DataConfig, "item_col")]
-TimeColOpt = Annotated[str | None, setting(DataConfig, "time_col")]
-MinCountOpt = Annotated[int | None, setting(DataConfig, "min_count")]
-SplitSeedOpt = Annotated[int | None, setting(DataConfig, "split_seed")]
-SynthUsersOpt = Annotated[int | None, setting(DataConfig, "synthetic_users")]
-# Training
-ModelOpt = Annotated[str | None, setting(TrainConfig, "model_type", "--model")]
-DimOpt = Annotated[int | None, setting(TrainConfig, "dim")]
-InterestsOpt = Annotated[int | None, setting(TrainConfig, "num_interests", "--interests", "-K")]
-SeqLenOpt = Annotated[int | None, setting(TrainConfig, "seq_len")]
-BetaOpt = Annotated[float | None, setting(TrainConfig, "beta")]
-LambdaOpt = Annotated[float | None, setting(TrainConfig, "rr_lambda")]
-RoutingGradOpt = Annotated[
-    bool | None, setting(TrainConfig, "routing_grad", "--routing-grad/--no-routing-grad")
-]
-NegOpt = Annotated[int | None, setting(TrainConfig, "num_negatives", "--negatives")]
-BatchOpt = Annotated[int | None, setting(TrainConfig, "batch_size")]
-LrOpt = Annotated[float | None, setting(TrainConfig, "lr")]
-WdOpt = Annotated[float | None, setting(TrainConfig, "weight_decay")]
-ItersOpt = Annotated[int | None, setting(TrainConfig, "max_iters")]
-EvalEveryOpt = Annotated[int | None, setting(TrainConfig, "eval_every")]
-PatienceOpt = Annotated[int | None, setting(TrainConfig, "patience")]
-SeedOpt = Annotated[int | None, setting(TrainConfig, "seed")]
 DeviceOpt = Annotated[str | None, setting(TrainConfig, "device")]
-AmpOpt = Annotated[bool | None, setting(TrainConfig, "amp", "--amp/--no-amp")]
-CompileOpt = Annotated[bool | None, setting(TrainConfig, "compile", "--compile/--no-compile")]
-# Export
-FactoryOpt = Annotated[str | None, setting(ExportConfig, "index_factory")]
-SearchParamsOpt = Annotated[str | None, setting(ExportConfig, "search_params")]
 
 
 def read_config(path: Path | None) -> dict[str, Any]:

@@ -6,22 +6,16 @@ import fnmatch
 import os
 import platform
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from training.commands.options import (
-    AmpOpt,
-    CliError,
-    DeviceOpt,
-    EvalEveryOpt,
-    ItersOpt,
-    PatienceOpt,
-)
+from training.commands.options import CliError, config_options
 from training.config import TrainConfig
 from training.report import DATASETS, SUITES, plan, run_all, run_status, write_report
 
 
+@config_options(TrainConfig, "train", only=("max_iters", "eval_every", "patience", "device", "amp"))
 def report(
     out: Annotated[
         Path, typer.Option("--out", help="Where report.md, results.csv and figures go.")
@@ -39,11 +33,6 @@ def report(
     suites: Annotated[
         str, typer.Option(help=f"Comma-separated, from: {', '.join(SUITES)}.")
     ] = ",".join(SUITES),
-    max_iters: ItersOpt = None,
-    eval_every: EvalEveryOpt = None,
-    patience: PatienceOpt = None,
-    device: DeviceOpt = None,
-    amp: AmpOpt = None,
     machine: Annotated[str, typer.Option(help="Machine description for the report.")] = "",
     only: Annotated[
         str | None, typer.Option(help="Run only rows whose label matches this glob.")
@@ -54,13 +43,15 @@ def report(
     dry_run: Annotated[
         bool, typer.Option(help="List the experiments, whether each has run, and stop.")
     ] = False,
+    *,
+    train_flags: dict[str, Any],
 ) -> None:
-    """Regenerate the results report (tables, CSV, figures) on the real datasets."""
+    """Regenerate the results report (tables, CSV, figures) on the real datasets.
+
+    The training flags change every experiment's base settings (e.g. a shorter --max-iters)."""
     if not data_root.is_dir():
         raise CliError(f"--data-root: {data_root} does not exist")
-    overrides = {"max_iters": max_iters, "eval_every": eval_every, "patience": patience,
-                 "device": device, "amp": amp}  # fmt: skip
-    base = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    base = TrainConfig(**train_flags)
     experiments = plan(datasets.split(","), suites.split(","), base)
     if only:
         experiments = [e for e in experiments if fnmatch.fnmatch(e.label, only)]

@@ -5,42 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from remi_core.bundle import load_bundle
 from training.commands.options import (
-    AmpOpt,
-    BatchOpt,
-    BetaOpt,
     CliError,
-    CompileOpt,
     ConfigOpt,
-    DeviceOpt,
-    DimOpt,
-    EvalEveryOpt,
-    FactoryOpt,
-    FormatOpt,
-    InterestsOpt,
-    ItemColOpt,
-    ItersOpt,
-    LambdaOpt,
-    LrOpt,
-    MinCountOpt,
-    ModelOpt,
-    NegOpt,
-    PatienceOpt,
-    RoutingGradOpt,
-    SearchParamsOpt,
-    SeedOpt,
-    SeqLenOpt,
-    SourceOpt,
-    SplitSeedOpt,
-    SynthUsersOpt,
-    TimeColOpt,
-    UserColOpt,
-    WdOpt,
+    config_options,
     echo_json,
     read_config,
     settings,
@@ -58,91 +31,55 @@ DatasetDirOpt = Annotated[
 ]
 
 
+DATA_FLAGS = {"source": ("--data",)}
+TRAIN_FLAGS = {
+    "model_type": ("--model",),
+    "num_interests": ("--interests", "-K"),
+    "num_negatives": ("--negatives",),
+}
+
+
+@config_options(DataConfig, "data", **DATA_FLAGS)
 def prepare(
     out: Annotated[Path, typer.Option("--out", help="Directory to write the prepared dataset.")],
     config: ConfigOpt = None,
-    data: SourceOpt = None,
-    format: FormatOpt = None,
-    user_col: UserColOpt = None,
-    item_col: ItemColOpt = None,
-    time_col: TimeColOpt = None,
-    min_count: MinCountOpt = None,
-    split_seed: SplitSeedOpt = None,
-    synthetic_users: SynthUsersOpt = None,
+    *,
+    data_flags: dict[str, Any],
 ) -> None:
     """Read interactions, filter, map ids, split users, and save the dataset to --out."""
-    cfg = settings(
-        DataConfig, read_config(config), "data", source=data, format=format, user_col=user_col,
-        item_col=item_col, time_col=time_col, min_count=min_count, split_seed=split_seed,
-        synthetic_users=synthetic_users,
-    )  # fmt: skip
-    dataset = load_dataset(cfg)
+    dataset = load_dataset(settings(DataConfig, read_config(config), "data", **data_flags))
     dataset.save(out)
     echo_json(dataset.summary())
 
 
+@config_options(TrainConfig, "train", **TRAIN_FLAGS)
+@config_options(DataConfig, "data", **DATA_FLAGS)
 def train_command(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Where checkpoints and logs go.")],
     config: ConfigOpt = None,
-    data: SourceOpt = None,
-    format: FormatOpt = None,
-    user_col: UserColOpt = None,
-    item_col: ItemColOpt = None,
-    time_col: TimeColOpt = None,
-    min_count: MinCountOpt = None,
-    split_seed: SplitSeedOpt = None,
-    synthetic_users: SynthUsersOpt = None,
     dataset_dir: DatasetDirOpt = None,
-    model: ModelOpt = None,
-    dim: DimOpt = None,
-    interests: InterestsOpt = None,
-    seq_len: SeqLenOpt = None,
-    beta: BetaOpt = None,
-    rr_lambda: LambdaOpt = None,
-    routing_grad: RoutingGradOpt = None,
-    negatives: NegOpt = None,
-    batch_size: BatchOpt = None,
-    lr: LrOpt = None,
-    weight_decay: WdOpt = None,
-    max_iters: ItersOpt = None,
-    eval_every: EvalEveryOpt = None,
-    patience: PatienceOpt = None,
-    seed: SeedOpt = None,
-    device: DeviceOpt = None,
-    amp: AmpOpt = None,
-    compile: CompileOpt = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --run-dir from its last.pt.")
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    *,
+    data_flags: dict[str, Any],
+    train_flags: dict[str, Any],
 ) -> None:
-    """Train a REMI model (ComiRec-SA + IHN + RR) and keep the best validation checkpoint."""
+    """Train a REMI model (ComiRec-SA + IHN + RR) and keep the best validation checkpoint.
+
+    Data and training settings come from the config file's data: and train: sections and the
+    flags; --resume takes them from the run itself (only --max-iters may change).
+    """
     file = read_config(config)
     if resume:
-        # The run's own settings and data; the one thing a resumed run may change is how far.
-        run = RunDir(run_dir)
-        if not run.exists():
-            raise CliError(f"--resume: {run_dir} holds no run (config.json missing)")
-        cfg = run.train_config()
-        if max_iters is not None:
-            cfg = replace(cfg, max_iters=max_iters)
-        dataset = run.load_dataset()
+        dataset, cfg = _resumed(RunDir(run_dir), train_flags.get("max_iters"))
     else:
         if dataset_dir is not None:
             dataset = SequenceDataset.load(dataset_dir)
         else:
-            dataset = load_dataset(settings(
-                DataConfig, file, "data", source=data, format=format, user_col=user_col,
-                item_col=item_col, time_col=time_col, min_count=min_count, split_seed=split_seed,
-                synthetic_users=synthetic_users,
-            ))  # fmt: skip
-        cfg = settings(
-            TrainConfig, file, "train", model_type=model, dim=dim, num_interests=interests,
-            seq_len=seq_len, beta=beta, rr_lambda=rr_lambda, routing_grad=routing_grad,
-            num_negatives=negatives, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-            max_iters=max_iters, eval_every=eval_every, patience=patience, seed=seed,
-            device=device, amp=amp, compile=compile,
-        )  # fmt: skip
+            dataset = load_dataset(settings(DataConfig, file, "data", **data_flags))
+        cfg = settings(TrainConfig, file, "train", **train_flags)
     typer.echo(f"data: {json.dumps(dataset.summary())}", err=True)
     result = train(dataset, cfg, run_dir, resume=resume, progress=progress)
     echo_json(
@@ -156,6 +93,16 @@ def train_command(
             "most_popular_test": result.popularity_test,
         }
     )
+
+
+def _resumed(run: RunDir, max_iters: int | None) -> tuple[SequenceDataset, TrainConfig]:
+    """The run's own dataset and settings; the one thing a resumed run may change is how far."""
+    if not run.exists():
+        raise CliError(f"--resume: {run.path} holds no run (config.json missing)")
+    cfg = run.train_config()
+    if max_iters is not None:
+        cfg = replace(cfg, max_iters=max_iters)
+    return run.load_dataset(), cfg
 
 
 def evaluate(
@@ -188,17 +135,17 @@ def evaluate(
     echo_json({"split": split, "users": len(eval_set), "model": metrics, "most_popular": popular})
 
 
+@config_options(ExportConfig, "export")
 def export(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Training run to export.")],
     bundle_root: Annotated[Path, typer.Option("--bundle-root", help="Bundle root directory.")],
     config: ConfigOpt = None,
-    index_factory: FactoryOpt = None,
-    search_params: SearchParamsOpt = None,
     publish: Annotated[bool, typer.Option(help="Point `current` at the new version.")] = True,
+    *,
+    export_flags: dict[str, Any],
 ) -> None:
     """Write the run's best checkpoint as a new bundle version (and publish it)."""
-    cfg = settings(ExportConfig, read_config(config), "export", index_factory=index_factory,
-                   search_params=search_params)  # fmt: skip
+    cfg = settings(ExportConfig, read_config(config), "export", **export_flags)
     if not RunDir(run_dir).exists():
         raise CliError(f"--run-dir: {run_dir} is not a training run (config.json missing)")
     try:
