@@ -25,42 +25,35 @@ class RunError(Exception):
     """A directory that is not (or not yet) a usable training run; the message says why."""
 
 
+class _File:
+    """A file of the run directory: `run.config` is `run.path / "config.json"`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, run: RunDir, owner: type) -> Path:
+        return run.path / self.name
+
+
 @dataclass(frozen=True)
 class RunDir:
     """Paths of a run's files, and readers for the ones other commands need."""
 
     path: Path
 
+    config = _File("config.json")
+    dataset = _File("dataset")
+    metrics = _File("metrics.jsonl")
+    best = _File("best.json")
+    last = _File("last.pt")
+    result = _File("result.json")
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
-
-    @property
-    def config(self) -> Path:
-        return self.path / "config.json"
-
-    @property
-    def dataset(self) -> Path:
-        return self.path / "dataset"
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / "metrics.jsonl"
 
     def weights(self, which: str = "best") -> Path:
         """best.safetensors (the best validation checkpoint) or another saved set of weights."""
         return self.path / f"{which}.safetensors"
-
-    @property
-    def best(self) -> Path:
-        return self.path / "best.json"
-
-    @property
-    def last(self) -> Path:
-        return self.path / "last.pt"
-
-    @property
-    def result(self) -> Path:
-        return self.path / "result.json"
 
     def exists(self) -> bool:
         """Whether a run was started here (its config.json is written first)."""
