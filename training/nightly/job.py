@@ -264,8 +264,8 @@ def _run_steps(run: NightlyRun) -> None:
         with run.timer.stage("train"):
             run.trained = train_model(cfg, run.data.dataset, run.run_id)
         with run.timer.stage("evaluate_current"):
-            run.comparison = publish.compare(cfg, run.trained.metrics(), run.published.version,
-                                             run.data.dataset)  # fmt: skip
+            new = run.trained.metrics()
+            run.comparison = publish.compare(cfg, new, run.published.version, run.data.dataset)
         with run.timer.stage("publish"):
             run.outcome = publish.publish(run)
         if run.outcome.decision == "published" and cfg.reload_url:

@@ -142,8 +142,10 @@ def _swap_in(run: NightlyRun) -> str:
         }
     }
     run.check_lock()
-    path = export_run(run.trained.run_dir, root, run.cfg.index_factory, run.cfg.search_params,
-                      publish=False, extra=extra)  # fmt: skip
+    cfg = run.cfg
+    path = export_run(
+        run.trained.run_dir, root, cfg.index_factory, cfg.search_params, publish=False, extra=extra
+    )
     try:
         run.check_lock()
         set_current(root, path.name)
