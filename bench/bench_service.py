@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,11 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from remi_core.bundle import write_bundle  # noqa: E402
-from remi_core.models import EncoderConfig, build_encoder  # noqa: E402
-from service.recommender import LoadedModel, load_model, recommend_batch  # noqa: E402
+from remi_core.bundle import write_bundle
+from remi_core.models import EncoderConfig, build_encoder
+from service.recommender import LoadedModel, load_model, recommend_batch
 
 
 def make_model(
