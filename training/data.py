@@ -153,7 +153,7 @@ class SequenceDataset:
             test=arrays["test"],
             fingerprint=meta["fingerprint"],
             source=meta["source"],
-            extra=meta.get("extra", {}),
+            extra=meta["extra"],
         )
 
 

@@ -405,7 +405,7 @@ def _figures(rows: list[dict], directory: Path) -> list[Path]:
             log_rows = RunDir(r["run"]).read_metrics()
             its = [x["iteration"] for x in log_rows]
             ax1.plot(its, [x["valid/recall@50"] for x in log_rows], label=r["label"])
-            ax2.plot(its, [x.get("routing_max") or np.nan for x in log_rows], label=r["label"])
+            ax2.plot(its, [x["routing_max"] or np.nan for x in log_rows], label=r["label"])
         ax1.set(title=f"{ds}: validation Recall@50", xlabel="iteration")
         ax2.set(title=f"{ds}: routing collapse (mean max routing weight)", xlabel="iteration")
         ax1.legend(fontsize=7)
