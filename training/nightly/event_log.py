@@ -123,8 +123,9 @@ def events_frame(entries: list[tuple[str, dict[str, str]]]) -> tuple[pd.DataFram
 def save_events(state_dir: Path, frame: pd.DataFrame) -> Path | None:
     """Write a batch of events as state_dir/events/events-<first id>--<last id>.csv, atomically.
 
-    Files are never rewritten; a re-read range (after a crash) lands in a file with the same
-    name, which is simply replaced by identical content.
+    A range read again after a crash (the position did not move) starts where the saved file
+    starts and may reach further: the new file is written first, then every file whose range it
+    covers is deleted, so the log keeps each event once without ever holding it in no file.
     """
     if frame.empty:
         return None
@@ -134,7 +135,21 @@ def save_events(state_dir: Path, frame: pd.DataFrame) -> Path | None:
     path = directory / f"events-{first}--{last}.csv"
     with atomic_file(path) as tmp:
         frame.to_csv(tmp, index=False, columns=list(EVENT_COLUMNS), quoting=csv.QUOTE_NONNUMERIC)
+    for old in event_files(state_dir):
+        old_first, old_last = file_range(old)
+        if old != path and parse_id(first) <= old_first and old_last <= parse_id(last):
+            old.unlink(missing_ok=True)
     return path
+
+
+def event_files(state_dir: Path) -> list[Path]:
+    return sorted((Path(state_dir) / "events").glob("events-*.csv"))
+
+
+def file_range(path: Path) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(first id, last id) of an events file, from its name."""
+    first, _, last = path.name.removeprefix("events-").removesuffix(".csv").partition("--")
+    return parse_id(first), parse_id(last)
 
 
 def load_events(state_dir: Path) -> tuple[pd.DataFrame, int]:
@@ -143,7 +158,7 @@ def load_events(state_dir: Path) -> tuple[pd.DataFrame, int]:
     Dedupe by stream id (a range read twice after a crash), then by (user, item, time): the
     service delivers at least once, so a client retry can store the same event under two ids.
     """
-    files = sorted((Path(state_dir) / "events").glob("events-*.csv"))
+    files = event_files(state_dir)
     if not files:
         return pd.DataFrame(columns=list(EVENT_COLUMNS)), 0
     frames = [
