@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
+from typer.testing import CliRunner
+
+from tests.helpers import REPO
+from training.cli import app
+from training.data import DataError
 from training.nightly.event_log import events_frame, load_events, save_events
 
 
@@ -29,3 +36,36 @@ def test_a_range_read_again_after_a_crash_replaces_the_shorter_file(tmp_path: Pa
     later, _ = events_frame(entries(110, 111))
     save_events(tmp_path, later)
     assert len(list((tmp_path / "events").glob("events-*.csv"))) == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("events-105-0--106-0.csv", '"stream_id","user","item","time"\n"105-0","u2","i1'),
+        ("events-105-0--106-0.csv", '"stream_id","user","item","time"\n"105-0","u2",'),
+        ("events-105-0--106-0.csv", "\x00\x01 not a csv at all"),
+        ("events-105-0--106-0.csv", '"stream_id","user"\n"105-0","u2"\n'),
+        ("events-backup.csv", '"stream_id","user","item","time"\n"105-0","u2","i1",5\n'),
+    ],
+)
+def test_a_damaged_events_file_is_named_in_a_clear_error(tmp_path: Path, name, content) -> None:
+    good, _ = events_frame(entries(100, 104))
+    save_events(tmp_path, good)
+    (tmp_path / "events" / name).write_text(content)
+    with pytest.raises(DataError, match=re.escape(name)) as caught:
+        load_events(tmp_path)
+    assert "move it out of" in str(caught.value)
+
+
+def test_the_cli_reports_a_damaged_events_file_without_a_traceback(redis_server, tmp_path) -> None:
+    state = tmp_path / "state"
+    (state / "events").mkdir(parents=True)
+    (state / "events" / "events-1-0--2-0.csv").write_text('"stream_id","user"\n"1-0",')
+    result = CliRunner().invoke(
+        app,
+        ["nightly", "--config", str(REPO / "configs" / "nightly-test.yaml"),
+         "--bundle-root", str(tmp_path / "b"), "--state-dir", str(state),
+         "--redis-url", redis_server.url],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "events-1-0--2-0.csv" in result.output and "Traceback" not in result.output

@@ -4,7 +4,8 @@ Steps 2 and 8 of the job (see job.py): `collect` reads the entries after the sav
 the stream's end *now* and appends them to state_dir/events/ before anything else happens;
 `advance_position` moves the saved position to that end, last of all, and trims the consumed
 entries from the stream. Every later night reads all saved files again (`load_events`), so the
-accumulated events keep counting whether or not a night's model is published.
+accumulated events keep counting whether or not a night's model is published; a damaged file
+stops the job with a DataError naming it (exit 2), never silently.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from remi_core.atomic import atomic_file
+from training.data import DataError
 
 EVENT_COLUMNS = ("stream_id", "user", "item", "time")
 
@@ -149,7 +151,42 @@ def event_files(state_dir: Path) -> list[Path]:
 def file_range(path: Path) -> tuple[tuple[int, int], tuple[int, int]]:
     """(first id, last id) of an events file, from its name."""
     first, _, last = path.name.removeprefix("events-").removesuffix(".csv").partition("--")
-    return parse_id(first), parse_id(last)
+    try:
+        return parse_id(first), parse_id(last)
+    except ValueError:
+        raise _damaged(path, "its name is not events-<first id>--<last id>.csv") from None
+
+
+def _damaged(path: Path, problem: str) -> DataError:
+    return DataError(
+        f"{path}: {problem}. The nightly job cannot read its saved events. They were already "
+        f"consumed from the Redis stream: repair the file, or move it out of {path.parent} "
+        "(its events are then left out of training)"
+    )
+
+
+def _read_events_file(path: Path) -> pd.DataFrame:
+    """One saved file, checked: the columns, ids, users, items and finite timestamps."""
+    file_range(path)
+    try:
+        frame = pd.read_csv(
+            path, dtype={"stream_id": str, "user": str, "item": str}, keep_default_na=False
+        )
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise _damaged(path, f"cannot parse it as CSV ({exc})") from None
+    if list(frame.columns) != list(EVENT_COLUMNS):
+        raise _damaged(path, f"its columns are {list(frame.columns)}, not {list(EVENT_COLUMNS)}")
+    times = pd.to_numeric(frame["time"], errors="coerce")
+    bad = (
+        ~frame["stream_id"].str.fullmatch(r"\d+-\d+")
+        | (frame["user"].str.strip() == "")
+        | (frame["item"].str.strip() == "")
+        | ~np.isfinite(times.to_numpy(dtype=float, na_value=np.nan))
+    )
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0]) + 2  # 1-based, after the header line
+        raise _damaged(path, f"line {row} is incomplete or malformed (a truncated write?)")
+    return frame.assign(time=times.astype(float))
 
 
 def load_events(state_dir: Path) -> tuple[pd.DataFrame, int]:
@@ -161,13 +198,8 @@ def load_events(state_dir: Path) -> tuple[pd.DataFrame, int]:
     files = event_files(state_dir)
     if not files:
         return pd.DataFrame(columns=list(EVENT_COLUMNS)), 0
-    frames = [
-        pd.read_csv(f, dtype={"stream_id": str, "user": str, "item": str}, keep_default_na=False)
-        for f in files
-    ]
-    frame = pd.concat(frames, ignore_index=True)
+    frame = pd.concat([_read_events_file(f) for f in files], ignore_index=True)
     before = len(frame)
-    frame["time"] = frame["time"].astype(float)
     frame = frame.drop_duplicates("stream_id").drop_duplicates(["user", "item", "time"])
     ms_seq = frame["stream_id"].str.split("-", expand=True).astype("int64")
     frame = frame.iloc[np.lexsort((ms_seq[1], ms_seq[0]))].reset_index(drop=True)
