@@ -3,7 +3,9 @@
 One run of `run_nightly` (the `remi-train nightly` command) is a one-shot, idempotent job. Its
 steps, which `_run_steps` below takes in this order (and docs/operations.md links here):
 
-1. **Lock.** Take the Redis lock (SET NX PX + heartbeat, lock.py), so two runs never overlap.
+1. **Lock.** Take the Redis lock (SET NX PX + heartbeat, lock.py), so two runs never overlap;
+   then check that the bundle root and the state directory are writable, so a bad path fails
+   in seconds, not after training.
 2. **Collect events.** Note the stream's last id *now*, read the events after the saved position
    up to it, and save them in the state directory as one CSV named by its stream-id range
    (written atomically; event_log.py). Every later night reads all of these files again,
@@ -37,6 +39,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -247,7 +250,8 @@ def _run(cfg: NightlyConfig, kind: str) -> dict[str, Any]:
 def _run_steps(run: NightlyRun) -> None:
     """Steps 2-8 of the module docstring, in order."""
     cfg = run.cfg
-    Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+    check_writable(Path(cfg.bundle_root), "--bundle-root")
+    check_writable(Path(cfg.state_dir), "--state-dir")
     run.published = published_bundle(Path(cfg.bundle_root))
     if run.kind == "bootstrap" and run.published.version is not None:
         reason = f"{run.published.version} was published meanwhile"
@@ -271,6 +275,17 @@ def _run_steps(run: NightlyRun) -> None:
         if run.outcome.decision == "published" and cfg.reload_url:
             run.outcome.details["reload"] = publish.notify_reload(cfg.reload_url, cfg.admin_token)
     commit(run)
+
+
+def check_writable(directory: Path, flag: str) -> None:
+    """Create `directory` if needed and write (and delete) a file in it, or raise NightlyError."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise NightlyError(f"{flag}: {directory} is not writable ({reason})") from None
 
 
 def published_bundle(root: Path) -> Published:
