@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -10,20 +11,43 @@ from remi_core.bundle import (
     BundleError,
     current_version,
     list_versions,
+    load_bundle,
     read_manifest,
     set_current,
 )
 from training.commands.nightly import BundleRootOpt
 from training.commands.options import CliError, echo_json
+from training.data import SequenceDataset
+from training.evaluate import evaluate_bundle
+
+SAME_USERS = "same_users_recall@50"
 
 
 def versions(
     bundle_root: BundleRootOpt,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    dataset_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--dataset-dir",
+            help="Also score every version on this dataset's test users (e.g. a nightly run's "
+            "<state-dir>/runs/<id>/dataset), so the versions can be compared.",
+        ),
+    ] = None,
 ) -> None:
-    """List bundle versions, oldest first; `*` marks the one `current` points at."""
+    """List bundle versions, oldest first; `*` marks the one `current` points at.
+
+    Each version's own test Recall@50 was measured on the users of its own night, which change
+    with the data; with --dataset-dir every version is also scored on the same users.
+    """
     current = current_version(bundle_root)
     rows = [_version_row(bundle_root / v, v == current) for v in list_versions(bundle_root)]
+    if dataset_dir is not None:
+        dataset = SequenceDataset.load(dataset_dir)
+        for row in rows:
+            if "error" not in row:
+                bundle = load_bundle(bundle_root / row["version"])
+                row[SAME_USERS] = evaluate_bundle(bundle, dataset, "test")["recall@50"]
     if as_json:
         echo_json({"bundle_root": str(bundle_root), "current": current, "versions": rows})
         return
@@ -55,9 +79,10 @@ def _version_line(row: dict[str, Any]) -> str:
         return f"{mark} {row['version']}  unreadable: {row['error']}"
     recall = row["test_recall@50"]
     recall_text = f"{recall:.4f}" if isinstance(recall, float) else "n/a"
+    same = f"  on the same users {row[SAME_USERS]:.4f}" if SAME_USERS in row else ""
     return (
         f"{mark} {row['version']}  created {row['created_at']}  items {row['items']}  "
-        f"test recall@50 {recall_text}  ({row['kind']})"
+        f"test recall@50 {recall_text}{same}  ({row['kind']})"
     )
 
 

@@ -42,6 +42,9 @@ class NightlyConfig:
     """Publish when new >= current - tolerance on compare_metric (absolute), on test users."""
     compare_metric: str = "recall@50"
     """Metric of the publish decision."""
+    baseline_versions: int = 4
+    """Also compare with the best of this many newest versions besides `current`, on the same
+    users, so losses within the tolerance cannot add up night after night; 0: `current` only."""
     retention: int = 5
     """Keep the newest this many versions (plus `current`, whatever its age)."""
     keep_runs: int = 2
@@ -68,6 +71,8 @@ class NightlyConfig:
             raise NightlyError("retention must be at least 1")
         if self.lock_ttl_s <= 0:
             raise NightlyError("lock_ttl_s must be positive")
+        if self.baseline_versions < 0:
+            raise NightlyError("baseline_versions must not be negative")
         if self.tolerance < 0:
             raise NightlyError("tolerance must not be negative")
         metrics = [f"{m}@{n}" for m in ("recall", "hitrate", "ndcg") for n in CUTOFFS]

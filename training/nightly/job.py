@@ -17,8 +17,10 @@ steps, which `_run_steps` below takes in this order (and docs/operations.md link
 4. **Skip if unchanged.** If the data and training settings equal those of the current bundle,
    there is nothing to retrain (unless `force`); go to step 8.
 5. **Train** tonight's model (the same `train()` as `remi-train train`).
-6. **Compare.** Evaluate the published bundle on the same held-out test users and decide:
-   publish only when new >= current - tolerance on `compare_metric`.
+6. **Compare.** Evaluate the published bundle, and the newest other versions (the drift
+   guard, `baseline_versions`), on the same held-out test users and decide: publish only when
+   new >= current - tolerance and new >= the best of those versions - tolerance on
+   `compare_metric`, so small losses cannot add up night after night.
 7. **Publish** (if the decision says so): write the bundle and swap `current` atomically; then
    prune old versions (never the current one) and old run directories, and ask the service to
    reload.

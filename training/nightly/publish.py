@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from remi_core.bundle import BundleError, current_version, load_bundle, prune, set_current
+from remi_core.bundle import (
+    BundleError,
+    current_version,
+    list_versions,
+    load_bundle,
+    prune,
+    set_current,
+)
 from training.data import SequenceDataset
 from training.evaluate import evaluate_bundle
 from training.export import export_run
@@ -35,12 +42,18 @@ class Comparison:
     current: dict[str, dict[str, float]] | None  # the same for the published bundle, if usable
     summary: dict[str, Any]  # metric, split, tolerance, new, current, delta
     current_unusable: str | None = None  # why the published bundle could not be evaluated
+    recent: dict[str, dict[str, float]] = field(default_factory=dict)  # version -> test metrics
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.current_unusable is not None:
             out["current_unusable"] = self.current_unusable
-        out["metrics"] = {"new": self.new, "current": self.current, "comparison": self.summary}
+        out["metrics"] = {
+            "new": self.new,
+            "current": self.current,
+            "recent_versions": self.recent,
+            "comparison": self.summary,
+        }
         return out
 
 
@@ -59,20 +72,30 @@ def decide(
     current: dict[str, float] | None,
     metric: str,
     tolerance: float,
+    baseline: tuple[str, dict[str, float]] | None = None,
 ) -> tuple[bool, str]:
-    """(publish?, why) for the new model's and the current bundle's metrics on the same users."""
-    if current is None:
+    """(publish?, why) for the new model's metrics against the current bundle's and, when given,
+    the best recent version's (`baseline`: (version, metrics)), all on the same users."""
+    if current is None and baseline is None:
         return True, "no usable published bundle: publishing the first one"
-    new_value, old_value = new[metric], current[metric]
-    delta = new_value - old_value
-    if new_value >= old_value - tolerance:
-        return True, (
-            f"new {metric} {new_value:.4f} vs current {old_value:.4f} (delta {delta:+.4f}) is "
-            f"within the tolerance {tolerance:.4f}"
-        )
-    return False, (
-        f"new {metric} {new_value:.4f} is worse than current {old_value:.4f} by {-delta:.4f}, "
-        f"more than the tolerance {tolerance:.4f}: keeping the current bundle"
+    others = [("current", current)] if current is not None else []
+    if baseline is not None:
+        others.append((f"the best recent version {baseline[0]}", baseline[1]))
+    new_value = new[metric]
+    for name, metrics in others:
+        old_value = metrics[metric]
+        if new_value < old_value - tolerance:
+            return False, (
+                f"new {metric} {new_value:.4f} is worse than {name} {old_value:.4f} by "
+                f"{old_value - new_value:.4f}, more than the tolerance {tolerance:.4f}: keeping "
+                "the current bundle"
+            )
+    against = " and ".join(
+        f"{name} {m[metric]:.4f} (delta {new_value - m[metric]:+.4f})" for name, m in others
+    )
+    return (
+        True,
+        f"new {metric} {new_value:.4f} vs {against} is within the tolerance {tolerance:.4f}",
     )
 
 
@@ -82,18 +105,22 @@ def compare(
     published_version: str | None,
     dataset: SequenceDataset,
 ) -> Comparison:
-    """Step 6: evaluate the published bundle on tonight's held-out users and decide."""
+    """Step 6: evaluate the published bundle, and the newest other versions (the drift guard),
+    on tonight's held-out users and decide."""
+    root = Path(cfg.bundle_root)
     current, unusable = None, None
     if published_version is not None:
         try:
-            bundle = load_bundle(cfg.bundle_root)
+            bundle = load_bundle(root)
             current = {s: evaluate_bundle(bundle, dataset, s) for s in ("valid", "test")}
         except BundleError as exc:
             unusable = str(exc)
             log.warning("cannot evaluate the current bundle: %s", exc)
     metric = cfg.compare_metric
+    recent = _recent_versions(root, published_version, cfg.baseline_versions, dataset)
+    best = max(recent.items(), key=lambda kv: kv[1][metric]) if recent else None
     old = None if current is None else current[COMPARE_SPLIT]
-    ok, reason = decide(new[COMPARE_SPLIT], old, metric, cfg.tolerance)
+    ok, reason = decide(new[COMPARE_SPLIT], old, metric, cfg.tolerance, best)
     summary: dict[str, Any] = {
         "metric": metric,
         "split": COMPARE_SPLIT,
@@ -103,8 +130,25 @@ def compare(
     if old is not None:
         summary["current"] = old[metric]
         summary["delta"] = summary["new"] - summary["current"]
+    if best is not None:
+        value = best[1][metric]
+        summary["baseline"] = {"version": best[0], "value": value, "delta": summary["new"] - value}
     log.info("nightly decision: %s (%s)", "publish" if ok else "keep", reason)
-    return Comparison(ok, reason, new, current, summary, unusable)
+    return Comparison(ok, reason, new, current, summary, unusable, recent)
+
+
+def _recent_versions(
+    root: Path, current: str | None, count: int, dataset: SequenceDataset
+) -> dict[str, dict[str, float]]:
+    """Test metrics on tonight's users of the `count` newest versions other than `current`."""
+    versions = [v for v in list_versions(root) if v != current][-count:] if count else []
+    out = {}
+    for version in versions:
+        try:
+            out[version] = evaluate_bundle(load_bundle(root / version), dataset, COMPARE_SPLIT)
+        except BundleError as exc:  # a broken old version cannot vouch for anything
+            log.warning("drift guard: skipping %s: %s", version, exc)
+    return out
 
 
 def publish(run: NightlyRun) -> Outcome:
