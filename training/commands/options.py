@@ -4,6 +4,7 @@ Every setting is defined once, as a field of a config dataclass (DataConfig, Tra
 ExportConfig, NightlyConfig) with a docstring. `setting()` turns a field into a typer option
 whose help is that docstring and whose shown default is the field's default; the option itself
 defaults to None, meaning "not given": the config file's value, else the dataclass default.
+`config_options()` gives a command one such option per field of a class.
 """
 
 from __future__ import annotations
@@ -98,10 +99,14 @@ def config_options(
         signature = inspect.signature(command, eval_str=True)
         kept = [p for p in signature.parameters.values() if p.name != receiver]
         added = [
-            inspect.Parameter(f"{section}_{name}", inspect.Parameter.KEYWORD_ONLY,
-                              default=None, annotation=annotation(name))
+            inspect.Parameter(
+                f"{section}_{name}",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=annotation(name),
+            )
             for name in names
-        ]  # fmt: skip
+        ]
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> T:
