@@ -19,14 +19,18 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from remi_core.threads import describe, prepare_environment, setup_threads
+
+prepare_environment()  # before torch and faiss load their OpenMP runtimes
+
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from remi_core.bundle import write_bundle  # noqa: E402
-from remi_core.models import EncoderConfig, build_encoder  # noqa: E402
-from service.recommender import LoadedModel, load_model, recommend_batch  # noqa: E402
+from remi_core.bundle import write_bundle
+from remi_core.models import EncoderConfig, build_encoder
+from service.recommender import LoadedModel, load_model, recommend_batch
 
 
 def make_model(
@@ -87,11 +91,12 @@ def main() -> None:
     parser.add_argument("--faiss-threads", type=int, default=None, help="faiss OpenMP threads")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.torch_threads)
-    if args.faiss_threads:
-        import faiss
+    import faiss  # loaded now so setup_threads sizes its pool too
 
-        faiss.omp_set_num_threads(args.faiss_threads)
+    # As a service worker: faiss gets the thread count (--faiss-threads, else REMI_THREADS,
+    # else the CPUs available), torch its own intra-op count.
+    print("threads: " + describe(setup_threads(args.faiss_threads, args.torch_threads)))
+    print(f"faiss threads: {faiss.omp_get_max_threads()}")
     rng = np.random.default_rng(0)
     histories = [
         [f"item-{i}" for i in rng.integers(1, args.items + 1, size=args.history)]

@@ -18,7 +18,7 @@ def bench(*args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "REMI_THREADS": "1"},
     )
 
 

@@ -127,6 +127,26 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+@app.callback()
+def _threads(
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            help="CPU threads of torch and faiss (default: REMI_THREADS, else the CPUs this "
+            "process may use: affinity and cgroup quota). Give it before the command.",
+        ),
+    ] = None,
+) -> None:
+    # Every command: the pools sized before any work (the wait policy was set on import).
+    from remi_core.threads import ThreadSettingError, setup_threads
+
+    try:
+        setup_threads(threads)
+    except ThreadSettingError as exc:
+        raise _fail(str(exc)) from None
+
+
 def _read_config(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
