@@ -233,3 +233,20 @@ def test_benchmark_scripts_set_up_threads() -> None:
     assert report["wait_policy"] == "PASSIVE" and report["prepared_in_time"]
     assert report["threads"] == report["faiss_threads"] == 1
     assert "threads: threads 1 (cpus available; 1 CPUs available)" in done.stdout
+
+
+@pytest.mark.integration
+def test_threads_benchmark_compares_the_set_ups_under_load() -> None:
+    done = subprocess.run(
+        [sys.executable, "bench/bench_threads.py", "--steps", "10", "--busy", "1", "--cap", "120"],
+        cwd=REPO,
+        env=child_env(REMI_DEBUG_THREADS="0"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [row] = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("1 ")]
+    assert row[0] == "1" and row.count("s") == 3  # a time for default, single and old
+    assert f"({CPUS} thr)" in done.stdout and "(1 thr)" in done.stdout
+    assert "busy 1: default / single = " in done.stdout
