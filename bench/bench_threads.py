@@ -11,7 +11,12 @@ thread set-up, because OpenMP reads its settings once per process:
   the CPUs the process may use);
 - "single": the same with REMI_THREADS=1;
 - "old": the previous default: nothing set before torch loads (libgomp spins at barriers),
-  torch's thread count = the host's cores.
+  torch's thread count = the host's cores;
+- "spin" (only with --variants): the default with GOMP_SPINCOUNT=10000, a short spin before
+  sleeping, a candidate should "default" lose to "old" on idle cores.
+
+"old" runs only at the load levels of --old-busy (default 0,1): beside two busy processes it
+only hits the cap.
 
 The job is training.trainer.train for `--steps` steps (one validation at the end, then its test
 evaluation), on a dataset prepared once beforehand (loading is not timed). A run
@@ -31,7 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("default", "single", "old")
+VARIANTS = ("default", "single", "old", "spin")
+SPIN_COUNT = "10000"  # the "spin" variant: spin about 0.1 ms at a barrier, then sleep
 BUSY_LOOP = "while True: pass"
 
 
@@ -68,6 +74,8 @@ def worker_env(variant: str) -> dict[str, str]:
     }
     if variant == "single":
         env["REMI_THREADS"] = "1"
+    if variant == "spin":
+        env["GOMP_SPINCOUNT"] = SPIN_COUNT
     return env
 
 
@@ -76,8 +84,8 @@ def timed_run(variant: str, dataset_dir: Path, steps: int, cap: float, tmp: Path
     argv += ["--steps", str(steps), "--run-dir", str(tmp / f"run-{variant}-{time.time_ns()}")]
     try:
         done = subprocess.run(
-            argv, env=worker_env(variant), capture_output=True, text=True, timeout=cap + 60
-        )
+            argv, env=worker_env(variant), capture_output=True, text=True, timeout=cap + 15
+        )  # + start-up (imports, loading the prepared data)
     except subprocess.TimeoutExpired:
         return {"seconds": None}
     if done.returncode != 0:
@@ -92,7 +100,8 @@ def run_loaded(busy: int, dataset_dir: Path, args, tmp: Path) -> dict[str, dict]
     procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(busy)]
     try:
         time.sleep(0.5 if busy else 0)
-        return {v: timed_run(v, dataset_dir, args.steps, args.cap, tmp) for v in args.variants}
+        variants = [v for v in args.variants if v != "old" or busy in args.old_busy]
+        return {v: timed_run(v, dataset_dir, args.steps, args.cap, tmp) for v in variants}
     finally:
         for proc in procs:
             proc.kill()
@@ -107,7 +116,8 @@ def main() -> None:
     parser.add_argument(
         "--cap", type=float, default=60.0, help="seconds after which a run is stopped"
     )
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default="default,single,old", help=", ".join(VARIANTS))
+    parser.add_argument("--old-busy", default="0,1", help="load levels that run 'old'")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--dataset-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
@@ -119,6 +129,7 @@ def main() -> None:
     if any(v not in VARIANTS for v in args.variants):
         parser.error(f"--variants: choose from {', '.join(VARIANTS)}")
     levels = [int(b) for b in args.busy.split(",")]
+    args.old_busy = [int(b) for b in args.old_busy.split(",")]
 
     from remi_core.threads import available_cpus, busy_cpus
 
@@ -128,32 +139,44 @@ def main() -> None:
         print(f"WARNING: the cores are not idle ({busy:.1f} CPUs busy before the run)")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        from training.data import DataConfig, load_dataset
+        from training.data import DataConfig, DataError, load_dataset
 
-        dataset = load_dataset(DataConfig(source=args.data))
+        try:
+            dataset = load_dataset(DataConfig(source=args.data))
+        except DataError as exc:
+            parser.error(f"--data: {exc}")
         dataset.save(tmp / "dataset")
         print(f"data: {dataset.summary()['name']}; {args.steps} steps + validation + test eval")
         results = {b: run_loaded(b, tmp / "dataset", args, tmp) for b in levels}
 
-    def cell(r: dict) -> str:
-        return f"> {args.cap:.0f} s" if r["seconds"] is None else f"{r['seconds']:.1f} s"
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "-"
+        if r["seconds"] is None:
+            return f"> {args.cap:.0f} s (capped)"
+        return f"{r['seconds']:.1f} s ({r['threads']} thr)"
 
     print(f"{'busy procs':>10}  " + "  ".join(f"{v:>22}" for v in args.variants))
     for b in levels:
-        row = [
-            f"{cell(results[b][v])} ({results[b][v].get('threads', '?')} thr)"
-            for v in args.variants
-        ]
+        row = [cell(results[b].get(v)) for v in args.variants]
         print(f"{b:>10}  " + "  ".join(f"{c:>22}" for c in row))
     print("ratios (default over the alternative, same load; < 1 is faster):")
     for b in levels:
         d = results[b].get("default", {}).get("seconds")
-        for other in ("single", "old"):
+        for other in [v for v in args.variants if v != "default"]:
             o = results[b].get(other, {}).get("seconds")
             if d is not None and o is not None:
                 print(f"  busy {b}: default / {other} = {d / o:.2f}")
             elif d is not None and other in results[b]:
                 print(f"  busy {b}: default / {other} < {d / args.cap:.2f} ({other} hit the cap)")
+    checks = [(1, "single", 1.2), (0, "old", 1.0)]  # issue 16's targets
+    print("targets:")
+    for b, other, limit in checks:
+        d = results.get(b, {}).get("default", {}).get("seconds")
+        o = results.get(b, {}).get(other, {}).get("seconds")
+        if d is not None and o is not None:
+            verdict = "met" if d / o <= limit else "NOT met"
+            print(f"  busy {b}: default <= {limit}x {other}: {d / o:.2f}x, {verdict}")
 
 
 if __name__ == "__main__":
