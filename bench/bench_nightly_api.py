@@ -38,6 +38,10 @@ from pathlib import Path
 import httpx
 import yaml
 
+from remi_core.threads import busy_cpus, prepare_environment
+
+prepare_environment()  # this process loads torch only to read item ids; the same set-up anyway
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(sys.executable).parent
 PHASES = ("idle", "budget", "no budget", "old")
@@ -148,8 +152,6 @@ def main() -> None:
     phases = args.phases.split(",")
     if any(p not in PHASES for p in phases):
         parser.error(f"--phases: choose from {', '.join(PHASES)}")
-
-    from remi_core.threads import busy_cpus
 
     busy = busy_cpus(1.0)
     print(f"machine: {os.cpu_count()} CPUs; nightly budget {args.nightly_cpus} CPU(s)")
