@@ -18,6 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from remi_core.threads import describe, prepare_environment, setup_threads
+
+prepare_environment()  # before torch and faiss load their OpenMP runtimes
+
 import numpy as np
 import torch
 
@@ -84,11 +88,12 @@ def main() -> None:
     parser.add_argument("--faiss-threads", type=int, default=None, help="faiss OpenMP threads")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.torch_threads)
-    if args.faiss_threads:
-        import faiss
+    import faiss  # loaded now so setup_threads sizes its pool too
 
-        faiss.omp_set_num_threads(args.faiss_threads)
+    # As a service worker: faiss gets the thread count (--faiss-threads, else REMI_THREADS,
+    # else the CPUs available), torch its own intra-op count.
+    print("threads: " + describe(setup_threads(args.faiss_threads, args.torch_threads)))
+    print(f"faiss threads: {faiss.omp_get_max_threads()}")
     rng = np.random.default_rng(0)
     histories = [
         [f"item-{i}" for i in rng.integers(1, args.items + 1, size=args.history)]

@@ -31,6 +31,10 @@ import random
 import time
 from dataclasses import replace
 
+from remi_core.threads import busy_cpus, describe, prepare_environment, setup_threads
+
+prepare_environment()  # before torch loads its OpenMP runtime
+
 import torch
 
 from remi_core.models import build_encoder
@@ -209,6 +213,18 @@ def time_to_quality(
     return None
 
 
+def report_threads(threads: int | None) -> None:
+    """Print the thread set-up, and warn when other processes keep the cores busy: the
+    variants' ratios then mostly measure the competition."""
+    print("threads: " + describe(setup_threads(threads)))
+    busy = busy_cpus(1.0)
+    if busy is not None and busy > 0.3:
+        print(
+            f"WARNING: the cores are not idle ({busy:.1f} CPUs busy before the run); the figures "
+            "below are noisy and their ratios cannot be trusted"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="synthetic", help="synthetic or a dataset file")
@@ -221,8 +237,15 @@ def main() -> None:
         default=None,
         help=f"comma-separated, from {', '.join(VARIANTS)} (default: all on CUDA, eager on CPU)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: REMI_THREADS, else the CPUs available)",
+    )
     args = parser.parse_args()
 
+    report_threads(args.threads)
     device = resolve_device(args.device)
     default = "eager" if device.type == "cpu" else ",".join(VARIANTS)
     variants = (args.variants or default).split(",")

@@ -12,8 +12,10 @@ quiet_pip() {
 }
 if ! .venv/bin/python -c "import torch, faiss, fastapi, matplotlib, training, service" 2>/dev/null
 then
-    # torch first and pinned, so the project install below does not pick another release.
-    # TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu selects the CPU-only build.
-    quiet_pip "torch==${TORCH_VERSION:-2.13.0}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-    quiet_pip -e ".[dev]"
+    # Exact versions from docker/constraints.txt (the images use the same file; regenerate it
+    # with scripts/lock.sh). torch first, alone: TORCH_INDEX_URL=https://download.pytorch.org/
+    # whl/cpu selects the CPU-only build; its dependencies come from PyPI with the rest.
+    quiet_pip -c docker/constraints.txt --no-deps torch \
+        ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+    quiet_pip -c docker/constraints.txt -e ".[dev]"
 fi

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any
 
 import anyio.to_thread
-import torch
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -22,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from remi_core.bundle import BundleError
+from remi_core.threads import ThreadSettingError, setup_threads
 from service.errors import (
     AdminDisabled,
     RedisUnavailable,
@@ -400,8 +400,12 @@ class MetricsMiddleware:
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    # Each worker: faiss's pool from REMI_THREADS (remi-serve shares the CPUs out), torch's
+    # intra-op pool from REMI_TORCH_THREADS.
+    try:
+        setup_threads(torch_threads=settings.torch_threads or None)
+    except ThreadSettingError as exc:
+        raise StartupError(str(exc)) from None
     registry = ModelRegistry(
         settings.bundle_root, settings.device, settings.verify_checksums, app.state.metrics
     )

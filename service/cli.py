@@ -51,6 +51,14 @@ def serve(
     log_level: Annotated[
         str, typer.Option(help="critical, error, warning, info or debug.")
     ] = "info",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads of each worker's faiss and torch pools (default: REMI_THREADS, "
+            "else the CPUs this process may use, affinity and cgroup quota, shared out among "
+            "the workers)."
+        ),
+    ] = None,
     check: Annotated[
         bool,
         typer.Option(
@@ -65,6 +73,7 @@ def serve(
         raise typer.Exit(code=2)
     if bundle_root is not None:
         os.environ["REMI_BUNDLE_ROOT"] = str(bundle_root)
+    _share_threads(threads, workers)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
     # faiss announces at INFO which CPU build it tried; that is noise in service logs.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -99,6 +108,21 @@ def serve(
         log_level=log_level.lower(),
         log_config=_log_config(log_level),
     )
+
+
+def _share_threads(threads: int | None, workers: int) -> None:
+    """Give every worker its thread count through REMI_THREADS (workers read the environment):
+    the flag or REMI_THREADS as given, else the CPUs available divided among the workers."""
+    from remi_core.threads import THREADS_ENV, ThreadSettingError, available_cpus, resolve_threads
+
+    try:
+        count, source = resolve_threads(threads)
+    except ThreadSettingError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if source == "cpus available":
+        count = max(1, available_cpus() // workers)
+    os.environ[THREADS_ENV] = str(count)
 
 
 def main() -> None:

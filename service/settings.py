@@ -72,9 +72,10 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         1,
         ge=0,
-        description="Intra-op threads for torch; 0 keeps torch's default. Requests already run "
-        "in parallel threads, and torch's and faiss's OpenMP pools fight over the cores when "
-        "both are wide (bench/bench_service.py: batch-1 latency several times worse).",
+        description="Intra-op threads for torch's user encoder; 0 uses REMI_THREADS (the "
+        "worker's thread count, which also sizes faiss). Requests already run in parallel "
+        "threads, and torch's and faiss's OpenMP pools fight over the cores when both are wide "
+        "(bench/bench_service.py: batch-1 latency several times worse).",
     )
 
     @field_validator("redis_url")

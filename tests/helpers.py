@@ -120,9 +120,17 @@ def same_response(a: Any, b: Any) -> bool:
 
 # --- Redis ---------------------------------------------------------------------------------------
 
-REDIS_SERVER = shutil.which("redis-server") or (
-    "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
-)
+
+def _find_redis_server() -> str | None:
+    # REMI_TEST_REDIS_SERVER: another binary (a custom build), or a missing path for "absent".
+    override = os.environ.get("REMI_TEST_REDIS_SERVER")
+    if override is not None:
+        return override if Path(override).is_file() else None
+    found = shutil.which("redis-server")
+    return found or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+
+
+REDIS_SERVER = _find_redis_server()
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ def bench(*args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "REMI_THREADS": "1"},
     )
 
 
@@ -26,6 +26,9 @@ def test_training_benchmark_times_each_variant_to_the_target():
     run = bench("--variants", "eager,amp", "--steps", "5", "--target-hr50", "0.3")
     assert run.returncode == 0, run.stderr
     out = run.stdout
+    # The thread set-up comes first (REMI_THREADS=1 from bench()), with the passive wait policy.
+    assert out.startswith("threads: threads 1 (REMI_THREADS;")
+    assert "OMP_WAIT_POLICY=PASSIVE" in out.splitlines()[0]
     assert "python loop" in out and "on device" in out
     for variant in ("eager", "amp"):
         assert f"{variant}: HR@50 >= 0.3 after" in out

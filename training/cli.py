@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 import click
 import typer
@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from typer.core import TyperGroup
 
 from remi_core.bundle import BundleError
+from remi_core.threads import setup_threads
 from training.commands import bundles, nightly, report, train
 from training.commands.options import CliError
 from training.data import DataError
@@ -61,6 +62,24 @@ class _Commands(TyperGroup):
 
 
 app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+@app.callback()
+def _threads(
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            help="CPU threads of torch and faiss (default: REMI_THREADS, else the CPUs this "
+            "process may use: affinity and cgroup quota). Give it before the command.",
+        ),
+    ] = None,
+) -> None:
+    # Every command sizes its pools before any work (the wait policy was set on import);
+    # a bad value is a ThreadSettingError, a ValueError, so it exits 2 like any bad setting.
+    setup_threads(threads)
+
+
 app.command()(train.prepare)
 app.command("train")(train.train_command)
 app.command()(train.evaluate)

@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import typer
 from typer.testing import CliRunner
 
 from tests.helpers import (
+    COMPOSE,
     ENTRYPOINT,
     REPO,
     command_list,
@@ -201,13 +203,15 @@ def test_images_run_as_non_root_with_a_healthcheck(dockerfile: str) -> None:
                 assert extra in extras, f"{dockerfile}: unknown extra {extra!r}"
 
 
-def test_trainer_image_pins_cuda_torch_and_faiss_gpu() -> None:
+def test_trainer_image_is_cpu_by_default_and_gpu_is_opt_in() -> None:
     text = (REPO / "docker" / "trainer.Dockerfile").read_text()
-    assert re.search(r"ARG BASE_IMAGE=nvidia/cuda:12\.\S+", text)
-    assert re.search(r"ARG TORCH_INDEX_URL=\S+/cu12\d", text)
-    assert re.search(r"ARG FAISS_PACKAGE=faiss-gpu-cu12==\S+", text)
+    assert re.search(r"ARG TORCH_INDEX_URL=\S+/whl/cpu\n", text)
+    assert "ARG FAISS_PACKAGE=faiss-cpu\n" in text and "nvidia/cuda" not in text
+    args = load_compose(GPU_OVERRIDE)["services"]["scheduler"]["build"]["args"]
+    assert re.fullmatch(r"\S+/whl/cu12\d", args["TORCH_INDEX_URL"])
+    assert re.fullmatch(r"faiss-gpu-cu12==\S+", args["FAISS_PACKAGE"])
     api = (REPO / "docker" / "api.Dockerfile").read_text()
-    assert "python:3.11-slim" in api and "whl/cpu" in api and "faiss-cpu==" in api
+    assert "whl/cpu" in api and ".[serve,cpu]" in api
 
 
 def test_commands_are_existing_scripts_subcommands_and_flags(compose) -> None:
@@ -325,7 +329,7 @@ def test_scheduler_crontab_renders_a_valid_job(compose) -> None:
 def test_entrypoint_is_valid_shell() -> None:
     subprocess.run(["sh", "-n", str(ENTRYPOINT)], check=True)
     # The venv path used by the crontab is the one the trainer image creates.
-    assert "python3 -m venv /opt/venv" in (REPO / "docker" / "trainer.Dockerfile").read_text()
+    assert "python -m venv /opt/venv" in (REPO / "docker" / "trainer.Dockerfile").read_text()
 
 
 def test_gpu_is_opt_in_through_the_override_file(compose) -> None:
@@ -343,5 +347,118 @@ def test_dockerignore_keeps_the_image_inputs() -> None:
     patterns = ignore_patterns(REPO)
     for kept in ("pyproject.toml", "remi_core/bundle.py", "configs/demo.yaml", "docker/crontab"):
         assert not dockerignored(kept, patterns), kept
-    for dropped in (".git", "tests/test_nightly.py", "remi_core/__pycache__/x.pyc", "runs/a"):
+    for dropped in (
+        ".git",
+        "tests/training/test_nightly.py",
+        "remi_core/__pycache__/x.pyc",
+        "runs/a",
+    ):
         assert dockerignored(dropped, patterns), dropped
+
+
+# --- reproducible, CPU-by-default images; graceful stop; CPU budget (issue 12.13-14, 16) ---------
+
+DOCKERFILES = ("api.Dockerfile", "trainer.Dockerfile")
+CONSTRAINTS = REPO / "docker" / "constraints.txt"
+
+
+def constraint_pins() -> dict[str, str]:
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and re.fullmatch(r"[0-9][0-9A-Za-z.]*", version), f"not exact: {line!r}"
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_images_build_from_pinned_inputs(dockerfile: str) -> None:
+    text = (REPO / "docker" / dockerfile).read_text()
+    assert "# syntax=" not in text, "the syntax directive makes every build fetch a frontend image"
+    [base] = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", base)
+    instructions = dockerfile_instructions(REPO / "docker" / dockerfile)
+    froms = [args for ins, args in instructions if ins == "FROM"]
+    assert froms and all(f.startswith("${PYTHON_IMAGE}") for f in froms)
+    installs = [args for ins, args in instructions if ins == "RUN" and "pip install" in args]
+    assert installs
+    for args in installs:
+        assert "-c /tmp/constraints.txt" in args, f"{dockerfile}: unpinned `{args}`"
+    assert any(
+        ins == "COPY" and args.startswith("docker/constraints.txt") for ins, args in instructions
+    )
+    env = " ".join(args for ins, args in instructions if ins == "ENV")
+    assert "OMP_WAIT_POLICY=PASSIVE" in env  # issue 16: even one-off commands don't spin
+
+
+def test_both_images_run_the_same_python() -> None:
+    bases = {
+        re.search(r"^ARG PYTHON_IMAGE=(\S+)$", (REPO / "docker" / d).read_text(), re.M).group(1)
+        for d in DOCKERFILES
+    }
+    assert len(bases) == 1
+    [base] = bases
+    # The constraints were resolved on the same Python minor version.
+    minor = re.search(r"python:(3\.\d+)\.", base).group(1)
+    assert f"Python {minor}." in CONSTRAINTS.read_text().split("\n", 2)[1]
+
+
+def test_constraints_pin_what_the_images_install_as_installed_here() -> None:
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    pins = constraint_pins()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    needed = list(project["dependencies"])
+    for extra in ("train", "serve", "cpu"):
+        needed += project["optional-dependencies"][extra]
+    for requirement in map(Requirement, needed):
+        name = requirement.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned: run scripts/lock.sh"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} vs pyproject"
+    # The lock matches the environment the tests run in (scripts/setup.sh installs with it).
+    for name, version in pins.items():
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        assert installed.split("+")[0] == version, f"{name}: {installed} here, {version} pinned"
+
+
+def test_trainer_healthcheck_does_not_import_torch() -> None:
+    instructions = dockerfile_instructions(REPO / "docker" / "trainer.Dockerfile")
+    [check] = [args for ins, args in instructions if ins == "HEALTHCHECK"]
+    argv = json.loads(check[check.index("CMD") + 3 :].strip())
+    assert argv[:2] == ["python", "-c"]
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", argv[2]], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "faiss", "training")}
+
+
+def test_compose_pins_redis_and_says_compose_v2() -> None:
+    image = load_compose()["services"]["redis"]["image"]
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+-bookworm(@sha256:[0-9a-f]{64})?", image)
+    assert "Compose v2" in COMPOSE.read_text()
+    assert "Compose v2" in (REPO / "docs" / "operations.md").read_text()
+
+
+def test_scheduler_stops_gracefully_within_its_grace_period(compose) -> None:
+    scheduler = compose["services"]["scheduler"]
+    assert scheduler["init"] is True  # tini as PID 1, the entrypoint below it
+    grace = re.fullmatch(r"(\d+)s", scheduler["stop_grace_period"])
+    assert grace and int(grace.group(1)) > int(scheduler["environment"]["REMI_STOP_TIMEOUT_S"])
+    text = ENTRYPOINT.read_text()
+    assert 'exec "$@"' not in text and "trap stop TERM INT" in text
+
+
+def test_nightly_job_has_a_cpu_budget_that_leaves_the_api_cores(compose) -> None:
+    services = compose["services"]
+    assert float(services["scheduler"]["cpus"]) == 1.0  # default REMI_NIGHTLY_CPUS
+    custom = load_compose(env={"REMI_NIGHTLY_CPUS": "2.5"})["services"]["scheduler"]
+    assert float(custom["cpus"]) == 2.5
+    assert "cpus" not in services["api"] and "cpuset" not in services["api"]

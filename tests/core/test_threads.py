@@ -1,0 +1,251 @@
+"""The thread set-up (remi_core.threads) and that every entry point applies it.
+
+Each entry point runs in a subprocess with REMI_DEBUG_THREADS=1 and reports back the wait policy,
+whether it was set before torch/faiss loaded, and torch's and faiss's thread counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from remi_core.threads import (
+    ThreadSettingError,
+    available_cpus,
+    cgroup_cpu_limit,
+    resolve_threads,
+)
+from tests.helpers import dead_redis_url, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+CPUS = len(os.sched_getaffinity(0))
+ONE_CPU = min(os.sched_getaffinity(0))
+
+
+# --- cgroup quota parsing, on cgroup trees laid out like the kernel's -----------------------------
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_quota_in_cpus(tmp_path: Path) -> None:
+    write(tmp_path / "sys/fs/cgroup/cgroup.controllers", "cpu memory\n")
+    write(tmp_path / "sys/fs/cgroup/cpu.max", "150000 100000\n")  # a container: cgroup "/"
+    assert cgroup_cpu_limit(tmp_path, "0::/\n") == 1.5
+    write(tmp_path / "sys/fs/cgroup/cpu.max", "max 100000\n")
+    assert cgroup_cpu_limit(tmp_path, "0::/\n") is None
+
+
+def test_cgroup_v2_the_tightest_ancestor_wins(tmp_path: Path) -> None:
+    cg = tmp_path / "sys/fs/cgroup"
+    write(cg / "cgroup.controllers", "cpu\n")
+    write(cg / "system.slice/cpu.max", "100000 100000\n")
+    write(cg / "system.slice/job.scope/cpu.max", "max 100000\n")
+    assert cgroup_cpu_limit(tmp_path, "0::/system.slice/job.scope\n") == 1.0
+
+
+def test_cgroup_v1_cfs_quota(tmp_path: Path) -> None:
+    cpu = tmp_path / "sys/fs/cgroup/cpu,cpuacct"
+    write(cpu / "docker/abc/cpu.cfs_quota_us", "250000\n")
+    write(cpu / "docker/abc/cpu.cfs_period_us", "100000\n")
+    write(cpu / "cpu.cfs_quota_us", "-1\n")
+    write(cpu / "cpu.cfs_period_us", "100000\n")
+    proc = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n"
+    assert cgroup_cpu_limit(tmp_path, proc) == 2.5
+    write(cpu / "docker/abc/cpu.cfs_quota_us", "-1\n")
+    assert cgroup_cpu_limit(tmp_path, proc) is None
+
+
+def test_no_cgroup_files_means_no_limit(tmp_path: Path) -> None:
+    assert cgroup_cpu_limit(tmp_path, "") is None
+
+
+def test_the_count_comes_from_the_flag_then_remi_threads_then_the_cpus(monkeypatch) -> None:
+    monkeypatch.delenv("REMI_THREADS", raising=False)
+    assert resolve_threads() == (available_cpus(), "cpus available")
+    assert available_cpus() <= CPUS
+    monkeypatch.setenv("REMI_THREADS", "3")
+    assert resolve_threads() == (3, "REMI_THREADS")
+    assert resolve_threads(5) == (5, "flag")
+    monkeypatch.setenv("REMI_THREADS", "many")
+    with pytest.raises(ThreadSettingError, match="REMI_THREADS must be a positive integer"):
+        resolve_threads()
+    with pytest.raises(ThreadSettingError, match="--threads must be a positive integer"):
+        resolve_threads(0)
+
+
+# --- every entry point, in a subprocess -----------------------------------------------------------
+
+
+def console_script(name: str, module: str) -> list[str]:
+    """The installed console script, else the module it runs (the same code path)."""
+    script = Path(sys.executable).parent / name
+    if script.exists():
+        return [str(script)]
+    found = shutil.which(name)
+    return [found] if found else [sys.executable, "-m", module]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    # A clean slate: no inherited REMI_*/OMP_* settings (this test process has its own).
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("REMI_", "OMP_", "MKL_", "OPENBLAS_"))
+    }
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return {**env, "REMI_DEBUG_THREADS": "1", **extra}
+
+
+def pin_to_one_cpu() -> None:
+    os.sched_setaffinity(0, {ONE_CPU})  # what `taskset -c N` or a cpuset does
+
+
+def reports(output: str) -> list[dict]:
+    return [
+        json.loads(line.split("remi-threads ", 1)[1])
+        for line in output.splitlines()
+        if line.startswith("remi-threads ")
+    ]
+
+
+def run_train(args: list[str], one_cpu: bool = False, **env: str) -> dict:
+    done = subprocess.run(
+        console_script("remi-train", "training.cli") + args,
+        env=child_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=pin_to_one_cpu if one_cpu else None,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    [report] = reports(done.stderr)
+    return report
+
+
+def assert_set_up(report: dict, threads: int) -> None:
+    assert report["wait_policy"] == "PASSIVE"
+    assert report["prepared_in_time"], "torch or faiss was imported before the thread set-up"
+    assert report["threads"] == threads
+    assert report["torch_threads"] == threads
+
+
+@pytest.mark.integration
+def test_remi_train_sizes_threads_to_the_cpus_it_may_use(tmp_path: Path) -> None:
+    args = ["versions", "--bundle-root", str(tmp_path)]
+    assert_set_up(run_train(args), CPUS)
+    pinned = run_train(args, one_cpu=True)
+    assert_set_up(pinned, 1)
+    assert pinned["cpus_available"] == 1
+
+
+@pytest.mark.integration
+def test_remi_train_threads_flag_and_environment_override(tmp_path: Path) -> None:
+    args = ["versions", "--bundle-root", str(tmp_path)]
+    assert_set_up(run_train(["--threads", "3", *args]), 3)
+    assert_set_up(run_train(args, REMI_THREADS="3"), 3)
+    bad = subprocess.run(
+        console_script("remi-train", "training.cli") + args,
+        env=child_env(REMI_THREADS="lots"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2
+    assert "REMI_THREADS must be a positive integer, not 'lots'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.integration
+def test_remi_train_train_command_applies_it(tmp_path: Path) -> None:
+    # A real (tiny) training command, pinned to one CPU.
+    args = ["train", "--data", "synthetic", "--synthetic-users", "200", "--max-iters", "2"]
+    args += ["--eval-every", "2", "--dim", "8", "--run-dir", str(tmp_path / "run")]
+    assert_set_up(run_train(args, one_cpu=True), 1)
+
+
+def serve_reports(
+    tmp_path: Path, bundle_root: Path, workers: int, expected: int, one_cpu: bool
+) -> list[dict]:
+    """Start remi-serve, collect one set-up report per worker, stop it."""
+    log_path = tmp_path / f"serve-{workers}-{one_cpu}.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            console_script("remi-serve", "service.cli")
+            + ["--port", str(free_port()), "--workers", str(workers)]
+            + ["--bundle-root", str(bundle_root), "--no-check"],
+            env=child_env(REMI_REDIS_URL=dead_redis_url(), REMI_RELOAD_INTERVAL_S="0"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=pin_to_one_cpu if one_cpu else None,
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while len(reports(log_path.read_text())) < expected:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.2)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return reports(log_path.read_text())
+
+
+@pytest.mark.integration
+def test_remi_serve_sets_up_each_worker(tmp_path: Path, tiny_bundle_root: Path) -> None:
+    # One worker: faiss gets the CPUs, torch's encoder keeps REMI_TORCH_THREADS' default (1).
+    [report] = serve_reports(tmp_path, tiny_bundle_root, 1, 1, one_cpu=False)
+    assert report["wait_policy"] == "PASSIVE" and report["prepared_in_time"]
+    assert report["threads"] == report["faiss_threads"] == CPUS
+    assert report["torch_threads"] == 1
+    # Two workers share the CPUs out (at least one thread each).
+    both = serve_reports(tmp_path, tiny_bundle_root, 2, 2, one_cpu=False)
+    assert [r["threads"] for r in both] == [max(1, CPUS // 2)] * 2
+    assert all(r["wait_policy"] == "PASSIVE" and r["prepared_in_time"] for r in both)
+    [pinned] = serve_reports(tmp_path, tiny_bundle_root, 1, 1, one_cpu=True)
+    assert pinned["threads"] == pinned["faiss_threads"] == 1
+
+
+@pytest.mark.integration
+def test_benchmark_scripts_set_up_threads() -> None:
+    done = subprocess.run(
+        [sys.executable, "bench/bench_service.py", "--items", "500", "--rounds", "2"]
+        + ["--indexes", "Flat"],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=pin_to_one_cpu,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    [report] = reports(done.stderr)
+    assert report["wait_policy"] == "PASSIVE" and report["prepared_in_time"]
+    assert report["threads"] == report["faiss_threads"] == 1
+    assert "threads: threads 1 (cpus available; 1 CPUs available)" in done.stdout
+
+
+@pytest.mark.integration
+def test_threads_benchmark_compares_the_set_ups_under_load() -> None:
+    done = subprocess.run(
+        [sys.executable, "bench/bench_threads.py", "--steps", "10", "--busy", "1", "--cap", "120"],
+        cwd=REPO,
+        env=child_env(REMI_DEBUG_THREADS="0"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [row] = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("1 ")]
+    assert row[0] == "1" and row.count("s") == 3  # a time for default, single and old
+    assert f"({CPUS} thr)" in done.stdout and "(1 thr)" in done.stdout
+    assert "busy 1: default / single = " in done.stdout
