@@ -1,0 +1,109 @@
+"""Controllable diversity across interests: ComiRec's greedy aggregation (KDD 2020, Sec. 3.4).
+
+Given a user's merged candidates with scores f(u, i) = max_k <v_k, e_i>, choose the list S of n
+items that maximises
+
+    F(S) = sum_{i in S} f(u, i) + lambda * sum_{i < j in S} g(i, j),
+
+g(i, j) = 1 when i and j belong to different categories. Greedily: start empty and repeatedly
+add the candidate with the largest marginal gain f(u, i) + lambda * |{j in S: c_j != c_i}|.
+With |S| fixed at each step that is f(u, i) - lambda * |{j in S: c_j = c_i}|, which is how the
+official ComiRec code scores a candidate, so lambda means the same as in its Table 5 (the paper
+writes the pair sum over ordered pairs, which would double lambda).
+
+With one category per item this greedy is optimal, not just a heuristic: writing n_c for the
+items taken from category c, F(S) = const + sum_c (sum of the chosen f in c - lambda n_c (n_c -
+1) / 2); for a given n_c the best choice is c's top n_c items, and the m-th item of a category
+adds f_c(m) - lambda (m - 1), which falls with m. Maximising a sum of such concave terms under
+sum_c n_c = n is solved by always taking the largest next term: the greedy rule. lambda = 0 keeps
+the candidates' order, i.e. Eq. 7 exactly.
+
+Categories are any integers (the bundle's item categories, or the interest that produced each
+item when a bundle has none); items without a category (-1) share one. Everything here works on
+padded (B, C) arrays of a batch of users, in numpy, and is used both by evaluation and serving.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MAX_DIVERSITY = 10.0
+"""Largest lambda a request may ask for. Far above the spread of scores of a trained model (a
+few units on Beauty), where the list is already as spread over categories as the pool allows."""
+
+POOL_MULTIPLE = 4
+"""With lambda > 0, the merged candidates the greedy step chooses from: this many times n."""
+
+
+def pool_size(n: int, diversity: float) -> int:
+    """How many merged candidates to retrieve for a list of n at this lambda."""
+    return n if diversity == 0 else POOL_MULTIPLE * n
+
+
+def greedy_diverse(
+    scores: np.ndarray,
+    categories: np.ndarray,
+    n: int,
+    diversity: float,
+) -> np.ndarray:
+    """Positions of the greedy list in each user's candidates, in the order they were chosen.
+
+    scores (B, C) float, best first, -inf past a user's candidates (those are never chosen);
+    categories (B, C) int. Ties in gain go to the earlier candidate, so candidates sorted by
+    score (then row) give Eq. 7's list at lambda = 0. -> (B, min(n, C)) int64, -1 where a user
+    ran out of candidates.
+    """
+    if diversity < 0:
+        raise ValueError(f"diversity must not be negative, not {diversity}")
+    scores = np.asarray(scores, dtype=np.float64)
+    categories = np.asarray(categories)
+    batch, width = scores.shape
+    n = min(n, width)
+    out = np.full((batch, n), -1, dtype=np.int64)
+    available = np.isfinite(scores)  # (B, C)
+    same = np.zeros((batch, width), dtype=np.float64)  # chosen items sharing the category
+    users = np.arange(batch)
+    for step in range(n):
+        gain = np.where(available, scores - diversity * same, -np.inf)  # (B, C)
+        pick = gain.argmax(axis=1)  # first maximum: the earlier candidate wins ties
+        ok = available[users, pick]
+        out[ok, step] = pick[ok]
+        available[users[ok], pick[ok]] = False
+        picked_category = categories[users, pick][:, None]  # (B, 1)
+        same += (categories == picked_category) & ok[:, None]
+    return out
+
+
+def gather(values: np.ndarray, positions: np.ndarray, fill: float | int = 0) -> np.ndarray:
+    """values (B, C) taken at positions (B, n) from `greedy_diverse`; `fill` where -1."""
+    taken = np.take_along_axis(values, np.maximum(positions, 0), axis=1)
+    return np.where(positions >= 0, taken, fill).astype(values.dtype)
+
+
+def objective(scores: np.ndarray, categories: np.ndarray, diversity: float) -> float:
+    """F(S) of one list: the sum of its scores plus lambda times its pairs across categories."""
+    return float(np.sum(scores)) + diversity * different_pairs(np.asarray(categories))
+
+
+def different_pairs(categories: np.ndarray) -> int:
+    """Unordered pairs of a list whose categories differ."""
+    _, counts = np.unique(categories, return_counts=True)
+    size = len(categories)
+    return int((size * (size - 1) - np.sum(counts * (counts - 1))) // 2)
+
+
+def list_diversity(categories: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+    """ComiRec's diversity of each list: the share of its item pairs in different categories.
+
+    categories (B, n), the first lengths[b] entries of row b being user b's list (default: all)
+    -> (B,) in [0, 1]; a list of fewer than two items scores 0.
+    """
+    categories = np.asarray(categories)
+    batch, width = categories.shape
+    lengths = np.full(batch, width) if lengths is None else np.asarray(lengths)
+    inside = np.arange(width)[None, :] < lengths[:, None]  # (B, n)
+    same = (categories[:, :, None] == categories[:, None, :]) & inside[:, :, None]
+    same &= inside[:, None, :]
+    pairs = lengths * (lengths - 1)  # ordered pairs
+    different = pairs - (same.sum(axis=(1, 2)) - lengths)  # the diagonal is not a pair
+    return np.where(pairs > 0, different / np.maximum(pairs, 1), 0.0)

@@ -1,0 +1,117 @@
+"""ComiRec's greedy diverse aggregation against Eq. 7, brute force and a plain reference."""
+
+from itertools import combinations
+
+import numpy as np
+import pytest
+import torch
+
+from remi_core.diversity import (
+    different_pairs,
+    gather,
+    greedy_diverse,
+    list_diversity,
+    objective,
+    pool_size,
+)
+from remi_core.retrieval import dense_merged_topk, merge_candidates
+
+
+def reference_greedy(scores, categories, n, diversity):
+    """The greedy rule written plainly: one user, Python lists, marginal gain of F itself."""
+    chosen: list[int] = []
+    for _ in range(min(n, len(scores))):
+        best, best_gain = None, -np.inf
+        for i in range(len(scores)):
+            if i in chosen or not np.isfinite(scores[i]):
+                continue
+            gain = scores[i] + diversity * sum(categories[j] != categories[i] for j in chosen)
+            if gain > best_gain:
+                best, best_gain = i, gain
+        if best is None:
+            break
+        chosen.append(best)
+    return chosen
+
+
+def brute_force_best(scores, categories, n, diversity):
+    return max(
+        objective(scores[list(s)], categories[list(s)], diversity)
+        for s in combinations(range(len(scores)), n)
+    )
+
+
+def sorted_case(rng, width, num_categories, batch=1):
+    """Candidates as the merge gives them: scores descending, random categories."""
+    scores = -np.sort(-rng.normal(size=(batch, width)), axis=1)
+    categories = rng.integers(0, num_categories, size=(batch, width))
+    return scores, categories
+
+
+def test_lambda_zero_is_eq7_exactly():
+    """Through the real merge: lambda 0 returns the merged top-n, rows and order unchanged."""
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(300, 8)).astype(np.float32)
+    interests = rng.normal(size=(5, 3, 8)).astype(np.float32)
+    n = 20
+    _, exact = dense_merged_topk(torch.from_numpy(interests), torch.from_numpy(items), n)
+    merged = merge_candidates(interests, np.tile(np.arange(300), (5, 1)), items, 4 * n)
+    scores = np.stack([m.scores for m in merged])
+    rows = np.stack([m.rows for m in merged])
+    producing = np.stack([m.interests for m in merged])
+    picked = greedy_diverse(scores, producing, n, 0.0)
+    assert np.array_equal(picked, np.tile(np.arange(n), (5, 1)))
+    assert np.array_equal(gather(rows, picked), exact.numpy())
+
+
+@pytest.mark.parametrize("diversity", [0.0, 0.05, 0.3, 1.0, 5.0])
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_reaches_the_brute_force_optimum(diversity, seed):
+    """One category per item makes the greedy rule optimal (remi_core/diversity.py); never above."""
+    rng = np.random.default_rng(seed)
+    scores, categories = sorted_case(rng, width=9, num_categories=3)
+    n = 4
+    picked = greedy_diverse(scores, categories, n, diversity)[0]
+    greedy = objective(scores[0, picked], categories[0, picked], diversity)
+    best = brute_force_best(scores[0], categories[0], n, diversity)
+    assert greedy <= best + 1e-9
+    assert greedy == pytest.approx(best, abs=1e-9)
+
+
+@pytest.mark.parametrize("diversity", [0.0, 0.1, 0.7, 3.0])
+def test_batch_matches_the_reference_greedy(diversity):
+    rng = np.random.default_rng(1)
+    scores, categories = sorted_case(rng, width=30, num_categories=4, batch=16)
+    scores[3, 10:] = -np.inf  # a user with only 10 candidates
+    scores[5, 25:] = -np.inf
+    picked = greedy_diverse(scores, categories, 12, diversity)
+    for b in range(16):
+        expected = reference_greedy(scores[b], categories[b], 12, diversity)
+        got = [int(p) for p in picked[b] if p >= 0]
+        assert got == expected, b
+    assert (picked[3, 10:] == -1).all() and (picked[3, :10] >= 0).all()
+
+
+def test_large_lambda_spreads_over_categories_and_ties_keep_candidate_order():
+    scores = np.array([[5.0, 4.0, 3.0, 2.0, 1.0, 0.5]])
+    categories = np.array([[0, 0, 0, 1, 1, 2]])
+    assert greedy_diverse(scores, categories, 3, 0.0).tolist() == [[0, 1, 2]]
+    assert greedy_diverse(scores, categories, 3, 10.0).tolist() == [[0, 3, 5]]
+    # Equal gains: the earlier candidate (higher score, or smaller row) goes first.
+    tied = np.array([[1.0, 1.0, 1.0]])
+    assert greedy_diverse(tied, np.array([[0, 1, 2]]), 3, 0.5).tolist() == [[0, 1, 2]]
+
+
+def test_diversity_measure():
+    assert different_pairs(np.array([1, 1, 2, 3])) == 5
+    lists = np.array([[1, 1, 1, 1], [1, 2, 3, 4], [1, 1, 2, 2], [7, 8, 0, 0]])
+    measured = list_diversity(lists, lengths=np.array([4, 4, 4, 2]))
+    assert measured.tolist() == pytest.approx([0.0, 1.0, 4 / 6, 1.0])
+    assert list_diversity(np.array([[3]])).tolist() == [0.0]
+
+
+def test_pool_and_bad_lambda():
+    assert pool_size(10, 0.0) == 10
+    assert pool_size(10, 0.1) > 10
+    with pytest.raises(ValueError, match="negative"):
+        greedy_diverse(np.zeros((1, 3)), np.zeros((1, 3), dtype=int), 2, -0.1)
