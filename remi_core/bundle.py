@@ -11,6 +11,8 @@ A bundle root holds immutable version directories and a `current` symlink:
         item_ids.json          external item ids in row order (null for row 0)
         popularity.json        catalogue rows by training-interaction count, most popular first
         index.faiss            inner-product index over rows 1..N-1
+        item_categories.npy    optional: (N,) int32 category per row (-1: none, always row 0)
+        category_names.json    optional, with it: category id -> name
 
 A version is built in a hidden temporary directory and renamed into place, then `current` is
 swapped with an atomic rename, so a reader that resolves `current` once never sees half a bundle.
@@ -48,6 +50,11 @@ FILES = {
     "popularity": "popularity.json",
     "index": "index.faiss",
 }
+# Present together or not at all; without them serving uses the producing interest as category.
+OPTIONAL_FILES = {
+    "item_categories": "item_categories.npy",
+    "category_names": "category_names.json",
+}
 
 
 class BundleError(Exception):
@@ -65,6 +72,8 @@ class Bundle:
     item_ids: list[str | None]  # row -> external id
     popularity: np.ndarray  # (P,) rows, most popular first
     index: faiss.Index
+    categories: np.ndarray | None = None  # (N,) int32 category per row, -1: none
+    category_names: list[str] | None = None
 
     @property
     def version(self) -> str:
@@ -104,10 +113,12 @@ def write_bundle(
     search_params: str = "",
     version: str | None = None,
     publish: bool = True,
+    categories: tuple[np.ndarray, list[str]] | None = None,
 ) -> Path:
     """Write a complete version under root and (by default) make it current.
 
     `metadata` goes into the manifest as is (dataset, training settings, metrics, ...).
+    `categories` is (one int32 category id per row, -1 for none; the category names), optional.
     Returns the version directory.
     """
     root = Path(root)
@@ -121,6 +132,13 @@ def write_bundle(
     problem = _item_ids_problem(item_ids)
     if problem:
         raise ValueError(problem)
+    files = dict(FILES)
+    if categories is not None:
+        category_rows = np.asarray(categories[0], dtype=np.int32)
+        problem = _categories_problem(category_rows, categories[1], encoder.cfg.num_items)
+        if problem:
+            raise ValueError(problem)
+        files.update(OPTIONAL_FILES)
 
     tmp = root / f".tmp-{version}"
     tmp.mkdir()
@@ -134,6 +152,9 @@ def write_bundle(
         index = build_index(embeddings, index_factory)
         apply_search_params(index, search_params)
         faiss.write_index(index, str(tmp / FILES["index"]))
+        if categories is not None:
+            np.save(tmp / OPTIONAL_FILES["item_categories"], category_rows, allow_pickle=False)
+            (tmp / OPTIONAL_FILES["category_names"]).write_text(json.dumps(list(categories[1])))
 
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -150,7 +171,7 @@ def write_bundle(
             **metadata,
             "files": {
                 role: {"path": name, "sha256": sha256_of(tmp / name)}
-                for role, name in FILES.items()
+                for role, name in files.items()
             },
         }
         write_json_atomic(tmp / MANIFEST, manifest)
@@ -294,11 +315,45 @@ def load_bundle(path: Path, device: str | torch.device = "cpu", verify: bool = T
         popularity = np.asarray(json.loads(files["popularity"].read_text()), dtype=np.int64)
         index = faiss.read_index(str(files["index"]))
         apply_search_params(index, manifest["index"].get("search_params", ""))
+        categories, category_names = _read_categories(files)
     except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, OSError) as exc:
         raise BundleError(f"cannot load bundle {path}: {type(exc).__name__}: {exc}") from None
     _check_shapes(path, cfg, encoder, embeddings, item_ids, popularity, index)
+    if categories is not None:
+        problem = _categories_problem(categories, category_names, cfg.num_items)
+        if problem:
+            raise BundleError(f"{path}: {problem}")
     encoder.to(device).eval()
-    return Bundle(path, manifest, encoder, embeddings, item_ids, popularity, index)
+    return Bundle(
+        path, manifest, encoder, embeddings, item_ids, popularity, index,
+        categories, category_names,
+    )  # fmt: skip
+
+
+def _read_categories(files: dict[str, Path]) -> tuple[np.ndarray | None, list[str] | None]:
+    present = [role for role in OPTIONAL_FILES if role in files]
+    if not present:
+        return None, None
+    if len(present) != len(OPTIONAL_FILES):
+        raise ValueError(f"the manifest lists {present} but not all of {sorted(OPTIONAL_FILES)}")
+    categories = np.load(files["item_categories"], allow_pickle=False)
+    return categories, json.loads(files["category_names"].read_text())
+
+
+def _categories_problem(categories: np.ndarray, names: Any, num_items: int) -> str | None:
+    """One int32 id per row in -1..len(names)-1, -1 for padding row 0; names distinct strings."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return "category names must be a list of strings"
+    if len(set(names)) != len(names):
+        return "category names must be distinct"
+    if categories.shape != (num_items,) or categories.dtype != np.int32:
+        shape = f"{categories.dtype}{categories.shape}"
+        return f"item categories are {shape}, expected int32({num_items},)"
+    if categories[0] != -1:
+        return "item_categories[0] must be -1 (padding row)"
+    if categories.min() < -1 or categories.max() >= len(names):
+        return f"item categories must lie in -1..{len(names) - 1}"
+    return None
 
 
 def _check_shapes(path, cfg, encoder, embeddings, item_ids, popularity, index) -> None:

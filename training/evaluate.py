@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from remi_core.bundle import Bundle
+from remi_core.diversity import POOL_MULTIPLE, gather, greedy_diverse, list_diversity
 from remi_core.models import MultiInterestEncoder, pad_histories
 from remi_core.retrieval import dense_merged_topk
 from training.data import SequenceDataset
@@ -101,6 +102,62 @@ def evaluate_model(
     return ranked_metrics(torch.cat(ranked), eval_set.truth.to(device), num_truth)
 
 
+@torch.inference_mode()
+def evaluate_diversity(
+    model: MultiInterestEncoder,
+    eval_set: EvalSet,
+    lambdas: list[float],
+    categories: np.ndarray | None = None,
+    n: int = 50,
+    batch_size: int = 1024,
+) -> list[dict[str, float]]:
+    """Recall@n, HitRate@n and list diversity of ComiRec's greedy aggregation, per lambda.
+
+    Each user's n items are chosen by `greedy_diverse` from the exact Eq. 7 top `pool_size`
+    candidates; `categories` (N,) gives each catalogue row's category (-1: none), and without it
+    the interest that produced an item is its category, as in serving. Diversity is ComiRec's:
+    the share of item pairs in a list whose categories differ, averaged over users.
+    """
+    was_training = model.training
+    model.eval()
+    device = model.item_table().device
+    items = model.item_table()
+    pool = POOL_MULTIPLE * n
+    ranked: dict[float, list[np.ndarray]] = {lam: [] for lam in lambdas}
+    spread: dict[float, list[np.ndarray]] = {lam: [] for lam in lambdas}
+    for start in range(0, len(eval_set), batch_size):
+        interests, _ = model(
+            eval_set.items[start : start + batch_size].to(device),
+            eval_set.mask[start : start + batch_size].to(device),
+        )  # (b, K, d)
+        scores, rows = dense_merged_topk(interests, items, pool)  # (b, P)
+        if categories is None:
+            per_interest = torch.einsum("bpd,bkd->bpk", items[rows], interests)  # (b, P, K)
+            cats = per_interest.argmax(dim=2).cpu().numpy()
+        else:
+            cats = categories[rows.cpu().numpy()]
+        scores_np, rows_np = scores.float().cpu().numpy(), rows.cpu().numpy()
+        for lam in lambdas:
+            picked = greedy_diverse(scores_np, cats, n, lam)  # (b, n)
+            ranked[lam].append(gather(rows_np, picked))
+            spread[lam].append(list_diversity(gather(cats, picked), (picked >= 0).sum(axis=1)))
+    model.train(was_training)
+    out = []
+    for lam in lambdas:
+        metrics = ranking_metrics(
+            torch.from_numpy(np.concatenate(ranked[lam])), eval_set.truth, (n,), eval_set.num_truth
+        )
+        out.append(
+            {
+                "lambda": lam,
+                f"recall@{n}": float(metrics[f"recall@{n}"].mean()),
+                f"hitrate@{n}": float(metrics[f"hitrate@{n}"].mean()),
+                f"diversity@{n}": float(np.concatenate(spread[lam]).mean()),
+            }
+        )
+    return out
+
+
 def evaluate_popularity(popularity: np.ndarray, eval_set: EvalSet) -> dict[str, float]:
     """The most-popular baseline: every user gets the same ranked list."""
     top = torch.as_tensor(popularity[: max(CUTOFFS)], dtype=torch.long)
@@ -134,7 +191,11 @@ def evaluate_bundle(
     The dataset may have a different catalogue (e.g. tonight's, with new items): its items are
     translated to the bundle's rows, and items the bundle does not know cannot be hit.
     """
+    return evaluate_model(bundle.encoder, bundle_eval_set(bundle, dataset, split))
+
+
+def bundle_eval_set(bundle: Bundle, dataset: SequenceDataset, split: str) -> EvalSet:
+    """A dataset's held-out users in a bundle's catalogue rows (see `evaluate_bundle`)."""
     row_of = bundle.row_of()
     row_map = np.array([row_of.get(item, 0) if item else 0 for item in dataset.item_ids], np.int64)
-    eval_set = make_eval_set(dataset, dataset.users(split), bundle.config.seq_len, row_map=row_map)
-    return evaluate_model(bundle.encoder, eval_set)
+    return make_eval_set(dataset, dataset.users(split), bundle.config.seq_len, row_map=row_map)

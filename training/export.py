@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from remi_core.bundle import write_bundle
+from training.categories import read_categories
 from training.run_dir import RunDir
 from training.trainer import load_run
 
@@ -19,6 +20,12 @@ class ExportConfig:
     """Faiss index factory: Flat (exact), HNSW32, IVF1024,PQ16, ..."""
     search_params: str = ""
     """Faiss search parameters, e.g. nprobe=16 or efSearch=64."""
+    categories: str = ""
+    """Item categories for diverse lists: JSON {item_id: [attribute ids]} (each item gets its most
+    widespread attribute) or CSV with item_id and --category-col columns, .gz allowed. Empty: none,
+    and serving uses the interest that produced an item as its category."""
+    category_col: str = "category"
+    """Category column of a CSV --categories file."""
 
 
 def export_run(
@@ -29,9 +36,17 @@ def export_run(
     publish: bool = True,
     version: str | None = None,
     extra: dict[str, Any] | None = None,
+    categories: Path | None = None,
+    category_col: str = ExportConfig.category_col,
 ) -> Path:
-    """Write the run's best checkpoint as a new bundle version; returns its directory."""
+    """Write the run's best checkpoint as a new bundle version; returns its directory.
+
+    `categories`: an item-category file (see training/categories.py) to ship in the bundle.
+    """
     model, dataset, cfg = load_run(run_dir)
+    item_categories = None
+    if categories is not None:
+        item_categories = read_categories(categories, dataset.item_ids, category_col=category_col)
     result = RunDir(run_dir).read_result()
     metadata = {
         "dataset": {
@@ -49,6 +64,7 @@ def export_run(
             },
         },
         "metrics": {k: result.get(k, {}) for k in ("valid", "test", "popularity_test")},
+        **({"categories": item_categories.summary()} if item_categories else {}),
         **(extra or {}),
     }
     return write_bundle(
@@ -61,4 +77,5 @@ def export_run(
         search_params=search_params,
         version=version,
         publish=publish,
+        categories=(item_categories.rows, item_categories.names) if item_categories else None,
     )

@@ -10,6 +10,8 @@ from typing import Annotated, Any
 import typer
 
 from remi_core.bundle import load_bundle
+from remi_core.diversity import MAX_DIVERSITY
+from training.categories import read_categories
 from training.commands.options import (
     CliError,
     ConfigOpt,
@@ -19,8 +21,15 @@ from training.commands.options import (
     settings,
 )
 from training.config import TrainConfig
-from training.data import DataConfig, SequenceDataset, load_dataset
-from training.evaluate import evaluate_bundle, evaluate_model, evaluate_popularity, make_eval_set
+from training.data import DataConfig, DataError, SequenceDataset, load_dataset
+from training.diversity_plot import tradeoff_plot
+from training.evaluate import (
+    bundle_eval_set,
+    evaluate_diversity,
+    evaluate_model,
+    evaluate_popularity,
+    make_eval_set,
+)
 from training.export import ExportConfig, export_run
 from training.run_dir import RunDir, RunError
 from training.trainer import load_run, train
@@ -114,25 +123,75 @@ def evaluate(
         Path | None,
         typer.Option("--dataset-dir", help="Dataset to evaluate a bundle on (default: the run's)."),
     ] = None,
+    diversity: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated lambdas of ComiRec's diverse aggregation, e.g. 0,0.05,0.1: "
+            "adds Recall/HitRate/Diversity@50 per lambda."
+        ),
+    ] = None,
+    categories: Annotated[
+        Path | None,
+        typer.Option(
+            help="Item-category file for --diversity (JSON or CSV, see `export --categories`); "
+            "default: the bundle's categories, else the producing interest."
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write the --diversity trade-off plot to this PNG.")
+    ] = None,
 ) -> None:
     """Recall/HitRate/NDCG@20,50 of a run or a bundle, beside the most-popular baseline."""
     if split not in ("valid", "test"):
         raise CliError("--split must be 'valid' or 'test'")
+    lambdas = _lambdas(diversity)
+    if (categories or plot) and lambdas is None:
+        raise CliError("--categories and --plot go with --diversity")
+    item_categories = None
     if RunDir(path).exists():
         if dataset_dir is not None:
             raise CliError("--dataset-dir applies to bundles; a run is evaluated on its own data")
         model, dataset, cfg = load_run(path)
         eval_set = make_eval_set(dataset, dataset.users(split), cfg.seq_len)
-        metrics = evaluate_model(model, eval_set)
+        model_set, item_ids = eval_set, dataset.item_ids
     else:
         if dataset_dir is None:
             raise CliError("--dataset-dir is required to evaluate a bundle")
         bundle = load_bundle(path)
         dataset = SequenceDataset.load(dataset_dir)
-        metrics = evaluate_bundle(bundle, dataset, split)
+        model, item_ids, item_categories = bundle.encoder, bundle.item_ids, bundle.categories
         eval_set = make_eval_set(dataset, dataset.users(split), bundle.config.seq_len)
-    popular = evaluate_popularity(dataset.popularity(), eval_set)
-    echo_json({"split": split, "users": len(eval_set), "model": metrics, "most_popular": popular})
+        model_set = bundle_eval_set(bundle, dataset, split)  # the same users in bundle rows
+    report: dict[str, Any] = {
+        "split": split,
+        "users": len(eval_set),
+        "model": evaluate_model(model, model_set),
+        "most_popular": evaluate_popularity(dataset.popularity(), eval_set),
+    }
+    if lambdas is not None:
+        if categories is not None:
+            try:
+                item_categories = read_categories(categories, item_ids).rows
+            except DataError as exc:
+                raise CliError(f"--categories: {exc}") from None
+        points = evaluate_diversity(model, model_set, lambdas, item_categories)
+        source = "bundle" if item_categories is not None else "producing interest"
+        report["diversity"] = {"categories": str(categories or source), "points": points}
+        if plot is not None:
+            tradeoff_plot(points, plot, f"{dataset.name}: diverse aggregation ({split} users)")
+    echo_json(report)
+
+
+def _lambdas(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CliError(f"--diversity: {text!r} is not a comma-separated list of numbers") from None
+    if not values or any(not 0 <= v <= MAX_DIVERSITY for v in values):
+        raise CliError(f"--diversity: each lambda must lie in 0..{MAX_DIVERSITY}, got {text!r}")
+    return values
 
 
 @config_options(ExportConfig, "export")
@@ -150,7 +209,10 @@ def export(
         raise CliError(f"--run-dir: {run_dir} is not a training run (config.json missing)")
     try:
         path = export_run(run_dir, bundle_root, cfg.index_factory, cfg.search_params,
-                          publish=publish)  # fmt: skip
+                          publish=publish, categories=Path(cfg.categories) if cfg.categories
+                          else None, category_col=cfg.category_col)  # fmt: skip
     except RunError as exc:
         raise CliError(f"--run-dir: {exc}") from None
+    except DataError as exc:
+        raise CliError(f"--categories: {exc}") from None
     echo_json({"bundle": str(path), "published": publish})

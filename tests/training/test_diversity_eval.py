@@ -1,0 +1,135 @@
+"""Item categories (files, bundles) and the offline accuracy/diversity trade-off."""
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from remi_core.bundle import BundleError, load_bundle, write_bundle
+from tests.helpers import REPO, tiny_item_ids, write_tiny_bundle
+from training.categories import read_categories
+from training.cli import app
+from training.data import DataError
+
+runner = CliRunner()
+SHARED = Path(os.environ.get("REMI_DATA_ROOT", REPO / "../shared/data"))
+BEAUTY_ATTRIBUTES = SHARED / "amazon_beauty/Beauty_item2attributes.json.gz"
+
+
+def test_attribute_lists_become_the_most_widespread_attribute(tmp_path):
+    path = tmp_path / "attrs.json.gz"
+    # attribute 7 is on three items, 9 on two, the others on one
+    data = {"a": [1, 7], "b": [7, 9], "c": [9, 2], "d": [7], "e": [], "f": 5}
+    with gzip.open(path, "wt") as f:
+        json.dump(data, f)
+    found = read_categories(path, [None, "a", "b", "c", "d", "e", "f", "new"])
+    names = [found.names[c] if c >= 0 else None for c in found.rows]
+    assert names == [None, "7", "7", "9", "7", None, "5", None]
+    assert found.summary()["items_without_category"] == 2
+
+
+def test_csv_categories_and_errors(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("item_id,genre\nx,books\ny,games\nx,games\nz,\n")
+    found = read_categories(path, [None, "x", "y", "z"], category_col="genre")
+    assert found.names == ["books", "games"]
+    assert found.rows.tolist() == [-1, 0, 1, -1]
+    with pytest.raises(DataError, match="no column"):
+        read_categories(path, [None, "x"])
+    with pytest.raises(DataError, match="none of the catalogue"):
+        read_categories(path, [None, "q"], category_col="genre")
+    (tmp_path / "c.txt").write_text("")
+    with pytest.raises(DataError, match=".json or .csv"):
+        read_categories(tmp_path / "c.txt", [None])
+
+
+@pytest.mark.skipif(not BEAUTY_ATTRIBUTES.is_file(), reason="needs ../shared/data")
+def test_beauty_attributes_give_seven_top_level_categories():
+    ids = [None] + [str(i) for i in range(1, 12102)]
+    found = read_categories(BEAUTY_ATTRIBUTES, ids)
+    assert len(found.names) == 7 and (found.rows[1:] >= 0).all()
+
+
+def test_bundle_carries_checksummed_categories(tmp_path):
+    plain = load_bundle(write_tiny_bundle(tmp_path / "plain"))
+    assert plain.categories is None and plain.category_names is None
+    ids = tiny_item_ids()
+    rows = np.array([-1] + [i % 3 for i in range(1, len(ids))], dtype=np.int32)
+    path = write_bundle(
+        tmp_path / "b",
+        encoder=plain.encoder,
+        item_ids=ids,
+        popularity=plain.popularity,
+        metadata={},
+        categories=(rows, ["a", "b", "c"]),
+    )
+    bundle = load_bundle(path)
+    assert np.array_equal(bundle.categories, rows) and bundle.category_names == ["a", "b", "c"]
+    assert set(bundle.manifest["files"]) >= {"item_categories", "category_names"}
+    np.save(path / "item_categories.npy", np.zeros_like(rows))
+    with pytest.raises(BundleError, match="checksum mismatch"):
+        load_bundle(path)
+    with pytest.raises(ValueError, match=r"-1\.\.2"):
+        write_bundle(tmp_path / "c", encoder=plain.encoder, item_ids=ids,
+                     popularity=plain.popularity, metadata={},
+                     categories=(np.where(rows == 2, 3, rows), ["a", "b", "c"]))  # fmt: skip
+
+
+def test_export_with_categories_and_the_tradeoff(tmp_path):
+    """Synthetic ids read <category>-<number>: a CSV of those categories goes into the bundle,
+    and the evaluation's diversity climbs with lambda while lambda 0 is plain Eq. 7."""
+    run_dir = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--run-dir", str(run_dir), "--synthetic-users", "300",
+                                 "--dim", "8", "--seq-len", "8", "--max-iters", "60",
+                                 "--eval-every", "30", "--batch-size", "32", "--device", "cpu",
+                                 "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ids = json.loads((run_dir / "dataset" / "dataset.json").read_text())["item_ids"][1:]
+    csv = tmp_path / "cats.csv"
+    csv.write_text("item_id,category\n" + "".join(f"{i},{i.split('-')[0]}\n" for i in ids))
+    result = runner.invoke(app, ["export", "--run-dir", str(run_dir), "--bundle-root",
+                                 str(tmp_path / "b"), "--categories", str(csv)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["export", "--run-dir", str(run_dir), "--bundle-root",
+                                 str(tmp_path / "b"), "--categories", "gone.csv"])  # fmt: skip
+    assert (
+        result.exit_code == 2 and "--categories: gone.csv: category file not found" in result.output
+    )
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.manifest["categories"]["categories"] == len(bundle.category_names) > 1
+    plot = tmp_path / "fig" / "tradeoff.png"
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "b"), "--dataset-dir",
+                                 str(run_dir / "dataset"), "--diversity", "0,0.05,0.5,5",
+                                 "--plot", str(plot)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    points = out["diversity"]["points"]
+    assert out["diversity"]["categories"] == "bundle"
+    assert [p["lambda"] for p in points] == [0, 0.05, 0.5, 5]
+    assert points[0]["recall@50"] == pytest.approx(out["model"]["recall@50"], abs=1e-6)
+    spread = [p["diversity@50"] for p in points]
+    assert spread == sorted(spread) and spread[-1] > spread[0]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A run without categories: the producing interest is the category.
+    result = runner.invoke(app, ["evaluate", str(run_dir), "--diversity", "0,1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["diversity"]["categories"] == "producing interest"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["evaluate", "R", "--diversity", "0,x"], "--diversity"),
+        (["evaluate", "R", "--diversity", "-1"], "must lie in 0..10"),
+        (["evaluate", "R", "--plot", "p.png"], "go with --diversity"),
+    ],
+)
+def test_cli_diversity_errors_name_the_flag(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
