@@ -417,9 +417,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model.num_interests,
         model.index_device,
     )
-    store = HistoryStore(
-        settings.redis_url, settings.redis_timeout_s, settings.history_cap, settings.stream_maxlen
-    )
+    try:
+        store = HistoryStore(
+            settings.redis_url,
+            settings.redis_timeout_s,
+            settings.history_cap,
+            settings.stream_maxlen,
+        )
+    except ValueError as exc:  # the message has the password hidden
+        log.error("cannot start: %s", exc)
+        raise StartupError(str(exc)) from None
     redis_error = await store.ping()
     if redis_error:
         # Not fatal: history-in-body requests work, and the client reconnects when Redis is up.

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.redact import redact_url
+
 
 class Settings(BaseSettings):
     """Everything the service reads from its environment.
@@ -15,7 +17,11 @@ class Settings(BaseSettings):
     `bundle_root` <- REMI_BUNDLE_ROOT. Values passed to the constructor win over the environment.
     """
 
-    model_config = SettingsConfigDict(env_prefix="REMI_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a rejected value is never echoed, since it may hold a password (the
+    # Redis URL) or a key; the validators' messages show what can be shown.
+    model_config = SettingsConfigDict(
+        env_prefix="REMI_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     bundle_root: Path = Field(
         Path("artifacts/bundles"),
@@ -82,7 +88,9 @@ class Settings(BaseSettings):
     def _redis_url_scheme(cls, url: str) -> str:
         # Checked here so a typo fails at start-up with this message, not deep inside redis-py.
         if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+            raise ValueError(
+                f"must start with redis://, rediss:// or unix://, not {redact_url(url)}"
+            )
         return url
 
     @model_validator(mode="after")

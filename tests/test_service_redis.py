@@ -14,7 +14,7 @@ from redis import Redis
 
 from remi_core.events import EVENTS_STREAM, history_key
 from service.app import create_app
-from service.history import _redact
+from service.redact import redact_url as _redact
 from service.settings import Settings
 from tests.conftest import RedisServer
 from tests.helpers import same_response

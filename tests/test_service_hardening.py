@@ -1,0 +1,157 @@
+"""Issue 12, service points: limits, error shapes, timestamps, secrets, API keys, hung Redis."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from remi_core.events import EVENTS_STREAM, history_key
+from service.app import StartupError, create_app
+from service.cli import app as cli_app
+from service.redact import redact_url, scrub_secrets
+from service.settings import Settings
+from tests.conftest import RedisServer
+from tests.helpers import dead_redis_url
+
+NOW = 1_700_000_000
+
+
+def make_settings(root: Path, redis_url: str | None = None, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "bundle_root": root,
+        "redis_url": redis_url or dead_redis_url(),
+        "reload_interval_s": 0,
+    }
+    return Settings(**{**values, **overrides})
+
+
+@pytest.fixture
+def client(tiny_bundle_root: Path) -> Iterator[TestClient]:
+    """An app without Redis: enough for everything that never reaches the store."""
+    with TestClient(create_app(make_settings(tiny_bundle_root))) as client:
+        yield client
+
+
+def events_body(user: str, items: list[str], start: float = NOW) -> dict:
+    return {
+        "events": [
+            {"user_id": user, "item_id": item, "timestamp": start + i}
+            for i, item in enumerate(items)
+        ]
+    }
+
+
+# --- 6: Redis passwords never printed -----------------------------------------------------------
+
+
+def test_wrong_redis_scheme_does_not_print_the_password(tiny_bundle_root: Path) -> None:
+    env = {"REMI_REDIS_URL": "redis2://app:hunter2-secret@redis:6379/0"}
+    result = CliRunner().invoke(cli_app, ["--bundle-root", str(tiny_bundle_root)], env=env)
+    assert result.exit_code == 2
+    assert "must start with redis://" in result.output
+    assert "redis2://app:***@redis:6379/0" in result.output
+    assert "hunter2" not in result.output
+
+
+def test_unparseable_redis_url_does_not_print_the_password(tiny_bundle_root: Path) -> None:
+    # The unencoded "/" cuts the password: redis-py reads "pa55" as the port and says so.
+    settings = make_settings(tiny_bundle_root, "redis://app:pa55/word@localhost:6379/0")
+    with pytest.raises(StartupError) as caught, TestClient(create_app(settings)):
+        pass
+    assert "invalid Redis URL redis://app:***@localhost:6379/0" in str(caught.value)
+    assert "pa55" not in str(caught.value) and "word" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3cret@127.0.0.1:{port}/0",
+        "redis://app:s3cret@127.0.0.1:{port}/0",
+        "redis://127.0.0.1:{port}/0?password=s3cret",
+    ],
+)
+def test_redis_errors_in_readyz_and_503_hide_the_password(
+    tiny_bundle_root: Path, redis_server: RedisServer, url: str
+) -> None:
+    # A real Redis that wants another password: AUTH fails, and no error may quote ours.
+    redis_server.client().config_set("requirepass", "the-right-one")
+    settings = make_settings(tiny_bundle_root, url.format(port=redis_server.port))
+    with TestClient(create_app(settings)) as client:
+        ready = client.get("/readyz").json()
+        assert ready["redis"]["ok"] is False
+        r = client.post("/recommend", json={"user_id": "zed"})
+        assert r.status_code == 503
+        assert "s3cret" not in r.text and "s3cret" not in str(ready)
+
+
+def test_scrub_secrets_hides_whole_passwords_and_their_pieces() -> None:
+    url = "redis://app:pa55/w%40rd@host/0?password=other-one"
+    text = "port 'pa55' for pa55/w%40rd or pa55/w@rd; password other-one"
+    scrubbed = scrub_secrets(text, url)
+    for secret in ("pa55", "w%40rd", "w@rd", "other-one"):
+        assert secret not in scrubbed
+    assert redact_url(url) == "redis://app:***@host/0?password=***"
+
+
+# --- 8: a hung Redis costs one timeout, and a 503 on /events means "not stored" -----------------
+
+
+@pytest.fixture
+def slow_client(tiny_bundle_root: Path, redis_server: RedisServer) -> Iterator[TestClient]:
+    """An app on a real Redis with a 1 s timeout: long enough to tell one timeout from two."""
+    settings = make_settings(tiny_bundle_root, redis_server.url, redis_timeout_s=1.0)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def stored(redis_server: RedisServer, user: str) -> tuple[list[str], int]:
+    redis = redis_server.client()
+    return redis.lrange(history_key(user), 0, -1), redis.xlen(EVENTS_STREAM)
+
+
+def test_hung_redis_answers_503_after_one_timeout_and_stores_nothing(
+    slow_client: TestClient, redis_server: RedisServer
+) -> None:
+    assert slow_client.post("/events", json=events_body("warm", ["a"])).status_code == 200
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        for path, body in [
+            ("/events", events_body("alice", ["books-0001", "books-0002"])),
+            ("/recommend", {"user_id": "alice"}),
+        ]:
+            start = time.monotonic()
+            r = slow_client.post(path, json=body)
+            elapsed = time.monotonic() - start
+            assert r.status_code == 503, r.text
+            assert 0.9 < elapsed < 1.6, f"{path}: {elapsed:.2f} s for a 1 s timeout"
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    time.sleep(0.3)  # whatever Redis had queued runs now
+    assert stored(redis_server, "alice") == ([], 1)  # the 503 meant "not stored"
+    assert slow_client.post("/events", json=events_body("alice", ["books-0001"])).status_code == 200
+    assert stored(redis_server, "alice") == (["books-0001"], 2)
+
+
+def test_events_script_refuses_to_write_after_its_deadline(
+    slow_client: TestClient, redis_server: RedisServer
+) -> None:
+    # CLIENT PAUSE WRITE holds scripts but lets TIME through: the service learns Redis's clock,
+    # its script waits past the client's timeout, then runs when the pause ends.
+    assert slow_client.post("/events", json=events_body("warm", ["a"])).status_code == 200
+    redis = redis_server.client()
+    redis.execute_command("CLIENT", "PAUSE", "2000", "WRITE")
+    start = time.monotonic()
+    r = slow_client.post("/events", json=events_body("bob", ["books-0001", "books-0002"]))
+    assert r.status_code == 503, r.text
+    assert time.monotonic() - start < 1.6
+    assert "nothing was stored" in r.json()["detail"]
+    time.sleep(max(0.0, 2.3 - (time.monotonic() - start)))  # the pause is over: the script ran
+    assert stored(redis_server, "bob") == ([], 1)
