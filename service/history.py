@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -40,25 +43,30 @@ def _format_timestamp(ts: float) -> str:
 # A script that starts after its deadline (Redis's own clock, microseconds) writes nothing: the
 # client has given up by then and answered 503, which must mean "not stored" (e.g. a Redis
 # stopped with SIGSTOP runs the queued script when it resumes, long after the 503).
-# KEYS[1]: the stream; KEYS[2..]: the users' lists, each once, in first-seen order.
-# ARGV: deadline, history cap, stream maxlen ("" = untrimmed), then per event: its list's index
-# in KEYS, user_id, item_id, timestamp. Returns nil, 'expired', or {key, its type} for the first
-# key of a wrong type.
+# The request's random token, set only when the batch is written, makes the client's one retry
+# after a lost reply (the connection broke) find the batch written instead of writing it twice.
+# KEYS[1]: the stream; KEYS[2]: the request's token; KEYS[3..]: the users' lists, each once, in
+# first-seen order. ARGV: deadline, token lifetime in ms, history cap, stream maxlen ("" =
+# untrimmed), then per event: its list's index in KEYS, user_id, item_id, timestamp.
+# Returns nil, 'expired', 'done' (already written), or {key, its type} for a key of a wrong type.
 _APPEND_SCRIPT = """
 local now = redis.call('TIME')
 if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[1]) then
   return 'expired'
 end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 'done'
+end
 for i, key in ipairs(KEYS) do
   local found = redis.call('TYPE', key)['ok']
   local wanted = (i == 1) and 'stream' or 'list'
-  if found ~= 'none' and found ~= wanted then
+  if i ~= 2 and found ~= 'none' and found ~= wanted then
     return {key, found}
   end
 end
-local cap = tonumber(ARGV[2])
-local maxlen = ARGV[3]
-for j = 4, #ARGV, 4 do
+local cap = tonumber(ARGV[3])
+local maxlen = ARGV[4]
+for j = 5, #ARGV, 4 do
   redis.call('RPUSH', KEYS[tonumber(ARGV[j])], ARGV[j + 2])
   if maxlen == '' then
     redis.call('XADD', KEYS[1], '*',
@@ -68,11 +76,14 @@ for j = 4, #ARGV, 4 do
       'user_id', ARGV[j + 1], 'item_id', ARGV[j + 2], 'timestamp', ARGV[j + 3])
   end
 end
-for i = 2, #KEYS do  -- trim once per user, after all of its appends
+for i = 3, #KEYS do  -- trim once per user, after all of its appends
   redis.call('LTRIM', KEYS[i], -cap, -1)
 end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return false
 """
+# Where the tokens of recent /events writes live (a few seconds each).
+_TOKEN_PREFIX = "remi:append-token:"
 
 
 def _is_wrong_type(exc: BaseException) -> bool:
@@ -82,10 +93,10 @@ def _is_wrong_type(exc: BaseException) -> bool:
 class HistoryStore:
     """Capped per-user lists plus the stream, over one pooled asyncio Redis client.
 
-    Every operation gets ONE budget of `timeout_s` for all of its round trips together, and
-    nothing is retried: a hung Redis costs one timeout, not a multiple of it. A connection that
-    died while idle (e.g. Redis restarted) is noticed and replaced when the pool hands it out,
-    so recovery needs no retry either.
+    Every operation gets ONE budget of `timeout_s` for all of its round trips together, and a
+    timeout is never retried: a hung Redis costs one timeout, not a multiple of it. A broken
+    connection is retried once at once, which covers the first command after a Redis restart
+    (it otherwise fails on a stale pooled connection).
     """
 
     def __init__(
@@ -104,9 +115,10 @@ class HistoryStore:
                 url,
                 socket_timeout=timeout_s,
                 socket_connect_timeout=timeout_s,
-                # The library default retries with backoff: seconds of waiting on a dead Redis,
-                # and a retried write whose reply was lost would be applied twice.
-                retry=Retry(NoBackoff(), 0),
+                # The library default retries timeouts too, with backoff: seconds of waiting on
+                # a hung Redis. One immediate retry on a broken connection replaces a stale
+                # pooled one after a Redis restart (the /events script is safe to retry).
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
                 decode_responses=True,
                 # Bytes a foreign writer stored that are not UTF-8 decode to U+FFFD and so count
                 # as unknown ids, instead of failing the request. Outgoing strings are always
@@ -128,16 +140,19 @@ class HistoryStore:
         Nothing is written when a key has the wrong type (HistoryConflict), or when Redis does
         not answer within the timeout (RedisUnavailable): the script carries a deadline on
         Redis's own clock, set well before the client gives up, and refuses to write when it
-        starts after it. The one case left is a reply lost after the script ran (the connection
-        dies in that instant), documented in docs/serving.md.
+        starts after it. A reply lost to a broken connection is retried once, and the request's
+        token makes that retry find the batch written rather than write it twice; only when the
+        retry fails too is the outcome unknown, and the 503 says so (docs/serving.md).
         """
         if not events:
             return
         # A dict keeps first-seen order: each user's list is KEYS[slot], listed once.
         user_of = {history_key(event.user_id): event.user_id for event in events}
-        slot = {key: i for i, key in enumerate(user_of, start=2)}  # Lua is 1-based; 1 = stream
+        slot = {key: i for i, key in enumerate(user_of, start=3)}  # Lua is 1-based; see above
+        token = f"{_TOKEN_PREFIX}{secrets.token_hex(16)}"
         args: list[str | int] = [
             0,  # the deadline, set once Redis's clock is known
+            math.ceil(self.timeout_s * 2000) + 1000,  # the token outlives the request's budget
             self.history_cap,
             "" if self.stream_maxlen is None else self.stream_maxlen,  # "": keep everything
         ]
@@ -158,7 +173,8 @@ class HistoryStore:
                 left_us = (self.timeout_s - (time.monotonic() - start)) * 1e6
                 args[0] = seconds * 1_000_000 + micros + max(int(left_us / 2), 0)
                 sent = True
-                wrong = await self._append_script(keys=[EVENTS_STREAM, *user_of], args=args)
+                keys = [EVENTS_STREAM, token, *user_of]
+                wrong = await self._append_script(keys=keys, args=args)
         except (RedisError, OSError) as exc:  # asyncio's TimeoutError is an OSError
             # Only a connection that broke after the script was sent leaves it unknown whether
             # Redis ran it; a timeout means it started after its deadline, or never.
@@ -171,7 +187,7 @@ class HistoryStore:
             raise self._unavailable(
                 "store events", TimeoutError("Redis ran the write too late"), "nothing was stored"
             )
-        if wrong is not None:
+        if wrong is not None and wrong != "done":
             key, found = wrong
             if key == EVENTS_STREAM:
                 what, wanted = "the events stream", "stream"
