@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from remi_core.bundle import BundleError
@@ -31,9 +32,11 @@ from service.errors import (
 )
 from service.history import Event, HistoryStore
 from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware
 from service.recommender import LoadedModel, Result, recommend_batch
 from service.registry import ModelRegistry
 from service.schemas import (
+    UNKNOWN_IDS_SHOWN,
     BatchRequest,
     BatchResponse,
     ErrorResponse,
@@ -180,7 +183,8 @@ def to_response(model: LoadedModel, entry: RecommendRequest, result: Result) -> 
             RecommendedItemOut(item_id=it.item_id, score=it.score, interest=it.interest)
             for it in result.items
         ],
-        unknown_ids=result.unknown_ids,
+        unknown_ids=result.unknown_ids[:UNKNOWN_IDS_SHOWN],
+        unknown_count=len(result.unknown_ids),
         known_history_length=result.known_count,
         explain=explanation,
     )
@@ -338,6 +342,12 @@ def _validation_summary(errors: Sequence[Any]) -> tuple[str, list[dict[str, Any]
             clean[-1]["msg"] = f"request body is not valid JSON{at}: {err['msg']}"
             clean[-1]["field"] = None
             continue
+        if not loc and err.get("type") == "missing":
+            clean[-1]["msg"] = "request body is missing: send a JSON object"
+        if not loc and isinstance(err.get("input"), bytes):
+            # FastAPI hands the raw bytes on when the Content-Type is not JSON.
+            clean[-1]["type"] = "json_invalid"
+            clean[-1]["msg"] = NOT_JSON
         where = ".".join(str(p) for p in loc)
         clean[-1]["field"] = where or None
     parts = [f"{c['field']}: {c['msg']}" if c["field"] else c["msg"] for c in clean]
@@ -347,6 +357,24 @@ def _validation_summary(errors: Sequence[Any]) -> tuple[str, list[dict[str, Any]
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     detail, errors = _validation_summary(exc.errors())
     return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+
+
+NOT_JSON = "request body must be a JSON object sent with Content-Type: application/json"
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's and FastAPI's own errors (404, 405, unparseable bodies) in our error shape."""
+    if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
+        # FastAPI's "There was an error parsing the body": bytes that are not UTF-8 (or UTF-16/32
+        # JSON). A body that is not JSON is a 422 like any other body problem.
+        msg = f"request body is not valid JSON: {exc.__cause__}"
+        error = {"type": "json_invalid", "loc": ["body"], "msg": msg, "field": None}
+        return JSONResponse({"detail": msg, "errors": [error]}, status_code=422)
+    return JSONResponse(
+        {"detail": str(exc.detail), "errors": None},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
 
 
 async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -460,7 +488,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.include_router(router)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(ServiceError, _on_service_error)
     app.add_exception_handler(Exception, _on_unexpected)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Added last, so outermost: refused bodies are counted too.
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic_core import PydanticCustomError
@@ -11,6 +11,9 @@ from pydantic_core import PydanticCustomError
 Id = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"\S")]
 # History entries may be anything string-like: ids the catalogue lacks are reported, not refused.
 HistoryItem = Annotated[str, StringConstraints(max_length=256)]
+# A response names at most this many unknown ids per user, so a history of unknown ids cannot
+# blow the response up (unknown_count still gives the total).
+UNKNOWN_IDS_SHOWN = 100
 
 
 class RecommendRequest(BaseModel):
@@ -83,7 +86,12 @@ class RecommendResponse(BaseModel):
         description="True when no known history item was left and the most popular items answer."
     )
     items: list[RecommendedItemOut]
-    unknown_ids: list[str] = Field(description="History ids not in the served catalogue.")
+    unknown_ids: list[str] = Field(
+        max_length=UNKNOWN_IDS_SHOWN,
+        description=f"History ids not in the served catalogue, in first-seen order; only the "
+        f"first {UNKNOWN_IDS_SHOWN} (see unknown_count).",
+    )
+    unknown_count: int = Field(description="How many distinct history ids are unknown.")
     known_history_length: int = Field(description="Known history items (before windowing).")
     explain: ExplanationOut | None = None
 
@@ -120,6 +128,15 @@ class ReloadResponse(BaseModel):
     current_target: str | None
 
 
+class ErrorItem(BaseModel):
+    type: str = Field(description="pydantic's error type, or e.g. json_invalid, too_long.")
+    loc: list[str | int] = Field(description="Where in the request, e.g. [body, requests, 0, n].")
+    msg: str
+    field: str | None = Field(description="`loc` without `body`, dotted; null for the body.")
+
+
 class ErrorResponse(BaseModel):
+    """Every error answer: `detail` says what is wrong; `errors` lists each problem (422)."""
+
     detail: str
-    errors: list[dict[str, Any]] | None = None
+    errors: list[ErrorItem] | None = None

@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     max_batch: int = Field(
         256, ge=1, description="Most entries in one POST /recommend/batch request."
     )
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted, in bytes; bigger ones get 413 before being "
+        "read in full. The default (16 MiB) fits a full batch (REMI_MAX_BATCH entries of "
+        "REMI_MAX_HISTORY ids) with ids of up to about 60 characters.",
+    )
     admin_token: SecretStr | None = Field(
         None,
         description="Bearer token for POST /admin/reload; unset disables the admin endpoints.",

@@ -155,3 +155,116 @@ def test_events_script_refuses_to_write_after_its_deadline(
     assert "nothing was stored" in r.json()["detail"]
     time.sleep(max(0.0, 2.3 - (time.monotonic() - start)))  # the pause is over: the script ran
     assert stored(redis_server, "bob") == ([], 1)
+
+
+# --- 1: request size limits ---------------------------------------------------------------------
+
+
+def call_asgi(app: Any, headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> tuple:
+    """Drive the ASGI app directly, counting how many body chunks it pulled."""
+    import asyncio
+
+    pulled = 0
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        nonlocal pulled
+        if pulled < len(chunks):
+            pulled += 1
+            return {"type": "http.request", "body": chunks[pulled - 1], "more_body": True}
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/recommend",
+        "raw_path": b"/recommend",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), *headers],
+        "server": ("test", 80),
+        "client": ("test", 1),
+    }
+    asyncio.run(app(scope, receive, send))
+    return pulled, sent
+
+
+def test_oversized_bodies_are_refused_before_being_read(tiny_bundle_root: Path) -> None:
+    app = create_app(make_settings(tiny_bundle_root, max_body_bytes=4096))
+    chunk = b" " * 1024
+    # A declared length over the limit: not one byte is read.
+    pulled, sent = call_asgi(app, [(b"content-length", b"50000000")], [chunk] * 100)
+    assert pulled == 0
+    assert sent[0]["status"] == 413
+    # Chunked (no length): reading stops at the first chunk past the limit.
+    pulled, sent = call_asgi(app, [(b"transfer-encoding", b"chunked")], [chunk] * 100)
+    assert pulled == 5
+    assert sent[0]["status"] == 413
+    body = __import__("json").loads(sent[1]["body"])
+    assert body["errors"] is None
+    assert "limit of 4096 bytes (REMI_MAX_BODY_BYTES)" in body["detail"]
+
+
+def test_body_limit_over_http_and_bodies_within_it_still_work(tiny_bundle_root: Path) -> None:
+    with TestClient(create_app(make_settings(tiny_bundle_root, max_body_bytes=2048))) as client:
+        r = client.post("/recommend", json={"history": ["x" * 200] * 20})
+        assert r.status_code == 413
+        assert set(r.json()) == {"detail", "errors"}
+        r = client.post("/recommend", json={"history": ["books-0001"] * 50, "n": 3})
+        assert r.status_code == 200, r.text
+
+
+def test_unknown_ids_echoed_back_are_capped(client: TestClient) -> None:
+    unknown = [f"nope-{i:04d}-" + "x" * 240 for i in range(999)]
+    body = {"requests": [{"history": [*unknown, "books-0001"], "n": 5}] * 8}
+    r = client.post("/recommend/batch", json=body)
+    assert r.status_code == 200, r.text
+    assert len(r.content) < 400_000  # was 8 x 1000 x 256 characters of echoed ids
+    for result in r.json()["results"]:
+        assert result["unknown_count"] == 999
+        assert result["unknown_ids"] == unknown[:100]
+        assert result["known_history_length"] == 1
+
+
+def test_default_body_limit_fits_a_full_batch_of_realistic_ids() -> None:
+    settings = Settings()
+    entry = {"history": [f"item-{i:032d}" for i in range(settings.max_history)], "n": 50}
+    size = len(__import__("json").dumps({"requests": [entry] * settings.max_batch}))
+    assert size < settings.max_body_bytes
+
+
+# --- 2: bodies that are not JSON get the documented shape --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "says"),
+    [
+        (b'{"history": ["\xff\xfe"]}', {"content-type": "application/json"}, "not valid JSON"),
+        (b'{"history": [', {"content-type": "application/json"}, "not valid JSON"),
+        (b'{"history": ["a"]}', {"content-type": "text/plain"}, "Content-Type: application/json"),
+        (b'{"history": ["a"]}', {}, "Content-Type: application/json"),
+        (b"", {"content-type": "application/json"}, "request body is missing"),
+    ],
+)
+def test_bodies_that_are_not_json_get_422_in_the_error_shape(
+    client: TestClient, content: bytes, headers: dict, says: str
+) -> None:
+    for path in ("/recommend", "/recommend/batch", "/events"):
+        r = client.post(path, content=content, headers=headers)
+        assert r.status_code == 422, (path, r.text)
+        body = r.json()
+        assert says in body["detail"]
+        assert body["errors"][0]["type"] in {"json_invalid", "missing"}
+        assert set(body["errors"][0]) == {"type", "loc", "msg", "field"}
+
+
+def test_unknown_routes_and_methods_use_the_error_shape(client: TestClient) -> None:
+    assert client.get("/nope").json() == {"detail": "Not Found", "errors": None}
+    r = client.post("/healthz")
+    assert r.status_code == 405 and r.json()["errors"] is None
