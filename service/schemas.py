@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 # Ids are opaque strings; "\S" (searched, not anchored) rejects empty and all-blank ids.
@@ -14,6 +22,9 @@ HistoryItem = Annotated[str, StringConstraints(max_length=256)]
 # A response names at most this many unknown ids per user, so a history of unknown ids cannot
 # blow the response up (unknown_count still gives the total).
 UNKNOWN_IDS_SHOWN = 100
+# Event timestamps: unix seconds from 2000-01-01T00:00:00Z to a day ahead of the server's clock.
+EARLIEST_TIMESTAMP = 946_684_800
+MAX_FUTURE_S = 86_400
 
 
 class RecommendRequest(BaseModel):
@@ -106,9 +117,25 @@ class EventIn(BaseModel):
 
     user_id: Id
     item_id: Id = Field(description="Any id: items new to the catalogue enter it at retraining.")
-    timestamp: Annotated[float, Field(strict=True, allow_inf_nan=False)] = Field(
-        description="Unix time in seconds (a JSON number)."
+    timestamp: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=EARLIEST_TIMESTAMP)] = (
+        Field(
+            description="Unix time in seconds (a JSON number), from 2000-01-01T00:00:00Z up to "
+            f"{MAX_FUTURE_S // 3600} hours ahead of the server's clock."
+        )
     )
+
+    @field_validator("timestamp")
+    @classmethod
+    def _not_in_the_future(cls, ts: float) -> float:
+        # A far-future time would sort after every real event for good (the nightly job orders
+        # by time); a bound against the clock still allows for clients' clock skew.
+        if ts > time.time() + MAX_FUTURE_S:
+            raise PydanticCustomError(
+                "timestamp_in_future",
+                "Timestamp should be at most {hours} hours ahead of the server's clock",
+                {"hours": MAX_FUTURE_S // 3600},
+            )
+        return ts
 
 
 class EventsRequest(BaseModel):

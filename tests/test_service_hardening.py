@@ -268,3 +268,37 @@ def test_unknown_routes_and_methods_use_the_error_shape(client: TestClient) -> N
     assert client.get("/nope").json() == {"detail": "Not Found", "errors": None}
     r = client.post("/healthz")
     assert r.status_code == 405 and r.json()["errors"] is None
+
+
+# --- 5: event timestamps are bounded ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "says"),
+    [
+        (1e308, "hours ahead of the server's clock"),
+        (time.time() + 2 * 86_400, "hours ahead of the server's clock"),
+        (-1.0, "greater than or equal to 946684800"),
+        (1.0, "greater than or equal to 946684800"),
+        (946_684_799.5, "greater than or equal to 946684800"),
+    ],
+)
+def test_event_timestamps_out_of_range_are_422(
+    client: TestClient, timestamp: float, says: str
+) -> None:
+    event = {"user_id": "u", "item_id": "books-0001", "timestamp": timestamp}
+    r = client.post("/events", json={"events": [event]})
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["field"] == "events.0.timestamp"
+    assert says in r.json()["detail"]
+
+
+def test_event_timestamps_in_range_are_stored(
+    slow_client: TestClient, redis_server: RedisServer
+) -> None:
+    soon = time.time() + 3600  # clock skew within the allowance
+    for ts in (946_684_800, soon):
+        event = {"user_id": "u", "item_id": "books-0001", "timestamp": ts}
+        assert slow_client.post("/events", json={"events": [event]}).status_code == 200
+    fields = [f for _, f in redis_server.client().xrange(EVENTS_STREAM)]
+    assert [f["timestamp"] for f in fields] == ["946684800", repr(soon)]
