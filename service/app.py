@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import time
@@ -15,9 +16,10 @@ from typing import Annotated, Any
 
 import anyio.to_thread
 import torch
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -95,11 +97,56 @@ def require_admin(
         raise Unauthorized("missing or wrong admin token (send 'Authorization: Bearer <token>')")
 
 
+# Declared as a security scheme in OpenAPI; checked only when API keys are configured.
+api_key_header = APIKeyHeader(
+    name="X-API-Key",
+    scheme_name="ApiKey",
+    description="Needed on the data routes when REMI_API_KEYS (or REMI_API_KEYS_FILE) is set: "
+    "POST /events, and /recommend and /recommend/batch when they read a stored history.",
+    auto_error=False,
+)
+
+
+def key_digest(key: str) -> bytes:
+    # Comparing fixed-size digests keeps the comparison's time free of the keys' lengths.
+    return hashlib.sha256(key.encode()).digest()
+
+
+class DataAccess:
+    """The caller's API key, checked against the configured keys where stored data is used."""
+
+    def __init__(self, digests: frozenset[bytes], key: str | None) -> None:
+        self.digests = digests
+        self.key = key
+
+    def require(self) -> None:
+        if not self.digests:
+            return  # no keys configured: the data routes are open
+        if not self.key:
+            raise Unauthorized("missing API key: send it in the X-API-Key header")
+        given = key_digest(self.key)
+        # Every key is compared, each in constant time, so timing tells nothing about which.
+        matches = [secrets.compare_digest(given, digest) for digest in self.digests]
+        if not any(matches):
+            raise Unauthorized("wrong API key (X-API-Key header)")
+
+
+def get_data_access(
+    request: Request, key: Annotated[str | None, Security(api_key_header)]
+) -> DataAccess:
+    return DataAccess(request.app.state.api_key_digests, key)
+
+
+def require_data_access(access: Annotated[DataAccess, Depends(get_data_access)]) -> None:
+    access.require()
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 ModelDep = Annotated[LoadedModel, Depends(get_model)]
 StoreDep = Annotated[HistoryStore, Depends(get_store)]
+AccessDep = Annotated[DataAccess, Depends(get_data_access)]
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -257,8 +304,11 @@ async def recommend(
     settings: SettingsDep,
     store: StoreDep,
     metrics: MetricsDep,
+    access: AccessDep,
 ) -> RecommendResponse:
     """Top-n items for one user (history in the body, or a stored user's history)."""
+    if body.user_id is not None:
+        access.require()
     if errors := limit_errors(body, settings, ("body",)):
         raise RequestValidationError(errors)
     histories = await resolve_histories([body], store, settings)
@@ -275,8 +325,11 @@ async def recommend_many(
     settings: SettingsDep,
     store: StoreDep,
     metrics: MetricsDep,
+    access: AccessDep,
 ) -> BatchResponse:
     """Many users in one encode and one search; each entry means what POST /recommend means."""
+    if any(entry.user_id is not None for entry in body.requests):
+        access.require()
     if len(body.requests) > settings.max_batch:
         msg = f"A batch should have at most {settings.max_batch} entries, not {len(body.requests)}"
         raise RequestValidationError([limit_error("too_long", ("body", "requests"), msg)])
@@ -292,7 +345,13 @@ async def recommend_many(
     return BatchResponse(model_version=model.version, results=results)
 
 
-@router.post("/events", response_model=EventsResponse, responses=STORE_ERRORS, tags=["events"])
+@router.post(
+    "/events",
+    response_model=EventsResponse,
+    responses=STORE_ERRORS,
+    dependencies=[Depends(require_data_access)],
+    tags=["events"],
+)
 async def post_events(
     body: EventsRequest, settings: SettingsDep, store: StoreDep, metrics: MetricsDep
 ) -> EventsResponse:
@@ -486,6 +545,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.api_key_digests = frozenset(key_digest(key) for key in settings.api_key_list())
     app.include_router(router)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)

@@ -76,6 +76,17 @@ class Settings(BaseSettings):
         None,
         description="Bearer token for POST /admin/reload; unset disables the admin endpoints.",
     )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated API keys for the data routes (POST /events, and "
+        "/recommend and /recommend/batch when they read a stored history by user_id), sent in "
+        "the X-API-Key header. Unset (and no REMI_API_KEYS_FILE): those routes are open.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="File with one API key per line (blank lines and # comments skipped), "
+        "e.g. a Docker secret; its keys are accepted together with REMI_API_KEYS.",
+    )
     reload_interval_s: float = Field(
         30.0,
         ge=0,
@@ -105,3 +116,24 @@ class Settings(BaseSettings):
         if self.admin_token is not None and not self.admin_token.get_secret_value().strip():
             raise ValueError("admin_token must not be blank; leave it unset to disable admin")
         return self
+
+    @model_validator(mode="after")
+    def _api_keys_readable(self) -> Settings:
+        if self.api_keys is not None and not self.api_key_list():
+            raise ValueError("api_keys holds no key; leave it unset to keep the data routes open")
+        if self.api_keys_file is not None:
+            try:
+                self.api_key_list()
+            except OSError as exc:
+                raise ValueError(f"api_keys_file cannot be read: {exc}") from None
+        return self
+
+    def api_key_list(self) -> list[str]:
+        """Every configured API key (empty: the data routes are open)."""
+        keys = []
+        if self.api_keys is not None:
+            keys += self.api_keys.get_secret_value().split(",")
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+            keys += [line for line in lines if not line.lstrip().startswith("#")]
+        return [key.strip() for key in keys if key.strip()]

@@ -302,3 +302,71 @@ def test_event_timestamps_in_range_are_stored(
         assert slow_client.post("/events", json={"events": [event]}).status_code == 200
     fields = [f for _, f in redis_server.client().xrange(EVENTS_STREAM)]
     assert [f["timestamp"] for f in fields] == ["946684800", repr(soon)]
+
+
+# --- 7: optional API keys on the data routes ----------------------------------------------------
+
+
+@pytest.fixture
+def keyed_client(
+    tiny_bundle_root: Path, redis_server: RedisServer, tmp_path: Path
+) -> Iterator[TestClient]:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# rotated in November\nfile-key-2\n\n")
+    settings = make_settings(
+        tiny_bundle_root, redis_server.url, api_keys="key-one, key-two", api_keys_file=keys_file
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_data_routes_need_an_api_key_when_keys_are_set(keyed_client: TestClient) -> None:
+    calls = [
+        ("/events", events_body("carol", ["books-0001"])),
+        ("/recommend", {"user_id": "carol"}),
+        ("/recommend/batch", {"requests": [{"history": ["books-0001"]}, {"user_id": "carol"}]}),
+    ]
+    for path, body in calls:
+        for headers, says in [
+            ({}, "missing API key"),
+            ({"X-API-Key": "key-on"}, "wrong API key"),
+            ({"X-API-Key": "key-one, key-two"}, "wrong API key"),
+            ({"X-API-Key": ""}, "missing API key"),
+        ]:
+            r = keyed_client.post(path, json=body, headers=headers)
+            assert r.status_code == 401, (path, headers, r.text)
+            assert says in r.json()["detail"]
+        for key in ("key-one", "key-two", "file-key-2"):
+            r = keyed_client.post(path, json=body, headers={"X-API-Key": key})
+            assert r.status_code == 200, (path, key, r.text)
+    # Without a stored history nothing private is read: history requests stay open.
+    assert keyed_client.post("/recommend", json={"history": ["books-0001"]}).status_code == 200
+    batch = {"requests": [{"history": ["books-0001"]}]}
+    assert keyed_client.post("/recommend/batch", json=batch).status_code == 200
+    for path in ("/healthz", "/readyz", "/metrics", "/v1/model"):
+        assert keyed_client.get(path).status_code == 200
+
+
+def test_data_routes_are_open_without_keys(slow_client: TestClient) -> None:
+    assert slow_client.post("/events", json=events_body("dan", ["books-0001"])).status_code == 200
+    assert slow_client.post("/recommend", json={"user_id": "dan"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("values", "says"),
+    [
+        ({"api_keys": " , "}, "holds no key"),
+        ({"api_keys_file": "/nonexistent/keys"}, "api_keys_file cannot be read"),
+    ],
+)
+def test_bad_api_key_settings_are_refused(tiny_bundle_root: Path, values: dict, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        make_settings(tiny_bundle_root, **values)
+
+
+def test_api_keys_are_never_printed(tiny_bundle_root: Path) -> None:
+    settings = make_settings(tiny_bundle_root, api_keys="very-secret-key")
+    assert "very-secret-key" not in repr(settings)
+    env = {"REMI_API_KEYS": "very-secret-key", "REMI_MAX_N": "0"}
+    result = CliRunner().invoke(cli_app, ["--bundle-root", str(tiny_bundle_root)], env=env)
+    assert result.exit_code == 2 and "very-secret-key" not in result.output
