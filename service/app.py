@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -273,6 +274,7 @@ async def readyz(registry: RegistryDep, store: StoreDep) -> JSONResponse:
     body = {
         "ready": ready,
         "model_version": registry.model.version if ready else None,
+        "worker_pid": os.getpid(),  # which worker answered (several under --workers N)
         "redis": {"ok": redis_error is None, "error": redis_error},
         "reload": {
             "ok": registry.last_error is None,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from remi_core.bundle import BundleError, resolve_current
+from remi_core.bundle import BundleError, current_version, resolve_current
 from service.errors import ModelNotLoaded
 from service.metrics import Metrics
 from service.recommender import LoadedModel, load_model
@@ -117,11 +117,26 @@ class ModelRegistry:
         self.metrics.reload_failing.set(1)
         return ReloadOutcome(False, previous, previous, target, error)
 
+    def settled(self) -> bool:
+        """Whether `current` still points where the last check left it: one readlink, cheap
+        enough to run several times a second in every worker."""
+        try:
+            target = current_version(self.root)
+        except OSError:
+            return False  # let reload() report it
+        self.last_check_at = time.time()
+        if target == self._name:
+            return self.last_error is None
+        return target is not None and target == self.failed_target  # known bad: skip
+
     async def poll(self, interval_s: float) -> None:
-        """Background task: check `current` every interval_s seconds until cancelled."""
+        """Background task: check `current` every interval_s seconds until cancelled, and load
+        it when it moved. Every worker process polls on its own, so a publish or a reload
+        through one worker's /admin/reload reaches all of them within about interval_s."""
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.reload()
+                if not self.settled():
+                    await self.reload()
             except Exception:  # never let the poller die; the next round tries again
                 log.exception("bundle reload check failed")

@@ -88,10 +88,12 @@ class Settings(BaseSettings):
         "e.g. a Docker secret; its keys are accepted together with REMI_API_KEYS.",
     )
     reload_interval_s: float = Field(
-        30.0,
+        0.5,
         ge=0,
-        description="How often to check whether `current` points at a new bundle, in seconds; "
-        "0 turns polling off (POST /admin/reload still works).",
+        description="How often each worker checks whether `current` points at a new bundle, in "
+        "seconds (one readlink; the bundle is loaded only when it moved), so every worker serves "
+        "a publish or an /admin/reload within about this long plus the load time. 0 turns "
+        "polling off: then POST /admin/reload reloads only the worker that answers it.",
     )
     torch_threads: int = Field(
         1,

@@ -1,0 +1,71 @@
+"""`remi-serve --workers 2`: after a publish, every worker serves the new bundle within 1 s."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+import pytest
+
+from remi_core.bundle import current_version
+from tests.conftest import free_port
+from tests.helpers import dead_redis_url, write_tiny_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+
+def readyz(base: str) -> tuple[int, str]:
+    # A new connection per request, so the kernel can hand it to either worker.
+    with httpx.Client(timeout=5) as client:
+        body = client.get(f"{base}/readyz").json()
+    return body["worker_pid"], body["model_version"]
+
+
+def test_every_worker_serves_a_publish_within_a_second(tiny_bundle_root: Path, tmp_path: Path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMI_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["REMI_REDIS_URL"] = dead_redis_url()  # history-free: Redis plays no part here
+    log_path = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "service.cli", "--port", str(port), "--workers", "2",
+               "--bundle-root", str(tiny_bundle_root), "--log-level", "warning"]  # fmt: skip
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    old = current_version(tiny_bundle_root)
+    try:
+        # Both workers up (each answers on its own): wait until two pids have answered.
+        pids: set[int] = set()
+        deadline = time.monotonic() + 120
+        while len(pids) < 2:
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, f"saw workers {pids}:\n{log_path.read_text()}"
+            try:
+                pid, version = readyz(base)
+            except httpx.TransportError:
+                time.sleep(0.2)
+                continue
+            assert version == old
+            pids.add(pid)
+
+        new = write_tiny_bundle(tiny_bundle_root, seed=1).name  # publishes: `current` moves
+        published = time.monotonic()
+        late: dict[int, list[str]] = defaultdict(list)  # pid -> versions answered after 1 s
+        while set(late) != pids:
+            assert time.monotonic() - published < 30, f"only {set(late)} answered after 1 s"
+            sent = time.monotonic()
+            pid, version = readyz(base)
+            if sent - published > 1.0:
+                late[pid].append(version)
+        assert {pid: set(versions) for pid, versions in late.items()} == {
+            pid: {new} for pid in pids
+        }
+    finally:
+        proc.terminate()
+        proc.wait(30)
