@@ -19,13 +19,14 @@ import anyio.to_thread
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from remi_core.bundle import BundleError
+from service import openapi
 from service.errors import (
     AdminDisabled,
     RedisUnavailable,
@@ -47,6 +48,7 @@ from service.schemas import (
     EventsResponse,
     ExplanationOut,
     InterestOut,
+    ReadinessResponse,
     RecommendedItemOut,
     RecommendRequest,
     RecommendResponse,
@@ -161,6 +163,8 @@ def limit_error(kind: str, loc: tuple[Any, ...], msg: str) -> dict[str, Any]:
 
 def limit_errors(entry: RecommendRequest, settings: Settings, loc: tuple[Any, ...]) -> list[dict]:
     errors = []
+    if "n" not in entry.model_fields_set:
+        entry.n = openapi.default_n(settings)  # a low REMI_MAX_N lowers the default too
     if entry.n > settings.max_n:
         msg = f"Input should be less than or equal to {settings.max_n}"
         errors.append(limit_error("less_than_equal", (*loc, "n"), msg))
@@ -241,12 +245,26 @@ def to_response(model: LoadedModel, entry: RecommendRequest, result: Result) -> 
 # --- routes -------------------------------------------------------------------------------------
 
 router = APIRouter()
+# Every route that takes a JSON body.
 ERRORS: dict[int | str, dict[str, Any]] = {
-    422: {"model": ErrorResponse, "description": "Invalid request (message in `detail`)."}
+    413: {
+        "model": ErrorResponse,
+        "description": "The body is over REMI_MAX_BODY_BYTES; refused before it is read in full.",
+    },
+    422: {
+        "model": ErrorResponse,
+        "description": "Invalid request: a field breaks a rule or a limit, or the body is not "
+        "UTF-8 JSON sent with Content-Type: application/json (message in `detail`).",
+    },
 }
 # Routes that touch Redis (for /recommend*, only entries given by user_id do).
 STORE_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
+    401: {
+        "model": ErrorResponse,
+        "description": "Missing or wrong X-API-Key, only when API keys are configured "
+        "(REMI_API_KEYS); /recommend* need it only for entries given by user_id.",
+    },
     409: {
         "model": ErrorResponse,
         "description": "A Redis key involved holds the wrong type (named in `detail`); "
@@ -254,8 +272,21 @@ STORE_ERRORS: dict[int | str, dict[str, Any]] = {
     },
     503: {
         "model": ErrorResponse,
-        "description": "Redis is unavailable (or no model is loaded yet); retry after Retry-After.",
+        "description": "Redis is unavailable (or no model is loaded yet); retry after Retry-After. "
+        "For POST /events, nothing was stored unless `detail` says it cannot tell.",
     },
+}
+NOT_LOADED: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorResponse, "description": "No model is loaded (starting or stopping)."}
+}
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong admin bearer token."},
+    403: {"model": ErrorResponse, "description": "Admin is off: REMI_ADMIN_TOKEN is not set."},
+    409: {
+        "model": ErrorResponse,
+        "description": "The bundle `current` points at was rejected; the old one keeps serving.",
+    },
+    422: ERRORS[422],
 }
 
 
@@ -265,7 +296,12 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["ops"])
+@router.get(
+    "/readyz",
+    response_model=ReadinessResponse,
+    responses={503: {"model": ReadinessResponse, "description": "No model is loaded yet."}},
+    tags=["ops"],
+)
 async def readyz(registry: RegistryDep, store: StoreDep) -> JSONResponse:
     """Readiness: a model is loaded. Redis is reported but does not make the service unready,
     since requests with a history in the body work without it."""
@@ -286,14 +322,15 @@ async def readyz(registry: RegistryDep, store: StoreDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/v1/model", tags=["ops"])
+@router.get("/v1/model", responses=NOT_LOADED, tags=["ops"])
 async def model_manifest(model: ModelDep) -> dict[str, Any]:
     """The served bundle's manifest, plus where its index lives."""
     return {**model.manifest, "index_device": model.index_device}
 
 
-@router.get("/metrics", tags=["ops"])
+@router.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
 async def metrics_endpoint(metrics: MetricsDep) -> Response:
+    """Prometheus metrics, in Prometheus's text format."""
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -372,6 +409,7 @@ async def post_events(
     "/admin/reload",
     response_model=ReloadResponse,
     dependencies=[Depends(require_admin)],
+    responses=ADMIN_ERRORS,
     tags=["admin"],
 )
 async def admin_reload(registry: RegistryDep) -> ReloadResponse:
@@ -549,6 +587,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.api_key_digests = frozenset(key_digest(key) for key in settings.api_key_list())
     app.include_router(router)
+    openapi.install(app, settings)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(ServiceError, _on_service_error)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Annotated
 
 from pydantic import (
@@ -22,13 +23,36 @@ HistoryItem = Annotated[str, StringConstraints(max_length=256)]
 # A response names at most this many unknown ids per user, so a history of unknown ids cannot
 # blow the response up (unknown_count still gives the total).
 UNKNOWN_IDS_SHOWN = 100
-# Event timestamps: unix seconds from 2000-01-01T00:00:00Z to a day ahead of the server's clock.
+# Event timestamps: unix seconds from 2000-01-01T00:00:00Z to before the end of tomorrow (UTC).
 EARLIEST_TIMESTAMP = 946_684_800
-MAX_FUTURE_S = 86_400
+DAY_S = 86_400
+
+
+def latest_timestamp(now: float | None = None) -> int:
+    """The first timestamp refused as too far ahead: midnight (UTC) after tomorrow. Whole days,
+    so the bound moves once a day and the OpenAPI schema can state it exactly."""
+    now = time.time() if now is None else now
+    return (int(now) // DAY_S + 2) * DAY_S
 
 
 class RecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # The rule of _history_xor_user_id, for the schema: exactly one of the two is given (a null
+    # counts as not given).
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": ["history"],
+                    "properties": {"history": {"type": "array"}, "user_id": {"type": "null"}},
+                },
+                {
+                    "required": ["user_id"],
+                    "properties": {"user_id": {"type": "string"}, "history": {"type": "null"}},
+                },
+            ]
+        },
+    )
 
     history: list[HistoryItem] | None = Field(
         None, description="Item ids the user interacted with, oldest first."
@@ -119,8 +143,8 @@ class EventIn(BaseModel):
     item_id: Id = Field(description="Any id: items new to the catalogue enter it at retraining.")
     timestamp: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=EARLIEST_TIMESTAMP)] = (
         Field(
-            description="Unix time in seconds (a JSON number), from 2000-01-01T00:00:00Z up to "
-            f"{MAX_FUTURE_S // 3600} hours ahead of the server's clock."
+            description="Unix time in seconds (a JSON number), from 2000-01-01T00:00:00Z to "
+            "before the end of tomorrow (UTC, by the server's clock)."
         )
     )
 
@@ -128,12 +152,13 @@ class EventIn(BaseModel):
     @classmethod
     def _not_in_the_future(cls, ts: float) -> float:
         # A far-future time would sort after every real event for good (the nightly job orders
-        # by time); a bound against the clock still allows for clients' clock skew.
-        if ts > time.time() + MAX_FUTURE_S:
+        # by time); the bound leaves 24 to 48 hours for clients' clock skew.
+        if ts >= (bound := latest_timestamp()):
+            when = datetime.fromtimestamp(bound, UTC).isoformat().replace("+00:00", "Z")
             raise PydanticCustomError(
                 "timestamp_in_future",
-                "Timestamp should be at most {hours} hours ahead of the server's clock",
-                {"hours": MAX_FUTURE_S // 3600},
+                "Timestamp should be before {bound} ({when}: the end of tomorrow, UTC)",
+                {"bound": bound, "when": when},
             )
         return ts
 
@@ -167,3 +192,23 @@ class ErrorResponse(BaseModel):
 
     detail: str
     errors: list[ErrorItem] | None = None
+
+
+class RedisStatus(BaseModel):
+    ok: bool
+    error: str | None = Field(description="Why Redis did not answer (password hidden).")
+
+
+class ReloadStatus(BaseModel):
+    ok: bool = Field(description="False while the latest bundle load failed.")
+    error: str | None
+    rejected_target: str | None = Field(description="The version `current` named that failed.")
+    last_check_at: float | None = Field(description="When `current` was last checked (unix).")
+
+
+class ReadinessResponse(BaseModel):
+    ready: bool = Field(description="A model is loaded (Redis does not count: see `redis`).")
+    model_version: str | None
+    worker_pid: int = Field(description="The worker process that answered (--workers N).")
+    redis: RedisStatus
+    reload: ReloadStatus

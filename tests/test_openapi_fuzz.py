@@ -1,0 +1,109 @@
+"""Schemathesis over the served OpenAPI schema: no 5xx, and every answer is one the schema
+declares (status, content type, headers, body), on a real server with a real Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+
+import uvicorn  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis.errors import Unsatisfiable  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.generation import GenerationMode  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from service.app import create_app  # noqa: E402
+from service.settings import Settings  # noqa: E402
+from tests.conftest import REDIS_SERVER, RedisServer, free_port  # noqa: E402
+
+pytestmark = pytest.mark.integration
+API_KEY = "fuzz-key"
+EXAMPLES = 100  # per operation and mode: ~1,000 requests, about half a minute on 2 cores
+CONFORMANCE = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+
+
+@pytest.fixture
+def base_url(tiny_bundle_root: Path, tmp_path: Path) -> Iterator[str]:
+    """A real uvicorn server in a thread, with small limits so generated bodies stay small."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    app_settings = Settings(
+        bundle_root=tiny_bundle_root,
+        redis_url=redis.url,
+        reload_interval_s=0,
+        max_n=20,
+        max_history=30,
+        max_batch=4,
+        max_events=5,
+        admin_token="fuzz-admin",
+        api_keys=API_KEY,
+    )
+    port = free_port()
+    config = uvicorn.Config(create_app(app_settings), port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        redis.stop()
+
+
+def fuzz(operation, mode: GenerationMode) -> None:
+    """Send EXAMPLES generated requests to one operation and check every answer."""
+    # Negative cases break the schema on purpose: the server must refuse each one.
+    checks = CONFORMANCE + ([negative_data_rejection] if mode.is_negative else [])
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,  # the same cases every run
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    def run(case) -> None:
+        case.call_and_validate(headers={"X-API-Key": API_KEY}, checks=checks)
+
+    try:
+        run()
+    except Unsatisfiable:
+        if not mode.is_negative:
+            raise  # an operation without parameters or body has nothing to negate
+
+
+def test_fuzzed_requests_get_declared_answers_and_no_5xx(base_url: str) -> None:
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) == 8
+    for operation in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            fuzz(operation, mode)
