@@ -9,15 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-schemathesis = pytest.importorskip("schemathesis")
-
-import uvicorn  # noqa: E402
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis.errors import Unsatisfiable  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.generation import GenerationMode  # noqa: E402
-from schemathesis.specs.openapi.checks import (  # noqa: E402
+import schemathesis
+import uvicorn
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis.checks import not_a_server_error
+from schemathesis.generation import GenerationMode
+from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     negative_data_rejection,
     response_headers_conformance,
@@ -25,9 +23,9 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from service.app import create_app  # noqa: E402
-from service.settings import Settings  # noqa: E402
-from tests.conftest import REDIS_SERVER, RedisServer, free_port  # noqa: E402
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import REDIS_SERVER, RedisServer, free_port
 
 pytestmark = pytest.mark.integration
 API_KEY = "fuzz-key"

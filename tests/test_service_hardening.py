@@ -411,7 +411,8 @@ def test_openapi_states_limits_rules_and_answers(tiny_bundle_root: Path) -> None
 
 
 def test_openapi_one_of_rule_matches_the_server(client: TestClient) -> None:
-    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    import jsonschema_rs  # comes with schemathesis (dev dependencies)
+
     schema = client.get("/openapi.json").json()
     recommend = {**schema["components"]["schemas"]["RecommendRequest"]}
     validator = jsonschema_rs.validator_for(recommend)
@@ -434,3 +435,27 @@ def test_openapi_one_of_rule_matches_the_server(client: TestClient) -> None:
 def test_keys_off_the_schema_asks_for_none(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert all("security" not in op for ops in paths.values() for op in ops.values())
+
+
+def test_a_retried_events_script_writes_once(redis_server: RedisServer) -> None:
+    """The script a broken connection makes the client send again (same token) finds the batch
+    written and writes nothing more: what makes the one retry of /events exactly-once."""
+    import asyncio
+
+    from service.history import _TOKEN_PREFIX, HistoryStore
+
+    async def run_twice() -> list:
+        store = HistoryStore(redis_server.url, 1.0, history_cap=5)
+        try:
+            seconds, micros = await store._client.time()
+            deadline = seconds * 1_000_000 + micros + 5_000_000
+            keys = [EVENTS_STREAM, f"{_TOKEN_PREFIX}same", history_key("erin")]
+            args = [deadline, 3000, 5, "", 3, "erin", "books-0001", "1700000000"]
+            return [await store._append_script(keys=keys, args=args) for _ in range(2)]
+        finally:
+            await store.close()
+
+    assert asyncio.run(run_twice()) == [None, "done"]
+    assert stored(redis_server, "erin") == (["books-0001"], 1)
+    ttl = redis_server.client().pttl(f"{_TOKEN_PREFIX}same")
+    assert 0 < ttl <= 3000  # the token goes away by itself
