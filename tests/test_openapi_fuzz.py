@@ -25,7 +25,7 @@ from schemathesis.specs.openapi.checks import (
 
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import REDIS_SERVER, RedisServer, free_port
+from tests.conftest import RedisServer, free_port
 
 pytestmark = pytest.mark.integration
 API_KEY = "fuzz-key"
@@ -40,15 +40,11 @@ CONFORMANCE = [
 
 
 @pytest.fixture
-def base_url(tiny_bundle_root: Path, tmp_path: Path) -> Iterator[str]:
+def base_url(tiny_bundle_root: Path, redis_server: RedisServer) -> Iterator[str]:
     """A real uvicorn server in a thread, with small limits so generated bodies stay small."""
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed")
-    redis = RedisServer(tmp_path / "redis")
-    redis.start()
     app_settings = Settings(
         bundle_root=tiny_bundle_root,
-        redis_url=redis.url,
+        redis_url=redis_server.url,
         reload_interval_s=0,
         max_n=20,
         max_history=30,
@@ -71,7 +67,6 @@ def base_url(tiny_bundle_root: Path, tmp_path: Path) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
-        redis.stop()
 
 
 def fuzz(operation, mode: GenerationMode) -> None:
