@@ -1,4 +1,9 @@
-"""Request and response bodies. Static rules live here; limits from settings are in app.py."""
+"""Request and response bodies. Static rules live here; limits from settings are in app.py.
+
+Request models are strict: a JSON value of another type than the schema's is refused, never
+coerced (pydantic's lax mode would take `"explain": 0` or `"n": "5"`), so the OpenAPI schema
+states exactly what is accepted.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ class RecommendRequest(BaseModel):
     # counts as not given).
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "oneOf": [
                 {
@@ -77,7 +83,7 @@ class RecommendRequest(BaseModel):
 
 
 class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     requests: list[RecommendRequest] = Field(
         ..., min_length=1, description="One entry per user, each like a POST /recommend body."
@@ -137,7 +143,7 @@ class BatchResponse(BaseModel):
 
 
 class EventIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     user_id: Id
     item_id: Id = Field(description="Any id: items new to the catalogue enter it at retraining.")
@@ -164,7 +170,7 @@ class EventIn(BaseModel):
 
 
 class EventsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     events: list[EventIn] = Field(..., min_length=1)
 

@@ -459,3 +459,21 @@ def test_a_retried_events_script_writes_once(redis_server: RedisServer) -> None:
     assert stored(redis_server, "erin") == (["books-0001"], 1)
     ttl = redis_server.client().pttl(f"{_TOKEN_PREFIX}same")
     assert 0 < ttl <= 3000  # the token goes away by itself
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/recommend", {"history": [], "explain": 0}),
+        ("/recommend", {"history": ["books-0001"], "n": "5"}),
+        ("/recommend", {"history": ["books-0001"], "exclude_history": "yes"}),
+        ("/recommend/batch", {"requests": [{"history": [], "n": 5.0}]}),
+        ("/events", {"events": [{"user_id": "u", "item_id": "i", "timestamp": "1e9"}]}),
+    ],
+)
+def test_values_of_another_type_are_refused_not_coerced(
+    client: TestClient, path: str, body: dict
+) -> None:
+    # Found by the schemathesis run: lax pydantic took `"explain": 0` for false, though the
+    # schema says boolean.
+    assert client.post(path, json=body).status_code == 422
