@@ -467,7 +467,7 @@ def test_a_retried_events_script_writes_once(redis_server: RedisServer) -> None:
         ("/recommend", {"history": [], "explain": 0}),
         ("/recommend", {"history": ["books-0001"], "n": "5"}),
         ("/recommend", {"history": ["books-0001"], "exclude_history": "yes"}),
-        ("/recommend/batch", {"requests": [{"history": [], "n": 5.0}]}),
+        ("/recommend/batch", {"requests": [{"history": [], "explain": "true"}]}),
         ("/events", {"events": [{"user_id": "u", "item_id": "i", "timestamp": "1e9"}]}),
     ],
 )
