@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import secrets
@@ -17,16 +16,16 @@ from typing import Annotated, Any
 
 import anyio.to_thread
 import torch
-from fastapi import APIRouter, Depends, FastAPI, Header, Request, Security
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from remi_core.bundle import BundleError
 from service import openapi
+from service.auth import AccessDep, key_digest, require_data_access
 from service.errors import (
     AdminDisabled,
     RedisUnavailable,
@@ -100,56 +99,11 @@ def require_admin(
         raise Unauthorized("missing or wrong admin token (send 'Authorization: Bearer <token>')")
 
 
-# Declared as a security scheme in OpenAPI; checked only when API keys are configured.
-api_key_header = APIKeyHeader(
-    name="X-API-Key",
-    scheme_name="ApiKey",
-    description="Needed on the data routes when REMI_API_KEYS (or REMI_API_KEYS_FILE) is set: "
-    "POST /events, and /recommend and /recommend/batch when they read a stored history.",
-    auto_error=False,
-)
-
-
-def key_digest(key: str) -> bytes:
-    # Comparing fixed-size digests keeps the comparison's time free of the keys' lengths.
-    return hashlib.sha256(key.encode()).digest()
-
-
-class DataAccess:
-    """The caller's API key, checked against the configured keys where stored data is used."""
-
-    def __init__(self, digests: frozenset[bytes], key: str | None) -> None:
-        self.digests = digests
-        self.key = key
-
-    def require(self) -> None:
-        if not self.digests:
-            return  # no keys configured: the data routes are open
-        if not self.key:
-            raise Unauthorized("missing API key: send it in the X-API-Key header")
-        given = key_digest(self.key)
-        # Every key is compared, each in constant time, so timing tells nothing about which.
-        matches = [secrets.compare_digest(given, digest) for digest in self.digests]
-        if not any(matches):
-            raise Unauthorized("wrong API key (X-API-Key header)")
-
-
-def get_data_access(
-    request: Request, key: Annotated[str | None, Security(api_key_header)]
-) -> DataAccess:
-    return DataAccess(request.app.state.api_key_digests, key)
-
-
-def require_data_access(access: Annotated[DataAccess, Depends(get_data_access)]) -> None:
-    access.require()
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 ModelDep = Annotated[LoadedModel, Depends(get_model)]
 StoreDep = Annotated[HistoryStore, Depends(get_store)]
-AccessDep = Annotated[DataAccess, Depends(get_data_access)]
 
 
 # --- helpers ------------------------------------------------------------------------------------
