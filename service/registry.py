@@ -41,6 +41,7 @@ class ModelRegistry:
         self.metrics = metrics
         self._model: LoadedModel | None = None
         self._name: str | None = None  # `current`'s target when the served model was loaded
+        self._checked: str | None = None  # `current`'s target at the last full check
         self._lock = asyncio.Lock()  # one load at a time (poller and admin endpoint)
         self.last_error: str | None = None
         self.failed_target: str | None = None
@@ -62,12 +63,14 @@ class ModelRegistry:
         path = resolve_current(self.root)
         model = load_model(path, self.device, self.verify)
         self._swap(model, path.name)
+        self._checked = path.name
         return model
 
     async def reload(self, force: bool = False) -> ReloadOutcome:
         """Load `current` if it moved. Without `force`, a target that already failed is skipped
         (versions are immutable, so retrying it every poll would only repeat the error)."""
         async with self._lock:
+            self._checked = self._link_target()
             self.last_check_at = time.time()
             previous = self._model.version if self._model else None
             try:
@@ -117,17 +120,19 @@ class ModelRegistry:
         self.metrics.reload_failing.set(1)
         return ReloadOutcome(False, previous, previous, target, error)
 
-    def settled(self) -> bool:
-        """Whether `current` still points where the last check left it: one readlink, cheap
-        enough to run several times a second in every worker."""
+    def _link_target(self) -> str | None:
         try:
-            target = current_version(self.root)
+            return current_version(self.root)
         except OSError:
-            return False  # let reload() report it
+            return None
+
+    def settled(self) -> bool:
+        """Whether `current` still names what the last full check found: one readlink, cheap
+        enough for every worker to run several times a second. A target that failed stays
+        settled until `current` moves (or /admin/reload), as before: versions are immutable."""
+        target = self._link_target()
         self.last_check_at = time.time()
-        if target == self._name:
-            return self.last_error is None
-        return target is not None and target == self.failed_target  # known bad: skip
+        return self.loaded and target == self._checked
 
     async def poll(self, interval_s: float) -> None:
         """Background task: check `current` every interval_s seconds until cancelled, and load

@@ -1,4 +1,4 @@
-"""`remi-serve --workers 2`: after a publish, every worker serves the new bundle within 1 s."""
+"""Reload polling: with `remi-serve --workers 2`, every worker serves a publish within 1 s."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
-from remi_core.bundle import current_version
+from remi_core.bundle import current_version, resolve_current
+from service.app import create_app
+from service.settings import Settings
 from tests.conftest import free_port
 from tests.helpers import dead_redis_url, write_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.integration
 
 
 def readyz(base: str) -> tuple[int, str]:
@@ -27,6 +29,7 @@ def readyz(base: str) -> tuple[int, str]:
     return body["worker_pid"], body["model_version"]
 
 
+@pytest.mark.integration
 def test_every_worker_serves_a_publish_within_a_second(tiny_bundle_root: Path, tmp_path: Path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("REMI_")}
@@ -69,3 +72,22 @@ def test_every_worker_serves_a_publish_within_a_second(tiny_bundle_root: Path, t
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_poller_reloads_on_a_move_and_tries_a_rejected_bundle_once(tiny_bundle_root: Path):
+    settings = Settings(
+        bundle_root=tiny_bundle_root, redis_url=dead_redis_url(), reload_interval_s=0.05
+    )
+    with TestClient(create_app(settings)) as client:
+        good = write_tiny_bundle(tiny_bundle_root, seed=1).name
+        time.sleep(0.5)
+        assert client.get("/readyz").json()["model_version"] == good
+        bad = write_tiny_bundle(tiny_bundle_root, seed=2)
+        (bad / "item_ids.json").write_text('[null, "oops"]')  # fails its checksum
+        time.sleep(0.5)  # about ten polls
+        ready = client.get("/readyz").json()
+        assert ready["model_version"] == good and ready["reload"]["rejected_target"] == bad.name
+        metrics = client.get("/metrics").text
+        assert 'remi_model_reloads_total{result="failure"} 1.0' in metrics
+        assert 'remi_model_reloads_total{result="success"} 1.0' in metrics
+        assert resolve_current(tiny_bundle_root) == bad
