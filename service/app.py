@@ -199,6 +199,7 @@ def to_response(model: LoadedModel, entry: RecommendRequest, result: Result) -> 
 # --- routes -------------------------------------------------------------------------------------
 
 router = APIRouter()
+RETRY_AFTER = {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
 # Every route that takes a JSON body.
 ERRORS: dict[int | str, dict[str, Any]] = {
     413: {
@@ -228,10 +229,15 @@ STORE_ERRORS: dict[int | str, dict[str, Any]] = {
         "model": ErrorResponse,
         "description": "Redis is unavailable (or no model is loaded yet); retry after Retry-After. "
         "For POST /events, nothing was stored unless `detail` says it cannot tell.",
+        "headers": {"Retry-After": RETRY_AFTER},
     },
 }
 NOT_LOADED: dict[int | str, dict[str, Any]] = {
-    503: {"model": ErrorResponse, "description": "No model is loaded (starting or stopping)."}
+    503: {
+        "model": ErrorResponse,
+        "description": "No model is loaded (starting or stopping).",
+        "headers": {"Retry-After": RETRY_AFTER},
+    }
 }
 ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or wrong admin bearer token."},

@@ -3,6 +3,7 @@ declares (status, content type, headers, body), on a real server with a real Red
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from schemathesis.specs.openapi.checks import (
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import RedisServer, free_port
+from tests.helpers import dead_redis_url
 
 pytestmark = pytest.mark.integration
 API_KEY = "fuzz-key"
@@ -39,12 +41,11 @@ CONFORMANCE = [
 ]
 
 
-@pytest.fixture
-def base_url(tiny_bundle_root: Path, redis_server: RedisServer) -> Iterator[str]:
-    """A real uvicorn server in a thread, with small limits so generated bodies stay small."""
-    app_settings = Settings(
-        bundle_root=tiny_bundle_root,
-        redis_url=redis_server.url,
+def fuzz_settings(bundle_root: Path, redis_url: str) -> Settings:
+    # Small limits keep generated bodies small; keys and a token make every route answer.
+    return Settings(
+        bundle_root=bundle_root,
+        redis_url=redis_url,
         reload_interval_s=0,
         max_n=20,
         max_history=30,
@@ -53,8 +54,13 @@ def base_url(tiny_bundle_root: Path, redis_server: RedisServer) -> Iterator[str]
         admin_token="fuzz-admin",
         api_keys=API_KEY,
     )
+
+
+@contextlib.contextmanager
+def serving(app_settings: Settings) -> Iterator[str]:
+    """A real uvicorn server in a thread; yields its base URL."""
     port = free_port()
-    config = uvicorn.Config(create_app(app_settings), port=port, log_level="warning")
+    config = uvicorn.Config(create_app(app_settings), port=port, log_level="critical")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -69,10 +75,20 @@ def base_url(tiny_bundle_root: Path, redis_server: RedisServer) -> Iterator[str]
         thread.join(30)
 
 
-def fuzz(operation, mode: GenerationMode) -> None:
+@schemathesis.check
+def no_server_error_but_503(ctx, response, case) -> bool | None:
+    """With Redis down, 503 is the declared answer; any other 5xx is a bug."""
+    assert response.status_code < 500 or response.status_code == 503, response.text
+    return True
+
+
+REDIS_DOWN_CHECKS = [no_server_error_but_503, *CONFORMANCE[1:]]
+
+
+def fuzz(operation, mode: GenerationMode, conformance: list = CONFORMANCE) -> None:
     """Send EXAMPLES generated requests to one operation and check every answer."""
     # Negative cases break the schema on purpose: the server must refuse each one.
-    checks = CONFORMANCE + ([negative_data_rejection] if mode.is_negative else [])
+    checks = conformance + ([negative_data_rejection] if mode.is_negative else [])
 
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(
@@ -93,10 +109,25 @@ def fuzz(operation, mode: GenerationMode) -> None:
             raise  # an operation without parameters or body has nothing to negate
 
 
-def test_fuzzed_requests_get_declared_answers_and_no_5xx(base_url: str) -> None:
-    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 8
-    for operation in operations:
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            fuzz(operation, mode)
+def test_fuzzed_requests_get_declared_answers_and_no_5xx(
+    tiny_bundle_root: Path, redis_server: RedisServer
+) -> None:
+    with serving(fuzz_settings(tiny_bundle_root, redis_server.url)) as base_url:
+        schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+        operations = [result.ok() for result in schema.get_all_operations()]
+        assert len(operations) == 8
+        for operation in operations:
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                fuzz(operation, mode)
+
+
+def test_fuzzed_requests_while_redis_is_down(tiny_bundle_root: Path) -> None:
+    # The 503 answers (and their Retry-After header) must match the schema too.
+    with serving(fuzz_settings(tiny_bundle_root, dead_redis_url())) as base_url:
+        schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            if operation.path in ("/events", "/recommend", "/recommend/batch", "/readyz"):
+                fuzz(
+                    operation, GenerationMode.POSITIVE, [no_server_error_but_503, *CONFORMANCE[1:]]
+                )
