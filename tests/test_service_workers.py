@@ -12,9 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from remi_core.bundle import current_version, resolve_current
 from service.app import create_app
+from service.cli import app as cli_app
 from service.settings import Settings
 from tests.conftest import free_port
 from tests.helpers import dead_redis_url, write_tiny_bundle
@@ -91,3 +93,11 @@ def test_poller_reloads_on_a_move_and_tries_a_rejected_bundle_once(tiny_bundle_r
         assert 'remi_model_reloads_total{result="failure"} 1.0' in metrics
         assert 'remi_model_reloads_total{result="success"} 1.0' in metrics
         assert resolve_current(tiny_bundle_root) == bad
+
+
+def test_remi_serve_warns_when_workers_cannot_follow_a_reload(tmp_path: Path) -> None:
+    env = {"REMI_RELOAD_INTERVAL_S": "0"}
+    args = ["--workers", "2", "--bundle-root", str(tmp_path / "none")]
+    result = CliRunner().invoke(cli_app, args, env=env)
+    assert result.exit_code == 1  # no bundle there; the warning comes first
+    assert "reloads only the worker that answers it" in result.output
