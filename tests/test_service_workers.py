@@ -76,19 +76,25 @@ def test_every_worker_serves_a_publish_within_a_second(tiny_bundle_root: Path, t
         proc.wait(30)
 
 
+def wait_for(condition, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
 def test_poller_reloads_on_a_move_and_tries_a_rejected_bundle_once(tiny_bundle_root: Path):
     settings = Settings(
         bundle_root=tiny_bundle_root, redis_url=dead_redis_url(), reload_interval_s=0.05
     )
     with TestClient(create_app(settings)) as client:
         good = write_tiny_bundle(tiny_bundle_root, seed=1).name
-        time.sleep(0.5)
-        assert client.get("/readyz").json()["model_version"] == good
+        wait_for(lambda: client.get("/readyz").json()["model_version"] == good)
         bad = write_tiny_bundle(tiny_bundle_root, seed=2)
         (bad / "item_ids.json").write_text('[null, "oops"]')  # fails its checksum
-        time.sleep(0.5)  # about ten polls
-        ready = client.get("/readyz").json()
-        assert ready["model_version"] == good and ready["reload"]["rejected_target"] == bad.name
+        wait_for(lambda: client.get("/readyz").json()["reload"]["rejected_target"] == bad.name)
+        time.sleep(0.5)  # about ten more polls, none of which may load it again
+        assert client.get("/readyz").json()["model_version"] == good
         metrics = client.get("/metrics").text
         assert 'remi_model_reloads_total{result="failure"} 1.0' in metrics
         assert 'remi_model_reloads_total{result="success"} 1.0' in metrics
