@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -16,12 +17,15 @@ from typing import Annotated, Any
 import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from remi_core.bundle import BundleError
 from remi_core.threads import ThreadSettingError, setup_threads
+from service import openapi
+from service.auth import AccessDep, key_digest, require_data_access
 from service.errors import (
     AdminDisabled,
     RedisUnavailable,
@@ -31,9 +35,11 @@ from service.errors import (
 )
 from service.history import Event, HistoryStore
 from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware
 from service.recommender import LoadedModel, Result, recommend_batch
 from service.registry import ModelRegistry
 from service.schemas import (
+    UNKNOWN_IDS_SHOWN,
     BatchRequest,
     BatchResponse,
     ErrorResponse,
@@ -41,6 +47,7 @@ from service.schemas import (
     EventsResponse,
     ExplanationOut,
     InterestOut,
+    ReadinessResponse,
     RecommendedItemOut,
     RecommendRequest,
     RecommendResponse,
@@ -110,6 +117,8 @@ def limit_error(kind: str, loc: tuple[Any, ...], msg: str) -> dict[str, Any]:
 
 def limit_errors(entry: RecommendRequest, settings: Settings, loc: tuple[Any, ...]) -> list[dict]:
     errors = []
+    if "n" not in entry.model_fields_set:
+        entry.n = openapi.default_n(settings)  # a low REMI_MAX_N lowers the default too
     if entry.n > settings.max_n:
         msg = f"Input should be less than or equal to {settings.max_n}"
         errors.append(limit_error("less_than_equal", (*loc, "n"), msg))
@@ -180,7 +189,8 @@ def to_response(model: LoadedModel, entry: RecommendRequest, result: Result) -> 
             RecommendedItemOut(item_id=it.item_id, score=it.score, interest=it.interest)
             for it in result.items
         ],
-        unknown_ids=result.unknown_ids,
+        unknown_ids=result.unknown_ids[:UNKNOWN_IDS_SHOWN],
+        unknown_count=len(result.unknown_ids),
         known_history_length=result.known_count,
         explain=explanation,
     )
@@ -189,12 +199,27 @@ def to_response(model: LoadedModel, entry: RecommendRequest, result: Result) -> 
 # --- routes -------------------------------------------------------------------------------------
 
 router = APIRouter()
+RETRY_AFTER = {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+# Every route that takes a JSON body.
 ERRORS: dict[int | str, dict[str, Any]] = {
-    422: {"model": ErrorResponse, "description": "Invalid request (message in `detail`)."}
+    413: {
+        "model": ErrorResponse,
+        "description": "The body is over REMI_MAX_BODY_BYTES; refused before it is read in full.",
+    },
+    422: {
+        "model": ErrorResponse,
+        "description": "Invalid request: a field breaks a rule or a limit, or the body is not "
+        "UTF-8 JSON sent with Content-Type: application/json (message in `detail`).",
+    },
 }
 # Routes that touch Redis (for /recommend*, only entries given by user_id do).
 STORE_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
+    401: {
+        "model": ErrorResponse,
+        "description": "Missing or wrong X-API-Key, only when API keys are configured "
+        "(REMI_API_KEYS); /recommend* need it only for entries given by user_id.",
+    },
     409: {
         "model": ErrorResponse,
         "description": "A Redis key involved holds the wrong type (named in `detail`); "
@@ -202,8 +227,26 @@ STORE_ERRORS: dict[int | str, dict[str, Any]] = {
     },
     503: {
         "model": ErrorResponse,
-        "description": "Redis is unavailable (or no model is loaded yet); retry after Retry-After.",
+        "description": "Redis is unavailable (or no model is loaded yet); retry after Retry-After. "
+        "For POST /events, nothing was stored unless `detail` says it cannot tell.",
+        "headers": {"Retry-After": RETRY_AFTER},
     },
+}
+NOT_LOADED: dict[int | str, dict[str, Any]] = {
+    503: {
+        "model": ErrorResponse,
+        "description": "No model is loaded (starting or stopping).",
+        "headers": {"Retry-After": RETRY_AFTER},
+    }
+}
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong admin bearer token."},
+    403: {"model": ErrorResponse, "description": "Admin is off: REMI_ADMIN_TOKEN is not set."},
+    409: {
+        "model": ErrorResponse,
+        "description": "The bundle `current` points at was rejected; the old one keeps serving.",
+    },
+    422: ERRORS[422],
 }
 
 
@@ -213,7 +256,12 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["ops"])
+@router.get(
+    "/readyz",
+    response_model=ReadinessResponse,
+    responses={503: {"model": ReadinessResponse, "description": "No model is loaded yet."}},
+    tags=["ops"],
+)
 async def readyz(registry: RegistryDep, store: StoreDep) -> JSONResponse:
     """Readiness: a model is loaded. Redis is reported but does not make the service unready,
     since requests with a history in the body work without it."""
@@ -222,6 +270,7 @@ async def readyz(registry: RegistryDep, store: StoreDep) -> JSONResponse:
     body = {
         "ready": ready,
         "model_version": registry.model.version if ready else None,
+        "worker_pid": os.getpid(),  # which worker answered (several under --workers N)
         "redis": {"ok": redis_error is None, "error": redis_error},
         "reload": {
             "ok": registry.last_error is None,
@@ -233,14 +282,15 @@ async def readyz(registry: RegistryDep, store: StoreDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/v1/model", tags=["ops"])
+@router.get("/v1/model", responses=NOT_LOADED, tags=["ops"])
 async def model_manifest(model: ModelDep) -> dict[str, Any]:
     """The served bundle's manifest, plus where its index lives."""
     return {**model.manifest, "index_device": model.index_device}
 
 
-@router.get("/metrics", tags=["ops"])
+@router.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
 async def metrics_endpoint(metrics: MetricsDep) -> Response:
+    """Prometheus metrics, in Prometheus's text format."""
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -253,8 +303,11 @@ async def recommend(
     settings: SettingsDep,
     store: StoreDep,
     metrics: MetricsDep,
+    access: AccessDep,
 ) -> RecommendResponse:
     """Top-n items for one user (history in the body, or a stored user's history)."""
+    if body.user_id is not None:
+        access.require()
     if errors := limit_errors(body, settings, ("body",)):
         raise RequestValidationError(errors)
     histories = await resolve_histories([body], store, settings)
@@ -271,8 +324,11 @@ async def recommend_many(
     settings: SettingsDep,
     store: StoreDep,
     metrics: MetricsDep,
+    access: AccessDep,
 ) -> BatchResponse:
     """Many users in one encode and one search; each entry means what POST /recommend means."""
+    if any(entry.user_id is not None for entry in body.requests):
+        access.require()
     if len(body.requests) > settings.max_batch:
         msg = f"A batch should have at most {settings.max_batch} entries, not {len(body.requests)}"
         raise RequestValidationError([limit_error("too_long", ("body", "requests"), msg)])
@@ -288,7 +344,13 @@ async def recommend_many(
     return BatchResponse(model_version=model.version, results=results)
 
 
-@router.post("/events", response_model=EventsResponse, responses=STORE_ERRORS, tags=["events"])
+@router.post(
+    "/events",
+    response_model=EventsResponse,
+    responses=STORE_ERRORS,
+    dependencies=[Depends(require_data_access)],
+    tags=["events"],
+)
 async def post_events(
     body: EventsRequest, settings: SettingsDep, store: StoreDep, metrics: MetricsDep
 ) -> EventsResponse:
@@ -307,6 +369,7 @@ async def post_events(
     "/admin/reload",
     response_model=ReloadResponse,
     dependencies=[Depends(require_admin)],
+    responses=ADMIN_ERRORS,
     tags=["admin"],
 )
 async def admin_reload(registry: RegistryDep) -> ReloadResponse:
@@ -338,6 +401,12 @@ def _validation_summary(errors: Sequence[Any]) -> tuple[str, list[dict[str, Any]
             clean[-1]["msg"] = f"request body is not valid JSON{at}: {err['msg']}"
             clean[-1]["field"] = None
             continue
+        if not loc and err.get("type") == "missing":
+            clean[-1]["msg"] = "request body is missing: send a JSON object"
+        if not loc and isinstance(err.get("input"), bytes):
+            # FastAPI hands the raw bytes on when the Content-Type is not JSON.
+            clean[-1]["type"] = "json_invalid"
+            clean[-1]["msg"] = NOT_JSON
         where = ".".join(str(p) for p in loc)
         clean[-1]["field"] = where or None
     parts = [f"{c['field']}: {c['msg']}" if c["field"] else c["msg"] for c in clean]
@@ -347,6 +416,24 @@ def _validation_summary(errors: Sequence[Any]) -> tuple[str, list[dict[str, Any]
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     detail, errors = _validation_summary(exc.errors())
     return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+
+
+NOT_JSON = "request body must be a JSON object sent with Content-Type: application/json"
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's and FastAPI's own errors (404, 405, unparseable bodies) in our error shape."""
+    if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
+        # FastAPI's "There was an error parsing the body": bytes that are not UTF-8 (or UTF-16/32
+        # JSON). A body that is not JSON is a 422 like any other body problem.
+        msg = f"request body is not valid JSON: {exc.__cause__}"
+        error = {"type": "json_invalid", "loc": ["body"], "msg": msg, "field": None}
+        return JSONResponse({"detail": msg, "errors": [error]}, status_code=422)
+    return JSONResponse(
+        {"detail": str(exc.detail), "errors": None},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
 
 
 async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -421,9 +508,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model.num_interests,
         model.index_device,
     )
-    store = HistoryStore(
-        settings.redis_url, settings.redis_timeout_s, settings.history_cap, settings.stream_maxlen
-    )
+    try:
+        store = HistoryStore(
+            settings.redis_url,
+            settings.redis_timeout_s,
+            settings.history_cap,
+            settings.stream_maxlen,
+        )
+    except ValueError as exc:  # the message has the password hidden
+        log.error("cannot start: %s", exc)
+        raise StartupError(str(exc)) from None
     redis_error = await store.ping()
     if redis_error:
         # Not fatal: history-in-body requests work, and the client reconnects when Redis is up.
@@ -455,9 +549,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.api_key_digests = frozenset(key_digest(key) for key in settings.api_key_list())
     app.include_router(router)
+    openapi.install(app, settings)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(ServiceError, _on_service_error)
     app.add_exception_handler(Exception, _on_unexpected)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Added last, so outermost: refused bodies are counted too.
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -85,6 +85,12 @@ def serve(
         typer.echo(f"error: invalid REMI_* settings:\n{exc}", err=True)
         raise typer.Exit(2) from None
 
+    if workers > 1 and settings.reload_interval_s == 0:
+        typer.echo(
+            "warning: with REMI_RELOAD_INTERVAL_S=0, POST /admin/reload reloads only the worker "
+            "that answers it; the other workers keep serving the old bundle",
+            err=True,
+        )
     if check:
         from remi_core.bundle import BundleError
         from service.recommender import load_model

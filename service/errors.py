@@ -45,6 +45,6 @@ class AdminDisabled(ServiceError):
 
 
 class Unauthorized(ServiceError):
-    """Missing or wrong admin token."""
+    """Missing or wrong credentials: the admin token, or an API key on the data routes."""
 
     status_code = 401

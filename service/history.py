@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
 
 from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from remi_core.redis_keys import EVENTS_STREAM, history_key
 from service.errors import HistoryConflict, RedisUnavailable
+from service.redact import redact_url, scrub_secrets
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +40,33 @@ def _format_timestamp(ts: float) -> str:
 # before and after it would land and a client retry would duplicate them. Checking every key's
 # type inside the script, before the first write, makes a bad key reject the whole batch; a
 # script runs atomically and in one round trip, with no WATCH retries on the hot stream key.
-# KEYS[1]: the stream; KEYS[2..]: the users' lists, each once, in first-seen order.
-# ARGV: history cap, stream maxlen ("" = untrimmed), then per event: its list's index in KEYS,
-# user_id, item_id, timestamp. Returns nil, or {key, its type} for the first key of a wrong type.
+# A script that starts after its deadline (Redis's own clock, microseconds) writes nothing: the
+# client has given up by then and answered 503, which must mean "not stored" (e.g. a Redis
+# stopped with SIGSTOP runs the queued script when it resumes, long after the 503).
+# The request's random token, set only when the batch is written, makes the client's one retry
+# after a lost reply (the connection broke) find the batch written instead of writing it twice.
+# KEYS[1]: the stream; KEYS[2]: the request's token; KEYS[3..]: the users' lists, each once, in
+# first-seen order. ARGV: deadline, token lifetime in ms, history cap, stream maxlen ("" =
+# untrimmed), then per event: its list's index in KEYS, user_id, item_id, timestamp.
+# Returns nil, 'expired', 'done' (already written), or {key, its type} for a key of a wrong type.
 _APPEND_SCRIPT = """
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[1]) then
+  return 'expired'
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 'done'
+end
 for i, key in ipairs(KEYS) do
   local found = redis.call('TYPE', key)['ok']
   local wanted = (i == 1) and 'stream' or 'list'
-  if found ~= 'none' and found ~= wanted then
+  if i ~= 2 and found ~= 'none' and found ~= wanted then
     return {key, found}
   end
 end
-local cap = tonumber(ARGV[1])
-local maxlen = ARGV[2]
-for j = 3, #ARGV, 4 do
+local cap = tonumber(ARGV[3])
+local maxlen = ARGV[4]
+for j = 5, #ARGV, 4 do
   redis.call('RPUSH', KEYS[tonumber(ARGV[j])], ARGV[j + 2])
   if maxlen == '' then
     redis.call('XADD', KEYS[1], '*',
@@ -57,11 +76,14 @@ for j = 3, #ARGV, 4 do
       'user_id', ARGV[j + 1], 'item_id', ARGV[j + 2], 'timestamp', ARGV[j + 3])
   end
 end
-for i = 2, #KEYS do  -- trim once per user, after all of its appends
+for i = 3, #KEYS do  -- trim once per user, after all of its appends
   redis.call('LTRIM', KEYS[i], -cap, -1)
 end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return false
 """
+# Where the tokens of recent /events writes live (a few seconds each).
+_TOKEN_PREFIX = "remi:append-token:"
 
 
 def _is_wrong_type(exc: BaseException) -> bool:
@@ -71,9 +93,10 @@ def _is_wrong_type(exc: BaseException) -> bool:
 class HistoryStore:
     """Capped per-user lists plus the stream, over one pooled asyncio Redis client.
 
-    A dead connection is dropped by the pool and the next command dials again, so the store
-    recovers by itself when Redis comes back; the single immediate retry covers the first
-    command after a Redis restart, which otherwise fails on a stale pooled connection.
+    Every operation gets ONE budget of `timeout_s` for all of its round trips together, and a
+    timeout is never retried: a hung Redis costs one timeout, not a multiple of it. A broken
+    connection is retried once at once, which covers the first command after a Redis restart
+    (it otherwise fails on a stale pooled connection).
     """
 
     def __init__(
@@ -84,21 +107,27 @@ class HistoryStore:
         stream_maxlen: int | None = None,
     ) -> None:
         self.url = url
+        self.timeout_s = timeout_s
         self.history_cap = history_cap
         self.stream_maxlen = stream_maxlen
-        self._client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            # The library default retries 10 times with backoff: seconds of waiting on a dead
-            # Redis. One immediate retry is enough to replace a stale connection.
-            retry=Retry(NoBackoff(), 1),
-            decode_responses=True,
-            # Bytes a foreign writer stored that are not UTF-8 decode to U+FFFD and so count as
-            # unknown ids, instead of failing the request. Outgoing strings are always valid
-            # UTF-8 (the schemas refuse lone surrogates), so encoding is unaffected.
-            encoding_errors="replace",
-        )
+        try:
+            self._client = aioredis.Redis.from_url(
+                url,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                # The library default retries timeouts too, with backoff: seconds of waiting on
+                # a hung Redis. One immediate retry on a broken connection replaces a stale
+                # pooled one after a Redis restart (the /events script is safe to retry).
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+                decode_responses=True,
+                # Bytes a foreign writer stored that are not UTF-8 decode to U+FFFD and so count
+                # as unknown ids, instead of failing the request. Outgoing strings are always
+                # valid UTF-8 (the schemas refuse lone surrogates), so encoding is unaffected.
+                encoding_errors="replace",
+            )
+        except ValueError as exc:  # redis-py's messages may quote parts of the URL
+            reason = self.scrub(str(exc))
+            raise ValueError(f"invalid Redis URL {redact_url(url)}: {reason}") from None
         self._append_script = self._client.register_script(_APPEND_SCRIPT)
 
     async def close(self) -> None:
@@ -106,19 +135,24 @@ class HistoryStore:
 
     async def append(self, events: Sequence[Event]) -> None:
         """Append events to each user's capped list and to the stream, atomically (one Lua
-        script): either the whole batch is written or, when a key has the wrong type
-        (HistoryConflict), nothing is.
+        script): either the whole batch is written or nothing is.
 
-        Delivery to the stream is at least once: a timeout after the script reached Redis can
-        make a client retry and add the batch twice, so the nightly job should tolerate
-        duplicates.
+        Nothing is written when a key has the wrong type (HistoryConflict), or when Redis does
+        not answer within the timeout (RedisUnavailable): the script carries a deadline on
+        Redis's own clock, set well before the client gives up, and refuses to write when it
+        starts after it. A reply lost to a broken connection is retried once, and the request's
+        token makes that retry find the batch written rather than write it twice; only when the
+        retry fails too is the outcome unknown, and the 503 says so (docs/serving.md).
         """
         if not events:
             return
         # A dict keeps first-seen order: each user's list is KEYS[slot], listed once.
         user_of = {history_key(event.user_id): event.user_id for event in events}
-        slot = {key: i for i, key in enumerate(user_of, start=2)}  # Lua is 1-based; 1 = stream
+        slot = {key: i for i, key in enumerate(user_of, start=3)}  # Lua is 1-based; see above
+        token = f"{_TOKEN_PREFIX}{secrets.token_hex(16)}"
         args: list[str | int] = [
+            0,  # the deadline, set once Redis's clock is known
+            math.ceil(self.timeout_s * 2000) + 1000,  # the token outlives the request's budget
             self.history_cap,
             "" if self.stream_maxlen is None else self.stream_maxlen,  # "": keep everything
         ]
@@ -129,11 +163,31 @@ class HistoryStore:
                 event.item_id,
                 _format_timestamp(event.timestamp),
             ]
+        start = time.monotonic()
+        sent = False  # whether the script may have reached Redis
         try:
-            wrong = await self._append_script(keys=[EVENTS_STREAM, *user_of], args=args)
-        except (RedisError, OSError) as exc:
-            raise self._unavailable("store events", exc) from None
-        if wrong is not None:
+            async with asyncio.timeout(self.timeout_s):
+                seconds, micros = await self._client.time()
+                # The script must start within half of what is left of the budget, so a script
+                # that did run leaves the other half for its own run time and its reply.
+                left_us = (self.timeout_s - (time.monotonic() - start)) * 1e6
+                args[0] = seconds * 1_000_000 + micros + max(int(left_us / 2), 0)
+                sent = True
+                keys = [EVENTS_STREAM, token, *user_of]
+                wrong = await self._append_script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:  # asyncio's TimeoutError is an OSError
+            # Only a connection that broke after the script was sent leaves it unknown whether
+            # Redis ran it; a timeout means it started after its deadline, or never.
+            if sent and not isinstance(exc, TimeoutError | RedisTimeoutError):
+                outcome = "the events may or may not have been stored"
+            else:
+                outcome = "nothing was stored"
+            raise self._unavailable("store events", exc, outcome) from None
+        if wrong == "expired":
+            raise self._unavailable(
+                "store events", TimeoutError("Redis ran the write too late"), "nothing was stored"
+            )
+        if wrong is not None and wrong != "done":
             key, found = wrong
             if key == EVENTS_STREAM:
                 what, wanted = "the events stream", "stream"
@@ -150,7 +204,10 @@ class HistoryStore:
         Raises HistoryConflict when a user's key holds something other than a list.
         """
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with (
+                asyncio.timeout(self.timeout_s),
+                self._client.pipeline(transaction=False) as pipe,
+            ):
                 for user_id in user_ids:
                     pipe.lrange(history_key(user_id), -limit, -1)
                 # Errors come back in place, so a wrong-type key can be told from an outage and
@@ -171,46 +228,27 @@ class HistoryStore:
         return [list(items) for items in replies]
 
     async def ping(self) -> str | None:
-        """None when Redis answers, else why not."""
+        """None when Redis answers, else why not (with any password in the URL hidden)."""
         try:
-            await self._client.ping()
+            async with asyncio.timeout(self.timeout_s):
+                await self._client.ping()
         except (RedisError, OSError) as exc:
-            return f"{type(exc).__name__}: {exc}"
+            return self.scrub(f"{type(exc).__name__}: {exc}")
         return None
+
+    def scrub(self, text: str) -> str:
+        """`text` with the URL's password hidden (error messages may quote it)."""
+        return scrub_secrets(text, self.url)
 
     def _conflict(self, message: str) -> HistoryConflict:
         # Someone else's data in our key space needs an operator, not just the client, to see it.
         log.warning("redis key conflict: %s", message)
         return HistoryConflict(message)
 
-    def _unavailable(self, action: str, exc: BaseException) -> RedisUnavailable:
-        log.warning("redis unavailable (%s): %s", action, exc)
-        return RedisUnavailable(
-            f"cannot {action}: Redis at {_redact(self.url)} is unavailable "
-            f"({type(exc).__name__}: {exc})"
-        )
-
-
-def _redact(url: str) -> str:
-    """Hide the password of a Redis URL before it goes into a message: the one in the userinfo
-    (`user:pass@`) and the `password=` query parameter redis-py also accepts."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable Redis URL>"
-    netloc = parts.netloc
-    userinfo, at, host = netloc.rpartition("@")  # rpartition: passwords may hold an "@"
-    if at:
-        username, colon, _ = userinfo.partition(":")
-        netloc = f"{username}:***@{host}" if username and colon else f"{username or '***'}@{host}"
-    query = "&".join(
-        f"{name}=***" if unquote(name).lower() == "password" else f"{name}{sep}{value}"
-        for name, sep, value in (field.partition("=") for field in parts.query.split("&"))
-    )
-    # Rebuilt by hand: urlunsplit would turn "unix:///tmp/r.sock" into "unix:/tmp/r.sock".
-    redacted = f"{parts.scheme}://{netloc}{parts.path}"
-    if parts.query:
-        redacted += f"?{query}"
-    if parts.fragment:
-        redacted += f"#{parts.fragment}"
-    return redacted
+    def _unavailable(
+        self, action: str, exc: BaseException, outcome: str | None = None
+    ) -> RedisUnavailable:
+        reason = self.scrub(f"{type(exc).__name__}: {exc}")
+        log.warning("redis unavailable (%s): %s", action, reason)
+        message = f"cannot {action}: Redis at {redact_url(self.url)} is unavailable ({reason})"
+        return RedisUnavailable(f"{message}; {outcome}" if outcome else message)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from remi_core.bundle import BundleError, resolve_current
+from remi_core.bundle import BundleError, current_version, resolve_current
 from service.errors import ModelNotLoaded
 from service.metrics import Metrics
 from service.recommender import LoadedModel, load_model
@@ -41,6 +41,7 @@ class ModelRegistry:
         self.metrics = metrics
         self._model: LoadedModel | None = None
         self._name: str | None = None  # `current`'s target when the served model was loaded
+        self._checked: str | None = None  # `current`'s target at the last full check
         self._lock = asyncio.Lock()  # one load at a time (poller and admin endpoint)
         self.last_error: str | None = None
         self.failed_target: str | None = None
@@ -62,12 +63,14 @@ class ModelRegistry:
         path = resolve_current(self.root)
         model = load_model(path, self.device, self.verify)
         self._swap(model, path.name)
+        self._checked = path.name
         return model
 
     async def reload(self, force: bool = False) -> ReloadOutcome:
         """Load `current` if it moved. Without `force`, a target that already failed is skipped
         (versions are immutable, so retrying it every poll would only repeat the error)."""
         async with self._lock:
+            self._checked = self._link_target()
             self.last_check_at = time.time()
             previous = self._model.version if self._model else None
             try:
@@ -117,11 +120,28 @@ class ModelRegistry:
         self.metrics.reload_failing.set(1)
         return ReloadOutcome(False, previous, previous, target, error)
 
+    def _link_target(self) -> str | None:
+        try:
+            return current_version(self.root)
+        except OSError:
+            return None
+
+    def settled(self) -> bool:
+        """Whether `current` still names what the last full check found: one readlink, cheap
+        enough for every worker to run several times a second. A target that failed stays
+        settled until `current` moves (or /admin/reload), as before: versions are immutable."""
+        target = self._link_target()
+        self.last_check_at = time.time()
+        return self.loaded and target == self._checked
+
     async def poll(self, interval_s: float) -> None:
-        """Background task: check `current` every interval_s seconds until cancelled."""
+        """Background task: check `current` every interval_s seconds until cancelled, and load
+        it when it moved. Every worker process polls on its own, so a publish or a reload
+        through one worker's /admin/reload reaches all of them within about interval_s."""
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.reload()
+                if not self.settled():
+                    await self.reload()
             except Exception:  # never let the poller die; the next round tries again
                 log.exception("bundle reload check failed")

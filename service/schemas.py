@@ -1,20 +1,64 @@
-"""Request and response bodies. Static rules live here; limits from settings are in app.py."""
+"""Request and response bodies. Static rules live here; limits from settings are in app.py.
+
+Request models are strict: a JSON value of another type than the schema's is refused, never
+coerced (pydantic's lax mode would take `"explain": 0` or `"n": "5"`), so the OpenAPI schema
+states exactly what is accepted.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import time
+from datetime import UTC, datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 # Ids are opaque strings; "\S" (searched, not anchored) rejects empty and all-blank ids.
 Id = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"\S")]
 # History entries may be anything string-like: ids the catalogue lacks are reported, not refused.
 HistoryItem = Annotated[str, StringConstraints(max_length=256)]
+# A response names at most this many unknown ids per user, so a history of unknown ids cannot
+# blow the response up (unknown_count still gives the total).
+UNKNOWN_IDS_SHOWN = 100
+# Event timestamps: unix seconds from 2000-01-01T00:00:00Z to before the end of tomorrow (UTC).
+EARLIEST_TIMESTAMP = 946_684_800
+DAY_S = 86_400
+
+
+def latest_timestamp(now: float | None = None) -> int:
+    """The first timestamp refused as too far ahead: midnight (UTC) after tomorrow. Whole days,
+    so the bound moves once a day and the OpenAPI schema can state it exactly."""
+    now = time.time() if now is None else now
+    return (int(now) // DAY_S + 2) * DAY_S
 
 
 class RecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # The rule of _history_xor_user_id, for the schema: exactly one of the two is given (a null
+    # counts as not given).
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": ["history"],
+                    "properties": {"history": {"type": "array"}, "user_id": {"type": "null"}},
+                },
+                {
+                    "required": ["user_id"],
+                    "properties": {"user_id": {"type": "string"}, "history": {"type": "null"}},
+                },
+            ]
+        },
+    )
 
     history: list[HistoryItem] | None = Field(
         None, description="Item ids the user interacted with, oldest first."
@@ -39,7 +83,7 @@ class RecommendRequest(BaseModel):
 
 
 class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     requests: list[RecommendRequest] = Field(
         ..., min_length=1, description="One entry per user, each like a POST /recommend body."
@@ -83,7 +127,12 @@ class RecommendResponse(BaseModel):
         description="True when no known history item was left and the most popular items answer."
     )
     items: list[RecommendedItemOut]
-    unknown_ids: list[str] = Field(description="History ids not in the served catalogue.")
+    unknown_ids: list[str] = Field(
+        max_length=UNKNOWN_IDS_SHOWN,
+        description=f"History ids not in the served catalogue, in first-seen order; only the "
+        f"first {UNKNOWN_IDS_SHOWN} (see unknown_count).",
+    )
+    unknown_count: int = Field(description="How many distinct history ids are unknown.")
     known_history_length: int = Field(description="Known history items (before windowing).")
     explain: ExplanationOut | None = None
 
@@ -94,17 +143,34 @@ class BatchResponse(BaseModel):
 
 
 class EventIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     user_id: Id
     item_id: Id = Field(description="Any id: items new to the catalogue enter it at retraining.")
-    timestamp: Annotated[float, Field(strict=True, allow_inf_nan=False)] = Field(
-        description="Unix time in seconds (a JSON number)."
+    timestamp: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=EARLIEST_TIMESTAMP)] = (
+        Field(
+            description="Unix time in seconds (a JSON number), from 2000-01-01T00:00:00Z to "
+            "before the end of tomorrow (UTC, by the server's clock)."
+        )
     )
+
+    @field_validator("timestamp")
+    @classmethod
+    def _not_in_the_future(cls, ts: float) -> float:
+        # A far-future time would sort after every real event for good (the nightly job orders
+        # by time); the bound leaves 24 to 48 hours for clients' clock skew.
+        if ts >= (bound := latest_timestamp()):
+            when = datetime.fromtimestamp(bound, UTC).isoformat().replace("+00:00", "Z")
+            raise PydanticCustomError(
+                "timestamp_in_future",
+                "Timestamp should be before {bound} ({when}: the end of tomorrow, UTC)",
+                {"bound": bound, "when": when},
+            )
+        return ts
 
 
 class EventsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     events: list[EventIn] = Field(..., min_length=1)
 
@@ -120,6 +186,35 @@ class ReloadResponse(BaseModel):
     current_target: str | None
 
 
+class ErrorItem(BaseModel):
+    type: str = Field(description="pydantic's error type, or e.g. json_invalid, too_long.")
+    loc: list[str | int] = Field(description="Where in the request, e.g. [body, requests, 0, n].")
+    msg: str
+    field: str | None = Field(description="`loc` without `body`, dotted; null for the body.")
+
+
 class ErrorResponse(BaseModel):
+    """Every error answer: `detail` says what is wrong; `errors` lists each problem (422)."""
+
     detail: str
-    errors: list[dict[str, Any]] | None = None
+    errors: list[ErrorItem] | None = None
+
+
+class RedisStatus(BaseModel):
+    ok: bool
+    error: str | None = Field(description="Why Redis did not answer (password hidden).")
+
+
+class ReloadStatus(BaseModel):
+    ok: bool = Field(description="False while the latest bundle load failed.")
+    error: str | None
+    rejected_target: str | None = Field(description="The version `current` named that failed.")
+    last_check_at: float | None = Field(description="When `current` was last checked (unix).")
+
+
+class ReadinessResponse(BaseModel):
+    ready: bool = Field(description="A model is loaded (Redis does not count: see `redis`).")
+    model_version: str | None
+    worker_pid: int = Field(description="The worker process that answered (--workers N).")
+    redis: RedisStatus
+    reload: ReloadStatus

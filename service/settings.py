@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.redact import redact_url
+
 
 class Settings(BaseSettings):
     """Everything the service reads from its environment.
@@ -15,7 +17,11 @@ class Settings(BaseSettings):
     `bundle_root` <- REMI_BUNDLE_ROOT. Values passed to the constructor win over the environment.
     """
 
-    model_config = SettingsConfigDict(env_prefix="REMI_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a rejected value is never echoed, since it may hold a password (the
+    # Redis URL) or a key; the validators' messages show what can be shown.
+    model_config = SettingsConfigDict(
+        env_prefix="REMI_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     bundle_root: Path = Field(
         Path("artifacts/bundles"),
@@ -59,15 +65,35 @@ class Settings(BaseSettings):
     max_batch: int = Field(
         256, ge=1, description="Most entries in one POST /recommend/batch request."
     )
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted, in bytes; bigger ones get 413 before being "
+        "read in full. The default (16 MiB) fits a full batch (REMI_MAX_BATCH entries of "
+        "REMI_MAX_HISTORY ids) with ids of up to about 60 characters.",
+    )
     admin_token: SecretStr | None = Field(
         None,
         description="Bearer token for POST /admin/reload; unset disables the admin endpoints.",
     )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated API keys for the data routes (POST /events, and "
+        "/recommend and /recommend/batch when they read a stored history by user_id), sent in "
+        "the X-API-Key header. Unset (and no REMI_API_KEYS_FILE): those routes are open.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="File with one API key per line (blank lines and # comments skipped), "
+        "e.g. a Docker secret; its keys are accepted together with REMI_API_KEYS.",
+    )
     reload_interval_s: float = Field(
-        30.0,
+        0.5,
         ge=0,
-        description="How often to check whether `current` points at a new bundle, in seconds; "
-        "0 turns polling off (POST /admin/reload still works).",
+        description="How often each worker checks whether `current` points at a new bundle, in "
+        "seconds (one readlink; the bundle is loaded only when it moved), so every worker serves "
+        "a publish or an /admin/reload within about this long plus the load time. 0 turns "
+        "polling off: then POST /admin/reload reloads only the worker that answers it.",
     )
     torch_threads: int = Field(
         1,
@@ -83,7 +109,9 @@ class Settings(BaseSettings):
     def _redis_url_scheme(cls, url: str) -> str:
         # Checked here so a typo fails at start-up with this message, not deep inside redis-py.
         if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+            raise ValueError(
+                f"must start with redis://, rediss:// or unix://, not {redact_url(url)}"
+            )
         return url
 
     @model_validator(mode="after")
@@ -91,3 +119,24 @@ class Settings(BaseSettings):
         if self.admin_token is not None and not self.admin_token.get_secret_value().strip():
             raise ValueError("admin_token must not be blank; leave it unset to disable admin")
         return self
+
+    @model_validator(mode="after")
+    def _api_keys_readable(self) -> Settings:
+        if self.api_keys is not None and not self.api_key_list():
+            raise ValueError("api_keys holds no key; leave it unset to keep the data routes open")
+        if self.api_keys_file is not None:
+            try:
+                self.api_key_list()
+            except OSError as exc:
+                raise ValueError(f"api_keys_file cannot be read: {exc}") from None
+        return self
+
+    def api_key_list(self) -> list[str]:
+        """Every configured API key (empty: the data routes are open)."""
+        keys = []
+        if self.api_keys is not None:
+            keys += self.api_keys.get_secret_value().split(",")
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+            keys += [line for line in lines if not line.lstrip().startswith("#")]
+        return [key.strip() for key in keys if key.strip()]

@@ -67,7 +67,7 @@ def test_remi_serve_answers_over_http(
         assert len(r.json()["items"]) == 5
         r = httpx.post(
             f"{base}/events",
-            json={"events": [{"user_id": "u", "item_id": "books-0003", "timestamp": 1}]},
+            json={"events": [{"user_id": "u", "item_id": "books-0003", "timestamp": 1e9}]},
         )
         assert r.status_code == 200, r.text
         assert httpx.post(f"{base}/recommend", json={"user_id": "u"}).status_code == 200

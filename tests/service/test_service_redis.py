@@ -14,7 +14,7 @@ from redis import Redis
 
 from remi_core.redis_keys import EVENTS_STREAM, history_key
 from service.app import create_app
-from service.history import _redact
+from service.redact import redact_url as _redact
 from service.settings import Settings
 from tests.helpers import RedisServer, same_response
 
@@ -101,13 +101,16 @@ def test_unknown_user_gets_the_fallback(client: TestClient) -> None:
     ("payload", "message"),
     [
         ({"events": []}, "at least 1"),
-        ({"events": [{"user_id": "", "item_id": "a", "timestamp": 1}]}, "events.0.user_id"),
-        ({"events": [{"user_id": "u", "item_id": " ", "timestamp": 1}]}, "events.0.item_id"),
+        ({"events": [{"user_id": "", "item_id": "a", "timestamp": 1e9}]}, "events.0.user_id"),
+        ({"events": [{"user_id": "u", "item_id": " ", "timestamp": 1e9}]}, "events.0.item_id"),
         ({"events": [{"user_id": "u", "item_id": "a", "timestamp": "1"}]}, "valid number"),
         ({"events": [{"user_id": "u", "item_id": "a", "timestamp": True}]}, "valid number"),
         ({"events": [{"user_id": "u", "item_id": "a"}]}, "events.0.timestamp: Field required"),
-        ({"events": [{"user_id": "u", "item_id": "a", "timestamp": 1}] * 11}, "at most 10 events"),
-        ({"user_id": "u", "item_id": "a", "timestamp": 1}, "events: Field required"),
+        (
+            {"events": [{"user_id": "u", "item_id": "a", "timestamp": 1e9}] * 11},
+            "at most 10 events",
+        ),
+        ({"user_id": "u", "item_id": "a", "timestamp": 1e9}, "events: Field required"),
     ],
 )
 def test_invalid_events_are_422(

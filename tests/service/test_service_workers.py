@@ -1,0 +1,108 @@
+"""Reload polling: with `remi-serve --workers 2`, every worker serves a publish within 1 s."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from remi_core.bundle import current_version, resolve_current
+from service.app import create_app
+from service.cli import app as cli_app
+from service.settings import Settings
+from tests.helpers import dead_redis_url, free_port, write_tiny_bundle
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def readyz(base: str) -> tuple[int, str]:
+    # A new connection per request, so the kernel can hand it to either worker.
+    with httpx.Client(timeout=5) as client:
+        body = client.get(f"{base}/readyz").json()
+    return body["worker_pid"], body["model_version"]
+
+
+@pytest.mark.integration
+def test_every_worker_serves_a_publish_within_a_second(tiny_bundle_root: Path, tmp_path: Path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMI_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["REMI_REDIS_URL"] = dead_redis_url()  # history-free: Redis plays no part here
+    log_path = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "service.cli", "--port", str(port), "--workers", "2",
+               "--bundle-root", str(tiny_bundle_root), "--log-level", "warning"]  # fmt: skip
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    old = current_version(tiny_bundle_root)
+    try:
+        # Both workers up (each answers on its own): wait until two pids have answered.
+        pids: set[int] = set()
+        deadline = time.monotonic() + 120
+        while len(pids) < 2:
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, f"saw workers {pids}:\n{log_path.read_text()}"
+            try:
+                pid, version = readyz(base)
+            except httpx.TransportError:
+                time.sleep(0.2)
+                continue
+            assert version == old
+            pids.add(pid)
+
+        new = write_tiny_bundle(tiny_bundle_root, seed=1).name  # publishes: `current` moves
+        published = time.monotonic()
+        late: dict[int, list[str]] = defaultdict(list)  # pid -> versions answered after 1 s
+        while set(late) != pids:
+            assert time.monotonic() - published < 30, f"only {set(late)} answered after 1 s"
+            sent = time.monotonic()
+            pid, version = readyz(base)
+            if sent - published > 1.0:
+                late[pid].append(version)
+        assert {pid: set(versions) for pid, versions in late.items()} == {
+            pid: {new} for pid in pids
+        }
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def wait_for(condition, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_poller_reloads_on_a_move_and_tries_a_rejected_bundle_once(tiny_bundle_root: Path):
+    settings = Settings(
+        bundle_root=tiny_bundle_root, redis_url=dead_redis_url(), reload_interval_s=0.05
+    )
+    with TestClient(create_app(settings)) as client:
+        good = write_tiny_bundle(tiny_bundle_root, seed=1).name
+        wait_for(lambda: client.get("/readyz").json()["model_version"] == good)
+        bad = write_tiny_bundle(tiny_bundle_root, seed=2)
+        (bad / "item_ids.json").write_text('[null, "oops"]')  # fails its checksum
+        wait_for(lambda: client.get("/readyz").json()["reload"]["rejected_target"] == bad.name)
+        time.sleep(0.5)  # about ten more polls, none of which may load it again
+        assert client.get("/readyz").json()["model_version"] == good
+        metrics = client.get("/metrics").text
+        assert 'remi_model_reloads_total{result="failure"} 1.0' in metrics
+        assert 'remi_model_reloads_total{result="success"} 1.0' in metrics
+        assert resolve_current(tiny_bundle_root) == bad
+
+
+def test_remi_serve_warns_when_workers_cannot_follow_a_reload(tmp_path: Path) -> None:
+    env = {"REMI_RELOAD_INTERVAL_S": "0"}
+    args = ["--workers", "2", "--bundle-root", str(tmp_path / "none")]
+    result = CliRunner().invoke(cli_app, args, env=env)
+    assert result.exit_code == 1  # no bundle there; the warning comes first
+    assert "reloads only the worker that answers it" in result.output
