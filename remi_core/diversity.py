@@ -44,16 +44,18 @@ def greedy_diverse(
     scores: np.ndarray,
     categories: np.ndarray,
     n: int,
-    diversity: float,
+    diversity: float | np.ndarray,
 ) -> np.ndarray:
     """Positions of the greedy list in each user's candidates, in the order they were chosen.
 
     scores (B, C) float, best first, -inf past a user's candidates (those are never chosen);
-    categories (B, C) int. Ties in gain go to the earlier candidate, so candidates sorted by
-    score (then row) give Eq. 7's list at lambda = 0. -> (B, min(n, C)) int64, -1 where a user
-    ran out of candidates.
+    categories (B, C) int; diversity: lambda, one for all users or (B,). Ties in gain go to the
+    earlier candidate, so candidates sorted by score (then row) give Eq. 7's list at lambda = 0.
+    -> (B, min(n, C)) int64, -1 where a user ran out of candidates. The greedy list for a smaller
+    n is a prefix of this one, so users wanting different n can share a call.
     """
-    if diversity < 0:
+    lam = np.asarray(diversity, dtype=np.float64).reshape(-1, 1)  # (B, 1) or (1, 1)
+    if (lam < 0).any():
         raise ValueError(f"diversity must not be negative, not {diversity}")
     scores = np.asarray(scores, dtype=np.float64)
     categories = np.asarray(categories)
@@ -64,7 +66,7 @@ def greedy_diverse(
     same = np.zeros((batch, width), dtype=np.float64)  # chosen items sharing the category
     users = np.arange(batch)
     for step in range(n):
-        gain = np.where(available, scores - diversity * same, -np.inf)  # (B, C)
+        gain = np.where(available, scores - lam * same, -np.inf)  # (B, C)
         pick = gain.argmax(axis=1)  # first maximum: the earlier candidate wins ties
         ok = available[users, pick]
         out[ok, step] = pick[ok]

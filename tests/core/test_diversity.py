@@ -92,6 +92,19 @@ def test_batch_matches_the_reference_greedy(diversity):
     assert (picked[3, 10:] == -1).all() and (picked[3, :10] >= 0).all()
 
 
+def test_per_user_lambdas_and_prefixes():
+    """One call with a lambda per user equals separate calls; a shorter list is a prefix."""
+    rng = np.random.default_rng(2)
+    scores, categories = sorted_case(rng, width=25, num_categories=3, batch=4)
+    lambdas = np.array([0.0, 0.2, 1.0, 0.05])
+    together = greedy_diverse(scores, categories, 10, lambdas)
+    for b, lam in enumerate(lambdas):
+        alone = greedy_diverse(scores[b : b + 1], categories[b : b + 1], 10, float(lam))
+        assert np.array_equal(together[b], alone[0])
+        assert np.array_equal(greedy_diverse(scores[b : b + 1], categories[b : b + 1], 4, lam)[0],
+                              alone[0, :4])  # fmt: skip
+
+
 def test_large_lambda_spreads_over_categories_and_ties_keep_candidate_order():
     scores = np.array([[5.0, 4.0, 3.0, 2.0, 1.0, 0.5]])
     categories = np.array([[0, 0, 0, 1, 1, 2]])
