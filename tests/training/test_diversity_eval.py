@@ -7,16 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from remi_core.bundle import BundleError, load_bundle, write_bundle
 from tests.helpers import REPO, tiny_item_ids, write_tiny_bundle
 from training.categories import read_categories
 from training.cli import app
-from training.data import DataError
+from training.data import DataConfig, DataError, load_dataset
+from training.nightly import NightlyConfig, NightlyError
 
 runner = CliRunner()
 SHARED = Path(os.environ.get("REMI_DATA_ROOT", REPO / "../shared/data"))
+NIGHTLY_TEST = REPO / "configs" / "nightly-test.yaml"
 BEAUTY_ATTRIBUTES = SHARED / "amazon_beauty/Beauty_item2attributes.json.gz"
 
 
@@ -133,3 +136,22 @@ def test_cli_diversity_errors_name_the_flag(tmp_path, monkeypatch, args, message
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_nightly_bundles_keep_their_categories(tmp_path):
+    """The nightly/bootstrap job ships the configured categories in what it publishes."""
+    ids = load_dataset(DataConfig(synthetic_users=600)).item_ids[1:]
+    csv = tmp_path / "cats.csv"
+    csv.write_text("item_id,category\n" + "".join(f"{i},{i.split('-')[0]}\n" for i in ids))
+    with pytest.raises(NightlyError, match="categories: nope.csv: file not found"):
+        NightlyConfig(categories="nope.csv")
+    config = yaml.safe_load(NIGHTLY_TEST.read_text())
+    config["export"]["categories"] = str(csv)  # the export: section also sets nightly bundles'
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    root = tmp_path / "bundles"
+    args = ["bootstrap", "--config", str(tmp_path / "c.yaml"), "--bundle-root", str(root),
+            "--state-dir", str(tmp_path / "state")]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    bundle = load_bundle(root)
+    assert bundle.categories is not None and (bundle.categories[1:] >= 0).all()

@@ -53,6 +53,11 @@ class NightlyConfig:
     """Faiss index factory of published bundles (default: the `export:` section's)."""
     search_params: str = ExportConfig.search_params
     """Faiss search parameters of published bundles (default: the `export:` section's)."""
+    categories: str = ExportConfig.categories
+    """Item-category file shipped in published bundles (see `export --categories`); keep it up
+    to date with new items, which get no category otherwise. Empty: bundles without categories."""
+    category_col: str = ExportConfig.category_col
+    """Category column of a CSV --categories file."""
     reload_url: str | None = None
     """Service base URL; after publishing, POST <url>/admin/reload (best effort; it polls too)."""
     admin_token: str | None = None
@@ -75,6 +80,8 @@ class NightlyConfig:
             raise NightlyError("baseline_versions must not be negative")
         if self.tolerance < 0:
             raise NightlyError("tolerance must not be negative")
+        if self.categories and not Path(self.categories).is_file():  # fail before training
+            raise NightlyError(f"categories: {self.categories}: file not found")
         metrics = [f"{m}@{n}" for m in ("recall", "hitrate", "ndcg") for n in CUTOFFS]
         if self.compare_metric not in metrics:
             raise NightlyError(

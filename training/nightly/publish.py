@@ -188,8 +188,9 @@ def _swap_in(run: NightlyRun) -> str:
     run.check_lock()
     cfg = run.cfg
     path = export_run(
-        run.trained.run_dir, root, cfg.index_factory, cfg.search_params, publish=False, extra=extra
-    )
+        run.trained.run_dir, root, cfg.index_factory, cfg.search_params, publish=False, extra=extra,
+        categories=Path(cfg.categories) if cfg.categories else None, category_col=cfg.category_col,
+    )  # fmt: skip
     try:
         run.check_lock()
         set_current(root, path.name)
