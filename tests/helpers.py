@@ -38,6 +38,7 @@ def write_tiny_bundle(
     popularity_size: int = 50,
     index_factory: str = "Flat",
     search_params: str = "",
+    categories: tuple[np.ndarray, list[str]] | None = None,
     **config: int,
 ) -> Path:
     """Write a bundle from a seeded random encoder; returns the version directory."""
@@ -57,6 +58,7 @@ def write_tiny_bundle(
         search_params=search_params,
         version=version,
         publish=publish,
+        categories=categories,
     )
 
 

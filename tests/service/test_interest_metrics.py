@@ -1,9 +1,20 @@
 """Interest signals in /metrics: routing concentration, items per interest slot, coverage."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
+from remi_core.bundle import load_bundle, write_bundle
+from service.app import create_app
+from service.settings import Settings
 from service.signals import CoverageWindow
+from tests.helpers import dead_redis_url, tiny_item_ids, write_tiny_bundle
+
+ITEMS = [i for i in tiny_item_ids() if i is not None]
 
 
 class Clock:
@@ -34,3 +45,79 @@ def test_coverage_window_counts_distinct_rows_and_rotates():
     assert window.current() == 0
     window.reset(5)
     assert window.current() == 0 and window.last() is None
+
+
+def collapsed_bundle(root: Path) -> Path:
+    """A tiny ComiRec-SA whose routing is collapsed by construction: every interest has the same,
+    very sharp attention, so each is one history item and all are the same vector."""
+    plain = load_bundle(write_tiny_bundle(root / "seed", seed=0))
+    encoder = plain.encoder
+    with torch.no_grad():
+        weight = encoder.attn_out.weight  # (K, 4d): one row of attention logits per interest
+        weight[:] = weight[0:1] * 300
+    return write_bundle(root / "bundles", encoder=encoder, item_ids=plain.item_ids,
+                        popularity=plain.popularity, metadata={})  # fmt: skip
+
+
+def scrape(client: TestClient) -> dict[str, dict[tuple, float]]:
+    """/metrics as {sample name: {labels as sorted tuples: value}}."""
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def serve_traffic(root: Path) -> dict[str, dict[tuple, float]]:
+    settings = Settings(bundle_root=root, redis_url=dead_redis_url(), reload_interval_s=0)
+    rng = np.random.default_rng(0)
+    with TestClient(create_app(settings)) as client:
+        for _ in range(40):
+            history = list(rng.choice(ITEMS, size=int(rng.integers(2, 12))))
+            assert client.post("/recommend", json={"history": history, "n": 10}).status_code == 200
+        batch = [{"history": [ITEMS[0]], "n": 10}, {"history": [], "n": 10}]  # no routing signal
+        assert client.post("/recommend/batch", json={"requests": batch}).status_code == 200
+        return scrape(client)
+
+
+def slot_shares(metrics: dict) -> np.ndarray:
+    slots = metrics["remi_items_by_interest_total"]
+    counts = np.array([slots[(("interest", str(k)),)] for k in range(4)])
+    return counts / counts.sum()
+
+
+def test_signals_tell_a_healthy_model_from_a_collapsed_one(tmp_path):
+    write_tiny_bundle(tmp_path / "healthy", seed=0)
+    healthy = serve_traffic(tmp_path / "healthy")
+    collapsed = serve_traffic(collapsed_bundle(tmp_path / "collapsed").parent)
+
+    for metrics in (healthy, collapsed):
+        # 40 users with windows of 2+ items; the one-item window and the fallback do not count
+        assert metrics["remi_routing_peak_count"][()] == 40
+        # 40 lists of 10 model items + 1 one-item user's list (fallback items have no slot)
+        assert sum(metrics["remi_items_by_interest_total"].values()) == 410
+
+    def mean_peak(metrics):
+        return metrics["remi_routing_peak_sum"][()] / metrics["remi_routing_peak_count"][()]
+
+    assert mean_peak(healthy) < 0.5  # interests mix several history items
+    assert mean_peak(collapsed) > 0.95  # every interest is a single item
+    assert slot_shares(healthy).max() < 0.6 and (slot_shares(healthy) > 0.05).sum() >= 3
+    assert slot_shares(collapsed).tolist() == [1.0, 0.0, 0.0, 0.0]  # one slot answers all
+
+
+def test_coverage_counts_distinct_served_items(tmp_path):
+    write_tiny_bundle(tmp_path / "b", seed=0, popularity_size=50)
+    settings = Settings(bundle_root=tmp_path / "b", redis_url=dead_redis_url(), reload_interval_s=0)
+    with TestClient(create_app(settings)) as client:
+        for _ in range(3):  # the same list three times: 5 distinct items
+            client.post("/recommend", json={"history": ITEMS[:4], "n": 5})
+        metrics = scrape(client)
+        assert metrics["remi_served_items_distinct"][(("window", "current"),)] == 5
+        assert metrics["remi_catalogue_coverage"][()] == pytest.approx(5 / 200)
+        body = client.post("/recommend", json={"history": ["nobody"], "n": 7}).json()
+        assert body["fallback"] is True  # popular items are served items too
+        returned = client.post("/recommend", json={"history": ITEMS[:4], "n": 5}).json()["items"]
+        fresh = {i["item_id"] for i in body["items"]} - {i["item_id"] for i in returned}
+        metrics = scrape(client)
+        assert metrics["remi_served_items_distinct"][(("window", "current"),)] == 5 + len(fresh)
