@@ -109,3 +109,32 @@ def list_diversity(categories: np.ndarray, lengths: np.ndarray | None = None) ->
     pairs = lengths * (lengths - 1)  # ordered pairs
     different = pairs - (same.sum(axis=(1, 2)) - lengths)  # the diagonal is not a pair
     return np.where(pairs > 0, different / np.maximum(pairs, 1), 0.0)
+
+
+def rerank(
+    rows: np.ndarray,
+    scores: np.ndarray,
+    interests: np.ndarray,
+    n: np.ndarray,
+    diversity: np.ndarray,
+    categories: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The serving step: greedy lists from merged Eq. 7 candidates, for a batch of users.
+
+    rows, scores, interests (B, P): each user's merged candidates best first (score, then row),
+    scores -inf past the user's candidates; n, diversity (B,). A user chooses from its own first
+    pool_size(n[b]) candidates only, so its list does not depend on who shares the batch.
+    categories (N,) per catalogue row (-1: none), or None: the producing interest is the category.
+    -> rows, scores, interests (B, max n) in the order chosen, and counts (B,).
+    """
+    n = np.asarray(n, dtype=np.int64)
+    pool = np.arange(scores.shape[1])[None, :] < (POOL_MULTIPLE * n)[:, None]  # (B, P)
+    cats = interests if categories is None else categories[rows]
+    picked = greedy_diverse(np.where(pool, scores, -np.inf), cats, int(n.max()), diversity)
+    picked[np.arange(picked.shape[1])[None, :] >= n[:, None]] = -1  # each user's own n
+    return (
+        gather(rows, picked, 0),
+        gather(scores, picked, -np.inf),
+        gather(interests, picked, 0),
+        (picked >= 0).sum(axis=1),
+    )

@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from remi_core.diversity import (
+    POOL_MULTIPLE,
     different_pairs,
     gather,
     greedy_diverse,
     list_diversity,
     objective,
     pool_size,
+    rerank,
 )
 from remi_core.retrieval import dense_merged_topk, merge_candidates
 
@@ -128,3 +130,25 @@ def test_pool_and_bad_lambda():
     assert pool_size(10, 0.1) > 10
     with pytest.raises(ValueError, match="negative"):
         greedy_diverse(np.zeros((1, 3)), np.zeros((1, 3), dtype=int), 2, -0.1)
+
+
+def test_rerank_keeps_each_users_pool_and_n():
+    rng = np.random.default_rng(3)
+    scores, producing = sorted_case(rng, width=40, num_categories=4, batch=3)
+    rows = rng.permutation(np.arange(1, 121))[:120].reshape(3, 40)
+    categories = rng.integers(-1, 3, size=121)
+    n, lambdas = np.array([2, 5, 10]), np.array([0.5, 0.0, 2.0])
+    got_rows, got_scores, got_k, counts = rerank(rows, scores, producing, n, lambdas, categories)
+    assert counts.tolist() == [2, 5, 10] and got_rows.shape == (3, 10)
+    for b in range(3):
+        pool = slice(0, POOL_MULTIPLE * n[b])  # user b never sees candidates past its pool
+        alone = greedy_diverse(scores[b : b + 1, pool], categories[rows[b : b + 1, pool]],
+                               n[b], lambdas[b])[0]  # fmt: skip
+        assert got_rows[b, : n[b]].tolist() == rows[b, alone].tolist()
+        assert got_scores[b, : n[b]].tolist() == scores[b, alone].tolist()
+        assert got_k[b, : n[b]].tolist() == producing[b, alone].tolist()
+        assert (got_rows[b, n[b] :] == 0).all()
+    # Without categories the producing interest is the category.
+    by_interest = rerank(rows, scores, producing, n, lambdas)[0]
+    assert by_interest[0, :2].tolist() == rows[0, greedy_diverse(scores[:1, :8], producing[:1, :8],
+                                                                 2, 0.5)[0]].tolist()  # fmt: skip
