@@ -151,8 +151,10 @@ async def run_recommend(
             n=[e.n for e in entries],
             exclude_history=[e.exclude_history for e in entries],
             explain=[e.explain for e in entries],
+            diversity=[e.diversity for e in entries],
         )
     )
+    metrics.interests.observe(results)
     metrics.recommendations.inc(len(results))
     metrics.fallbacks.inc(sum(r.fallback for r in results))
     metrics.unknown_ids.inc(sum(len(r.unknown_ids) for r in results))
@@ -548,7 +550,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.metrics = Metrics()
+    app.state.metrics = Metrics(settings.coverage_window_s)
     app.state.api_key_digests = frozenset(key_digest(key) for key in settings.api_key_list())
     app.include_router(router)
     openapi.install(app, settings)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from service.signals import InterestSignals
+
 # Retrieval on CPU takes milliseconds; the upper buckets catch GC pauses and lock waits.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, coverage_window_s: float = 600.0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -57,7 +59,12 @@ class Metrics:
             "remi_redis_errors", "Requests that failed because Redis was unavailable.", registry=r
         )
 
-    def set_model(self, version: str, loaded_at: float) -> None:
+        self.interests = InterestSignals(r, coverage_window_s)
+
+    def set_model(
+        self, version: str, loaded_at: float, num_rows: int = 0, num_interests: int = 0
+    ) -> None:
         self.model_info.clear()
         self.model_info.labels(version=version).set(1)
         self.model_loaded_at.set(loaded_at)
+        self.interests.set_model(num_rows, num_interests)

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from remi_core.bundle import Bundle, BundleError, load_bundle
+from remi_core.diversity import pool_size, rerank
 from remi_core.index import ROW_OFFSET, to_best_device
 from remi_core.models import MultiInterestEncoder, pad_histories
-from remi_core.retrieval import faiss_merged_topk
+from remi_core.retrieval import Retrieved, faiss_merged_topk
 
 T = TypeVar("T")
 
@@ -44,6 +45,7 @@ class LoadedModel:
     index: faiss.Index
     index_device: str  # "cpu" or "gpu"
     loaded_at: float
+    categories: np.ndarray | None = None  # (N,) int32 category per row (-1: none), read-only
     # GPU indexes are not safe to search from several threads at once; CPU ones are.
     _search_lock: threading.Lock | None = field(default=None, repr=False)
 
@@ -72,6 +74,8 @@ def model_from_bundle(bundle: Bundle, device: str | torch.device = "cpu") -> Loa
     embeddings.setflags(write=False)
     popularity = bundle.popularity
     popularity.setflags(write=False)
+    if bundle.categories is not None:
+        bundle.categories.setflags(write=False)
     encoder = bundle.encoder.eval()
     for param in encoder.parameters():
         param.requires_grad_(False)
@@ -88,6 +92,7 @@ def model_from_bundle(bundle: Bundle, device: str | torch.device = "cpu") -> Loa
         index=index,
         index_device=index_device,
         loaded_at=time.time(),
+        categories=bundle.categories,
         _search_lock=threading.Lock() if index_device == "gpu" else None,
     )
 
@@ -148,6 +153,12 @@ class Result:
     known_count: int  # known history items (all of them, not just the encoded window)
     fallback: bool  # True when no known item was left and popularity answered
     explanation: Explanation | None = None
+    # For the interest signals (service/signals.py): the rows returned, the interest of each
+    # (empty on fallback), and the mean over interests of the largest routing weight (None for a
+    # fallback, a model without routing, or a one-item window).
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    interests: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    routing_peak: float | None = None
 
 
 def _per_entry(value: T | Sequence[T], size: int, name: str) -> list[T]:
@@ -164,19 +175,25 @@ def recommend_batch(
     n: int | Sequence[int] = 50,
     exclude_history: bool | Sequence[bool] = True,
     explain: bool | Sequence[bool] = False,
+    diversity: float | Sequence[float] = 0.0,
 ) -> list[Result]:
     """Top-n items for each history (external ids, oldest first), in one encode and one search.
 
-    `n`, `exclude_history` and `explain` are either one value for all users or one per user, so
-    unrelated requests can share a batch. Unknown ids are dropped and reported; the last seq_len
-    known items are encoded; with no known item left, the most popular items answer instead.
+    `n`, `exclude_history`, `explain` and `diversity` are either one value for all users or one
+    per user, so unrelated requests can share a batch. Unknown ids are dropped and reported; the
+    last seq_len known items are encoded; with no known item left, the most popular items answer
+    instead. A user with diversity (lambda) > 0 gets ComiRec's greedy list chosen from its
+    pool_size(n, lambda) best merged candidates (remi_core/diversity.py).
     """
     size = len(histories)
     ns = _per_entry(n, size, "n")
     excludes = _per_entry(exclude_history, size, "exclude_history")
     explains = _per_entry(explain, size, "explain")
+    lambdas = _per_entry(diversity, size, "diversity")
     if any(k < 1 for k in ns):
         raise ValueError("n must be at least 1")
+    if any(not lam >= 0 for lam in lambdas):
+        raise ValueError("diversity must be at least 0")
 
     row_of = model.row_of
     known_rows: list[np.ndarray] = []
@@ -189,6 +206,7 @@ def recommend_batch(
 
     encoded = [b for b in range(size) if len(known_rows[b])]
     retrieved: dict[int, Any] = {}
+    peaks: dict[int, float | None] = {}
     explanations: dict[int, Explanation] = {}
     if encoded:
         windows = [known_rows[b][-model.seq_len :] for b in encoded]
@@ -198,7 +216,9 @@ def recommend_batch(
         interests = interests_t.float().cpu().numpy()
         routing = routing_t.float().cpu().numpy() if routing_t is not None else None
         exclude = [known_rows[b] if excludes[b] else known_rows[b][:0] for b in encoded]
-        found = model.search(interests, max(ns[b] for b in encoded), exclude)
+        depth = max(pool_size(ns[b], lambdas[b]) for b in encoded)
+        found = _diversify(model, model.search(interests, depth, exclude), encoded, ns, lambdas)
+        peaks = dict(zip(encoded, _routing_peaks(routing, [len(w) for w in windows]), strict=True))
         for i, b in enumerate(encoded):
             retrieved[b] = found[i]
             if explains[b]:
@@ -220,13 +240,52 @@ def recommend_batch(
                 )
             ]
             results.append(
-                Result(items, unknown[b], len(known_rows[b]), False, explanations.get(b))
-            )
+                Result(items, unknown[b], len(known_rows[b]), False, explanations.get(b),
+                       hit.rows[: ns[b]], hit.interests[: ns[b]], peaks[b])
+            )  # fmt: skip
         else:
             # Nothing known to exclude, so the popularity list answers as is.
             items = [
                 RecommendedItem(model.item_ids[row], None, None)  # type: ignore[arg-type]
                 for row in model.popularity[: ns[b]]
             ]
-            results.append(Result(items, unknown[b], 0, True, None))
+            results.append(Result(items, unknown[b], 0, True, None, model.popularity[: ns[b]]))
     return results
+
+
+def _diversify(
+    model: LoadedModel,
+    found: list[Retrieved],
+    users: list[int],
+    ns: list[int],
+    lambdas: list[float],
+) -> list[Retrieved]:
+    """Replace the merged lists of users asking for diversity > 0 by their greedy lists."""
+    picked = [i for i, b in enumerate(users) if lambdas[b] > 0]
+    if not picked:
+        return found
+    width = max(len(found[i].rows) for i in picked)
+    rows = np.zeros((len(picked), width), dtype=np.int64)
+    scores = np.full((len(picked), width), -np.inf, dtype=np.float32)
+    producing = np.zeros((len(picked), width), dtype=np.int64)
+    for j, i in enumerate(picked):
+        count = len(found[i].rows)
+        rows[j, :count], scores[j, :count] = found[i].rows, found[i].scores
+        producing[j, :count] = found[i].interests
+    n = np.array([ns[users[i]] for i in picked])
+    lam = np.array([lambdas[users[i]] for i in picked])
+    rows, scores, producing, counts = rerank(rows, scores, producing, n, lam, model.categories)
+    out = list(found)
+    for j, i in enumerate(picked):
+        c = counts[j]
+        out[i] = Retrieved(rows[j, :c], scores[j, :c], producing[j, :c])
+    return out
+
+
+def _routing_peaks(routing: np.ndarray | None, lengths: list[int]) -> list[float | None]:
+    """Per user, the mean over interests of the largest routing weight; None where it says
+    nothing (no routing matrix, or one item, whose weight is 1 whatever the model)."""
+    if routing is None:
+        return [None] * len(lengths)
+    peaks = routing.max(axis=2).mean(axis=1)  # (B,); padded positions carry no weight
+    return [float(p) if length > 1 else None for p, length in zip(peaks, lengths, strict=True)]

@@ -103,7 +103,9 @@ class ModelRegistry:
     def _swap(self, model: LoadedModel, name: str | None) -> None:
         self._model = model
         self._name = name
-        self.metrics.set_model(model.version, model.loaded_at)
+        self.metrics.set_model(
+            model.version, model.loaded_at, len(model.item_ids), model.num_interests
+        )
         self._clear_failure()
 
     def _clear_failure(self) -> None:

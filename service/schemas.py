@@ -21,6 +21,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from remi_core.diversity import MAX_DIVERSITY
+
 # Ids are opaque strings; "\S" (searched, not anchored) rejects empty and all-blank ids.
 Id = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"\S")]
 # History entries may be anything string-like: ids the catalogue lacks are reported, not refused.
@@ -70,6 +72,15 @@ class RecommendRequest(BaseModel):
     exclude_history: bool = Field(True, description="Never return items from the history.")
     explain: bool = Field(
         False, description="Also return the interest vectors and their routing weights."
+    )
+    diversity: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_DIVERSITY,
+        allow_inf_nan=False,
+        description="lambda of ComiRec's diverse aggregation: 0 is the plain top n (Eq. 7); "
+        "larger values trade score for items of different categories (the bundle's, else the "
+        "producing interest).",
     )
 
     @model_validator(mode="after")

@@ -62,6 +62,12 @@ class Settings(BaseSettings):
         description="Longest `history` a recommend request may send, and the most items read "
         "from a stored history.",
     )
+    coverage_window_s: float = Field(
+        600.0,
+        gt=0,
+        description="Window of the catalogue-coverage metric: distinct items served per this "
+        "many seconds.",
+    )
     max_batch: int = Field(
         256, ge=1, description="Most entries in one POST /recommend/batch request."
     )

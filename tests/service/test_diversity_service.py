@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from remi_core.bundle import Bundle, load_bundle
-from remi_core.diversity import POOL_MULTIPLE, greedy_diverse
+from remi_core.diversity import POOL_MULTIPLE, different_pairs, greedy_diverse
 from service.app import create_app
 from service.settings import Settings
 from tests.helpers import dead_redis_url, encode, same_response, tiny_item_ids, write_tiny_bundle
@@ -85,9 +85,14 @@ def test_lambda_zero_is_the_plain_response_and_large_lambda_spreads(served):
     zero = client.post("/recommend", json={"history": history, "n": 10, "diversity": 0}).json()
     assert zero == plain  # bit for bit: lambda 0 is Eq. 7
     wide = client.post("/recommend", json={"history": history, "n": 10, "diversity": 10}).json()
-    spread = {category_of(bundle, item) for item in wide["items"]}
-    assert len(spread) > len({category_of(bundle, item) for item in plain["items"]})
-    assert len(spread) >= min(5, bundle.config.num_interests)
+
+    def pairs_across(body):
+        return different_pairs(np.array([category_of(bundle, item) for item in body["items"]]))
+
+    assert pairs_across(wide) > pairs_across(plain)
+    assert len({category_of(bundle, item) for item in wide["items"]}) == (
+        6 if bundle.categories is not None else bundle.config.num_interests  # 5 + "none"
+    )
 
 
 def test_batch_entries_match_single_requests(served):
