@@ -47,14 +47,15 @@ def test_coverage_window_counts_distinct_rows_and_rotates():
     assert window.current() == 0 and window.last() is None
 
 
-def collapsed_bundle(root: Path) -> Path:
-    """A tiny ComiRec-SA whose routing is collapsed by construction: every interest has the same,
-    very sharp attention, so each is one history item and all are the same vector."""
+def collapsed_bundle(root: Path, merged: bool) -> Path:
+    """A tiny ComiRec-SA whose routing is collapsed by construction: very sharp attention, so
+    each interest is one history item (what training without RR gives); `merged`: the same
+    attention for every interest, so all interests are also one and the same vector."""
     plain = load_bundle(write_tiny_bundle(root / "seed", seed=0))
     encoder = plain.encoder
     with torch.no_grad():
         weight = encoder.attn_out.weight  # (K, 4d): one row of attention logits per interest
-        weight[:] = weight[0:1] * 300
+        weight[:] = (weight[0:1] if merged else weight) * 300
     return write_bundle(root / "bundles", encoder=encoder, item_ids=plain.item_ids,
                         popularity=plain.popularity, metadata={})  # fmt: skip
 
@@ -86,12 +87,13 @@ def slot_shares(metrics: dict) -> np.ndarray:
     return counts / counts.sum()
 
 
-def test_signals_tell_a_healthy_model_from_a_collapsed_one(tmp_path):
+def test_signals_tell_a_healthy_model_from_collapsed_ones(tmp_path):
     write_tiny_bundle(tmp_path / "healthy", seed=0)
     healthy = serve_traffic(tmp_path / "healthy")
-    collapsed = serve_traffic(collapsed_bundle(tmp_path / "collapsed").parent)
+    sharp = serve_traffic(collapsed_bundle(tmp_path / "sharp", merged=False).parent)
+    collapsed = serve_traffic(collapsed_bundle(tmp_path / "collapsed", merged=True).parent)
 
-    for metrics in (healthy, collapsed):
+    for metrics in (healthy, sharp, collapsed):
         # 40 users with windows of 2+ items; the one-item window and the fallback do not count
         assert metrics["remi_routing_peak_count"][()] == 40
         # 40 lists of 10 model items + 1 one-item user's list (fallback items have no slot)
@@ -101,8 +103,9 @@ def test_signals_tell_a_healthy_model_from_a_collapsed_one(tmp_path):
         return metrics["remi_routing_peak_sum"][()] / metrics["remi_routing_peak_count"][()]
 
     assert mean_peak(healthy) < 0.5  # interests mix several history items
-    assert mean_peak(collapsed) > 0.95  # every interest is a single item
-    assert slot_shares(healthy).max() < 0.6 and (slot_shares(healthy) > 0.05).sum() >= 3
+    assert mean_peak(sharp) > 0.95 and mean_peak(collapsed) > 0.95  # each interest one item
+    for spread in (healthy, sharp):  # distinct interests share the lists
+        assert slot_shares(spread).max() < 0.6 and (slot_shares(spread) > 0.05).sum() >= 3
     assert slot_shares(collapsed).tolist() == [1.0, 0.0, 0.0, 0.0]  # one slot answers all
 
 
