@@ -1,17 +1,57 @@
-"""Faiss inner-product indexes over a catalogue's item embeddings."""
+"""Faiss inner-product indexes over a catalogue's item embeddings: build, choose, tune.
+
+`choose_factory` picks exact search for catalogues up to `EXACT_MAX_ITEMS` and an IVF index
+above; `tune_search_params` raises the index's search parameter (nprobe, efSearch) until the
+recall@n of the merged Eq. 7 list against exact Eq. 7 reaches a target on real user histories.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import faiss
 import numpy as np
+import torch
+
+from remi_core.retrieval import exact_merged_topk, faiss_merged_topk
 
 log = logging.getLogger(__name__)
 
 # Index position p holds catalogue row p + ROW_OFFSET: padding row 0 is never indexed, so it can
 # never be recommended.
 ROW_OFFSET = 1
+
+# Largest catalogue served by exact search when no index is named. From bench/bench_serve_load.py
+# on 2 cores: exact dense Eq. 7 costs time linear in the catalogue (about 2,000 users/s in one
+# process at 100k items, d=64, K=4, so about 800 at 250k) while IVF at recall@50 >= 0.95 stays
+# well above 1,000 users/s at 1M items; above this size the ANN index is the faster choice.
+EXACT_MAX_ITEMS = 250_000
+# Recall@n of the served list against exact Eq. 7 that tuning aims for by default.
+RECALL_TARGET = 0.95
+# k-means for IVF trains on at most this many points per list (Faiss warns below 39): enough for
+# stable centroids, and it keeps a 1M-item export to seconds instead of minutes.
+IVF_TRAIN_POINTS_PER_LIST = 64
+# Values tried for each search parameter, cheapest first.
+SEARCH_GRID = {
+    "nprobe": (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048),
+    "efSearch": (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048),
+}
+
+
+def is_exact(factory: str) -> bool:
+    return factory.strip().lower() == "flat"
+
+
+def choose_factory(num_items: int, exact_max_items: int = EXACT_MAX_ITEMS) -> str:
+    """Index for a catalogue of num_items real items: "Flat" (exact) up to exact_max_items, else
+    IVF with about 2 sqrt(N) lists (a power of two), so a list holds about sqrt(N)/2 items."""
+    if num_items <= exact_max_items:
+        return "Flat"
+    nlist = 2 ** round(math.log2(2 * math.sqrt(num_items)))
+    return f"IVF{nlist},Flat"
 
 
 def build_index(item_embeddings: np.ndarray, factory: str = "Flat") -> faiss.Index:
@@ -27,11 +67,30 @@ def build_index(item_embeddings: np.ndarray, factory: str = "Flat") -> faiss.Ind
         raise ValueError(f"invalid Faiss index factory string {factory!r}: {exc}") from None
     try:
         if not index.is_trained:
-            index.train(vectors)
+            index.train(_training_sample(index, vectors))
         index.add(vectors)
     except RuntimeError as exc:  # e.g. fewer training points than IVF lists
         raise ValueError(f"cannot build Faiss index {factory!r}: {exc}") from None
     return index
+
+
+def _training_sample(index: faiss.Index, vectors: np.ndarray) -> np.ndarray:
+    """A seeded sample for IVF k-means (IVF_TRAIN_POINTS_PER_LIST per list); all vectors else."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None or len(vectors) <= IVF_TRAIN_POINTS_PER_LIST * ivf.nlist:
+        return vectors
+    rng = np.random.default_rng(0)
+    picked = rng.choice(len(vectors), IVF_TRAIN_POINTS_PER_LIST * ivf.nlist, replace=False)
+    return vectors[np.sort(picked)]
+
+
+def search_param_name(index: faiss.Index) -> str | None:
+    """The parameter that trades speed for recall: nprobe (IVF), efSearch (HNSW), or None."""
+    if faiss.try_extract_index_ivf(index) is not None:
+        return "nprobe"
+    if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+        return "efSearch"
+    return None
 
 
 def apply_search_params(index: faiss.Index, params: str) -> None:
@@ -60,3 +119,77 @@ def to_best_device(index: faiss.Index) -> tuple[faiss.Index, str]:
     except RuntimeError as exc:  # e.g. an index type without a GPU implementation
         log.warning("keeping the Faiss index on the CPU: %s", exc)
         return index, "cpu"
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Outcome of tuning an index on user histories (written into the bundle manifest)."""
+
+    search_params: str  # what the service applies at load, e.g. "nprobe=32"; "" for exact
+    recall: float  # mean recall@n of the served list against exact Eq. 7
+    n: int
+    target: float
+    queries: int  # users measured
+    reached: bool  # recall >= target (False: the largest value tried did not get there)
+
+    def to_manifest(self) -> dict:
+        return asdict(self)
+
+
+def measure_recall(
+    index: faiss.Index,
+    interests: np.ndarray,
+    items: torch.Tensor,
+    n: int,
+    exclude: Sequence[np.ndarray] | None = None,
+    exact_rows: np.ndarray | None = None,
+) -> float:
+    """Mean over users of |served top-n & exact top-n| / |exact top-n| (Eq. 7, max over K).
+
+    interests (U, K, d), items (N, d) the catalogue (row 0 padding); `exact_rows` (U, n) may be
+    passed when already computed (tuning measures many settings against one reference).
+    """
+    if exact_rows is None:
+        exact_rows = exact_merged_topk(interests, items, n, exclude).rows
+    served = faiss_merged_topk(index, interests, items, n, exclude).rows
+    hits, total = 0, 0
+    for truth, got in zip(exact_rows, served, strict=True):
+        truth = truth[truth > 0]
+        hits += len(np.intersect1d(truth, got[got > 0], assume_unique=True))
+        total += len(truth)
+    return hits / total if total else 1.0
+
+
+def tune_search_params(
+    index: faiss.Index,
+    interests: np.ndarray,
+    items: torch.Tensor,
+    n: int = 50,
+    target: float = RECALL_TARGET,
+    exclude: Sequence[np.ndarray] | None = None,
+) -> Tuning:
+    """Smallest value of the index's search parameter whose recall@n reaches `target`.
+
+    Exact indexes are measured once (recall 1 up to float ties). The chosen parameter is left
+    applied to `index`. If no value reaches the target, the largest one tried is kept and
+    `reached` is False.
+    """
+    if not 0 < target <= 1:
+        raise ValueError(f"recall target must be in (0, 1], not {target}")
+    exact = exact_merged_topk(interests, items, n, exclude).rows
+    name = search_param_name(index)
+    grid = SEARCH_GRID.get(name or "", ())
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        grid = tuple(v for v in grid if v < ivf.nlist) + (ivf.nlist,)  # nlist: every list
+    params, recall = "", 0.0
+    for value in grid or (None,):
+        params = f"{name}={value}" if name else ""
+        apply_search_params(index, params)
+        recall = measure_recall(index, interests, items, n, exclude, exact)
+        log.info("index tuning: %s recall@%d = %.4f", params or "exact", n, recall)
+        if recall >= target:
+            break
+    if recall < target:
+        log.warning("recall@%d %.4f is below the target %.2f at %s", n, recall, target, params)
+    return Tuning(params, recall, n, target, len(interests), recall >= target)

@@ -114,7 +114,9 @@ CompileOpt = Annotated[
 FactoryOpt = Annotated[
     str | None,
     typer.Option(
-        "--index-factory", help="Faiss index factory: Flat (exact), HNSW32, IVF1024,PQ16."
+        "--index-factory",
+        help="Faiss index factory: Flat (exact), HNSW32, IVF1024,PQ16; default: chosen by "
+        "catalogue size, then tuned to --recall-target.",
     ),
 ]
 SearchParamsOpt = Annotated[
@@ -319,16 +321,21 @@ def export(
     config: ConfigOpt = None,
     index_factory: FactoryOpt = None,
     search_params: SearchParamsOpt = None,
+    recall_target: Annotated[
+        float | None,
+        typer.Option(help="Recall@50 against exact Eq. 7 that tuning aims for (default 0.95)."),
+    ] = None,
     publish: Annotated[bool, typer.Option(help="Point `current` at the new version.")] = True,
 ) -> None:
     """Write the run's best checkpoint as a new bundle version (and publish it)."""
     settings = _read_config(config).get("export", {})
-    factory = index_factory or settings.get("index_factory", "Flat")
-    params = search_params if search_params is not None else settings.get("search_params", "")
+    factory = index_factory or settings.get("index_factory")  # None: chosen by catalogue size
+    params = search_params if search_params is not None else settings.get("search_params")
+    target = recall_target if recall_target is not None else settings.get("recall_target", 0.95)
     if not (run_dir / "config.json").is_file():
         raise _fail(f"--run-dir: {run_dir} is not a training run (config.json missing)")
     try:
-        path = export_run(run_dir, bundle_root, factory, params, publish=publish)
+        path = export_run(run_dir, bundle_root, factory, params, publish, recall_target=target)
     except (ValueError, FileNotFoundError, BundleError, DataError) as exc:
         raise _fail(str(exc)) from None
     _echo_json({"bundle": str(path), "published": publish})

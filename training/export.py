@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from remi_core.bundle import Bundle, write_bundle
+from remi_core.index import RECALL_TARGET
 from training.data import SequenceDataset
 from training.evaluate import evaluate_model, make_eval_set
 from training.trainer import load_run
@@ -18,13 +19,17 @@ from training.trainer import load_run
 def export_run(
     run_dir: Path,
     bundle_root: Path,
-    index_factory: str = "Flat",
-    search_params: str = "",
+    index_factory: str | None = None,
+    search_params: str | None = None,
     publish: bool = True,
     version: str | None = None,
     extra: dict[str, Any] | None = None,
+    recall_target: float = RECALL_TARGET,
 ) -> Path:
-    """Write the run's best checkpoint as a new bundle version; returns its directory."""
+    """Write the run's best checkpoint as a new bundle version; returns its directory.
+
+    No index_factory: chosen from the catalogue size; no search_params: tuned on validation
+    users to recall_target (see remi_core.bundle.write_bundle)."""
     run_dir = Path(run_dir)
     model, dataset, cfg = load_run(run_dir)
     result_path = run_dir / "result.json"
@@ -55,6 +60,8 @@ def export_run(
         metadata=metadata,
         index_factory=index_factory,
         search_params=search_params,
+        tune_histories=[dataset.sequences[u] for u in dataset.users("valid")],
+        recall_target=recall_target,
         version=version,
         publish=publish,
     )
