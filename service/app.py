@@ -10,7 +10,8 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -22,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from remi_core.bundle import BundleError
+from service.batcher import MicroBatcher
 from service.errors import (
     AdminDisabled,
     RedisUnavailable,
@@ -31,21 +33,18 @@ from service.errors import (
 )
 from service.history import Event, HistoryStore
 from service.metrics import Metrics
-from service.recommender import LoadedModel, Result, recommend_batch
+from service.recommender import LoadedModel, Result
 from service.registry import ModelRegistry
+from service.responses import batch_json, recommend_json
 from service.schemas import (
     BatchRequest,
     BatchResponse,
     ErrorResponse,
     EventsRequest,
     EventsResponse,
-    ExplanationOut,
-    InterestOut,
-    RecommendedItemOut,
     RecommendRequest,
     RecommendResponse,
     ReloadResponse,
-    RoutingWeight,
 )
 from service.settings import Settings
 
@@ -129,61 +128,24 @@ async def resolve_histories(
 
 
 async def run_recommend(
+    request: Request,
     model: LoadedModel,
     entries: Sequence[RecommendRequest],
     histories: list[list[str]],
-    metrics: Metrics,
-) -> list[RecommendResponse]:
-    # Encode and search are CPU-bound (torch and faiss release the GIL): keep them off the loop.
-    results = await anyio.to_thread.run_sync(
-        lambda: recommend_batch(
-            model,
-            histories,
-            n=[e.n for e in entries],
-            exclude_history=[e.exclude_history for e in entries],
-            explain=[e.explain for e in entries],
-        )
+    render: Callable[[list[Result]], bytes],
+) -> Response:
+    """Queue the entries with other requests' (service/batcher.py); the compute thread encodes,
+    searches and renders the JSON body, so nothing heavy runs on the event loop."""
+    batcher: MicroBatcher = request.app.state.batcher
+    body = await batcher.submit(
+        model,
+        histories,
+        n=[e.n for e in entries],
+        exclude_history=[e.exclude_history for e in entries],
+        explain=[e.explain for e in entries],
+        render=render,
     )
-    metrics.recommendations.inc(len(results))
-    metrics.fallbacks.inc(sum(r.fallback for r in results))
-    metrics.unknown_ids.inc(sum(len(r.unknown_ids) for r in results))
-    return [
-        to_response(model, entry, result) for entry, result in zip(entries, results, strict=True)
-    ]
-
-
-def to_response(model: LoadedModel, entry: RecommendRequest, result: Result) -> RecommendResponse:
-    explanation = None
-    if result.explanation is not None:
-        ex = result.explanation
-        explanation = ExplanationOut(
-            window=ex.window,
-            interests=[
-                InterestOut(
-                    interest=k,
-                    vector=ex.interests[k].tolist(),
-                    routing=None
-                    if ex.routing is None
-                    else [
-                        RoutingWeight(position=p, item_id=item, weight=float(ex.routing[k, p]))
-                        for p, item in enumerate(ex.window)
-                    ],
-                )
-                for k in range(ex.interests.shape[0])
-            ],
-        )
-    return RecommendResponse(
-        model_version=model.version,
-        user_id=entry.user_id,
-        fallback=result.fallback,
-        items=[
-            RecommendedItemOut(item_id=it.item_id, score=it.score, interest=it.interest)
-            for it in result.items
-        ],
-        unknown_ids=result.unknown_ids,
-        known_history_length=result.known_count,
-        explain=explanation,
-    )
+    return Response(body, media_type="application/json")
 
 
 # --- routes -------------------------------------------------------------------------------------
@@ -235,8 +197,13 @@ async def readyz(registry: RegistryDep, store: StoreDep) -> JSONResponse:
 
 @router.get("/v1/model", tags=["ops"])
 async def model_manifest(model: ModelDep) -> dict[str, Any]:
-    """The served bundle's manifest, plus where its index lives."""
-    return {**model.manifest, "index_device": model.index_device}
+    """The served bundle's manifest (its "index" section holds the measured recall and the
+    search parameters in use), plus where the index lives and what answers searches."""
+    return {
+        **model.manifest,
+        "index_device": model.index_device,
+        "search_backend": model.search_backend,
+    }
 
 
 @router.get("/metrics", tags=["ops"])
@@ -248,30 +215,31 @@ async def metrics_endpoint(metrics: MetricsDep) -> Response:
     "/recommend", response_model=RecommendResponse, responses=STORE_ERRORS, tags=["recommend"]
 )
 async def recommend(
+    request: Request,
     body: RecommendRequest,
     model: ModelDep,
     settings: SettingsDep,
     store: StoreDep,
-    metrics: MetricsDep,
-) -> RecommendResponse:
+) -> Response:
     """Top-n items for one user (history in the body, or a stored user's history)."""
     if errors := limit_errors(body, settings, ("body",)):
         raise RequestValidationError(errors)
     histories = await resolve_histories([body], store, settings)
-    [response] = await run_recommend(model, [body], histories, metrics)
-    return response
+    return await run_recommend(
+        request, model, [body], histories, lambda results: recommend_json(model, body, results[0])
+    )
 
 
 @router.post(
     "/recommend/batch", response_model=BatchResponse, responses=STORE_ERRORS, tags=["recommend"]
 )
 async def recommend_many(
+    request: Request,
     body: BatchRequest,
     model: ModelDep,
     settings: SettingsDep,
     store: StoreDep,
-    metrics: MetricsDep,
-) -> BatchResponse:
+) -> Response:
     """Many users in one encode and one search; each entry means what POST /recommend means."""
     if len(body.requests) > settings.max_batch:
         msg = f"A batch should have at most {settings.max_batch} entries, not {len(body.requests)}"
@@ -284,8 +252,9 @@ async def recommend_many(
     if errors:
         raise RequestValidationError(errors)
     histories = await resolve_histories(body.requests, store, settings)
-    results = await run_recommend(model, body.requests, histories, metrics)
-    return BatchResponse(model_version=model.version, results=results)
+    return await run_recommend(
+        request, model, body.requests, histories, partial(batch_json, model, body.requests)
+    )
 
 
 @router.post("/events", response_model=EventsResponse, responses=STORE_ERRORS, tags=["events"])
@@ -403,7 +372,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     registry = ModelRegistry(
-        settings.bundle_root, settings.device, settings.verify_checksums, app.state.metrics
+        settings.bundle_root,
+        settings.device,
+        settings.verify_checksums,
+        app.state.metrics,
+        exact_search=settings.exact_search,
     )
     try:
         model = await anyio.to_thread.run_sync(registry.load_initial)
@@ -426,6 +399,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("redis is not reachable at start-up: %s", redis_error)
     app.state.registry = registry
     app.state.store = store
+    metrics: Metrics = app.state.metrics
+    app.state.batcher = MicroBatcher(
+        settings.batch_wait_ms, settings.batch_max_users, on_batch=metrics.record_batch
+    )
+    app.state.batcher.start()
     poller = None
     if settings.reload_interval_s > 0:
         poller = asyncio.create_task(registry.poll(settings.reload_interval_s))
@@ -436,6 +414,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
+        await app.state.batcher.aclose()
         await store.close()
 
 

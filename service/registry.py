@@ -34,9 +34,12 @@ class ModelRegistry:
     under a request in flight; the old model is freed when its last request lets go of it.
     """
 
-    def __init__(self, root: Path, device: str, verify: bool, metrics: Metrics) -> None:
+    def __init__(
+        self, root: Path, device: str, verify: bool, metrics: Metrics, exact_search: str = "dense"
+    ) -> None:
         self.root = Path(root)
         self.device = device
+        self.exact_search = exact_search
         self.verify = verify
         self.metrics = metrics
         self._model: LoadedModel | None = None
@@ -60,7 +63,7 @@ class ModelRegistry:
     def load_initial(self) -> LoadedModel:
         """Load `current` at start-up; a BundleError here must stop the service."""
         path = resolve_current(self.root)
-        model = load_model(path, self.device, self.verify)
+        model = load_model(path, self.device, self.verify, self.exact_search)
         self._swap(model, path.name)
         return model
 
@@ -86,7 +89,9 @@ class ModelRegistry:
             try:
                 # Loading verifies checksums and runs a test query: seconds for big catalogues,
                 # so it runs in a thread while the old model keeps answering.
-                model = await anyio.to_thread.run_sync(load_model, path, self.device, self.verify)
+                model = await anyio.to_thread.run_sync(
+                    load_model, path, self.device, self.verify, self.exact_search
+                )
             except BundleError as exc:
                 return self._failed(previous, target, str(exc))
             except Exception as exc:  # e.g. out of memory: the old model must keep serving

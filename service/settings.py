@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,6 +59,27 @@ class Settings(BaseSettings):
     )
     max_batch: int = Field(
         256, ge=1, description="Most entries in one POST /recommend/batch request."
+    )
+    batch_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="Micro-batching: longest a recommend request waits for others to share its "
+        "encode and search, in ms, counted from its arrival. While a batch computes, new requests "
+        "queue anyway, so this only matters at low load. 0 batches only what is already queued.",
+    )
+    batch_max_users: int = Field(
+        128,
+        ge=1,
+        description="Micro-batching: most users gathered into one encode and search. 1 turns "
+        "cross-request batching off. A request with more users (a /recommend/batch of up to "
+        "REMI_MAX_BATCH entries) is never split; it runs as a batch of its own.",
+    )
+    exact_search: Literal["dense", "faiss"] = Field(
+        "dense",
+        description="How bundles with an exact (Flat) index are searched on the CPU: 'dense' "
+        "(Eq. 7 as blocked matmuls in torch, about 2x faster on 2 cores, see "
+        "docs/benchmarks.md) or 'faiss' (the bundle's IndexFlatIP).",
     )
     admin_token: SecretStr | None = Field(
         None,
