@@ -135,7 +135,7 @@ def exact_merged_topk(
     batch = interests.shape[0]
     excluded = pad_rows(exclude, batch)
     n = min(n, items.shape[0] - 1)
-    candidates = np.empty((batch, n), dtype=np.int64)
+    chunks = []
     v = torch.from_numpy(np.ascontiguousarray(interests, dtype=np.float32))
     ex = torch.from_numpy(excluded)
     with torch.inference_mode():
@@ -145,8 +145,31 @@ def exact_merged_topk(
             scores[:, 0] = -torch.inf
             if excluded.shape[1]:
                 scores.scatter_(1, ex[start:stop], -torch.inf)  # padding 0 is row 0 anyway
-            candidates[start:stop] = scores.topk(n, dim=1).indices.numpy()
+            chunks.append(_with_boundary_ties(scores, n))
+    width = max(c.shape[1] for c in chunks)
+    candidates = np.concatenate([np.pad(c, ((0, 0), (0, width - c.shape[1]))) for c in chunks])
     return merge_candidates(interests, candidates, items, n, excluded)
+
+
+def _with_boundary_ties(scores: torch.Tensor, n: int) -> np.ndarray:
+    """Top-n rows of scores (b, N); a user whose n-th score is shared by rows left out gets every
+    row scoring at least that much, so the merge can give the tie to the smaller row (topk
+    picks among equal scores in no promised order)."""
+    top = scores.topk(n, dim=1)
+    kth = top.values[:, -1:]  # (b, 1)
+    rows = top.indices.numpy()
+    tied = torch.isfinite(kth[:, 0]) & ((scores >= kth).sum(dim=1) > n)
+    if not tied.any():
+        return rows
+    wide = {
+        b: torch.nonzero(scores[b] >= kth[b]).flatten().numpy()
+        for b in tied.nonzero()[:, 0].tolist()
+    }
+    out = np.zeros((len(scores), max(len(w) for w in wide.values())), dtype=np.int64)
+    out[:, :n] = rows
+    for b, w in wide.items():
+        out[b, : len(w)] = w
+    return out
 
 
 def merge_candidates(

@@ -75,6 +75,14 @@ class Settings(BaseSettings):
         "cross-request batching off. A request with more users (a /recommend/batch of up to "
         "REMI_MAX_BATCH entries) is never split; it runs as a batch of its own.",
     )
+    gil_switch_interval_ms: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="Python's thread switch interval (sys.setswitchinterval) in ms: how long the "
+        "event loop may wait for the GIL while the compute thread runs Python. Python's default "
+        "is 5 ms.",
+    )
     exact_search: Literal["dense", "faiss"] = Field(
         "dense",
         description="How bundles with an exact (Flat) index are searched on the CPU: 'dense' "
