@@ -123,18 +123,20 @@ def exact_merged_topk(
     items: torch.Tensor,
     n: int,
     exclude: Sequence[np.ndarray] | None = None,
-    users_per_chunk: int = 64,
+    users_per_chunk: int | None = None,
 ) -> RetrievedBatch:
     """Serving path for exact search without an index: dense Eq. 7 in torch, then the merge.
 
     interests (B, K, d), items (N, d) the catalogue as a CPU tensor (row 0 padding). Users go
-    `users_per_chunk` at a time so the (chunk, N) max-score matrix stays a few MB per 100k
-    items; within a chunk `blocked_max_scores` keeps the products in cache. The top-n rows then
-    go through `merge_candidates`, so scores, interests and tie order match the index path.
+    `users_per_chunk` at a time (default: up to 64, fewer for huge catalogues) so the
+    (chunk, N) max-score matrix stays at most 32 MB; within a chunk `blocked_max_scores` keeps
+    the products in cache. The top-n rows then go through `merge_candidates`, so scores,
+    interests and tie order match the index path.
     """
     batch = interests.shape[0]
     excluded = pad_rows(exclude, batch)
     n = min(n, items.shape[0] - 1)
+    users_per_chunk = users_per_chunk or max(1, min(64, 2**23 // items.shape[0]))  # <= 32 MB
     chunks = []
     v = torch.from_numpy(np.ascontiguousarray(interests, dtype=np.float32))
     ex = torch.from_numpy(excluded)
