@@ -21,8 +21,8 @@ ITEMS = 6000
 
 def test_choose_factory_by_size() -> None:
     assert choose_factory(1000, exact_max_items=1000) == "Flat"
-    assert choose_factory(1001, exact_max_items=1000) == "IVF64,Flat"  # 2 sqrt(N) ~ 63
-    assert choose_factory(1_000_000) == "IVF2048,Flat"
+    assert choose_factory(1001, exact_max_items=1000) == "IVF64,SQ8"  # 2 sqrt(N) ~ 63
+    assert choose_factory(1_000_000) == "IVF2048,SQ8"
     assert choose_factory(100_000) == "Flat"
 
 
@@ -80,7 +80,7 @@ def ann_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_export_picks_ann_above_the_threshold_and_reaches_the_target(ann_bundle: Path) -> None:
     bundle = load_bundle(ann_bundle)
     index = bundle.manifest["index"]
-    assert index["factory"] == choose_factory(ITEMS, 1000) == "IVF128,Flat"
+    assert index["factory"] == choose_factory(ITEMS, 1000) == "IVF128,SQ8"
     assert index["chosen_by"] == "size"
     recall = index["recall"]
     assert recall["reached"] and recall["recall"] >= 0.95 and recall["n"] == 50
