@@ -41,9 +41,9 @@ from remi_core.index import (
     RECALL_TARGET,
     ROW_OFFSET,
     apply_search_params,
+    assess,
     build_index,
     choose_factory,
-    measure_recall,
     tune_search_params,
 )
 from remi_core.models import (
@@ -167,12 +167,12 @@ def write_bundle(
                 tuning = tune_search_params(
                     index, interests, table, recall_n, recall_target, exclude
                 )
-                search_params, recall = tuning.search_params, tuning.to_manifest()
+                search_params = tuning.search_params
             else:
-                value = measure_recall(index, interests, table, recall_n, exclude)
-                recall = {"search_params": search_params, "recall": value, "n": recall_n,
-                          "target": recall_target, "queries": len(interests),
-                          "reached": value >= recall_target}  # fmt: skip
+                tuning = assess(
+                    index, search_params, interests, table, recall_n, recall_target, exclude
+                )
+            recall = tuning.to_manifest()
         faiss.write_index(index, str(tmp / FILES["index"]))
 
         manifest = {

@@ -2,7 +2,8 @@
 
 `choose_factory` picks exact search for catalogues up to `EXACT_MAX_ITEMS` and an IVF index
 above; `tune_search_params` raises the index's search parameter (nprobe, efSearch) until the
-recall@n of the merged Eq. 7 list against exact Eq. 7 reaches a target on real user histories.
+recall@n of the merged Eq. 7 list against exact Eq. 7 reaches a target on real user histories
+(with a margin of two standard errors, so it holds for users not measured).
 """
 
 from __future__ import annotations
@@ -133,14 +134,40 @@ class Tuning:
     """Outcome of tuning an index on user histories (written into the bundle manifest)."""
 
     search_params: str  # what the service applies at load, e.g. "nprobe=32"; "" for exact
-    recall: float  # mean recall@n of the served list against exact Eq. 7
+    recall: float  # mean over users of recall@n of the served list against exact Eq. 7
+    recall_lower: float  # recall minus two standard errors: what tuning holds to the target
     n: int
     target: float
     queries: int  # users measured
-    reached: bool  # recall >= target (False: the largest value tried did not get there)
+    reached: bool  # recall_lower >= target (False: even the largest value tried fell short)
 
     def to_manifest(self) -> dict:
         return asdict(self)
+
+
+def recall_per_user(
+    index: faiss.Index,
+    interests: np.ndarray,
+    items: torch.Tensor,
+    n: int,
+    exclude: Sequence[np.ndarray] | None = None,
+    exact_rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """(U,) |served top-n & exact top-n| / |exact top-n| per user (Eq. 7, max over K).
+
+    interests (U, K, d), items (N, d) the catalogue (row 0 padding); `exact_rows` (U, n) may be
+    passed when already computed (tuning measures many settings against one reference). A user
+    with nothing left to recommend counts as 1.
+    """
+    if exact_rows is None:
+        exact_rows = exact_merged_topk(interests, items, n, exclude).rows
+    served = faiss_merged_topk(index, interests, items, n, exclude).rows
+    recalls = np.ones(len(exact_rows))
+    for u, (truth, got) in enumerate(zip(exact_rows, served, strict=True)):
+        truth = truth[truth > 0]
+        if len(truth):
+            recalls[u] = len(np.intersect1d(truth, got[got > 0], assume_unique=True)) / len(truth)
+    return recalls
 
 
 def measure_recall(
@@ -149,22 +176,36 @@ def measure_recall(
     items: torch.Tensor,
     n: int,
     exclude: Sequence[np.ndarray] | None = None,
-    exact_rows: np.ndarray | None = None,
 ) -> float:
-    """Mean over users of |served top-n & exact top-n| / |exact top-n| (Eq. 7, max over K).
+    """Mean recall@n of the index's merged list against exact Eq. 7 (see recall_per_user)."""
+    return float(recall_per_user(index, interests, items, n, exclude).mean())
 
-    interests (U, K, d), items (N, d) the catalogue (row 0 padding); `exact_rows` (U, n) may be
-    passed when already computed (tuning measures many settings against one reference).
+
+def assess(
+    index: faiss.Index,
+    params: str,
+    interests: np.ndarray,
+    items: torch.Tensor,
+    n: int = 50,
+    target: float = RECALL_TARGET,
+    exclude: Sequence[np.ndarray] | None = None,
+    exact_rows: np.ndarray | None = None,
+) -> Tuning:
+    """Apply `params` to the index and measure its recall@n against the target.
+
+    "Reached" means the mean minus two standard errors reaches the target, so that the users
+    the service will see get it too, not just the ones measured: tuned on the bare mean over
+    1,000 users to 0.95, the benchmark's 1M catalogue gave 0.950 on other users.
     """
-    if exact_rows is None:
-        exact_rows = exact_merged_topk(interests, items, n, exclude).rows
-    served = faiss_merged_topk(index, interests, items, n, exclude).rows
-    hits, total = 0, 0
-    for truth, got in zip(exact_rows, served, strict=True):
-        truth = truth[truth > 0]
-        hits += len(np.intersect1d(truth, got[got > 0], assume_unique=True))
-        total += len(truth)
-    return hits / total if total else 1.0
+    if not 0 < target <= 1:
+        raise ValueError(f"recall target must be in (0, 1], not {target}")
+    apply_search_params(index, params)
+    recalls = recall_per_user(index, interests, items, n, exclude, exact_rows)
+    mean = float(recalls.mean())
+    spread = float(recalls.std(ddof=1)) if len(recalls) > 1 else 0.0
+    lower = mean - 2 * spread / math.sqrt(len(recalls))
+    reached = lower >= target or mean == 1.0
+    return Tuning(params, mean, lower, n, target, len(recalls), reached)
 
 
 def tune_search_params(
@@ -175,11 +216,10 @@ def tune_search_params(
     target: float = RECALL_TARGET,
     exclude: Sequence[np.ndarray] | None = None,
 ) -> Tuning:
-    """Smallest value of the index's search parameter whose recall@n reaches `target`.
-
-    Exact indexes are measured once (recall 1 up to float ties). The chosen parameter is left
-    applied to `index`. If no value reaches the target, the largest one tried is kept and
-    `reached` is False.
+    """Smallest value of the index's search parameter whose recall@n reaches `target` (see
+    `assess`). Exact indexes are measured once. The chosen parameter is left applied to
+    `index`. If no value reaches the target, the largest one tried is kept and `reached` is
+    False.
     """
     if not 0 < target <= 1:
         raise ValueError(f"recall target must be in (0, 1], not {target}")
@@ -189,14 +229,14 @@ def tune_search_params(
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         grid = tuple(v for v in grid if v < ivf.nlist) + (ivf.nlist,)  # nlist: every list
-    params, recall = "", 0.0
     for value in grid or (None,):
         params = f"{name}={value}" if name else ""
-        apply_search_params(index, params)
-        recall = measure_recall(index, interests, items, n, exclude, exact)
-        log.info("index tuning: %s recall@%d = %.4f", params or "exact", n, recall)
-        if recall >= target:
+        tuning = assess(index, params, interests, items, n, target, exclude, exact)
+        log.info("index tuning: %s recall@%d = %.4f (>= %.4f)", params or "exact", n,
+                 tuning.recall, tuning.recall_lower)  # fmt: skip
+        if tuning.reached:
             break
-    if recall < target:
-        log.warning("recall@%d %.4f is below the target %.2f at %s", n, recall, target, params)
-    return Tuning(params, recall, n, target, len(interests), recall >= target)
+    if not tuning.reached:
+        log.warning("recall@%d %.4f is below the target %.2f at %s", n, tuning.recall, target,
+                    tuning.search_params)  # fmt: skip
+    return tuning

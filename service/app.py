@@ -81,6 +81,10 @@ def get_store(request: Request) -> HistoryStore:
     return request.app.state.store
 
 
+def get_batcher(request: Request) -> MicroBatcher:
+    return request.app.state.batcher
+
+
 def require_admin(
     settings: Annotated[Settings, Depends(get_settings)],
     authorization: Annotated[str | None, Header()] = None,
@@ -98,6 +102,7 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 ModelDep = Annotated[LoadedModel, Depends(get_model)]
 StoreDep = Annotated[HistoryStore, Depends(get_store)]
+BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -130,7 +135,7 @@ async def resolve_histories(
 
 
 async def run_recommend(
-    request: Request,
+    batcher: MicroBatcher,
     model: LoadedModel,
     entries: Sequence[RecommendRequest],
     histories: list[list[str]],
@@ -138,7 +143,6 @@ async def run_recommend(
 ) -> Response:
     """Queue the entries with other requests' (service/batcher.py); the compute thread encodes,
     searches and renders the JSON body, so nothing heavy runs on the event loop."""
-    batcher: MicroBatcher = request.app.state.batcher
     body = await batcher.submit(
         model,
         histories,
@@ -217,18 +221,18 @@ async def metrics_endpoint(metrics: MetricsDep) -> Response:
     "/recommend", response_model=RecommendResponse, responses=STORE_ERRORS, tags=["recommend"]
 )
 async def recommend(
-    request: Request,
     body: RecommendRequest,
     model: ModelDep,
     settings: SettingsDep,
     store: StoreDep,
+    batcher: BatcherDep,
 ) -> Response:
     """Top-n items for one user (history in the body, or a stored user's history)."""
     if errors := limit_errors(body, settings, ("body",)):
         raise RequestValidationError(errors)
     histories = await resolve_histories([body], store, settings)
     return await run_recommend(
-        request, model, [body], histories, lambda results: recommend_json(model, body, results[0])
+        batcher, model, [body], histories, lambda results: recommend_json(model, body, results[0])
     )
 
 
@@ -236,11 +240,11 @@ async def recommend(
     "/recommend/batch", response_model=BatchResponse, responses=STORE_ERRORS, tags=["recommend"]
 )
 async def recommend_many(
-    request: Request,
     body: BatchRequest,
     model: ModelDep,
     settings: SettingsDep,
     store: StoreDep,
+    batcher: BatcherDep,
 ) -> Response:
     """Many users in one encode and one search; each entry means what POST /recommend means."""
     if len(body.requests) > settings.max_batch:
@@ -255,7 +259,7 @@ async def recommend_many(
         raise RequestValidationError(errors)
     histories = await resolve_histories(body.requests, store, settings)
     return await run_recommend(
-        request, model, body.requests, histories, partial(batch_json, model, body.requests)
+        batcher, model, body.requests, histories, partial(batch_json, model, body.requests)
     )
 
 

@@ -61,12 +61,13 @@ class Settings(BaseSettings):
         256, ge=1, description="Most entries in one POST /recommend/batch request."
     )
     batch_wait_ms: float = Field(
-        2.0,
+        0.0,
         ge=0,
         le=1000,
         description="Micro-batching: longest a recommend request waits for others to share its "
         "encode and search, in ms, counted from its arrival. While a batch computes, new requests "
-        "queue anyway, so this only matters at low load. 0 batches only what is already queued.",
+        "queue and join the next batch anyway; 0 (the default, best in bench/bench_serve_load.py"
+        ") batches only what is queued and adds no latency at low load.",
     )
     batch_max_users: int = Field(
         128,

@@ -80,27 +80,35 @@ def bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# A client in its own process (so its GIL is not the measuring thread's): posts the body file
+# back to back, printing each status.
+HEAVY_CLIENT = """
+import http.client, sys
+body = open(sys.argv[2], "rb").read()
+conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=60)
+while True:
+    conn.request("POST", "/recommend/batch", body, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    response.read()
+    print(response.status, flush=True)
+"""
+
+
 def test_healthz_stays_fast_under_the_largest_batches(bundle_root: Path, tmp_path: Path) -> None:
     """Two clients send batches of 256 users with n=1000 (256,000 items per response) back to
     back; /healthz must keep answering within 20 ms at the 99th percentile."""
-    body = json.dumps({"requests": random_entries(256, seed=1)}).encode()
+    body = tmp_path / "batch.json"
+    body.write_text(json.dumps({"requests": random_entries(256, seed=1)}))
     with serving(bundle_root, tmp_path / "serve.log") as port:
-        stop = threading.Event()
-        served, failures = [0], []
-
-        def client() -> None:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            while not stop.is_set():
-                status, payload = request(port, "POST", "/recommend/batch", body, conn)
-                if status != 200:
-                    failures.append(payload[:200])
-                served[0] += 1
-
-        clients = [threading.Thread(target=client) for _ in range(2)]
-        for t in clients:
-            t.start()
+        logs = [tmp_path / f"client{i}.log" for i in range(2)]
+        clients = [
+            subprocess.Popen(
+                [sys.executable, "-c", HEAVY_CLIENT, str(port), str(body)], stdout=log.open("w")
+            )
+            for log in logs
+        ]
         try:
-            time.sleep(1.0)  # let both clients get going
+            time.sleep(1.5)  # both clients are sending
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             latencies = []
             for _ in range(200):
@@ -110,11 +118,12 @@ def test_healthz_stays_fast_under_the_largest_batches(bundle_root: Path, tmp_pat
                 assert status == 200
                 time.sleep(0.01)
         finally:
-            stop.set()
-            for t in clients:
-                t.join(60)
-    assert not failures, failures[:1]
-    assert served[0] >= 4, "the heavy requests did not run while /healthz was measured"
+            for client in clients:
+                client.kill()
+                client.wait()
+    statuses = [line for log in logs for line in log.read_text().split()]
+    assert len(statuses) >= 4, "the heavy requests did not run while /healthz was measured"
+    assert set(statuses) == {"200"}, statuses
     p99_ms = float(np.percentile(latencies, 99)) * 1e3
     assert p99_ms < 20, f"/healthz p99 {p99_ms:.1f} ms under load"
 
