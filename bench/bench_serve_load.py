@@ -404,13 +404,17 @@ def main() -> None:
             Variant(small, "Faiss exact", {"REMI_EXACT_SEARCH": "faiss"}, (16,)),
             Variant(small, f"torch threads {args.threads}",
                     {"REMI_TORCH_THREADS": str(args.threads)}, (16,)),
+            Variant(small, f"{args.threads} compute threads",
+                    {"REMI_COMPUTE_THREADS": str(args.threads)}, (16,)),
             Variant(small, "batch wait 2 ms", {"REMI_BATCH_WAIT_MS": "2"}, (16,)),
             Variant(small, "batch wait 5 ms", {"REMI_BATCH_WAIT_MS": "5"}, (16,)),
             Variant(large, "batching on (defaults)", {}, conc),
             Variant(large, "batching off", off, (16,)),
+            Variant(large, f"{args.threads} compute threads",
+                    {"REMI_COMPUTE_THREADS": str(args.threads)}, (16,)),
         ]  # fmt: skip
         if args.quick:
-            variants = [v for v in variants if "wait" not in v.label and "threads" not in v.label]
+            variants = [v for v in variants if "wait" not in v.label and "thread" not in v.label]
         results = []
         for variant in variants:
             size = sizes[0] if variant.catalogue == small else sizes[1]

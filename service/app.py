@@ -414,7 +414,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.store = store
     metrics: Metrics = app.state.metrics
     app.state.batcher = MicroBatcher(
-        settings.batch_wait_ms, settings.batch_max_users, on_batch=metrics.record_batch
+        settings.batch_wait_ms,
+        settings.batch_max_users,
+        on_batch=metrics.record_batch,
+        workers=settings.compute_threads,
     )
     app.state.batcher.start()
     poller = None

@@ -9,8 +9,9 @@ larger than max_users runs as a batch of its own.
 
 Everything CPU-heavy happens in the compute thread: encode, search, merge, and `render` (each
 caller's function that turns its results into response bytes), so the loop only parses
-requests and moves bytes. One thread is enough because torch and faiss spread one batch over
-the cores themselves, and one thread never has two batches fighting for them.
+requests and moves bytes. One thread (the default) lets torch and faiss spread a batch over
+their own threads; with `workers` > 1 (and one torch thread each) batches run side by side
+instead, which degrades more gently when the cores are shared (no OpenMP barriers).
 
 If a batch fails, its requests are retried one by one, so a failing request fails alone.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,24 +68,29 @@ class BatchStats:
 
 
 class MicroBatcher:
-    """Gathers concurrent requests into batches and runs them in one compute thread."""
+    """Gathers concurrent requests into batches and runs them in `workers` compute threads
+    (one by default: a batch at a time, torch and faiss spreading it over their threads)."""
 
     def __init__(
         self,
         max_wait_ms: float,
         max_users: int,
         on_batch: Callable[[int, list[Result]], None] | None = None,
+        workers: int = 1,
     ) -> None:
-        if max_wait_ms < 0 or max_users < 1:
-            raise ValueError("max_wait_ms must be >= 0 and max_users >= 1")
+        if max_wait_ms < 0 or max_users < 1 or workers < 1:
+            raise ValueError("max_wait_ms must be >= 0, max_users and workers >= 1")
         self.max_wait_s = max_wait_ms / 1000
         self.max_users = max_users
-        self.on_batch = on_batch  # called in the compute thread with (users, results)
+        self.on_batch = on_batch  # called in a compute thread with (users, results)
         self.stats = BatchStats()
         self._queue: deque[_Job] = deque()
         self._queued_users = 0
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="remi-compute")
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="remi-compute")
+        self._free = asyncio.Semaphore(workers)  # a batch forms only when a thread can take it
+        self._running: set[asyncio.Task] = set()
+        self._stats_lock = threading.Lock()
         self._task: asyncio.Task | None = None
 
     async def __aenter__(self) -> MicroBatcher:
@@ -103,6 +110,7 @@ class MicroBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await asyncio.gather(*self._running, return_exceptions=True)
         for job in self._queue:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("the service is shutting down"))
@@ -140,6 +148,7 @@ class MicroBatcher:
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            await self._free.acquire()
             while not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
@@ -151,18 +160,25 @@ class MicroBatcher:
                 self._arrived.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._arrived.wait(), remaining)
-            jobs = self._take()
-            try:
-                outcomes = await loop.run_in_executor(self._executor, self._compute, jobs)
-            except Exception as exc:  # the executor itself failed: fail these, keep serving
-                outcomes = [exc] * len(jobs)
-            for job, outcome in zip(jobs, outcomes, strict=True):
-                if job.future.done():  # the client went away
-                    continue
-                if isinstance(outcome, BaseException):
-                    job.future.set_exception(outcome)
-                else:
-                    job.future.set_result(outcome[0])
+            task = asyncio.create_task(self._dispatch(self._take()))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _dispatch(self, jobs: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            outcomes = await loop.run_in_executor(self._executor, self._compute, jobs)
+        except Exception as exc:  # the executor itself failed: fail these, keep serving
+            outcomes = [exc] * len(jobs)
+        finally:
+            self._free.release()
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if job.future.done():  # the client went away
+                continue
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome[0])
 
     def _take(self) -> list[_Job]:
         """The oldest jobs that fit in max_users (always at least one)."""
@@ -218,7 +234,8 @@ class MicroBatcher:
             explain=[x for job in group for x in job.explain],
         )
         users = len(results)
-        self.stats.record(users)
+        with self._stats_lock:
+            self.stats.record(users)
         if self.on_batch is not None:
             self.on_batch(users, results)
         return results

@@ -76,6 +76,13 @@ class Settings(BaseSettings):
         "cross-request batching off. A request with more users (a /recommend/batch of up to "
         "REMI_MAX_BATCH entries) is never split; it runs as a batch of its own.",
     )
+    compute_threads: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Threads that run batches (encode, search, response rendering). 1 runs one "
+        "batch at a time; more run batches side by side, each with REMI_TORCH_THREADS threads.",
+    )
     gil_switch_interval_ms: float = Field(
         1.0,
         gt=0,

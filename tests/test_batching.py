@@ -55,9 +55,10 @@ async def submit_all(batcher: MicroBatcher, model: LoadedModel, requests: list[d
         return await asyncio.gather(*calls, return_exceptions=True)
 
 
-def test_batched_answers_equal_unbatched(model: LoadedModel) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batched_answers_equal_unbatched(model: LoadedModel, workers: int) -> None:
     requests = seeded_requests(20)
-    batcher = MicroBatcher(max_wait_ms=50, max_users=64)
+    batcher = MicroBatcher(max_wait_ms=50, max_users=64, workers=workers)
     answers = asyncio.run(submit_all(batcher, model, requests))
     # Gathered: far fewer encode-and-search batches than requests.
     assert batcher.stats.batches < len(requests) / 2, batcher.stats
@@ -132,3 +133,5 @@ def test_settings_are_checked() -> None:
         MicroBatcher(max_wait_ms=-1, max_users=4)
     with pytest.raises(ValueError):
         MicroBatcher(max_wait_ms=1, max_users=0)
+    with pytest.raises(ValueError):
+        MicroBatcher(max_wait_ms=1, max_users=4, workers=0)
