@@ -361,8 +361,8 @@ def main() -> None:
     base = trained_bundle(args)
     histories = read_histories(args.data_root / SPORTS)
     order = np.random.default_rng(1).permutation(len(histories))
-    tune = [histories[i] for i in order[:1000]]  # tunes nprobe at export
-    held_out = [histories[i] for i in order[1000:3000]]  # recall, the bound and the load
+    tune = [histories[i] for i in order[:2000]]  # tunes nprobe at export
+    held_out = [histories[i] for i in order[2000:4000]]  # recall, the bound and the load
     bodies = request_bodies(held_out)
     sizes = [int(s) for s in args.sizes.split(",")]
     labels = {sizes[0]: _size_label(sizes[0]), sizes[1]: _size_label(sizes[1])}
@@ -389,11 +389,11 @@ def main() -> None:
                 for backend in ("dense", "faiss") if exact else ("faiss",):
                     key = f"{backend}, {threads} thread{'s' if threads > 1 else ''}"
                     info["bound"][key] = in_process_bound(path, held_out, backend, 3)
-            info["recall"] = 1.0 if exact else recall_at_50(path, held_out[:1000])
+            info["recall"] = 1.0 if exact else recall_at_50(path, held_out)
             rows[size] = info
             bounds = ", ".join(f"{k}: {v:.0f}" for k, v in info["bound"].items())
             built = f"{info['factory']} {info['params']} built in {info['build_s']:.0f}s"
-            print(f"{labels[size]}: {built}; users/s {bounds}; recall@50 {info['recall']:.3f}")
+            print(f"{labels[size]}: {built}; users/s {bounds}; recall@50 {info['recall']:.4f}")
 
         small, large = labels[sizes[0]], labels[sizes[1]]
         conc = (16,) if args.quick else (1, 16, 64)
@@ -453,7 +453,7 @@ def markdown(header, rows, labels, results, args, seconds) -> str:
     for size, info in rows.items():
         bound = "; ".join(f"{k}: {v:.0f}" for k, v in info["bound"].items())
         lines.append(
-            f"| {labels[size]} | {info['factory']} | {info['params']} | {info['recall']:.3f} "
+            f"| {labels[size]} | {info['factory']} | {info['params']} | {info['recall']:.4f} "
             f"| {bound} |"
         )
     lines += [

@@ -3,7 +3,7 @@
 `choose_factory` picks exact search for catalogues up to `EXACT_MAX_ITEMS` and an IVF index
 above; `tune_search_params` raises the index's search parameter (nprobe, efSearch) until the
 recall@n of the merged Eq. 7 list against exact Eq. 7 reaches a target on real user histories
-(with a margin of two standard errors, so it holds for users not measured).
+(with a margin of three standard errors, so it holds for users not measured).
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ ROW_OFFSET = 1
 # on one core; IVF at recall@50 0.95 held 700-1,000 users/s per core at 1M items. Above this
 # size the ANN index is the faster choice, below it exact search is fast enough and exact.
 EXACT_MAX_ITEMS = 150_000
-# Recall@n of the served list against exact Eq. 7 that tuning aims for by default.
+# Recall@n of the served list against exact Eq. 7 that tuning aims for by default, and the margin
+# in standard errors of the measured mean that tuning keeps above it (see `assess`).
 RECALL_TARGET = 0.95
+RECALL_MARGIN_SE = 3.0
 # k-means for IVF trains on at most this many points per list (Faiss warns below 39): enough for
 # stable centroids, and it keeps a 1M-item export to seconds instead of minutes.
 IVF_TRAIN_POINTS_PER_LIST = 64
@@ -135,7 +137,7 @@ class Tuning:
 
     search_params: str  # what the service applies at load, e.g. "nprobe=32"; "" for exact
     recall: float  # mean over users of recall@n of the served list against exact Eq. 7
-    recall_lower: float  # recall minus two standard errors: what tuning holds to the target
+    recall_lower: float  # recall minus three standard errors: what tuning holds to the target
     n: int
     target: float
     queries: int  # users measured
@@ -193,9 +195,10 @@ def assess(
 ) -> Tuning:
     """Apply `params` to the index and measure its recall@n against the target.
 
-    "Reached" means the mean minus two standard errors reaches the target, so that the users
-    the service will see get it too, not just the ones measured: tuned on the bare mean over
-    1,000 users to 0.95, the benchmark's 1M catalogue gave 0.950 on other users.
+    "Reached" means the mean minus three standard errors reaches the target, so that the users
+    the service will see get it too, not just the ones measured. Samples differ more than one
+    would like: on the benchmark's 1M catalogue at nprobe=48, four disjoint sets of 1,000 Sports
+    users gave 0.963, 0.950, 0.950 and 0.954 (per-user standard deviation 0.1).
     """
     if not 0 < target <= 1:
         raise ValueError(f"recall target must be in (0, 1], not {target}")
@@ -203,7 +206,7 @@ def assess(
     recalls = recall_per_user(index, interests, items, n, exclude, exact_rows)
     mean = float(recalls.mean())
     spread = float(recalls.std(ddof=1)) if len(recalls) > 1 else 0.0
-    lower = mean - 2 * spread / math.sqrt(len(recalls))
+    lower = mean - RECALL_MARGIN_SE * spread / math.sqrt(len(recalls))
     reached = lower >= target or mean == 1.0
     return Tuning(params, mean, lower, n, target, len(recalls), reached)
 

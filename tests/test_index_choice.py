@@ -61,19 +61,23 @@ def brute_force_recall(bundle, users: list[np.ndarray], n: int = 50) -> float:
     return hits / total
 
 
-@pytest.fixture(scope="module")
-def ann_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ann")
-    write_bundle(
+def write_clustered(root: Path, **options) -> Path:
+    """A bundle of the clustered catalogue; options go to write_bundle."""
+    return write_bundle(
         root,
         encoder=clustered_encoder(),
         item_ids=[None] + [f"item-{i}" for i in range(1, ITEMS + 1)],
         popularity=np.arange(1, 51),
         metadata={"dataset": "clustered-test"},
-        tune_histories=histories(400, seed=1),
-        recall_target=0.95,
-        exact_max_items=1000,  # so this small catalogue counts as large
+        **options,
     )
+
+
+@pytest.fixture(scope="module")
+def ann_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ann")
+    # exact_max_items=1000: this small catalogue counts as large.
+    write_clustered(root, tune_histories=histories(400, seed=1), exact_max_items=1000)
     return root
 
 
@@ -106,26 +110,15 @@ def test_the_service_reports_recall_and_applies_the_parameters(ann_bundle: Path)
 
 
 def test_small_catalogues_stay_exact(tmp_path: Path) -> None:
-    path = write_bundle(
-        tmp_path,
-        encoder=clustered_encoder(),
-        item_ids=[None] + [f"item-{i}" for i in range(1, ITEMS + 1)],
-        popularity=np.arange(1, 51),
-        metadata={},
-        tune_histories=histories(50, seed=3),
-    )
+    path = write_clustered(tmp_path, tune_histories=histories(50, seed=3))
     index = load_bundle(path).manifest["index"]
     assert index["factory"] == "Flat" and index["search_params"] == ""
     assert index["recall"]["recall"] == pytest.approx(1.0)
 
 
 def test_given_parameters_are_measured_not_tuned(tmp_path: Path) -> None:
-    path = write_bundle(
+    path = write_clustered(
         tmp_path,
-        encoder=clustered_encoder(),
-        item_ids=[None] + [f"item-{i}" for i in range(1, ITEMS + 1)],
-        popularity=np.arange(1, 51),
-        metadata={},
         index_factory="IVF128,Flat",
         search_params="nprobe=1",
         tune_histories=histories(200, seed=4),
