@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from remi_core.bundle import encode_histories, load_bundle, write_bundle  # noqa: E402
-from remi_core.index import measure_recall  # noqa: E402
+from remi_core.index import EXACT_MAX_ITEMS, measure_recall  # noqa: E402
 from remi_core.models import EncoderConfig, build_encoder, cpu_state_dict  # noqa: E402
 from service.recommender import load_model, recommend_batch  # noqa: E402
 
@@ -122,10 +122,14 @@ def grow_table(table: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def write_catalogue(base: Path, root: Path, size: int, tune: list[list[str]]) -> Path:
+def write_catalogue(
+    base: Path, root: Path, size: int, tune: list[list[str]], exact_max_items: int
+) -> Path:
     """A bundle of `size` items grown from the trained bundle at `base`, index auto-chosen and
     tuned on the `tune` histories."""
     bundle = load_bundle(base, verify=False)
+    if size < len(bundle.item_ids) - 1:
+        sys.exit(f"error: --sizes: {size} is smaller than the trained catalogue")
     table = grow_table(bundle.item_embeddings, size)
     cfg = EncoderConfig.from_dict({**bundle.config.to_dict(), "num_items": size + 1})
     encoder = build_encoder(cfg)
@@ -143,6 +147,7 @@ def write_catalogue(base: Path, root: Path, size: int, tune: list[list[str]]) ->
         popularity=bundle.popularity,
         metadata={"dataset": {"name": f"sports-grown-{size}", "base": bundle.version}},
         tune_histories=rows,
+        exact_max_items=exact_max_items,
     )
 
 
@@ -343,6 +348,8 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "artifacts" / "bench-serve-load")
     parser.add_argument("--train-iters", type=int, default=2000)
     parser.add_argument("--sizes", default="100000,1000000", help="Catalogue sizes (2 values).")
+    parser.add_argument("--exact-max-items", type=int, default=EXACT_MAX_ITEMS,
+                        help="Largest catalogue searched exactly (default: export's).")  # fmt: skip
     parser.add_argument("--duration", type=float, default=6.0, help="Seconds per load run.")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="Torch threads of the wide variant (the default is 1).")  # fmt: skip
@@ -373,7 +380,7 @@ def main() -> None:
         work = Path(tmp)
         for size in sizes:
             t0 = time.perf_counter()
-            path = write_catalogue(base, work / f"b{size}", size, tune)
+            path = write_catalogue(base, work / f"b{size}", size, tune, args.exact_max_items)
             index = json.loads((path / "manifest.json").read_text())["index"]
             exact = index["factory"] == "Flat"
             info = {

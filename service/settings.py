@@ -66,8 +66,8 @@ class Settings(BaseSettings):
         le=1000,
         description="Micro-batching: longest a recommend request waits for others to share its "
         "encode and search, in ms, counted from its arrival. While a batch computes, new requests "
-        "queue and join the next batch anyway; 0 (the default, best in bench/bench_serve_load.py"
-        ") batches only what is queued and adds no latency at low load.",
+        "queue and join the next batch anyway; 0 batches only what is queued and adds no latency "
+        "at low load (a wait brought nothing measurable in bench/bench_serve_load.py).",
     )
     batch_max_users: int = Field(
         128,
