@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("REMI_DATA_ROOT", ROOT.parent / "shared" / "data"))
 pytestmark = pytest.mark.integration
 
 
@@ -29,7 +29,7 @@ def test_a_missing_data_root_is_named() -> None:
     assert "--data-root" in run.stderr and "Sports_and_Outdoors" in run.stderr
 
 
-@pytest.mark.skipif(not (DATA / "amazon_sports").is_dir(), reason="needs ../shared/data")
+@pytest.mark.skipif(not (DATA / "amazon_sports").is_dir(), reason="needs REMI_DATA_ROOT")
 def test_the_benchmark_runs_and_writes_its_section(tmp_path: Path) -> None:
     out = tmp_path / "benchmarks.md"
     out.write_text("# Benchmarks\n\nkept\n")
