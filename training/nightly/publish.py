@@ -21,7 +21,7 @@ from remi_core.bundle import (
 )
 from training.data import SequenceDataset
 from training.evaluate import evaluate_bundle
-from training.export import export_run
+from training.export import ExportConfig, export_run
 from training.nightly.config import NightlyConfig
 
 if TYPE_CHECKING:
@@ -187,9 +187,8 @@ def _swap_in(run: NightlyRun) -> str:
     }
     run.check_lock()
     cfg = run.cfg
-    path = export_run(
-        run.trained.run_dir, root, cfg.index_factory, cfg.search_params, publish=False, extra=extra
-    )
+    export = ExportConfig(cfg.index_factory, cfg.search_params, cfg.recall_target)
+    path = export_run(run.trained.run_dir, root, export, publish=False, extra=extra)
     try:
         run.check_lock()
         set_current(root, path.name)
