@@ -5,14 +5,17 @@ the K interests; the top-N of the merged candidates are returned. With exact per
 this equals the top-N of max_k <v_k, e_i> over the whole catalogue: an item that some interest
 under-scores because it missed that interest's list is beaten by at least N items that made it,
 so it cannot enter the merged top-N. `dense_merged_topk` uses that identity for evaluation;
-`faiss_merged_topk` is the serving path over an index. Both skip padding row 0. The serving
-merge breaks ties by the smaller row, so served lists are deterministic; the dense path leaves
-the order of exactly equal scores to `topk`, which does not promise one.
+the serving paths are `exact_merged_topk` (the same identity, blocked for the cache) and
+`faiss_merged_topk` (K searches of an index). Both serving paths end in `merge_candidates`,
+which rescores candidates exactly, drops excluded rows and breaks ties by the smaller row, so
+served lists are deterministic and identical whichever users share a batch; the dense
+evaluation path leaves the order of exactly equal scores to `topk`, which does not promise one.
+All of them skip padding row 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +29,57 @@ class Retrieved:
     rows: np.ndarray  # (n,) int64 catalogue rows
     scores: np.ndarray  # (n,) float32 max_k <v_k, e_row>
     interests: np.ndarray  # (n,) int64 argmax_k, the interest that produced each item
+
+
+@dataclass(frozen=True)
+class RetrievedBatch:
+    """Merged results of B users as arrays; user b's list is the first counts[b] entries.
+
+    Indexing or iterating gives one `Retrieved` per user (views, no copies).
+    """
+
+    rows: np.ndarray  # (B, n) int64, 0 past counts[b]
+    scores: np.ndarray  # (B, n) float32, -inf past counts[b]
+    interests: np.ndarray  # (B, n) int64
+    counts: np.ndarray  # (B,) int64
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, b: int) -> Retrieved:
+        c = int(self.counts[b])
+        return Retrieved(self.rows[b, :c], self.scores[b, :c], self.interests[b, :c])
+
+    def __iter__(self) -> Iterator[Retrieved]:
+        return (self[b] for b in range(len(self)))
+
+
+def pad_rows(rows: Sequence[np.ndarray] | None, batch: int) -> np.ndarray:
+    """Per-user row lists -> (B, L) int64, padded with row 0 (padding, never a result)."""
+    width = max((len(r) for r in rows), default=0) if rows is not None else 0
+    out = np.zeros((batch, width), dtype=np.int64)
+    if rows is not None:
+        for b, r in enumerate(rows):
+            out[b, : len(r)] = r
+    return out
+
+
+def blocked_max_scores(
+    interests: torch.Tensor, items: torch.Tensor, block: int | None = None
+) -> torch.Tensor:
+    """max_k <v_k, e_i> for every user and item: interests (B, K, d), items (N, d) -> (B, N).
+
+    The (B, K, N) score tensor is never materialised: items are scored `block` at a time, so
+    each (B*K, block) product stays in cache and is reduced over K before the next block.
+    """
+    batch, k, dim = interests.shape
+    block = block or max(256, 2**19 // max(1, batch * k))  # ~2 MB of float32 products
+    queries = interests.reshape(batch * k, dim)
+    out = torch.empty(batch, items.shape[0], dtype=interests.dtype, device=interests.device)
+    for start in range(0, items.shape[0], block):
+        part = queries @ items[start : start + block].T  # (B*K, block)
+        out[:, start : start + block] = part.view(batch, k, -1).amax(dim=1)
+    return out
 
 
 def dense_merged_topk(
@@ -64,43 +118,146 @@ def _chunk_users(k: int, n_items: int, device: torch.device) -> int:
     return max(1, budget // (k * n_items))
 
 
+def exact_merged_topk(
+    interests: np.ndarray,
+    items: torch.Tensor,
+    n: int,
+    exclude: Sequence[np.ndarray] | None = None,
+    users_per_chunk: int | None = None,
+) -> RetrievedBatch:
+    """Serving path for exact search without an index: dense Eq. 7 in torch, then the merge.
+
+    interests (B, K, d), items (N, d) the catalogue as a CPU tensor (row 0 padding). Users go
+    `users_per_chunk` at a time (default: up to 64, fewer for huge catalogues) so the
+    (chunk, N) max-score matrix stays at most 32 MB; within a chunk `blocked_max_scores` keeps
+    the products in cache. The top-n rows then go through `merge_candidates`, so scores,
+    interests and tie order match the index path.
+    """
+    batch = interests.shape[0]
+    excluded = pad_rows(exclude, batch)
+    n = min(n, items.shape[0] - 1)
+    users_per_chunk = users_per_chunk or max(1, min(64, 2**23 // items.shape[0]))  # <= 32 MB
+    chunks = []
+    v = torch.from_numpy(np.ascontiguousarray(interests, dtype=np.float32))
+    ex = torch.from_numpy(excluded)
+    with torch.inference_mode():
+        for start in range(0, batch, users_per_chunk):
+            stop = start + users_per_chunk
+            scores = blocked_max_scores(v[start:stop], items)  # (b, N)
+            scores[:, 0] = -torch.inf
+            if excluded.shape[1]:
+                scores.scatter_(1, ex[start:stop], -torch.inf)  # padding 0 is row 0 anyway
+            chunks.append(_with_boundary_ties(scores, n))
+    width = max(c.shape[1] for c in chunks)
+    candidates = np.concatenate([np.pad(c, ((0, 0), (0, width - c.shape[1]))) for c in chunks])
+    return merge_candidates(interests, candidates, items, n, excluded)
+
+
+def _with_boundary_ties(scores: torch.Tensor, n: int) -> np.ndarray:
+    """Top-n rows of scores (b, N); a user whose n-th score is shared by rows left out gets every
+    row scoring at least that much, so the merge can give the tie to the smaller row (topk
+    picks among equal scores in no promised order)."""
+    top = scores.topk(n, dim=1)
+    kth = top.values[:, -1:]  # (b, 1)
+    rows = top.indices.numpy()
+    tied = torch.isfinite(kth[:, 0]) & ((scores >= kth).sum(dim=1) > n)
+    if not tied.any():
+        return rows
+    wide = {
+        b: torch.nonzero(scores[b] >= kth[b]).flatten().numpy()
+        for b in tied.nonzero()[:, 0].tolist()
+    }
+    out = np.zeros((len(scores), max(len(w) for w in wide.values())), dtype=np.int64)
+    out[:, :n] = rows
+    for b, w in wide.items():
+        out[b, : len(w)] = w
+    return out
+
+
 def merge_candidates(
     interests: np.ndarray,
     candidates: np.ndarray,
-    item_embeddings: np.ndarray,
+    item_embeddings: np.ndarray | torch.Tensor,
     n: int,
-    exclude: Sequence[np.ndarray] | None = None,
-) -> list[Retrieved]:
-    """Merge per-interest candidate rows by max score and keep the best n per user.
+    exclude: Sequence[np.ndarray] | np.ndarray | None = None,
+) -> RetrievedBatch:
+    """Merge per-interest candidate rows by max score and keep the best n per user, for the whole
+    batch at once.
 
     interests (B, K, d), candidates (B, M) catalogue rows (row <= 0 marks an empty slot),
-    item_embeddings (N, d). Each candidate is rescored exactly against all K interests, so the
-    returned score is max_k <v_k, e> even when the index that proposed it is approximate.
+    item_embeddings (N, d), exclude per-user rows (or a (B, L) array padded with 0). Each
+    candidate is rescored exactly against all K interests, so the returned score is
+    max_k <v_k, e> even when the index that proposed it is approximate. Ties go to the smaller
+    row. Users are merged in chunks that keep the gathered (chunk, M, d) embeddings small.
     """
-    results = []
-    for b in range(interests.shape[0]):
-        rows = np.unique(candidates[b])
-        rows = rows[rows > 0]
-        if exclude is not None and len(exclude[b]):
-            rows = rows[~np.isin(rows, exclude[b])]
-        per_interest = item_embeddings[rows] @ interests[b].T  # (C, K)
-        best = per_interest.argmax(axis=1) if len(rows) else np.zeros(0, dtype=np.int64)
-        scores = per_interest[np.arange(len(rows)), best].astype(np.float32)
-        # Sort by score descending, then row ascending; rows are already ascending from unique.
-        order = np.lexsort((rows, -scores))[:n]
-        results.append(Retrieved(rows[order].astype(np.int64), scores[order], best[order]))
-    return results
+    batch, width = candidates.shape
+    n = max(0, min(n, width))
+    excluded = exclude if isinstance(exclude, np.ndarray) else pad_rows(exclude, batch)
+    out = RetrievedBatch(
+        rows=np.zeros((batch, n), dtype=np.int64),
+        scores=np.full((batch, n), -np.inf, dtype=np.float32),
+        interests=np.zeros((batch, n), dtype=np.int64),
+        counts=np.zeros(batch, dtype=np.int64),
+    )
+    if batch == 0 or n == 0:
+        return out
+    table = torch.as_tensor(item_embeddings)  # a tensor stays as is: no copy, no warning
+    v = torch.from_numpy(np.ascontiguousarray(interests, dtype=np.float32))
+    cand_all = torch.from_numpy(np.ascontiguousarray(candidates, dtype=np.int64))
+    ex_all = torch.from_numpy(np.ascontiguousarray(excluded, dtype=np.int64))
+    step = max(1, 2**22 // max(1, width * item_embeddings.shape[1]))  # 16 MB gathered
+    with torch.inference_mode():
+        for start in range(0, batch, step):
+            part = slice(start, start + step)
+            merged = _merge_block(v[part], cand_all[part], table, n, ex_all[part])
+            rows, scores, best, count = merged
+            out.rows[part] = rows.numpy()
+            out.scores[part] = scores.numpy()
+            out.interests[part] = best.numpy()
+            out.counts[part] = count.numpy()
+    return out
+
+
+def _merge_block(
+    interests: torch.Tensor,
+    candidates: torch.Tensor,
+    table: torch.Tensor,
+    n: int,
+    excluded: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """interests (b, K, d), candidates (b, M), excluded (b, L) -> rows, scores, interests (b, n),
+    counts (b,)."""
+    rows = candidates.clamp(min=0).sort(dim=1).values  # ascending: duplicates adjacent
+    valid = rows > 0
+    valid[:, 1:] &= rows[:, 1:] != rows[:, :-1]
+    if excluded.shape[1]:
+        # Membership per user in one isin: shift every user's rows into its own range.
+        span = max(int(table.shape[0]), int(excluded.max()) + 1, int(rows.max()) + 1)
+        offset = torch.arange(rows.shape[0], dtype=torch.int64).unsqueeze(1) * span
+        valid &= ~torch.isin(rows + offset, excluded + offset)
+    per_interest = torch.bmm(table[rows], interests.transpose(1, 2))  # (b, M, K)
+    scores, best = per_interest.max(dim=2)  # (b, M)
+    scores = scores.masked_fill(~valid, -torch.inf)
+    # A stable sort keeps equal scores in ascending row order: ties go to the smaller row.
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n]
+    count = valid.sum(dim=1).clamp(max=n)
+    keep = torch.arange(order.shape[1]).unsqueeze(0) < count.unsqueeze(1)
+    top_rows = rows.gather(1, order).masked_fill(~keep, 0)
+    top_scores = scores.gather(1, order)
+    top_best = best.gather(1, order).masked_fill(~keep, 0)
+    return top_rows, top_scores, top_best, count
 
 
 def faiss_merged_topk(
     index,
     interests: np.ndarray,
-    item_embeddings: np.ndarray,
+    item_embeddings: np.ndarray | torch.Tensor,
     n: int,
     exclude: Sequence[np.ndarray] | None = None,
     row_offset: int = 1,
-) -> list[Retrieved]:
-    """Serving path: one batched index search for all B*K interest vectors, then the merge.
+) -> RetrievedBatch:
+    """Serving path over an index: one batched search for all B*K interest vectors, then the
+    merge.
 
     The index holds catalogue rows row_offset.. (padding row 0 is not indexed). Each interest is
     searched deep enough that n items survive the exclusion of a user's history.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.signals import InterestSignals
@@ -58,8 +61,21 @@ class Metrics:
         self.redis_errors = Counter(
             "remi_redis_errors", "Requests that failed because Redis was unavailable.", registry=r
         )
-
+        self.batch_users = Histogram(
+            "remi_batch_users",
+            "Users per encode-and-search batch (requests gathered by the micro-batcher).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=r,
+        )
         self.interests = InterestSignals(r, coverage_window_s)
+
+    def record_batch(self, users: int, results: Sequence[Any]) -> None:
+        """Called by the micro-batcher (in its compute thread) after every batch."""
+        self.batch_users.observe(users)
+        self.recommendations.inc(len(results))
+        self.fallbacks.inc(sum(r.fallback for r in results))
+        self.unknown_ids.inc(sum(len(r.unknown_ids) for r in results))
+        self.interests.observe(results)
 
     def set_model(
         self, version: str, loaded_at: float, num_rows: int = 0, num_interests: int = 0

@@ -23,9 +23,13 @@ from remi_core.bundle import Bundle, BundleError, load_bundle
 from remi_core.diversity import pool_size, rerank
 from remi_core.index import ROW_OFFSET, to_best_device
 from remi_core.models import MultiInterestEncoder, pad_histories
-from remi_core.retrieval import Retrieved, faiss_merged_topk
+from remi_core.retrieval import Retrieved, RetrievedBatch, exact_merged_topk, faiss_merged_topk
 
 T = TypeVar("T")
+# How exact (Flat) bundles are searched: "dense" is Eq. 7 as blocked matmuls in torch, "faiss"
+# the IndexFlatIP in the bundle. bench/bench_serve_load.py compares them; dense was about 2x
+# faster on 2 cores (100k items, d=64, K=4), so it is the default.
+EXACT_SEARCH = ("dense", "faiss")
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,12 +43,15 @@ class LoadedModel:
     encoder: MultiInterestEncoder
     device: torch.device
     item_embeddings: np.ndarray  # (N, d) float32, read-only
+    item_table: torch.Tensor  # (N, d) the same memory as item_embeddings, never written
     item_ids: tuple[str | None, ...]  # row -> external id
+    id_array: np.ndarray  # (N,) object: row -> external id, for vectorised lookups
     row_of: Mapping[str, int]  # external id -> row
     popularity: np.ndarray  # rows, most popular first, read-only
     index: faiss.Index
     index_device: str  # "cpu" or "gpu"
     loaded_at: float
+    exact_search: str = "dense"  # for Flat indexes on the CPU: "dense" or "faiss"
     categories: np.ndarray | None = None  # (N,) int32 category per row (-1: none), read-only
     # GPU indexes are not safe to search from several threads at once; CPU ones are.
     _search_lock: threading.Lock | None = field(default=None, repr=False)
@@ -62,15 +69,30 @@ class LoadedModel:
         """Real catalogue items, padding row excluded."""
         return len(self.item_ids) - ROW_OFFSET
 
-    def search(self, interests: np.ndarray, n: int, exclude: Sequence[np.ndarray] | None):
+    @property
+    def search_backend(self) -> str:
+        """What answers searches: "dense" (exact Eq. 7 in torch) or "faiss"."""
+        flat = isinstance(self.index, faiss.IndexFlat)
+        return "dense" if flat and self.exact_search == "dense" else "faiss"
+
+    def search(
+        self, interests: np.ndarray, n: int, exclude: Sequence[np.ndarray] | None
+    ) -> RetrievedBatch:
+        if self.search_backend == "dense":
+            return exact_merged_topk(interests, self.item_table, n, exclude)
         with self._search_lock or nullcontext():
-            return faiss_merged_topk(self.index, interests, self.item_embeddings, n, exclude)
+            return faiss_merged_topk(self.index, interests, self.item_table, n, exclude)
 
 
-def model_from_bundle(bundle: Bundle, device: str | torch.device = "cpu") -> LoadedModel:
+def model_from_bundle(
+    bundle: Bundle, device: str | torch.device = "cpu", exact_search: str = "dense"
+) -> LoadedModel:
     """Wrap a loaded bundle for serving: index on the best device, arrays frozen."""
+    if exact_search not in EXACT_SEARCH:
+        raise ValueError(f"exact_search must be one of {EXACT_SEARCH}, not {exact_search!r}")
     index, index_device = to_best_device(bundle.index)
     embeddings = bundle.item_embeddings
+    item_table = torch.from_numpy(embeddings)  # shares memory; made before the array is frozen
     embeddings.setflags(write=False)
     popularity = bundle.popularity
     popularity.setflags(write=False)
@@ -86,18 +108,23 @@ def model_from_bundle(bundle: Bundle, device: str | torch.device = "cpu") -> Loa
         encoder=encoder,
         device=torch.device(device),
         item_embeddings=embeddings,
+        item_table=item_table,
         item_ids=tuple(bundle.item_ids),
+        id_array=np.array(bundle.item_ids, dtype=object),
         row_of=MappingProxyType(bundle.row_of()),
         popularity=popularity,
         index=index,
         index_device=index_device,
         loaded_at=time.time(),
+        exact_search=exact_search,
         categories=bundle.categories,
         _search_lock=threading.Lock() if index_device == "gpu" else None,
     )
 
 
-def load_model(path: Path, device: str = "cpu", verify: bool = True) -> LoadedModel:
+def load_model(
+    path: Path, device: str = "cpu", verify: bool = True, exact_search: str = "dense"
+) -> LoadedModel:
     """Load, verify and smoke-test a bundle (a version directory or a root's `current`).
 
     Raises BundleError with a readable message for anything that would make it unservable.
@@ -110,7 +137,7 @@ def load_model(path: Path, device: str = "cpu", verify: bool = True) -> LoadedMo
         # Whatever else a loader raises (e.g. safetensors on an unparseable weights file when
         # checksums are off) means the same thing: this bundle cannot serve.
         raise BundleError(f"cannot load bundle {path}: {type(exc).__name__}: {exc}") from exc
-    model = model_from_bundle(bundle, device)
+    model = model_from_bundle(bundle, device, exact_search)
     smoke_test(model)
     return model
 
@@ -125,7 +152,7 @@ def smoke_test(model: LoadedModel) -> None:
         )
     except Exception as exc:  # any failure here means the bundle cannot serve
         raise BundleError(f"{model.path}: test query failed: {exc}") from exc
-    if result.fallback or len(result.items) != 1 or not np.isfinite(result.items[0].score):
+    if result.fallback or len(result.item_ids) != 1 or not np.isfinite(result.scores[0]):
         raise BundleError(f"{model.path}: test query returned no finite score")
 
 
@@ -148,17 +175,28 @@ class Explanation:
 
 @dataclass(frozen=True)
 class Result:
-    items: list[RecommendedItem]
+    """One user's answer as columns (cheap to build and to turn into JSON)."""
+
+    item_ids: list[str]  # best first
+    scores: list[float] | None  # max_k <v_k, e_item>; None for the popularity fallback
+    interests: list[int] | None  # argmax_k; None for the popularity fallback
     unknown_ids: list[str]  # history ids not in this model's catalogue, first occurrence order
     known_count: int  # known history items (all of them, not just the encoded window)
     fallback: bool  # True when no known item was left and popularity answered
     explanation: Explanation | None = None
-    # For the interest signals (service/signals.py): the rows returned, the interest of each
-    # (empty on fallback), and the mean over interests of the largest routing weight (None for a
-    # fallback, a model without routing, or a one-item window).
+    # For the interest signals (service/signals.py): the rows returned, and the mean over
+    # interests of the largest routing weight (None for a fallback, a model without routing, or
+    # a one-item window).
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    interests: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     routing_peak: float | None = None
+
+    @property
+    def items(self) -> list[RecommendedItem]:
+        """The same answer as one object per item (for callers that prefer rows)."""
+        if self.scores is None or self.interests is None:
+            return [RecommendedItem(item, None, None) for item in self.item_ids]
+        columns = zip(self.item_ids, self.scores, self.interests, strict=True)
+        return [RecommendedItem(item, score, k) for item, score, k in columns]
 
 
 def _per_entry(value: T | Sequence[T], size: int, name: str) -> list[T]:
@@ -182,7 +220,7 @@ def recommend_batch(
     `n`, `exclude_history`, `explain` and `diversity` are either one value for all users or one
     per user, so unrelated requests can share a batch. Unknown ids are dropped and reported; the
     last seq_len known items are encoded; with no known item left, the most popular items answer
-    instead. A user with diversity (lambda) > 0 gets ComiRec's greedy list chosen from its
+    instead. A user with diversity (lambda) > 0 gets ComiRec's greedy list, chosen from its own
     pool_size(n, lambda) best merged candidates (remi_core/diversity.py).
     """
     size = len(histories)
@@ -205,7 +243,7 @@ def recommend_batch(
         unknown.append(list(dict.fromkeys(missing)))
 
     encoded = [b for b in range(size) if len(known_rows[b])]
-    retrieved: dict[int, Any] = {}
+    retrieved: dict[int, Retrieved] = {}
     peaks: dict[int, float | None] = {}
     explanations: dict[int, Explanation] = {}
     if encoded:
@@ -217,7 +255,9 @@ def recommend_batch(
         routing = routing_t.float().cpu().numpy() if routing_t is not None else None
         exclude = [known_rows[b] if excludes[b] else known_rows[b][:0] for b in encoded]
         depth = max(pool_size(ns[b], lambdas[b]) for b in encoded)
-        found = _diversify(model, model.search(interests, depth, exclude), encoded, ns, lambdas)
+        found = model.search(interests, depth, exclude)
+        found = _diversify(found, [ns[b] for b in encoded], [lambdas[b] for b in encoded],
+                           model.categories)  # fmt: skip
         peaks = dict(zip(encoded, _routing_peaks(routing, [len(w) for w in windows]), strict=True))
         for i, b in enumerate(encoded):
             retrieved[b] = found[i]
@@ -232,53 +272,47 @@ def recommend_batch(
     results = []
     for b in range(size):
         if b in retrieved:
-            hit = retrieved[b]
-            items = [
-                RecommendedItem(model.item_ids[row], float(score), int(k))  # type: ignore[arg-type]
-                for row, score, k in zip(
-                    hit.rows[: ns[b]], hit.scores[: ns[b]], hit.interests[: ns[b]], strict=True
-                )
-            ]
+            hit, top = retrieved[b], ns[b]
             results.append(
-                Result(items, unknown[b], len(known_rows[b]), False, explanations.get(b),
-                       hit.rows[: ns[b]], hit.interests[: ns[b]], peaks[b])
-            )  # fmt: skip
+                Result(
+                    model.id_array[hit.rows[:top]].tolist(),
+                    hit.scores[:top].tolist(),
+                    hit.interests[:top].tolist(),
+                    unknown[b],
+                    len(known_rows[b]),
+                    False,
+                    explanations.get(b),
+                    hit.rows[:top],
+                    peaks[b],
+                )
+            )
         else:
             # Nothing known to exclude, so the popularity list answers as is.
-            items = [
-                RecommendedItem(model.item_ids[row], None, None)  # type: ignore[arg-type]
-                for row in model.popularity[: ns[b]]
-            ]
-            results.append(Result(items, unknown[b], 0, True, None, model.popularity[: ns[b]]))
+            top_rows = model.popularity[: ns[b]]
+            ids = model.id_array[top_rows].tolist()
+            results.append(Result(ids, None, None, unknown[b], 0, True, None, top_rows))
     return results
 
 
 def _diversify(
-    model: LoadedModel,
-    found: list[Retrieved],
-    users: list[int],
-    ns: list[int],
-    lambdas: list[float],
-) -> list[Retrieved]:
-    """Replace the merged lists of users asking for diversity > 0 by their greedy lists."""
-    picked = [i for i, b in enumerate(users) if lambdas[b] > 0]
-    if not picked:
+    found: RetrievedBatch, ns: list[int], lambdas: list[float], categories: np.ndarray | None
+) -> RetrievedBatch:
+    """The batch with the merged lists of users asking for diversity > 0 replaced by their
+    greedy lists (the others' are untouched, so lambda 0 stays exactly Eq. 7)."""
+    users = np.flatnonzero(np.asarray(lambdas) > 0)
+    if not len(users):
         return found
-    width = max(len(found[i].rows) for i in picked)
-    rows = np.zeros((len(picked), width), dtype=np.int64)
-    scores = np.full((len(picked), width), -np.inf, dtype=np.float32)
-    producing = np.zeros((len(picked), width), dtype=np.int64)
-    for j, i in enumerate(picked):
-        count = len(found[i].rows)
-        rows[j, :count], scores[j, :count] = found[i].rows, found[i].scores
-        producing[j, :count] = found[i].interests
-    n = np.array([ns[users[i]] for i in picked])
-    lam = np.array([lambdas[users[i]] for i in picked])
-    rows, scores, producing, counts = rerank(rows, scores, producing, n, lam, model.categories)
-    out = list(found)
-    for j, i in enumerate(picked):
-        c = counts[j]
-        out[i] = Retrieved(rows[j, :c], scores[j, :c], producing[j, :c])
+    n, lam = np.asarray(ns)[users], np.asarray(lambdas)[users]
+    rows, scores, interests, counts = rerank(
+        found.rows[users], found.scores[users], found.interests[users], n, lam, categories
+    )
+    out = RetrievedBatch(
+        found.rows.copy(), found.scores.copy(), found.interests.copy(), found.counts.copy()
+    )
+    width = rows.shape[1]
+    out.rows[users], out.scores[users], out.interests[users] = 0, -np.inf, 0
+    out.rows[users, :width], out.scores[users, :width] = rows, scores
+    out.interests[users, :width], out.counts[users] = interests, counts
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -78,6 +79,43 @@ class Settings(BaseSettings):
         "read in full. The default (16 MiB) fits a full batch (REMI_MAX_BATCH entries of "
         "REMI_MAX_HISTORY ids) with ids of up to about 60 characters.",
     )
+    batch_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="Micro-batching: longest a recommend request waits for others to share its "
+        "encode and search, in ms, counted from its arrival. While a batch computes, new requests "
+        "queue and join the next batch anyway; 0 batches only what is queued and adds no latency "
+        "at low load (a wait brought nothing measurable in bench/bench_serve_load.py).",
+    )
+    batch_max_users: int = Field(
+        128,
+        ge=1,
+        description="Micro-batching: most users gathered into one encode and search. 1 turns "
+        "cross-request batching off. A request with more users (a /recommend/batch of up to "
+        "REMI_MAX_BATCH entries) is never split; it runs as a batch of its own.",
+    )
+    compute_threads: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Threads that run batches (encode, search, response rendering). 1 runs one "
+        "batch at a time; more run batches side by side, each with REMI_TORCH_THREADS threads.",
+    )
+    gil_switch_interval_ms: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="Python's thread switch interval (sys.setswitchinterval) in ms: how long the "
+        "event loop may wait for the GIL while the compute thread runs Python. Python's default "
+        "is 5 ms.",
+    )
+    exact_search: Literal["dense", "faiss"] = Field(
+        "dense",
+        description="How bundles with an exact (Flat) index are searched on the CPU: 'dense' "
+        "(Eq. 7 as blocked matmuls in torch, about 2x faster on 2 cores, see "
+        "docs/benchmarks.md) or 'faiss' (the bundle's IndexFlatIP).",
+    )
     admin_token: SecretStr | None = Field(
         None,
         description="Bearer token for POST /admin/reload; unset disables the admin endpoints.",
@@ -104,10 +142,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         1,
         ge=0,
-        description="Intra-op threads for torch's user encoder; 0 uses REMI_THREADS (the "
-        "worker's thread count, which also sizes faiss). Requests already run in parallel "
-        "threads, and torch's and faiss's OpenMP pools fight over the cores when both are wide "
-        "(bench/bench_service.py: batch-1 latency several times worse).",
+        description="Intra-op threads for torch's user encoder in each compute thread; 0 uses "
+        "REMI_THREADS (the worker's thread count, which also sizes faiss's pool). 1 leaves the "
+        "other cores to the event loop and faiss; see docs/serving.md.",
     )
 
     @field_validator("redis_url")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -30,7 +30,7 @@ class Served(Protocol):
 
     fallback: bool
     rows: np.ndarray  # (n,) catalogue rows returned
-    interests: np.ndarray  # (n,) the interest slot that produced each item (unread on fallback)
+    interests: Sequence[int] | None  # the interest slot that produced each item; None: fallback
     routing_peak: float | None  # None: fallback, no routing matrix, or a one-item window
 
 

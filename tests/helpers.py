@@ -111,6 +111,8 @@ def same_response(a: Any, b: Any) -> bool:
     different matmul kernels, which round differently in the last bits."""
     if isinstance(a, float) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-5, atol=1e-6))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same_response(a[k], b[k]) for k in a)
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):

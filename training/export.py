@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from remi_core.bundle import write_bundle
+from remi_core.index import RECALL_TARGET
 from training.categories import read_categories
 from training.run_dir import RunDir
 from training.trainer import load_run
@@ -16,10 +17,14 @@ from training.trainer import load_run
 class ExportConfig:
     """How a run becomes a bundle (the `export:` section of a config file)."""
 
-    index_factory: str = "Flat"
-    """Faiss index factory: Flat (exact), HNSW32, IVF1024,PQ16, ..."""
-    search_params: str = ""
-    """Faiss search parameters, e.g. nprobe=16 or efSearch=64."""
+    index_factory: str | None = None
+    """Faiss index factory: Flat (exact), HNSW32, IVF1024,SQ8, ...; unset: chosen by catalogue
+    size (Flat up to remi_core.index.EXACT_MAX_ITEMS items, IVF with SQ8 codes above)."""
+    search_params: str | None = None
+    """Faiss search parameters, e.g. nprobe=16 or efSearch=64; unset: the smallest nprobe or
+    efSearch whose merged Eq. 7 recall on validation users reaches recall_target."""
+    recall_target: float = RECALL_TARGET
+    """Recall@n of the merged Eq. 7 list against exact search that tuning must reach."""
     categories: str = ""
     """Item categories for diverse lists: JSON {item_id: [attribute ids]} (each item gets its most
     widespread attribute) or CSV with item_id and --category-col columns, .gz allowed. Empty: none,
@@ -31,22 +36,22 @@ class ExportConfig:
 def export_run(
     run_dir: Path,
     bundle_root: Path,
-    index_factory: str = ExportConfig.index_factory,
-    search_params: str = ExportConfig.search_params,
+    export: ExportConfig = ExportConfig(),
     publish: bool = True,
     version: str | None = None,
     extra: dict[str, Any] | None = None,
-    categories: Path | None = None,
-    category_col: str = ExportConfig.category_col,
 ) -> Path:
     """Write the run's best checkpoint as a new bundle version; returns its directory.
 
-    `categories`: an item-category file (see training/categories.py) to ship in the bundle.
-    """
+    An approximate index is tuned and measured on the validation users' histories (the
+    manifest's `index` section records the recall and the parameters). `export.categories`
+    names an item-category file (training/categories.py) to ship in the bundle."""
     model, dataset, cfg = load_run(run_dir)
     item_categories = None
-    if categories is not None:
-        item_categories = read_categories(categories, dataset.item_ids, category_col=category_col)
+    if export.categories:
+        item_categories = read_categories(
+            Path(export.categories), dataset.item_ids, category_col=export.category_col
+        )
     result = RunDir(run_dir).read_result()
     metadata = {
         "dataset": {
@@ -73,8 +78,10 @@ def export_run(
         item_ids=dataset.item_ids,
         popularity=dataset.popularity(),
         metadata=metadata,
-        index_factory=index_factory,
-        search_params=search_params,
+        index_factory=export.index_factory,
+        search_params=export.search_params,
+        tune_histories=[dataset.sequences[u] for u in dataset.users("valid")],
+        recall_target=export.recall_target,
         version=version,
         publish=publish,
         categories=(item_categories.rows, item_categories.names) if item_categories else None,

@@ -208,9 +208,7 @@ def export(
     if not RunDir(run_dir).exists():
         raise CliError(f"--run-dir: {run_dir} is not a training run (config.json missing)")
     try:
-        path = export_run(run_dir, bundle_root, cfg.index_factory, cfg.search_params,
-                          publish=publish, categories=Path(cfg.categories) if cfg.categories
-                          else None, category_col=cfg.category_col)  # fmt: skip
+        path = export_run(run_dir, bundle_root, cfg, publish=publish)
     except RunError as exc:
         raise CliError(f"--run-dir: {exc}") from None
     except DataError as exc:

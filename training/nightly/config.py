@@ -49,10 +49,12 @@ class NightlyConfig:
     """Keep the newest this many versions (plus `current`, whatever its age)."""
     keep_runs: int = 2
     """Training run directories kept under state_dir/runs."""
-    index_factory: str = ExportConfig.index_factory
+    index_factory: str | None = ExportConfig.index_factory
     """Faiss index factory of published bundles (default: the `export:` section's)."""
-    search_params: str = ExportConfig.search_params
+    search_params: str | None = ExportConfig.search_params
     """Faiss search parameters of published bundles (default: the `export:` section's)."""
+    recall_target: float = ExportConfig.recall_target
+    """Recall an approximate index is tuned to (default: the `export:` section's)."""
     categories: str = ExportConfig.categories
     """Item-category file shipped in published bundles (see `export --categories`); keep it up
     to date with new items, which get no category otherwise. Empty: bundles without categories."""

@@ -21,7 +21,7 @@ from remi_core.bundle import (
 )
 from training.data import SequenceDataset
 from training.evaluate import evaluate_bundle
-from training.export import export_run
+from training.export import ExportConfig, export_run
 from training.nightly.config import NightlyConfig
 
 if TYPE_CHECKING:
@@ -187,10 +187,10 @@ def _swap_in(run: NightlyRun) -> str:
     }
     run.check_lock()
     cfg = run.cfg
-    path = export_run(
-        run.trained.run_dir, root, cfg.index_factory, cfg.search_params, publish=False, extra=extra,
-        categories=Path(cfg.categories) if cfg.categories else None, category_col=cfg.category_col,
-    )  # fmt: skip
+    export = ExportConfig(
+        cfg.index_factory, cfg.search_params, cfg.recall_target, cfg.categories, cfg.category_col
+    )
+    path = export_run(run.trained.run_dir, root, export, publish=False, extra=extra)
     try:
         run.check_lock()
         set_current(root, path.name)

@@ -1,0 +1,246 @@
+"""Cross-request micro-batching: concurrent recommend requests share one encode and one search.
+
+Requests queue up on the event loop; a collector takes the oldest one, waits at most
+`max_wait_ms` (measured from that request's arrival) for others to join until the batch holds
+`max_users` users, and hands the batch to the single compute thread. While that thread works,
+new requests queue, so under load the next batch forms with no added wait (continuous
+batching); at low load a request waits at most max_wait_ms. A request is never split: one
+larger than max_users runs as a batch of its own.
+
+Everything CPU-heavy happens in the compute thread: encode, search, merge, and `render` (each
+caller's function that turns its results into response bytes), so the loop only parses
+requests and moves bytes. One thread (the default) lets torch and faiss spread a batch over
+their own threads; with `workers` > 1 (and one torch thread each) batches run side by side
+instead, which degrades more gently when the cores are shared (no OpenMP barriers).
+
+If a batch fails, its requests are retried one by one, so a failing request fails alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.recommender import LoadedModel, Result, recommend_batch
+
+log = logging.getLogger(__name__)
+
+Render = Callable[[list[Result]], Any]
+
+
+@dataclass(eq=False)
+class _Job:
+    model: LoadedModel
+    histories: list[list[str]]
+    n: list[int]
+    exclude_history: list[bool]
+    explain: list[bool]
+    diversity: list[float]
+    render: Render
+    future: asyncio.Future = field(repr=False)
+    arrived: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.histories)
+
+
+@dataclass
+class BatchStats:
+    """What the last batches looked like (for metrics and tests)."""
+
+    batches: int = 0
+    users: int = 0
+    largest: int = 0
+    sizes: list[int] = field(default_factory=list)  # users per batch, the last 1000
+
+    def record(self, users: int) -> None:
+        self.batches += 1
+        self.users += users
+        self.largest = max(self.largest, users)
+        self.sizes.append(users)
+        del self.sizes[:-1000]
+
+
+class MicroBatcher:
+    """Gathers concurrent requests into batches and runs them in `workers` compute threads
+    (one by default: a batch at a time, torch and faiss spreading it over their threads)."""
+
+    def __init__(
+        self,
+        max_wait_ms: float,
+        max_users: int,
+        on_batch: Callable[[int, list[Result]], None] | None = None,
+        workers: int = 1,
+    ) -> None:
+        if max_wait_ms < 0 or max_users < 1 or workers < 1:
+            raise ValueError("max_wait_ms must be >= 0, max_users and workers >= 1")
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_users = max_users
+        self.on_batch = on_batch  # called in a compute thread with (users, results)
+        self.stats = BatchStats()
+        self._queue: deque[_Job] = deque()
+        self._queued_users = 0
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="remi-compute")
+        self._free = asyncio.Semaphore(workers)  # a batch forms only when a thread can take it
+        self._running: set[asyncio.Task] = set()
+        self._stats_lock = threading.Lock()
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> MicroBatcher:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def start(self) -> None:
+        """Start collecting (call from the event loop that will submit)."""
+        self._task = asyncio.create_task(self._collect(), name="remi-batcher")
+
+    async def aclose(self) -> None:
+        """Stop collecting, fail what is still queued, and wait for the running batch."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await asyncio.gather(*self._running, return_exceptions=True)
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the service is shutting down"))
+        self._queue.clear()
+        self._executor.shutdown(wait=True)
+
+    async def submit(
+        self,
+        model: LoadedModel,
+        histories: Sequence[Sequence[str]],
+        n: Sequence[int],
+        exclude_history: Sequence[bool],
+        explain: Sequence[bool],
+        render: Render,
+        diversity: Sequence[float] | None = None,
+    ) -> Any:
+        """Queue one request (one or more users) and return render(its results).
+        `diversity`: lambda per user (remi_core/diversity.py), default 0 (Eq. 7)."""
+        if self._task is None or self._task.done():
+            raise RuntimeError("the batcher is not running (call start() first)")
+        loop = asyncio.get_running_loop()
+        job = _Job(
+            model,
+            [list(h) for h in histories],
+            list(n),
+            list(exclude_history),
+            list(explain),
+            [0.0] * len(histories) if diversity is None else list(diversity),
+            render,
+            loop.create_future(),
+            loop.time(),
+        )
+        self._queue.append(job)
+        self._queued_users += len(job)
+        self._arrived.set()
+        return await job.future
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._free.acquire()
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            deadline = self._queue[0].arrived + self.max_wait_s
+            while self._queued_users < self.max_users:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+            task = asyncio.create_task(self._dispatch(self._take()))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _dispatch(self, jobs: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            outcomes = await loop.run_in_executor(self._executor, self._compute, jobs)
+        except Exception as exc:  # the executor itself failed: fail these, keep serving
+            outcomes = [exc] * len(jobs)
+        finally:
+            self._free.release()
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if job.future.done():  # the client went away
+                continue
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome[0])
+
+    def _take(self) -> list[_Job]:
+        """The oldest jobs that fit in max_users (always at least one)."""
+        jobs = [self._queue.popleft()]
+        users = len(jobs[0])
+        while self._queue and users + len(self._queue[0]) <= self.max_users:
+            jobs.append(self._queue.popleft())
+            users += len(jobs[-1])
+        self._queued_users -= users
+        return jobs
+
+    def _compute(self, jobs: list[_Job]) -> list[tuple[Any] | BaseException]:
+        """Runs in the compute thread: one recommend_batch per model, then each job's render.
+        Returns per job (rendered,) or the exception that job alone raised."""
+        outcomes: dict[int, tuple[Any] | BaseException] = {}
+        by_model: dict[int, list[int]] = {}
+        for i, job in enumerate(jobs):
+            # Requests that resolved different models (a reload in between) batch separately.
+            by_model.setdefault(id(job.model), []).append(i)
+        for members in by_model.values():
+            group = [jobs[i] for i in members]
+            try:
+                results = self._run(group)
+            except Exception as exc:
+                if len(group) == 1:
+                    log.exception("recommend request failed")
+                    outcomes[members[0]] = exc
+                    continue
+                log.warning("a batch of %d requests failed; retrying them one by one", len(group))
+                for i in members:
+                    try:
+                        outcomes[i] = (jobs[i].render(self._run([jobs[i]])),)
+                    except Exception as exc:
+                        log.exception("recommend request failed")
+                        outcomes[i] = exc
+                continue
+            start = 0
+            for i, job in zip(members, group, strict=True):
+                part = results[start : start + len(job)]
+                start += len(job)
+                try:
+                    outcomes[i] = (job.render(part),)
+                except Exception as exc:
+                    outcomes[i] = exc
+        return [outcomes[i] for i in range(len(jobs))]
+
+    def _run(self, group: list[_Job]) -> list[Result]:
+        results = recommend_batch(
+            group[0].model,
+            [h for job in group for h in job.histories],
+            n=[k for job in group for k in job.n],
+            exclude_history=[e for job in group for e in job.exclude_history],
+            explain=[x for job in group for x in job.explain],
+            diversity=[lam for job in group for lam in job.diversity],
+        )
+        users = len(results)
+        with self._stats_lock:
+            self.stats.record(users)
+        if self.on_batch is not None:
+            self.on_batch(users, results)
+        return results

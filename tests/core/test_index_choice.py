@@ -1,0 +1,138 @@
+"""Index choice by catalogue size, recall tuning at export, and the service applying both."""
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from remi_core.bundle import encode_histories, load_bundle, write_bundle
+from remi_core.index import build_index, choose_factory, measure_recall, tune_search_params
+from remi_core.models import EncoderConfig, build_encoder
+from remi_core.retrieval import faiss_merged_topk
+from service.app import create_app
+from service.settings import Settings
+from tests.helpers import dead_redis_url
+
+ITEMS = 6000
+
+
+def test_choose_factory_by_size() -> None:
+    assert choose_factory(1000, exact_max_items=1000) == "Flat"
+    assert choose_factory(1001, exact_max_items=1000) == "IVF64,SQ8"  # 2 sqrt(N) ~ 63
+    assert choose_factory(1_000_000) == "IVF2048,SQ8"
+    assert choose_factory(100_000) == "Flat"
+
+
+def clustered_encoder(seed: int = 0) -> torch.nn.Module:
+    """An encoder whose item table has structure (items around 60 centres), as trained tables do;
+    i.i.d. noise would make every index look equally bad."""
+    cfg = EncoderConfig(num_items=ITEMS + 1, dim=16, num_interests=4, seq_len=10)
+    torch.manual_seed(seed)
+    encoder = build_encoder(cfg)
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((60, 16)).astype(np.float32)
+    table = centres[rng.integers(0, 60, ITEMS + 1)] + 0.3 * rng.standard_normal((ITEMS + 1, 16))
+    with torch.no_grad():
+        encoder.item_embedding.weight.copy_(torch.from_numpy(table.astype(np.float32)))
+    return encoder
+
+
+def histories(count: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, ITEMS + 1, rng.integers(3, 15)) for _ in range(count)]
+
+
+def brute_force_recall(bundle, users: list[np.ndarray], n: int = 50) -> float:
+    """Recall@n of the bundle's index against exact Eq. 7 computed here with numpy."""
+    interests, exclude = encode_histories(bundle.encoder, users)
+    table = bundle.item_embeddings
+    served = faiss_merged_topk(bundle.index, interests, table, n, exclude)
+    hits = total = 0
+    for v, ex, got in zip(interests, exclude, served, strict=True):
+        scores = (table @ v.T).max(axis=1)
+        scores[0] = -np.inf
+        scores[ex] = -np.inf
+        truth = set(np.argsort(-scores, kind="stable")[:n].tolist())
+        hits += len(truth & set(got.rows.tolist()))
+        total += len(truth)
+    return hits / total
+
+
+def write_clustered(root: Path, **options) -> Path:
+    """A bundle of the clustered catalogue; options go to write_bundle."""
+    return write_bundle(
+        root,
+        encoder=clustered_encoder(),
+        item_ids=[None] + [f"item-{i}" for i in range(1, ITEMS + 1)],
+        popularity=np.arange(1, 51),
+        metadata={"dataset": "clustered-test"},
+        **options,
+    )
+
+
+@pytest.fixture(scope="module")
+def ann_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ann")
+    # exact_max_items=1000: this small catalogue counts as large.
+    write_clustered(root, tune_histories=histories(400, seed=1), exact_max_items=1000)
+    return root
+
+
+def test_export_picks_ann_above_the_threshold_and_reaches_the_target(ann_bundle: Path) -> None:
+    bundle = load_bundle(ann_bundle)
+    index = bundle.manifest["index"]
+    assert index["factory"] == choose_factory(ITEMS, 1000) == "IVF128,SQ8"
+    assert index["chosen_by"] == "size"
+    recall = index["recall"]
+    assert recall["reached"] and recall["recall"] >= 0.95 and recall["n"] == 50
+    assert recall["queries"] == 400
+    nprobe = int(index["search_params"].removeprefix("nprobe="))
+    assert 1 <= nprobe < 128  # tuned, not simply "search every list"
+    # Loading applies the tuned parameter, and an independent brute force agrees on the recall.
+    assert faiss.extract_index_ivf(bundle.index).nprobe == nprobe
+    tuned = brute_force_recall(bundle, histories(400, seed=1))
+    assert tuned == pytest.approx(recall["recall"], abs=1e-3)
+    assert brute_force_recall(bundle, histories(400, seed=2)) >= 0.9  # unseen users
+
+
+def test_the_service_reports_recall_and_applies_the_parameters(ann_bundle: Path) -> None:
+    settings = Settings(bundle_root=ann_bundle, redis_url=dead_redis_url(), reload_interval_s=0)
+    with TestClient(create_app(settings)) as client:
+        model = client.get("/v1/model").json()
+        served = client.app.state.registry.model
+    assert model["index"]["recall"]["recall"] >= 0.95
+    assert model["search_backend"] == "faiss"
+    nprobe = int(model["index"]["search_params"].removeprefix("nprobe="))
+    assert faiss.extract_index_ivf(served.index).nprobe == nprobe
+
+
+def test_small_catalogues_stay_exact(tmp_path: Path) -> None:
+    path = write_clustered(tmp_path, tune_histories=histories(50, seed=3))
+    index = load_bundle(path).manifest["index"]
+    assert index["factory"] == "Flat" and index["search_params"] == ""
+    assert index["recall"]["recall"] == pytest.approx(1.0)
+
+
+def test_given_parameters_are_measured_not_tuned(tmp_path: Path) -> None:
+    path = write_clustered(
+        tmp_path,
+        index_factory="IVF128,Flat",
+        search_params="nprobe=1",
+        tune_histories=histories(200, seed=4),
+    )
+    index = load_bundle(path).manifest["index"]
+    assert index["chosen_by"] == "given" and index["search_params"] == "nprobe=1"
+    assert index["recall"]["recall"] < 0.95 and not index["recall"]["reached"]
+
+
+def test_tuning_rejects_a_bad_target() -> None:
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((300, 8)).astype(np.float32)
+    interests = rng.standard_normal((5, 2, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="recall target"):
+        tune_search_params(build_index(items), interests, torch.from_numpy(items), 10, 1.5)
+    exact = measure_recall(build_index(items), interests, torch.from_numpy(items), 10)
+    assert exact == pytest.approx(1.0)

@@ -1,0 +1,159 @@
+"""A real `remi-serve` under the heaviest allowed requests: the event loop stays responsive, and
+micro-batched answers over HTTP equal the unbatched ones."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import free_port, same_response, tiny_item_ids, write_tiny_bundle
+
+REPO = Path(__file__).resolve().parents[2]
+ITEMS = 5001  # enough for n=1000 after excluding a history
+
+
+@contextmanager
+def serving(bundle_root: Path, log: Path, **env: str) -> Iterator[int]:
+    """`remi-serve` in a subprocess on a free port; yields the port once /readyz says ready."""
+    port = free_port()
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("REMI_")}
+    child_env.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        REMI_BUNDLE_ROOT=str(bundle_root),
+        REMI_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",  # histories come in the body
+        REMI_RELOAD_INTERVAL_S="0",
+        **env,
+    )
+    cmd = [sys.executable, "-m", "service.cli", "--port", str(port), "--log-level", "warning"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "remi-serve exited:\n" + log.read_text()
+            try:
+                status, _ = request(port, "GET", "/readyz")
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "remi-serve never got ready:\n" + log.read_text()
+            time.sleep(0.1)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None, conn=None):
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    conn.request(method, path, body, headers)
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def random_entries(count: int, seed: int, n: int = 1000) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    ids = tiny_item_ids(ITEMS)[1:]
+    return [
+        {"history": [ids[j] for j in rng.integers(0, len(ids), 20)], "n": n} for _ in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("load-bundle")
+    write_tiny_bundle(root, num_items=ITEMS, dim=32, seq_len=20)
+    return root
+
+
+# A client in its own process (so its GIL is not the measuring thread's): posts the body file
+# back to back, printing each status.
+HEAVY_CLIENT = """
+import http.client, sys
+body = open(sys.argv[2], "rb").read()
+conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=60)
+while True:
+    conn.request("POST", "/recommend/batch", body, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    response.read()
+    print(response.status, flush=True)
+"""
+
+
+def test_healthz_stays_fast_under_the_largest_batches(bundle_root: Path, tmp_path: Path) -> None:
+    """Two clients send batches of 256 users with n=1000 (256,000 items per response) back to
+    back; /healthz must keep answering within 20 ms at the 99th percentile."""
+    body = tmp_path / "batch.json"
+    body.write_text(json.dumps({"requests": random_entries(256, seed=1)}))
+    with serving(bundle_root, tmp_path / "serve.log") as port:
+        logs = [tmp_path / f"client{i}.log" for i in range(2)]
+        clients = [
+            subprocess.Popen(
+                [sys.executable, "-c", HEAVY_CLIENT, str(port), str(body)], stdout=log.open("w")
+            )
+            for log in logs
+        ]
+        try:
+            time.sleep(1.5)  # both clients are sending
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            latencies = []
+            for _ in range(200):
+                start = time.perf_counter()
+                status, _ = request(port, "GET", "/healthz", conn=conn)
+                latencies.append(time.perf_counter() - start)
+                assert status == 200
+                time.sleep(0.01)
+        finally:
+            for client in clients:
+                client.kill()
+                client.wait()
+    statuses = [line for log in logs for line in log.read_text().split()]
+    assert len(statuses) >= 4, "the heavy requests did not run while /healthz was measured"
+    assert set(statuses) == {"200"}, statuses
+    p99_ms = float(np.percentile(latencies, 99)) * 1e3
+    assert p99_ms < 20, f"/healthz p99 {p99_ms:.1f} ms under load"
+
+
+def test_batched_and_unbatched_servers_answer_the_same(bundle_root: Path, tmp_path: Path) -> None:
+    """The same seeded requests, sent concurrently to a micro-batching server and one by one to
+    a server with batching off, get the same answers."""
+    entries = random_entries(24, seed=2, n=30)
+    for i, entry in enumerate(entries):
+        entry["exclude_history"] = bool(i % 2)
+        entry["explain"] = i % 4 == 0
+    bodies = [json.dumps(e).encode() for e in entries]
+
+    with serving(bundle_root, tmp_path / "off.log", REMI_BATCH_MAX_USERS="1") as port:
+        alone = [json.loads(request(port, "POST", "/recommend", b)[1]) for b in bodies]
+
+    with serving(bundle_root, tmp_path / "on.log", REMI_BATCH_WAIT_MS="20") as port:
+        together: list = [None] * len(bodies)
+
+        def send(i: int) -> None:
+            together[i] = json.loads(request(port, "POST", "/recommend", bodies[i])[1])
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        status, metrics = request(port, "GET", "/metrics")
+    batches = float(next(line for line in metrics.decode().splitlines()
+                         if line.startswith("remi_batch_users_count")).split()[1])  # fmt: skip
+    assert batches < len(bodies) + 1, "requests were not gathered"  # +1: the start-up smoke test
+    for a, b in zip(alone, together, strict=True):
+        assert same_response(a, b)
+        assert len(a["items"]) == 30
