@@ -57,22 +57,42 @@ def greedy_diverse(
     lam = np.asarray(diversity, dtype=np.float64).reshape(-1, 1)  # (B, 1) or (1, 1)
     if (lam < 0).any():
         raise ValueError(f"diversity must not be negative, not {diversity}")
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = np.where(np.isfinite(scores), scores, -np.inf).astype(np.float64)
     categories = np.asarray(categories)
     batch, width = scores.shape
     n = min(n, width)
     out = np.full((batch, n), -1, dtype=np.int64)
-    available = np.isfinite(scores)  # (B, C)
-    same = np.zeros((batch, width), dtype=np.float64)  # chosen items sharing the category
+    if n == 0:
+        return out
+    # Within a category every candidate pays the same penalty, so only the category's best
+    # remaining candidate (highest score, then earliest) can win a step: line the candidates up
+    # by (category, -score, position) and keep one pointer per category. A step then costs
+    # O(B x categories), not O(B x candidates).
+    position = np.broadcast_to(np.arange(width), (batch, width))
+    order = np.lexsort((position, -scores, categories), axis=-1)  # (B, C)
+    lined_scores = np.take_along_axis(scores, order, axis=1)
+    lined_cats = np.take_along_axis(categories, order, axis=1)
+    first = np.ones((batch, width), dtype=bool)
+    first[:, 1:] = lined_cats[:, 1:] != lined_cats[:, :-1]
+    groups = first.sum(axis=1)  # (B,) categories per user
+    slot = np.cumsum(first, axis=1) - 1  # (B, C) category slot 0..groups-1
     users = np.arange(batch)
+    start = np.full((batch, int(groups.max())), width, dtype=np.int64)  # (B, G) slot -> start
+    start[np.nonzero(first)[0], slot[first]] = np.nonzero(first)[1]
+    size = np.zeros_like(start)  # (B, G) candidates per category
+    np.add.at(size, (np.repeat(users, width), slot.ravel()), 1)
+    taken = np.zeros_like(start)  # (B, G) items chosen per category so far
     for step in range(n):
-        gain = np.where(available, scores - lam * same, -np.inf)  # (B, C)
-        pick = gain.argmax(axis=1)  # first maximum: the earlier candidate wins ties
-        ok = available[users, pick]
-        out[ok, step] = pick[ok]
-        available[users[ok], pick[ok]] = False
-        picked_category = categories[users, pick][:, None]  # (B, 1)
-        same += (categories == picked_category) & ok[:, None]
+        head = np.minimum(start + taken, width - 1)  # (B, G) index into the lined-up order
+        gain = np.where(taken < size, np.take_along_axis(lined_scores, head, 1) - lam * taken,
+                        -np.inf)  # fmt: skip
+        best = gain.max(axis=1)
+        ok = np.isfinite(best)
+        # Equal gains: the earliest candidate, as an argmax over the candidates would choose.
+        candidate = np.take_along_axis(order, head, 1)  # (B, G) original positions
+        g = np.where(gain == best[:, None], candidate, width).argmin(axis=1)
+        out[ok, step] = candidate[users, g][ok]
+        taken[users[ok], g[ok]] += 1
     return out
 
 

@@ -94,6 +94,20 @@ def test_batch_matches_the_reference_greedy(diversity):
     assert (picked[3, 10:] == -1).all() and (picked[3, :10] >= 0).all()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_ties_unsorted_candidates_and_gaps_match_the_reference(seed):
+    """Whole-number scores (many exact ties), candidates in no order, -inf holes, category -1."""
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 6, size=(8, 20)).astype(np.float64)
+    scores[rng.random((8, 20)) < 0.2] = -np.inf
+    categories = rng.integers(-1, 4, size=(8, 20))
+    lambdas = rng.choice([0.0, 0.5, 1.0, 2.0, 7.0], size=8)
+    picked = greedy_diverse(scores, categories, 15, lambdas)
+    for b in range(8):
+        expected = reference_greedy(scores[b], categories[b], 15, lambdas[b])
+        assert [int(p) for p in picked[b] if p >= 0] == expected, b
+
+
 def test_per_user_lambdas_and_prefixes():
     """One call with a lambda per user equals separate calls; a shorter list is a prefix."""
     rng = np.random.default_rng(2)
