@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from itertools import chain
 from typing import Protocol
 
 import numpy as np
@@ -127,12 +128,17 @@ class InterestSignals:
             self.items_by_interest.labels(interest=str(k))
 
     def observe(self, results: Iterable[Served]) -> None:
-        for result in results:
-            self.window.add(np.asarray(result.rows))  # fallback lists are served items too
-            if result.fallback:
-                continue
+        """Record one batch of answers (called in the compute thread: a few array operations
+        per batch, not per item)."""
+        results = list(results)
+        if not results:
+            return
+        self.window.add(np.concatenate([r.rows for r in results]))  # fallback items are served too
+        answered = [r for r in results if not r.fallback and r.interests is not None]
+        for result in answered:
             if result.routing_peak is not None:
                 self.routing_peak.observe(result.routing_peak)
-            slots, counts = np.unique(result.interests, return_counts=True)
-            for k, count in zip(slots.tolist(), counts.tolist(), strict=True):
+        slots = np.fromiter(chain.from_iterable(r.interests for r in answered), dtype=np.int64)
+        for k, count in enumerate(np.bincount(slots).tolist()):
+            if count:
                 self.items_by_interest.labels(interest=str(k)).inc(count)
