@@ -1,8 +1,9 @@
 #!/bin/sh
 # Scheduler entrypoint: render docker/crontab into /etc/cron.d, run cron, and stop cleanly.
 #
-# This script stays PID 1 and runs cron as its child. cron as PID 1 ignored SIGTERM (PID 1 gets
-# no default signal actions), so `docker compose stop` waited out the grace period and SIGKILLed
+# This script runs cron as its child (under compose's `init: true` tini is PID 1 and passes
+# signals on; without it this script is PID 1). cron as PID 1 ignored SIGTERM (PID 1 gets no
+# default signal actions), so `docker compose stop` waited out the grace period and SIGKILLed
 # a running nightly job: exit 137 and the Redis lock held until its TTL. Now SIGTERM or SIGINT
 # stops cron (no new runs), forwards SIGTERM to each running nightly job (the crontab line
 # records its PID under $REMI_STATE_DIR/run), waits until they are gone (each writes its report

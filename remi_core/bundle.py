@@ -178,8 +178,15 @@ def write_bundle(
         index = build_index(embeddings, index_factory)
         apply_search_params(index, search_params or "")
         recall = None
-        if tune_histories is not None and len(tune_histories):
-            interests, exclude = encode_histories(encoder, tune_histories)
+        interests, exclude = encode_histories(
+            encoder, [] if tune_histories is None else tune_histories
+        )
+        if not len(interests) and search_params is None and not isinstance(index, faiss.IndexFlat):
+            raise ValueError(
+                f"cannot tune the {index_factory} index: no tuning history has a known item; "
+                "give its search parameters (e.g. nprobe=32) instead"
+            )
+        if len(interests):
             table = torch.from_numpy(embeddings)
             if search_params is None:
                 tuning = tune_search_params(

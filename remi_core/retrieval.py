@@ -252,7 +252,7 @@ def faiss_merged_topk(
     index,
     interests: np.ndarray,
     item_embeddings: np.ndarray | torch.Tensor,
-    n: int,
+    n: int | Sequence[int],
     exclude: Sequence[np.ndarray] | None = None,
     row_offset: int = 1,
 ) -> RetrievedBatch:
@@ -260,13 +260,22 @@ def faiss_merged_topk(
     merge.
 
     The index holds catalogue rows row_offset.. (padding row 0 is not indexed). Each interest is
-    searched deep enough that n items survive the exclusion of a user's history.
+    searched deep enough that its user's n items survive the exclusion of the user's history.
+    `n` may differ per user: the search runs once at the deepest user's depth and every user
+    keeps only the candidates its own depth would have found, because with an approximate
+    index a deeper search can surface items that outrank the shallower search's; so a user's
+    list never depends on who shares the batch. Each row holds max(n) slots.
     """
     batch, k, dim = interests.shape
-    extra = max((len(np.unique(e)) for e in exclude), default=0) if exclude is not None else 0
-    depth = min(n + extra, index.ntotal)
+    ns = np.broadcast_to(np.asarray(n, dtype=np.int64), (batch,))
+    extra = np.zeros(batch, dtype=np.int64)
+    if exclude is not None:
+        extra[:] = [len(np.unique(e)) for e in exclude]
+    depths = np.minimum(ns + extra, index.ntotal)  # (B,)
+    depth = int(depths.max(initial=0))
     queries = np.ascontiguousarray(interests.reshape(batch * k, dim), dtype=np.float32)
     _, labels = index.search(queries, depth)  # (B*K, depth), -1 where the index ran short
-    labels = labels.reshape(batch, k * depth)
-    rows = np.where(labels >= 0, labels + row_offset, 0)
-    return merge_candidates(interests, rows, item_embeddings, n, exclude)
+    labels = labels.reshape(batch, k, depth)
+    own = np.arange(depth) < depths[:, None, None]  # (B, 1, depth): within the user's own depth
+    rows = np.where(own & (labels >= 0), labels + row_offset, 0).reshape(batch, k * depth)
+    return merge_candidates(interests, rows, item_embeddings, int(ns.max(initial=0)), exclude)

@@ -180,11 +180,13 @@ def prepare_environment() -> None:
         os.environ[name] = str(threads)
 
 
-def setup_threads(flag: int | None = None, torch_threads: int | None = None) -> ThreadSetup:
+def setup_threads(
+    flag: int | None = None, torch_threads: int | None = None, faiss_threads: int | None = None
+) -> ThreadSetup:
     """Size torch's and faiss's pools (the flag, else REMI_THREADS, else the CPUs available).
 
-    `torch_threads` sets torch's intra-op count apart from faiss's (the service's
-    REMI_TORCH_THREADS); None uses the same count. Raises ThreadSettingError for a bad count.
+    `torch_threads` and `faiss_threads` set a pool apart from that count (the service sizes both
+    from REMI_TORCH_THREADS); None uses the count. Raises ThreadSettingError for a bad count.
     Prints the result on stderr when REMI_DEBUG_THREADS=1.
     """
     threads, source = resolve_threads(flag)
@@ -194,11 +196,11 @@ def setup_threads(flag: int | None = None, torch_threads: int | None = None) -> 
     import torch
 
     torch.set_num_threads(torch_threads or threads)
-    faiss_threads = None
+    faiss_applied = None
     if "faiss" in sys.modules:
         faiss = sys.modules["faiss"]
-        faiss.omp_set_num_threads(threads)
-        faiss_threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(faiss_threads or threads)
+        faiss_applied = faiss.omp_get_max_threads()
     setup = ThreadSetup(
         threads=threads,
         source=source,
@@ -206,7 +208,7 @@ def setup_threads(flag: int | None = None, torch_threads: int | None = None) -> 
         wait_policy=os.environ["OMP_WAIT_POLICY"],
         prepared_in_time=_prepared_in_time,
         torch_threads=torch.get_num_threads(),
-        faiss_threads=faiss_threads,
+        faiss_threads=faiss_applied,
     )
     if os.environ.get(DEBUG_ENV) == "1":
         print("remi-threads " + json.dumps(asdict(setup)), file=sys.stderr, flush=True)

@@ -413,13 +413,14 @@ async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse
     if isinstance(exc, RedisUnavailable):
         request.app.state.metrics.redis_errors.inc()
     headers = {"Retry-After": "1"} if exc.status_code == 503 else None
-    return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=headers)
+    body = {"detail": exc.message, "errors": None}
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     # Logged with its traceback here; the client only learns that it was our fault.
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse({"detail": "internal server error"}, status_code=500)
+    return JSONResponse({"detail": "internal server error", "errors": None}, status_code=500)
 
 
 # --- metrics middleware -------------------------------------------------------------------------
@@ -460,10 +461,12 @@ class MetricsMiddleware:
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    # Each worker: faiss's pool from REMI_THREADS (remi-serve shares the CPUs out), torch's
-    # intra-op pool from REMI_TORCH_THREADS.
+    # Each compute thread encodes (torch) then searches (faiss), so both pools get
+    # REMI_TORCH_THREADS (0: the worker's share of the CPUs, REMI_THREADS). Wider pools spin
+    # against each other and against the event loop on small hosts (docs/serving.md).
+    pool = settings.torch_threads or None
     try:
-        setup_threads(torch_threads=settings.torch_threads or None)
+        setup_threads(torch_threads=pool, faiss_threads=pool)
     except ThreadSettingError as exc:
         raise StartupError(str(exc)) from None
     # The compute thread runs Python too (batch assembly, response rendering); the loop thread

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.errors import ShuttingDown
 from service.recommender import LoadedModel, Result, recommend_batch
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class MicroBatcher:
         await asyncio.gather(*self._running, return_exceptions=True)
         for job in self._queue:
             if not job.future.done():
-                job.future.set_exception(RuntimeError("the service is shutting down"))
+                job.future.set_exception(ShuttingDown("the service is shutting down"))
         self._queue.clear()
         self._executor.shutdown(wait=True)
 
@@ -131,7 +132,7 @@ class MicroBatcher:
         """Queue one request (one or more users) and return render(its results).
         `diversity`: lambda per user (remi_core/diversity.py), default 0 (Eq. 7)."""
         if self._task is None or self._task.done():
-            raise RuntimeError("the batcher is not running (call start() first)")
+            raise ShuttingDown("the service is not running (starting or shutting down)")
         loop = asyncio.get_running_loop()
         job = _Job(
             model,

@@ -54,9 +54,9 @@ def serve(
     threads: Annotated[
         int | None,
         typer.Option(
-            help="CPU threads of each worker's faiss and torch pools (default: REMI_THREADS, "
-            "else the CPUs this process may use, affinity and cgroup quota, shared out among "
-            "the workers)."
+            help="CPU threads of each worker (REMI_THREADS; default: the CPUs this process may "
+            "use, affinity and cgroup quota, shared out among the workers). The torch and faiss "
+            "pools of a compute thread use REMI_TORCH_THREADS of them (0: all)."
         ),
     ] = None,
     check: Annotated[

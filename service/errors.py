@@ -32,6 +32,12 @@ class ModelNotLoaded(ServiceError):
     status_code = 503
 
 
+class ShuttingDown(ServiceError):
+    """The worker is stopping (or not yet serving): another worker or a retry will answer."""
+
+    status_code = 503
+
+
 class ReloadFailed(ServiceError):
     """A new bundle was rejected; the previous model keeps serving."""
 

@@ -76,10 +76,12 @@ class LoadedModel:
         return "dense" if flat and self.exact_search == "dense" else "faiss"
 
     def search(
-        self, interests: np.ndarray, n: int, exclude: Sequence[np.ndarray] | None
+        self, interests: np.ndarray, n: Sequence[int], exclude: Sequence[np.ndarray] | None
     ) -> RetrievedBatch:
+        """The merged top n[b] of each user (rows hold max(n) slots; exact search ranks the
+        same way at any depth, so it searches once at the deepest)."""
         if self.search_backend == "dense":
-            return exact_merged_topk(interests, self.item_table, n, exclude)
+            return exact_merged_topk(interests, self.item_table, max(n), exclude)
         with self._search_lock or nullcontext():
             return faiss_merged_topk(self.index, interests, self.item_table, n, exclude)
 
@@ -254,8 +256,8 @@ def recommend_batch(
         interests = interests_t.float().cpu().numpy()
         routing = routing_t.float().cpu().numpy() if routing_t is not None else None
         exclude = [known_rows[b] if excludes[b] else known_rows[b][:0] for b in encoded]
-        depth = max(pool_size(ns[b], lambdas[b]) for b in encoded)
-        found = model.search(interests, depth, exclude)
+        depths = [pool_size(ns[b], lambdas[b]) for b in encoded]
+        found = model.search(interests, depths, exclude)
         found = _diversify(found, [ns[b] for b in encoded], [lambdas[b] for b in encoded],
                            model.categories)  # fmt: skip
         peaks = dict(zip(encoded, _routing_peaks(routing, [len(w) for w in windows]), strict=True))

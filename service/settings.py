@@ -142,9 +142,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         1,
         ge=0,
-        description="Intra-op threads for torch's user encoder in each compute thread; 0 uses "
-        "REMI_THREADS (the worker's thread count, which also sizes faiss's pool). 1 leaves the "
-        "other cores to the event loop and faiss; see docs/serving.md.",
+        description="Threads of torch's encoder and faiss's search in each compute thread; 0 "
+        "uses REMI_THREADS (the worker's share of the CPUs). 1 leaves the other core of a small "
+        "host to the event loop; see docs/serving.md.",
     )
 
     @field_validator("redis_url")

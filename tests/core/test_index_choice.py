@@ -136,3 +136,12 @@ def test_tuning_rejects_a_bad_target() -> None:
         tune_search_params(build_index(items), interests, torch.from_numpy(items), 10, 1.5)
     exact = measure_recall(build_index(items), interests, torch.from_numpy(items), 10)
     assert exact == pytest.approx(1.0)
+
+
+def test_an_index_with_nothing_to_tune_on_says_what_to_give(tmp_path: Path) -> None:
+    # Validation users whose histories hold no known item leave nothing to measure recall on.
+    empty = [np.zeros(0, dtype=np.int64), np.zeros(3, dtype=np.int64)]
+    with pytest.raises(ValueError, match="give its search parameters"):
+        write_clustered(tmp_path / "a", index_factory="IVF128,Flat", tune_histories=empty)
+    path = write_clustered(tmp_path / "b", index_factory="Flat", tune_histories=empty)
+    assert load_bundle(path).manifest["index"]["recall"] is None

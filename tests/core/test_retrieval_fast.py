@@ -83,8 +83,10 @@ def test_blocked_scores_equal_dense(seeded):
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_ties_go_to_the_smaller_row(k):
-    """Rows 40..59 share one embedding, the best for every user: a top-5 must be rows 40..44 in
-    that order, from the exact path and the index path alike, whatever topk returned first."""
+    """Rows 40..59 share one embedding, the best for every user: the exact path's top-5 must be
+    rows 40..44 in that order, whatever topk returned first. An index cuts its own list at the
+    user's depth and picks among exactly tied items there as it likes, so its answer matches in
+    scores, in ascending row order among the tied rows it returned."""
     rng = np.random.default_rng(3)
     items = rng.standard_normal((200, 6)).astype(np.float32) * 0.1
     interests = rng.standard_normal((4, k, 6)).astype(np.float32)
@@ -95,7 +97,11 @@ def test_ties_go_to_the_smaller_row(k):
     assert [row for _, row, _ in expected[0]] == [40, 41, 42, 43, 44]
     table = torch.from_numpy(items)
     assert_matches(exact_merged_topk(interests, table, 5, exclude), expected)
-    assert_matches(faiss_merged_topk(build_index(items), interests, items, 5, exclude), expected)
+    found = faiss_merged_topk(build_index(items), interests, items, 5, exclude)
+    for got, want in zip(found, expected, strict=True):
+        np.testing.assert_allclose(got.scores, [-s for s, _, _ in want], rtol=1e-5, atol=1e-6)
+        assert set(got.rows.tolist()) <= set(range(40, 60))
+        assert got.rows.tolist() == sorted(got.rows.tolist())
 
 
 def test_batch_composition_does_not_change_answers(seeded):
@@ -106,3 +112,26 @@ def test_batch_composition_does_not_change_answers(seeded):
         alone = exact_merged_topk(interests[b : b + 1], table, 20, exclude[b : b + 1])
         assert alone[0].rows.tolist() == together[b].rows.tolist()
         np.testing.assert_allclose(alone[0].scores, together[b].scores, rtol=1e-6)
+
+
+def test_an_approximate_index_answers_each_user_as_if_alone() -> None:
+    # With IVF at nprobe=1 a deeper search surfaces items a shallower one misses; a user sharing
+    # a batch with a deeper user (larger n or longer history) must still get its own answer.
+    rng = np.random.default_rng(11)
+    items = rng.standard_normal((2001, 16)).astype(np.float32)
+    index = build_index(items, "IVF16,Flat")
+    index.nprobe = 1
+    users = 40
+    interests = rng.standard_normal((users, 4, 16)).astype(np.float32)
+    exclude = [rng.integers(1, 2001, size=rng.integers(0, 30)) for _ in range(users)]
+    ns = rng.integers(5, 200, size=users)
+    batched = faiss_merged_topk(index, interests, items, ns.tolist(), exclude)
+    deeper = 0
+    for b in range(users):
+        alone = faiss_merged_topk(index, interests[b : b + 1], items, int(ns[b]), [exclude[b]])
+        np.testing.assert_array_equal(batched.rows[b, : ns[b]], alone.rows[0])
+        np.testing.assert_array_equal(batched.scores[b, : ns[b]], alone.scores[0])
+        # The same user searched at the batch's depth would have answered differently.
+        wide = faiss_merged_topk(index, interests[b : b + 1], items, int(ns.max()), [exclude[b]])
+        deeper += not np.array_equal(wide.rows[0, : ns[b]], alone.rows[0])
+    assert deeper > 0, "the case does not exercise the depth difference"

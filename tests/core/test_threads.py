@@ -174,16 +174,16 @@ def test_remi_train_train_command_applies_it(tmp_path: Path) -> None:
 
 
 def serve_reports(
-    tmp_path: Path, bundle_root: Path, workers: int, expected: int, one_cpu: bool
+    tmp_path: Path, bundle_root: Path, workers: int, expected: int, one_cpu: bool, **env: str
 ) -> list[dict]:
     """Start remi-serve, collect one set-up report per worker, stop it."""
-    log_path = tmp_path / f"serve-{workers}-{one_cpu}.log"
+    log_path = tmp_path / f"serve-{workers}-{one_cpu}-{len(env)}.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             console_script("remi-serve", "service.cli")
             + ["--port", str(free_port()), "--workers", str(workers)]
             + ["--bundle-root", str(bundle_root), "--no-check"],
-            env=child_env(REMI_REDIS_URL=dead_redis_url(), REMI_RELOAD_INTERVAL_S="0"),
+            env=child_env(REMI_REDIS_URL=dead_redis_url(), REMI_RELOAD_INTERVAL_S="0", **env),
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=pin_to_one_cpu if one_cpu else None,
@@ -202,11 +202,14 @@ def serve_reports(
 
 @pytest.mark.integration
 def test_remi_serve_sets_up_each_worker(tmp_path: Path, tiny_bundle_root: Path) -> None:
-    # One worker: faiss gets the CPUs, torch's encoder keeps REMI_TORCH_THREADS' default (1).
+    # One worker gets the CPUs; its compute thread's torch and faiss pools keep
+    # REMI_TORCH_THREADS' default (1), or take them all with 0.
     [report] = serve_reports(tmp_path, tiny_bundle_root, 1, 1, one_cpu=False)
     assert report["wait_policy"] == "PASSIVE" and report["prepared_in_time"]
-    assert report["threads"] == report["faiss_threads"] == CPUS
-    assert report["torch_threads"] == 1
+    assert report["threads"] == CPUS
+    assert report["torch_threads"] == report["faiss_threads"] == 1
+    [wide] = serve_reports(tmp_path, tiny_bundle_root, 1, 1, False, REMI_TORCH_THREADS="0")
+    assert wide["threads"] == wide["torch_threads"] == wide["faiss_threads"] == CPUS
     # Two workers share the CPUs out (at least one thread each).
     both = serve_reports(tmp_path, tiny_bundle_root, 2, 2, one_cpu=False)
     assert [r["threads"] for r in both] == [max(1, CPUS // 2)] * 2

@@ -8,6 +8,7 @@ import pytest
 
 from remi_core.bundle import resolve_current
 from service.batcher import MicroBatcher
+from service.errors import ShuttingDown
 from service.recommender import LoadedModel, load_model, recommend_batch
 from tests.helpers import same_response, tiny_item_ids, write_tiny_bundle
 
@@ -109,6 +110,20 @@ def test_a_failing_render_fails_only_its_request(model: LoadedModel) -> None:
     answers = asyncio.run(run())
     assert isinstance(answers[1], RuntimeError)
     assert all(isinstance(a, list) for i, a in enumerate(answers) if i != 1)
+
+
+def test_a_request_after_shutdown_is_a_503_not_a_500(model: LoadedModel) -> None:
+    request = seeded_requests(1, seed=4)[0]
+
+    async def run():
+        batcher = MicroBatcher(max_wait_ms=0, max_users=8)
+        batcher.start()
+        await batcher.aclose()
+        return await batcher.submit(model, render=lambda r: r, **request)
+
+    with pytest.raises(ShuttingDown) as raised:
+        asyncio.run(run())
+    assert raised.value.status_code == 503
 
 
 def test_models_of_a_reload_batch_separately(model: LoadedModel, tmp_path: Path) -> None:

@@ -69,9 +69,8 @@ class NightlyConfig:
     progress: bool = False
     """Show the training progress bar."""
     torch_threads: int | None = None
-    """Intra-op threads for torch; None keeps torch's default (all cores it sees). Set it where
-    the job shares cores or a container's CPU quota is below the host's core count, where the
-    default oversubscribes and training gets several times slower."""
+    """Intra-op threads for torch in this job; None keeps the process's thread set-up
+    (`--threads`, else REMI_THREADS, else the CPUs its affinity and CPU quota allow)."""
 
     def __post_init__(self) -> None:
         if self.retention < 1:
