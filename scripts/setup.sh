@@ -10,7 +10,8 @@ fi
 quiet_pip() {
     .venv/bin/pip install --quiet "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 }
-if ! .venv/bin/python -c "import torch, faiss, fastapi, matplotlib, training, service" 2>/dev/null
+if ! .venv/bin/python -c "import torch, faiss, fastapi, matplotlib, orjson, schemathesis, training, service" \
+    2>/dev/null
 then
     # Exact versions from docker/constraints.txt (the images use the same file; regenerate it
     # with scripts/lock.sh). torch first, alone: TORCH_INDEX_URL=https://download.pytorch.org/
