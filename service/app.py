@@ -29,6 +29,7 @@ from remi_core.threads import ThreadSettingError, setup_threads
 from service import openapi
 from service.auth import AccessDep, key_digest, require_data_access
 from service.batcher import MicroBatcher
+from service.body import BatchBody, DecodedBody, RecommendBody, request_body
 from service.errors import (
     AdminDisabled,
     RedisUnavailable,
@@ -266,15 +267,20 @@ async def metrics_endpoint(metrics: MetricsDep) -> Response:
 
 
 @router.post(
-    "/recommend", response_model=RecommendResponse, responses=STORE_ERRORS, tags=["recommend"]
+    "/recommend",
+    response_model=RecommendResponse,
+    responses=STORE_ERRORS,
+    tags=["recommend"],
+    openapi_extra=request_body(RecommendRequest),
 )
 async def recommend(
-    body: RecommendRequest,
+    _: DecodedBody,
     model: ModelDep,
     settings: SettingsDep,
     store: StoreDep,
     access: AccessDep,
     batcher: BatcherDep,
+    body: RecommendBody,
 ) -> Response:
     """Top-n items for one user (history in the body, or a stored user's history)."""
     if body.user_id is not None:
@@ -288,15 +294,20 @@ async def recommend(
 
 
 @router.post(
-    "/recommend/batch", response_model=BatchResponse, responses=STORE_ERRORS, tags=["recommend"]
+    "/recommend/batch",
+    response_model=BatchResponse,
+    responses=STORE_ERRORS,
+    tags=["recommend"],
+    openapi_extra=request_body(BatchRequest),
 )
 async def recommend_many(
-    body: BatchRequest,
+    _: DecodedBody,
     model: ModelDep,
     settings: SettingsDep,
     store: StoreDep,
     access: AccessDep,
     batcher: BatcherDep,
+    body: BatchBody,
 ) -> Response:
     """Many users in one encode and one search; each entry means what POST /recommend means."""
     if any(entry.user_id is not None for entry in body.requests):
