@@ -11,8 +11,9 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 
-from service.schemas import RecommendRequest, latest_timestamp
+from service.schemas import BatchRequest, RecommendRequest, latest_timestamp
 from service.settings import Settings
 
 # Routes whose API key is needed only for the entries that read a stored history (user_id).
@@ -48,6 +49,21 @@ def apply_settings(schema: dict[str, Any], settings: Settings, keys_on: bool) ->
     return schema
 
 
+def add_body_models(schema: dict[str, Any]) -> dict[str, Any]:
+    """The recommend routes read their bodies themselves (service/body.py), so FastAPI does not
+    see their models: add them to the components their requestBody refers to."""
+
+    def takes_a_batch(body: BatchRequest) -> None:
+        """Only its signature is read: FastAPI's schemas for a body parameter of this model."""
+
+    route = APIRoute("/", takes_a_batch, methods=["POST"])
+    models = get_openapi(title="", version="", routes=[route])["components"]["schemas"]
+    schema["components"]["schemas"].update(
+        (name, models[name]) for name in (BatchRequest.__name__, RecommendRequest.__name__)
+    )
+    return schema
+
+
 def default_n(settings: Settings) -> int:
     """The `n` of a request that sends none: the model's default, or REMI_MAX_N if lower."""
     return min(RecommendRequest.model_fields["n"].default, settings.max_n)
@@ -67,7 +83,7 @@ def install(app: FastAPI, settings: Settings) -> None:
                 routes=app.routes,
             )
             keys_on = bool(app.state.api_key_digests)
-            app.openapi_schema = apply_settings(schema, settings, keys_on)
+            app.openapi_schema = apply_settings(add_body_models(schema), settings, keys_on)
         event = app.openapi_schema["components"]["schemas"]["EventIn"]["properties"]
         # Whole days: exact, except for a schema fetched just before midnight (UTC).
         event["timestamp"]["exclusiveMaximum"] = latest_timestamp()

@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {"num_items": 201, "dim": 16, "num_interests": 4, "seq_len": 10}
 
 
-def tiny_item_ids(num_items: int = TINY["num_items"]) -> list[str | None]:
-    return [None] + [f"books-{i:04d}" for i in range(1, num_items)]
+def tiny_item_ids(num_items: int = TINY["num_items"], prefix: str = "books-") -> list[str | None]:
+    return [None] + [f"{prefix}{i:04d}" for i in range(1, num_items)]
 
 
 def write_tiny_bundle(
@@ -39,6 +39,7 @@ def write_tiny_bundle(
     index_factory: str = "Flat",
     search_params: str = "",
     categories: tuple[np.ndarray, list[str]] | None = None,
+    id_prefix: str = "books-",
     **config: int,
 ) -> Path:
     """Write a bundle from a seeded random encoder; returns the version directory."""
@@ -51,7 +52,7 @@ def write_tiny_bundle(
     return write_bundle(
         root,
         encoder=encoder,
-        item_ids=tiny_item_ids(cfg.num_items),
+        item_ids=tiny_item_ids(cfg.num_items, id_prefix),
         popularity=popularity,
         metadata={"dataset": "tiny-test", "seed": seed},
         index_factory=index_factory,

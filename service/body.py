@@ -1,0 +1,249 @@
+"""The recommend routes' JSON bodies, decoded and validated in a worker thread, in small steps.
+
+FastAPI would decode (json.loads) and validate (pydantic) a body on the event loop, in one piece
+each: for the largest legal batch (REMI_MAX_BATCH entries of REMI_MAX_HISTORY ids, megabytes)
+that held the GIL for tens of ms and stalled every other request, /healthz included. Here the
+thread decodes a batch entry by entry and validates it entry by entry, so the loop waits at most
+one entry's worth (plus the GIL switch interval) whenever it wants the GIL back.
+
+The answers are FastAPI's own: the same values, and the same errors (type, loc, msg) for bodies
+that are not JSON, not UTF-8, sent with another Content-Type, empty, or invalid. Any body off
+the common shape is decoded by json.loads in one piece, as FastAPI does, so its errors are exact.
+"""
+
+from __future__ import annotations
+
+import email.message
+import json
+import json.decoder
+import json.scanner
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
+
+import anyio.to_thread
+from fastapi import Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from service.schemas import BatchRequest, RecommendRequest
+
+M = TypeVar("M", bound=BaseModel)
+_DECODER = json.JSONDecoder()
+_SCAN = json.scanner.make_scanner(_DECODER)  # the C scanner json.loads uses, one value per call
+_SPACE = " \t\n\r"  # JSON's whitespace, as json.decoder.WHITESPACE
+# A valid entry standing in for the real ones when the rest of a batch body is validated.
+_PLACEHOLDER_ENTRY = {"history": []}
+
+
+class _OffShape(Exception):
+    """The body is not `{"key": value, ...}` as expected: decode it in one piece instead."""
+
+
+def _skip(s: str, i: int) -> int:
+    while i < len(s) and s[i] in _SPACE:
+        i += 1
+    return i
+
+
+def _expect(s: str, i: int, char: str) -> int:
+    i = _skip(s, i)
+    if not s.startswith(char, i):
+        raise _OffShape
+    return i + 1
+
+
+def _scan(s: str, i: int) -> tuple[Any, int]:
+    try:
+        return _SCAN(s, i)
+    except (StopIteration, ValueError):
+        raise _OffShape from None
+
+
+def _array(s: str, i: int) -> tuple[list[Any], int]:
+    """The array starting at s[i] ('['), decoded one element per scanner call."""
+    items: list[Any] = []
+    i = _skip(s, i + 1)
+    if s.startswith("]", i):
+        return items, i + 1
+    while True:
+        item, i = _scan(s, _skip(s, i))
+        items.append(item)
+        i = _skip(s, i)
+        if s.startswith("]", i):
+            return items, i + 1
+        i = _expect(s, i, ",")
+
+
+def _object_in_pieces(s: str) -> dict[str, Any]:
+    """A top-level object, each value decoded by one scanner call except arrays, decoded one
+    element per call. Raises _OffShape for anything else, or for any syntax error."""
+    i = _expect(s, 0, "{")
+    value: dict[str, Any] = {}  # assignment: a repeated key keeps its first place, last value
+    if s.startswith("}", i := _skip(s, i)):
+        i += 1
+    else:
+        while True:
+            if not s.startswith('"', i := _skip(s, i)):
+                raise _OffShape
+            try:
+                key, i = json.decoder.scanstring(s, i + 1, True)
+            except ValueError:
+                raise _OffShape from None
+            i = _skip(s, _expect(s, i, ":"))
+            value[key], i = _array(s, i) if s.startswith("[", i) else _scan(s, i)
+            i = _skip(s, i)
+            if s.startswith("}", i):
+                i += 1
+                break
+            i = _expect(s, i, ",")
+    if _skip(s, i) != len(s):
+        raise _OffShape
+    return value
+
+
+def decode_json(raw: bytes) -> Any:
+    """What json.loads(raw) returns or raises (the same value, the same error), decoded in
+    pieces when the body is an object in UTF-8."""
+    if json.detect_encoding(raw) == "utf-8":
+        try:
+            # json.loads decodes bytes with "surrogatepass" too.
+            return _object_in_pieces(raw.decode("utf-8", "surrogatepass"))
+        except (_OffShape, UnicodeDecodeError):
+            pass
+    return json.loads(raw)
+
+
+def _errors(exc: ValidationError, prefix: tuple[Any, ...]) -> list[dict[str, Any]]:
+    # As FastAPI reports them: no URL, loc under "body".
+    return [{**error, "loc": (*prefix, *error["loc"])} for error in exc.errors(include_url=False)]
+
+
+def _validate(model: type[M], value: Any, prefix: tuple[Any, ...]) -> tuple[M | None, list]:
+    try:
+        # from_attributes, as FastAPI validates bodies.
+        return model.model_validate(value, from_attributes=True), []
+    except ValidationError as exc:
+        return None, _errors(exc, prefix)
+
+
+def validate_batch(value: Any) -> BatchRequest:
+    """`BatchRequest.model_validate(value)`, one entry at a time; the same errors, in the same
+    order (the entries' first, then the rest of the body's)."""
+    entries = value.get("requests") if isinstance(value, dict) else None
+    if not isinstance(entries, list) or not entries:
+        model, errors = _validate(BatchRequest, value, ("body",))
+    else:
+        valid, errors = [], []
+        for i, entry in enumerate(entries):
+            checked, entry_errors = _validate(RecommendRequest, entry, ("body", "requests", i))
+            valid.append(checked)
+            errors += entry_errors
+        # The rest of the body (unknown keys), with a valid stand-in for the entries.
+        rest = {**value, "requests": [_PLACEHOLDER_ENTRY]}
+        errors += _validate(BatchRequest, rest, ("body",))[1]
+        model = None if errors else BatchRequest.model_construct(requests=valid)
+    if errors:
+        raise RequestValidationError(errors)
+    assert model is not None
+    return model
+
+
+def validate_recommend(value: Any) -> RecommendRequest:
+    model, errors = _validate(RecommendRequest, value, ("body",))
+    if errors:
+        raise RequestValidationError(errors)
+    assert model is not None
+    return model
+
+
+def _sends_json(content_type: str | None) -> bool:
+    # FastAPI's rule (strict_content_type): application/json or application/*+json, nothing else.
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
+
+
+_MISSING = object()
+
+
+def _decoded_entries(value: Any) -> list[Any]:
+    entries = value.get("requests") if isinstance(value, dict) else None
+    return entries if isinstance(entries, list) else []
+
+
+def _empty_histories(histories: list[Any]) -> None:
+    """Frees a batch's history ids one entry per step. Dropped at once, its 256,000 strings
+    would be freed in one go, holding the GIL for over 10 ms wherever the last reference went:
+    at the end of the request on the loop, or wherever the garbage collector next ran."""
+    for history in histories:
+        if isinstance(history, list):
+            history.clear()
+
+
+async def _release(histories: list[Any]) -> None:
+    if len(histories) > 1:
+        await anyio.to_thread.run_sync(_empty_histories, histories)
+
+
+async def decoded_body(request: Request) -> AsyncIterator[Any]:
+    """The body as FastAPI hands it to validation: decoded JSON, the raw bytes when it is not
+    sent as JSON, or _MISSING when empty. Errors as FastAPI raises them."""
+    try:
+        raw = await request.body()
+        if not raw:
+            value = _MISSING
+        elif not _sends_json(request.headers.get("content-type")):
+            value = raw
+        else:
+            value = await anyio.to_thread.run_sync(decode_json, raw)
+    except json.JSONDecodeError as exc:
+        error = {
+            "type": "json_invalid",
+            "loc": ("body", exc.pos),
+            "msg": "JSON decode error",
+            "input": {},
+            "ctx": {"error": exc.msg},
+        }
+        raise RequestValidationError([error], body=exc.doc) from exc
+    except HTTPException:
+        raise
+    except Exception as exc:  # FastAPI's answer to bytes json.loads cannot read (not UTF-8)
+        raise HTTPException(400, "There was an error parsing the body") from exc
+    try:
+        yield value
+    finally:
+        entries = _decoded_entries(value)
+        await _release([e.get("history") for e in entries if isinstance(e, dict)])
+
+
+def _validated(validate: Callable[[Any], M]) -> Callable[..., Any]:
+    async def dependency(value: Annotated[Any, Depends(decoded_body)]) -> AsyncIterator[M]:
+        if value is _MISSING:
+            missing = {"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}
+            raise RequestValidationError([missing])
+        model = await anyio.to_thread.run_sync(validate, value)
+        try:
+            yield model
+        finally:
+            if isinstance(model, BatchRequest):
+                await _release([entry.history for entry in model.requests])
+
+    return dependency
+
+
+def request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI requestBody FastAPI writes for a `body: model` parameter."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"content": {"application/json": {"schema": schema}}, "required": True}}
+
+
+# Routes take both: DecodedBody first (decoding errors come before other dependencies' errors,
+# as with FastAPI's body), the validated model last (validation errors after them).
+DecodedBody = Annotated[Any, Depends(decoded_body)]
+RecommendBody = Annotated[RecommendRequest, Depends(_validated(validate_recommend))]
+BatchBody = Annotated[BatchRequest, Depends(_validated(validate_batch))]
