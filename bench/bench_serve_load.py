@@ -189,7 +189,8 @@ def free_port() -> int:
 class Server:
     """`remi-serve` in a subprocess, configured through REMI_* variables."""
 
-    def __init__(self, bundle_root: Path, env: dict[str, str], log: Path) -> None:
+    def __init__(self, bundle_root: Path, env: dict[str, str], log: Path, workers: int = 1) -> None:
+        self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {
@@ -202,21 +203,26 @@ class Server:
             **env,
         }
         cmd = [script("remi-serve"), "--port", str(self.port), "--no-check", "--log-level",
-               "warning"]  # fmt: skip
+               "warning", "--workers", str(workers)]  # fmt: skip
         self.log = log.open("w")
         self.proc = subprocess.Popen(cmd, env=full_env, stdout=self.log, stderr=self.log)
 
     def __enter__(self) -> Server:
         deadline = time.time() + 180
+        ready: set[int] = set()  # worker pids that answered ready: all of them before any load
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"remi-serve exited; see {self.log.name}")
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
                     if r.status == 200:
-                        return self
+                        ready.add(json.loads(r.read())["worker_pid"])
+                        if len(ready) >= self.workers:
+                            return self
+                        continue
             except OSError:
-                time.sleep(0.3)
+                pass
+            time.sleep(0.3)
         raise RuntimeError(f"remi-serve did not become ready; see {self.log.name}")
 
     def __exit__(self, *exc: object) -> None:
@@ -324,6 +330,7 @@ class Variant:
     label: str
     env: dict[str, str]
     concurrency: tuple[int, ...]
+    workers: int = 1  # remi-serve --workers: processes, each with its own GIL and compute thread
 
 
 def machine() -> str:
@@ -415,18 +422,22 @@ def main() -> None:
                     {"REMI_COMPUTE_THREADS": str(args.threads)}, (16,)),
             Variant(small, "batch wait 2 ms", {"REMI_BATCH_WAIT_MS": "2"}, (16,)),
             Variant(small, "batch wait 5 ms", {"REMI_BATCH_WAIT_MS": "5"}, (16,)),
+            Variant(small, f"{args.threads} workers", {}, (16, 64), workers=args.threads),
             Variant(large, "batching on (defaults)", {}, conc),
             Variant(large, "batching off", off, (16,)),
             Variant(large, f"{args.threads} compute threads",
                     {"REMI_COMPUTE_THREADS": str(args.threads)}, (16,)),
+            Variant(large, f"{args.threads} workers", {}, (16, 64), workers=args.threads),
         ]  # fmt: skip
         if args.quick:
-            variants = [v for v in variants if "wait" not in v.label and "thread" not in v.label]
+            variants = [
+                v for v in variants if not any(w in v.label for w in ("wait", "thread", "worker"))
+            ]
         results = []
         for variant in variants:
             size = sizes[0] if variant.catalogue == small else sizes[1]
             root = rows[size]["path"].parent
-            with Server(root, variant.env, work / "server.log") as server:
+            with Server(root, variant.env, work / "server.log", variant.workers) as server:
                 for c in variant.concurrency:
                     load = drive(server, bodies, c, args.duration, work)
                     results.append((variant, size, c, load))
