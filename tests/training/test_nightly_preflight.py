@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,15 +34,31 @@ def test_a_bundle_root_that_cannot_be_a_directory_fails_before_training(tmp_path
     assert not (tmp_path / "state" / "runs").exists(), "it trained before finding out"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through file permissions")
+@contextlib.contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """Nobody may create files in `directory`: mode 0555, and for root (who writes through mode
+    bits) the immutable attribute where the file system has one."""
+    directory.chmod(0o555)
+    immutable = False
+    if os.geteuid() == 0:
+        done = subprocess.run(["chattr", "+i", str(directory)], capture_output=True)
+        if done.returncode != 0:
+            directory.chmod(0o755)
+            pytest.skip(f"root writes through mode bits and chattr failed: {done.stderr!r}")
+        immutable = True
+    try:
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        directory.chmod(0o755)
+
+
 def test_a_read_only_bundle_root_fails_before_training(tmp_path: Path) -> None:
     root = tmp_path / "bundles"
     root.mkdir()
-    root.chmod(0o555)
-    try:
+    with read_only(root):
         result = bootstrap(root, tmp_path / "state")
-    finally:
-        root.chmod(0o755)
     assert result.exit_code == 2, result.output
     assert "--bundle-root" in result.output and "not writable" in result.output
     assert not (tmp_path / "state" / "runs").exists()
