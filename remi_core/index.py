@@ -45,10 +45,6 @@ SEARCH_GRID = {
 }
 
 
-def is_exact(factory: str) -> bool:
-    return factory.strip().lower() == "flat"
-
-
 def choose_factory(num_items: int, exact_max_items: int = EXACT_MAX_ITEMS) -> str:
     """Index for a catalogue of num_items real items: "Flat" (exact) up to exact_max_items, else
     IVF with about 2 sqrt(N) lists (a power of two), so a list holds about sqrt(N)/2 items.

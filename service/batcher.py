@@ -59,14 +59,11 @@ class BatchStats:
     batches: int = 0
     users: int = 0
     largest: int = 0
-    sizes: list[int] = field(default_factory=list)  # users per batch, the last 1000
 
     def record(self, users: int) -> None:
         self.batches += 1
         self.users += users
         self.largest = max(self.largest, users)
-        self.sizes.append(users)
-        del self.sizes[:-1000]
 
 
 class MicroBatcher:
