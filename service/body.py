@@ -2,9 +2,11 @@
 
 FastAPI would decode (json.loads) and validate (pydantic) a body on the event loop, in one piece
 each: for the largest legal batch (REMI_MAX_BATCH entries of REMI_MAX_HISTORY ids, megabytes)
-that held the GIL for tens of ms and stalled every other request, /healthz included. Here the
-thread decodes a batch entry by entry and validates it entry by entry, so the loop waits at most
-one entry's worth (plus the GIL switch interval) whenever it wants the GIL back.
+that held the GIL for tens of ms and stalled every other request, /healthz included. Here a
+body over INLINE_BODY_BYTES goes to a worker thread, which decodes a batch entry by entry and
+validates it entry by entry, so the loop waits at most one entry's worth (plus the GIL switch
+interval) whenever it wants the GIL back. Smaller bodies, the common case, are handled on the
+loop: they take well under a millisecond, less than the thread hops would add.
 
 The answers are FastAPI's own: the same values, and the same errors (type, loc, msg) for bodies
 that are not JSON, not UTF-8, sent with another Content-Type, empty, or invalid. Any body off
@@ -31,6 +33,9 @@ M = TypeVar("M", bound=BaseModel)
 _DECODER = json.JSONDecoder()
 _SCAN = json.scanner.make_scanner(_DECODER)  # the C scanner json.loads uses, one value per call
 _SPACE = " \t\n\r"  # JSON's whitespace, as json.decoder.WHITESPACE
+# Bodies up to this size are decoded and validated on the loop: well under a millisecond, less
+# than the two hops to a worker thread would cost every ordinary request.
+INLINE_BODY_BYTES = 64 * 1024
 # A valid entry standing in for the real ones when the rest of a batch body is validated.
 _PLACEHOLDER_ENTRY = {"history": []}
 
@@ -185,8 +190,8 @@ def _empty_histories(histories: list[Any]) -> None:
             history.clear()
 
 
-async def _release(histories: list[Any]) -> None:
-    if len(histories) > 1:
+async def _release(histories: list[Any], body_bytes: int) -> None:
+    if body_bytes > INLINE_BODY_BYTES and len(histories) > 1:
         await anyio.to_thread.run_sync(_empty_histories, histories)
 
 
@@ -199,6 +204,8 @@ async def decoded_body(request: Request) -> AsyncIterator[Any]:
             value = _MISSING
         elif not _sends_json(request.headers.get("content-type")):
             value = raw
+        elif len(raw) <= INLINE_BODY_BYTES:
+            value = decode_json(raw)
         else:
             value = await anyio.to_thread.run_sync(decode_json, raw)
     except json.JSONDecodeError as exc:
@@ -218,20 +225,27 @@ async def decoded_body(request: Request) -> AsyncIterator[Any]:
         yield value
     finally:
         entries = _decoded_entries(value)
-        await _release([e.get("history") for e in entries if isinstance(e, dict)])
+        histories = [e.get("history") for e in entries if isinstance(e, dict)]
+        await _release(histories, len(await request.body()))
 
 
 def _validated(validate: Callable[[Any], M]) -> Callable[..., Any]:
-    async def dependency(value: Annotated[Any, Depends(decoded_body)]) -> AsyncIterator[M]:
+    async def dependency(
+        request: Request, value: Annotated[Any, Depends(decoded_body)]
+    ) -> AsyncIterator[M]:
         if value is _MISSING:
             missing = {"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}
             raise RequestValidationError([missing])
-        model = await anyio.to_thread.run_sync(validate, value)
+        size = len(await request.body())  # cached by Starlette: read once per request
+        if size <= INLINE_BODY_BYTES:
+            model = validate(value)
+        else:
+            model = await anyio.to_thread.run_sync(validate, value)
         try:
             yield model
         finally:
             if isinstance(model, BatchRequest):
-                await _release([entry.history for entry in model.requests])
+                await _release([entry.history for entry in model.requests], size)
 
     return dependency
 
