@@ -12,9 +12,10 @@ per phase:
 - "budget": the nightly job confined to `--nightly-cpus` CPUs by CPU affinity, which stands for
   the compose file's `cpus:` quota (the job sizes its threads to either; Docker cannot run
   here), with the default thread set-up;
-- "no budget": the nightly job on every CPU, default thread set-up;
+- "no budget": the nightly job on every CPU, default set-up (OpenMP's spinning wait, the pool
+  resized to the CPUs the API leaves free, nice 10);
 - "old": the nightly job on every CPU with the old default (spinning OpenMP waits, torch
-  threads = cores) - what the stack did before.
+  threads = cores, normal priority) - what the stack did before.
 
 Each nightly run is started, left to reach its training phase, measured, then stopped with
 SIGTERM (it releases its lock). Prints p50/p99/max per phase and p99 against idle.
@@ -40,7 +41,8 @@ import yaml
 
 from remi_core.threads import busy_cpus, prepare_environment
 
-prepare_environment()  # this process loads torch only to read item ids; the same set-up anyway
+# This process loads torch only to read item ids: the service's set-up anyway.
+prepare_environment("passive")
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(sys.executable).parent
@@ -78,7 +80,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("REMI_", "OMP_", "MKL_NUM", "OPENBLAS_NUM"))
+        if not k.startswith(("REMI_", "OMP_", "GOMP_", "MKL_NUM", "OPENBLAS_NUM"))
     }
     return {**env, **extra}
 
@@ -118,15 +120,19 @@ def load(url: str, histories: list[list[str]], rate: float, seconds: float) -> d
 
 def start_nightly(phase: str, args, redis_url: str, bundles: Path, tmp: Path):
     env = clean_env(REMI_REDIS_URL=redis_url)
+    config = args.config
     if phase == "old":
-        # As before issue 16: libgomp's default wait (spin, then sleep) and torch's default
-        # thread count (the cores). An explicit OMP_WAIT_POLICY wins over the set-up's passive
-        # default; an empty one is libgomp's default (it warns once that it is invalid).
-        env.update(OMP_WAIT_POLICY="", REMI_THREADS=str(os.cpu_count()))
+        # As before issue 16: libgomp's default wait (spin, then sleep), a fixed count of
+        # threads, the cores (which also keeps the load follower off), and no lower priority.
+        env.update(REMI_THREADS=str(os.cpu_count()))
+        settings = yaml.safe_load(args.config.read_text())
+        settings.setdefault("nightly", {})["nice"] = 0
+        config = tmp / "old-config.yaml"
+        config.write_text(yaml.safe_dump(settings))
     cpus = sorted(os.sched_getaffinity(0))
     affinity = set(cpus[-args.nightly_cpus :]) if phase == "budget" else None
     log = (tmp / f"nightly-{phase.replace(' ', '-')}.log").open("w")
-    argv = script("remi-train") + ["nightly", "--config", str(args.config), "--force"]
+    argv = script("remi-train") + ["nightly", "--config", str(config), "--force"]
     argv += ["--bundle-root", str(bundles), "--state-dir", str(tmp / "state")]
     proc = subprocess.Popen(
         argv,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from remi_core.threads import describe, prepare_environment, setup_threads
 
-prepare_environment()  # before torch and faiss load their OpenMP runtimes
+prepare_environment("passive")  # before torch and faiss load their OpenMP runtimes
 
 import numpy as np
 import torch

@@ -33,7 +33,7 @@ from dataclasses import replace
 
 from remi_core.threads import busy_cpus, describe, prepare_environment, setup_threads
 
-prepare_environment()  # before torch loads its OpenMP runtime
+prepare_environment("spin")  # before torch loads its OpenMP runtime
 
 import torch
 

@@ -27,11 +27,13 @@ COPY service ./service
 RUN pip install -c /tmp/constraints.txt "${FAISS_PACKAGE}" ".[train]"
 
 FROM ${PYTHON_IMAGE}
+# No OMP_WAIT_POLICY here: remi-train keeps OpenMP's spinning wait (fast on idle cores) and
+# resizes its pool to the CPUs other processes leave free, starting from the container's CPU
+# quota (remi_core/threads.py); REMI_THREADS fixes the count.
 ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    OMP_WAIT_POLICY=PASSIVE
+    PYTHONDONTWRITEBYTECODE=1
 # Debian's `cron` for the scheduler. pam_loginuid cannot work in a container (no audit login uid
 # to set), and as `required` it makes cron refuse to start every job: make it optional.
 RUN apt-get update \

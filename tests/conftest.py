@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 
+# In-process training here runs with a fixed thread count: with the load follower on
+# (remi_core/threads.py), two runs a test compares bit for bit could get different counts, and so
+# different sums, whenever something else uses the machine. Subprocess tests that check the
+# thread set-up clear this (tests/core/test_threads.py: child_env).
+os.environ.setdefault("REMI_THREADS", str(len(os.sched_getaffinity(0))))
+
 from tests.helpers import REDIS_SERVER, RedisServer, write_tiny_bundle
 
 # Set by scripts/test.sh: a test skipped for want of Redis fails instead, so the documented test

@@ -3,4 +3,4 @@
 from remi_core.threads import prepare_environment
 
 # Before any training module imports torch: OpenMP reads its settings once, when it loads.
-prepare_environment()
+prepare_environment("spin")

@@ -16,6 +16,7 @@ from remi_core.bundle import Bundle
 from remi_core.diversity import POOL_MULTIPLE, gather, greedy_diverse, list_diversity
 from remi_core.models import MultiInterestEncoder, pad_histories
 from remi_core.retrieval import dense_merged_topk
+from remi_core.threads import follow_load
 from training.data import SequenceDataset
 from training.metrics import ranking_metrics
 
@@ -92,6 +93,7 @@ def evaluate_model(
     items = model.item_table()
     ranked = []
     for start in range(0, len(eval_set), batch_size):
+        follow_load()
         chunk_items = eval_set.items[start : start + batch_size].to(device)
         chunk_mask = eval_set.mask[start : start + batch_size].to(device)
         interests, _ = model(chunk_items, chunk_mask)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from remi_core.atomic import atomic_file, write_json_atomic
 from remi_core.models import MultiInterestEncoder, build_encoder, cpu_state_dict
+from remi_core.threads import follow_load
 from training.config import TrainConfig
 from training.data import SequenceDataset
 from training.evaluate import (
@@ -291,6 +292,7 @@ def _train_loop(
     session.model.train()
     try:
         while state.iteration < cfg.max_iters and state.stale < cfg.patience:
+            follow_load()  # on this thread: OpenMP keeps the thread count per calling thread
             running += session.step()
             steps_since_eval += 1
             state.iteration += 1

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from remi_core.threads import (
+    LoadFollower,
     ThreadSettingError,
     available_cpus,
     cgroup_cpu_limit,
@@ -83,6 +84,88 @@ def test_the_count_comes_from_the_flag_then_remi_threads_then_the_cpus(monkeypat
         resolve_threads(0)
 
 
+# --- the load follower, on /proc files laid out like the kernel's ---------------------------------
+
+
+class FakeProc:
+    """/proc/stat and /proc/self/stat for two watched CPUs (0, 1) and one ignored (2), at 100
+    jiffies a second, and a clock the test moves."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.now = root, 0.0
+        self.busy = [0, 0, 0]  # jiffies per CPU
+        self.own = 0
+        self.write()
+
+    def write(self) -> None:
+        lines = ["cpu  0 0 0 0 0 0 0 0 0 0"]
+        for i, busy in enumerate(self.busy):  # user nice system idle iowait irq softirq steal
+            lines.append(f"cpu{i} {busy} 0 0 {10**6} 7 0 0 0 0 0")
+        write(self.root / "stat", "\n".join(lines) + "\nintr 1 2 3\n")
+        own = f"4242 (python -m x) R 1 1 1 0 -1 4194560 1 0 0 0 {self.own} 0 0 0 20 0 3 0"
+        write(self.root / "self/stat", own + "\n")
+
+    def advance(self, seconds: float, others: float, own: float) -> None:
+        """`others` and `own`: CPUs kept busy over the interval (others on CPUs 0-1 plus a full
+        CPU 2 that nobody watches)."""
+        self.now += seconds
+        self.busy[0] += round(100 * seconds * (others + own))
+        self.busy[2] += round(100 * seconds)
+        self.own += round(100 * seconds * own)
+        self.write()
+
+
+def follower(proc: FakeProc, max_threads: int = 2) -> LoadFollower:
+    return LoadFollower(max_threads, 0.5, cpus=[0, 1], proc=proc.root, clock=lambda: proc.now)
+
+
+def test_the_load_follower_counts_only_other_processes_on_its_cpus(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path)
+    f = follower(proc)
+    before = f._sample()
+    proc.advance(1.0, others=0.4, own=1.3)
+    assert f.others(before, f._sample()) == pytest.approx(0.4)
+    assert f.tick() == 2  # 0.4 CPU taken: both cores still count as free
+    # Between samples nothing is read (a tick costs a clock call).
+    proc.advance(0.2, others=2.0, own=0.0)
+    assert f.tick() == 2 and f.changes == 0
+
+
+def test_the_load_follower_shrinks_at_once_and_grows_after_two_free_samples(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    start = torch.get_num_threads()
+    proc = FakeProc(tmp_path)
+    f = follower(proc)
+    try:
+        proc.advance(0.5, others=0.3, own=1.7)  # background noise: keep both threads
+        assert f.tick() == 2
+        proc.advance(0.5, others=0.67, own=1.33)  # one busy process beside two spinning threads
+        assert f.tick() == 1 and torch.get_num_threads() == 1 and f.changes == 1
+        proc.advance(0.5, others=1.0, own=1.0)
+        assert f.tick() == 1
+        proc.advance(0.5, others=0.0, own=1.0)  # it went: one free sample is not enough
+        assert f.tick() == 1
+        proc.advance(0.5, others=0.0, own=1.0)
+        assert f.tick() == 2 and torch.get_num_threads() == 2 and f.changes == 2
+        capped = follower(FakeProc(tmp_path / "capped"), max_threads=1)  # e.g. a CPU quota of 1
+        assert capped.wanted(0.0) == 1
+    finally:
+        torch.set_num_threads(start)
+
+
+def test_the_load_follower_keeps_its_count_when_proc_cannot_be_read(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path)
+    f = follower(proc)
+    (tmp_path / "stat").write_text("garbage\n")
+    (tmp_path / "self/stat").unlink()
+    proc.now += 5
+    assert f.tick() == 2 and f.changes == 0
+
+
 # --- every entry point, in a subprocess -----------------------------------------------------------
 
 
@@ -132,8 +215,13 @@ def run_train(args: list[str], one_cpu: bool = False, **env: str) -> dict:
     return report
 
 
-def assert_set_up(report: dict, threads: int) -> None:
-    assert report["wait_policy"] == "PASSIVE"
+SPIN = "spin, then sleep (OpenMP default)"
+
+
+def assert_set_up(report: dict, threads: int, follows_load: bool = True) -> None:
+    # Training keeps OpenMP's spinning wait; the load follower keeps it off shared cores.
+    assert report["wait_policy"] == SPIN
+    assert report["follows_load"] == follows_load
     assert report["prepared_in_time"], "torch or faiss was imported before the thread set-up"
     assert report["threads"] == threads
     assert report["torch_threads"] == threads
@@ -150,9 +238,10 @@ def test_remi_train_sizes_threads_to_the_cpus_it_may_use(tmp_path: Path) -> None
 
 @pytest.mark.integration
 def test_remi_train_threads_flag_and_environment_override(tmp_path: Path) -> None:
+    # A fixed count also stops the follower: reruns stay bit-identical whatever else runs.
     args = ["versions", "--bundle-root", str(tmp_path)]
-    assert_set_up(run_train(["--threads", "3", *args]), 3)
-    assert_set_up(run_train(args, REMI_THREADS="3"), 3)
+    assert_set_up(run_train(["--threads", "3", *args]), 3, follows_load=False)
+    assert_set_up(run_train(args, REMI_THREADS="3"), 3, follows_load=False)
     bad = subprocess.run(
         console_script("remi-train", "training.cli") + args,
         env=child_env(REMI_THREADS="lots"),
@@ -171,6 +260,44 @@ def test_remi_train_train_command_applies_it(tmp_path: Path) -> None:
     args = ["train", "--data", "synthetic", "--synthetic-users", "200", "--max-iters", "2"]
     args += ["--eval-every", "2", "--dim", "8", "--run-dir", str(tmp_path / "run")]
     assert_set_up(run_train(args, one_cpu=True), 1)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(CPUS < 2, reason="one CPU: a single thread has nothing to shrink to")
+def test_training_shrinks_its_pool_when_other_processes_take_the_cores(tmp_path: Path) -> None:
+    # Real training beside one busy process per CPU: within a sample or two (0.5 s each) the
+    # pool drops below the CPU count, so spinning threads never wait for a thread with no core.
+    args = ["train", "--data", "synthetic", "--synthetic-users", "300", "--max-iters", "100000"]
+    args += ["--eval-every", "100000", "--dim", "16", "--no-progress"]
+    args += ["--run-dir", str(tmp_path / "run")]
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(CPUS)]
+    log_path = tmp_path / "train.log"
+    try:
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(
+                console_script("remi-train", "training.cli") + args,
+                env=child_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        deadline = time.monotonic() + 90
+        while "remi-threads-resize" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no resize within 90 s"
+            time.sleep(0.2)
+    finally:
+        for p in [*busy, locals().get("proc")]:
+            if p is not None:
+                p.kill()
+                p.wait()
+    [report] = reports(log_path.read_text())
+    assert report["follows_load"] and report["threads"] == CPUS
+    resize = next(
+        json.loads(line.split(" ", 1)[1])
+        for line in log_path.read_text().splitlines()
+        if line.startswith("remi-threads-resize ")
+    )
+    assert resize["from"] == CPUS and resize["to"] < CPUS
 
 
 def serve_reports(
@@ -249,6 +376,6 @@ def test_threads_benchmark_compares_the_set_ups_under_load() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     [row] = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("1 ")]
-    assert row[0] == "1" and row.count("s") == 3  # a time for default, single and old
+    assert row[0] == "1" and row.count("s") == 4  # a time for default, single, old, passive
     assert f"({CPUS} thr)" in done.stdout and "(1 thr)" in done.stdout
     assert "busy 1: default / single = " in done.stdout

@@ -222,6 +222,8 @@ def test_compose_stack_natively(stack: NativeStack) -> None:
         assert sorted(r["kind"] for r in reports) == ["bootstrap", "nightly"]
         [report] = [r for r in reports if r["kind"] == "nightly"]
         assert report["status"] == "ok"
+        # The job yields the CPU to the API (nightly.nice, default 10).
+        assert report["nice"] == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
         assert report["decision"] == "published", report.get("reason")
         assert report["events"]["read"] == len(new_item_events())
         assert report["data"]["new_items"]["sample"] == [NEW_ITEM]

@@ -82,6 +82,8 @@ def test_config_validation() -> None:
         NightlyConfig(retention=0)
     with pytest.raises(NightlyError, match="compare_metric"):
         NightlyConfig(compare_metric="auc")
+    with pytest.raises(NightlyError, match="nice must be between 0 and 19, not 20"):
+        NightlyConfig(nice=20)
     with pytest.raises(TypeError):  # removed options are not silently accepted
         NightlyConfig(split="official")  # type: ignore[call-arg]
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from remi_core.threads import lower_priority
 from training.commands.options import (
     CliError,
     DeviceOpt,
@@ -111,6 +112,7 @@ def nightly(
     )  # fmt: skip
     if cfg.redis_url is None:
         raise CliError("--redis-url: the nightly job needs Redis")
+    lower_priority(cfg.nice)
     with sigterm_unwinds():
         report: dict[str, Any] = run_nightly(cfg)
     echo_json(report)
@@ -133,6 +135,7 @@ def bootstrap(
                          progress=progress)  # fmt: skip
     if redis_url is None:  # no Redis given: nothing to lock against (a plain local bootstrap)
         cfg = replace(cfg, redis_url=None)
+    lower_priority(cfg.nice)
     with sigterm_unwinds():
         report = run_bootstrap(cfg)
     echo_json(report)

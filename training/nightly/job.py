@@ -41,6 +41,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import tempfile
 import time
 import uuid
@@ -51,10 +52,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from remi_core.atomic import write_json_atomic
 from remi_core.bundle import FILES, BundleError, current_version, read_manifest, resolve_current
+from remi_core.threads import setup_threads
 from training.data import DataError, SequenceDataset, preprocess, read_interactions, stable_split
 from training.nightly import publish
 from training.nightly.config import NightlyConfig, NightlyError
@@ -145,6 +146,7 @@ class NightlyRun:
             "run_id": self.run_id,
             "started_at": self.started_at,
             "status": status,
+            "nice": os.getpriority(os.PRIO_PROCESS, 0),
             "bundle_root": str(self.cfg.bundle_root),
             "state_dir": str(self.cfg.state_dir),
         }
@@ -221,8 +223,8 @@ def run_bootstrap(cfg: NightlyConfig) -> dict[str, Any]:
 
 def _run(cfg: NightlyConfig, kind: str) -> dict[str, Any]:
     """Step 1 (the lock), the other steps under it, and the report whatever happens."""
-    if cfg.torch_threads is not None:
-        torch.set_num_threads(cfg.torch_threads)
+    if cfg.torch_threads is not None:  # a fixed count, as --threads: no load following
+        setup_threads(cfg.torch_threads)
     run = NightlyRun(cfg, kind)
     if cfg.redis_url is not None:
         run.client = _redis_client(cfg.redis_url)
