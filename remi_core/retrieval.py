@@ -157,10 +157,14 @@ def _with_boundary_ties(scores: torch.Tensor, n: int) -> np.ndarray:
     """Top-n rows of scores (b, N); a user whose n-th score is shared by rows left out gets every
     row scoring at least that much, so the merge can give the tie to the smaller row (topk
     picks among equal scores in no promised order)."""
-    top = scores.topk(n, dim=1)
-    kth = top.values[:, -1:]  # (b, 1)
-    rows = top.indices.numpy()
-    tied = torch.isfinite(kth[:, 0]) & ((scores >= kth).sum(dim=1) > n)
+    # One row more than asked: the n-th score is shared by a row left out exactly when the
+    # (n+1)-th equals it, which spares a full pass over the (b, N) scores to count ties.
+    top = scores.topk(min(n + 1, scores.shape[1]), dim=1)
+    kth = top.values[:, n - 1 : n]  # (b, 1)
+    rows = top.indices[:, :n].numpy()
+    if top.values.shape[1] == n:  # nothing left out
+        return rows
+    tied = torch.isfinite(kth[:, 0]) & (top.values[:, n] == kth[:, 0])
     if not tied.any():
         return rows
     wide = {

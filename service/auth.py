@@ -45,13 +45,13 @@ class DataAccess:
             raise Unauthorized("wrong API key (X-API-Key header)")
 
 
-def get_data_access(
+async def get_data_access(
     request: Request, key: Annotated[str | None, Security(api_key_header)]
 ) -> DataAccess:
     return DataAccess(request.app.state.api_key_digests, key)
 
 
-def require_data_access(access: Annotated[DataAccess, Depends(get_data_access)]) -> None:
+async def require_data_access(access: Annotated[DataAccess, Depends(get_data_access)]) -> None:
     access.require()
 
 

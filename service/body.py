@@ -16,6 +16,7 @@ the common shape is decoded by json.loads in one piece, as FastAPI does, so its 
 from __future__ import annotations
 
 import email.message
+import functools
 import json
 import json.decoder
 import json.scanner
@@ -161,6 +162,7 @@ def validate_recommend(value: Any) -> RecommendRequest:
     return model
 
 
+@functools.lru_cache(maxsize=64)  # clients send the same few content types, parsed once each
 def _sends_json(content_type: str | None) -> bool:
     # FastAPI's rule (strict_content_type): application/json or application/*+json, nothing else.
     if not content_type:
