@@ -16,8 +16,8 @@ What it does, in one run:
    users/s) and, for the ANN bundle, recall@50 against exact Eq. 7 on other real histories.
 5. Starts `remi-serve` per variant and drives POST /recommend with `wrk` (Debian package; a
    Python load generator only if wrk is missing) at concurrency 1, 16 and 64, with real Sports
-   histories (each request one user, n=50). Variants: micro-batching on and off, dense and
-   Faiss exact search.
+   histories (each request one user, n=50). Variants: micro-batching on and off, the balance
+   window off, dense and Faiss exact search, threads and workers.
 6. Prints the tables and writes them into docs/benchmarks.md between the bench_serve_load
    markers, with the machine they ran on.
 """
@@ -415,6 +415,7 @@ def main() -> None:
         variants = [
             Variant(small, "batching on (defaults), dense exact", {}, conc),
             Variant(small, "batching off", off, (16,)),
+            Variant(small, "balance window off", {"REMI_BATCH_BALANCE_MS": "0"}, (16,)),
             Variant(small, "Faiss exact", {"REMI_EXACT_SEARCH": "faiss"}, (16,)),
             Variant(small, f"torch threads {args.threads}",
                     {"REMI_TORCH_THREADS": str(args.threads)}, (16,)),
@@ -491,7 +492,8 @@ def markdown(header, rows, labels, results, args, seconds) -> str:
         "",
         "`req/s / bound`: HTTP throughput over the best in-process bound of that catalogue (any "
         "backend, any thread count). Server defaults: REMI_BATCH_WAIT_MS=0, "
-        "REMI_BATCH_MAX_USERS=128, REMI_TORCH_THREADS=1, REMI_EXACT_SEARCH=dense.",
+        "REMI_BATCH_BALANCE_MS=2, REMI_BATCH_MAX_USERS=128, REMI_TORCH_THREADS=1, "
+        "REMI_EXACT_SEARCH=dense.",
     ]
     return "\n".join(lines)
 

@@ -540,6 +540,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.batch_max_users,
         on_batch=metrics.record_batch,
         workers=settings.compute_threads,
+        balance_ms=settings.batch_balance_ms,
     )
     app.state.batcher.start()
     poller = None

@@ -88,6 +88,15 @@ class Settings(BaseSettings):
         "queue and join the next batch anyway; 0 batches only what is queued and adds no latency "
         "at low load (a wait brought nothing measurable in bench/bench_serve_load.py).",
     )
+    batch_balance_ms: float = Field(
+        2.0,
+        ge=0,
+        le=100,
+        description="Micro-batching: when the compute thread frees up with fewer users queued "
+        "than half of the last batch plus the queue, the longest it waits (ms, from that moment) "
+        "for more, so that clients answered together do not split into a tiny batch and a big "
+        "one. Never delays a request at concurrency 1. 0 turns it off.",
+    )
     batch_max_users: int = Field(
         128,
         ge=1,

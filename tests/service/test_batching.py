@@ -72,6 +72,53 @@ def test_batched_answers_equal_unbatched(model: LoadedModel, workers: int) -> No
         ]
 
 
+def one_user(model: LoadedModel, i: int) -> dict:
+    ids = tiny_item_ids()[1:]
+    return {"histories": [[ids[i], ids[i + 1]]], "n": [5], "exclude_history": [False],
+            "explain": [False]}  # fmt: skip
+
+
+async def lopsided_then_stragglers(batcher: MicroBatcher, model: LoadedModel) -> list[int]:
+    """A batch of 14, then 2 requests at once and 6 more 50 ms later; returns the batch sizes."""
+    sizes: list[int] = []
+    batcher.on_batch = lambda users, results: sizes.append(users)
+
+    def submit(i: int):
+        return batcher.submit(model, render=lambda results: results, **one_user(model, i))
+
+    async with batcher:
+        await asyncio.gather(*(submit(i) for i in range(14)))
+        early = [asyncio.ensure_future(submit(i)) for i in range(2)]
+        await asyncio.sleep(0.05)
+        await asyncio.gather(*early, *(submit(i) for i in range(6)))
+    return sizes
+
+
+@pytest.mark.parametrize(("balance_ms", "sizes"), [(0, [14, 2, 6]), (1000, [14, 8])])
+def test_a_lopsided_batch_is_followed_by_an_even_share(
+    model: LoadedModel, balance_ms: float, sizes: list[int]
+) -> None:
+    # Right after the batch of 14 the thread is free with 2 queued: half of 14 + 2 is 8, so with
+    # a balance window it waits for the 6 that follow (their wait ends as soon as 8 are queued,
+    # long before the 1 s bound); without one, the 2 run alone.
+    batcher = MicroBatcher(max_wait_ms=0, max_users=64, balance_ms=balance_ms)
+    assert asyncio.run(lopsided_then_stragglers(batcher, model)) == sizes
+
+
+def test_the_balance_window_never_delays_one_client_at_a_time(model: LoadedModel) -> None:
+    async def one_by_one(batcher: MicroBatcher) -> float:
+        loop = asyncio.get_running_loop()
+        async with batcher:
+            start = loop.time()
+            for i in range(5):
+                await batcher.submit(model, render=lambda r: r, **one_user(model, i))
+            return loop.time() - start
+
+    # Each request finds the queue holding what the last batch held (1 user): no wait, where a
+    # wrong rule would add the whole 2 s window to every request.
+    assert asyncio.run(one_by_one(MicroBatcher(0, 64, balance_ms=2000))) < 1.0
+
+
 def test_unbatched_mode_runs_one_request_at_a_time(model: LoadedModel) -> None:
     requests = seeded_requests(6, seed=1)
     batcher = MicroBatcher(max_wait_ms=0, max_users=1)
@@ -150,3 +197,5 @@ def test_settings_are_checked() -> None:
         MicroBatcher(max_wait_ms=1, max_users=0)
     with pytest.raises(ValueError):
         MicroBatcher(max_wait_ms=1, max_users=4, workers=0)
+    with pytest.raises(ValueError):
+        MicroBatcher(max_wait_ms=1, max_users=4, balance_ms=-1)
