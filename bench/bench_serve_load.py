@@ -1,6 +1,6 @@
 """Load-test the real `remi-serve` over HTTP at 100k items (exact) and 1M items (ANN index).
 
-    python bench/bench_serve_load.py --data-root ../shared/data            # ~8 minutes, 2 cores
+    python bench/bench_serve_load.py --data-root ../shared/data            # ~9 minutes, 2 cores
     python bench/bench_serve_load.py --data-root ../shared/data --quick    # mechanics, ~3 min
 
 What it does, in one run:
@@ -313,12 +313,21 @@ def run_python_load(url: str, bodies: list[str], connections: int, seconds: floa
                 errors[0])  # fmt: skip
 
 
-def drive(server: Server, bodies: list[str], c: int, seconds: float, work: Path) -> Load:
-    if shutil.which("wrk"):
-        run_wrk(server.url, bodies, c, 1, work)  # warm-up: connections, caches, batch sizes
-        return run_wrk(server.url, bodies, c, seconds, work)
-    run_python_load(server.url, bodies, c, 1)
-    return run_python_load(server.url, bodies, c, seconds)
+def drive(
+    server: Server, bodies: list[str], c: int, seconds: float, work: Path, repeats: int
+) -> Load:
+    """`repeats` runs after a warm-up; the run with the median req/s. Single runs of the same
+    server at concurrency 16 spread by up to 20% (how batches and, with several workers, how
+    connections happen to split), enough to reorder variants."""
+    runs = []
+    for _ in range(repeats):
+        if shutil.which("wrk"):
+            run_wrk(server.url, bodies, c, 1, work)  # warm-up: connections, caches, batches
+            runs.append(run_wrk(server.url, bodies, c, seconds, work))
+        else:
+            run_python_load(server.url, bodies, c, 1)
+            runs.append(run_python_load(server.url, bodies, c, seconds))
+    return sorted(runs, key=lambda load: load.rps)[len(runs) // 2]
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -358,6 +367,7 @@ def main() -> None:
     parser.add_argument("--exact-max-items", type=int, default=EXACT_MAX_ITEMS,
                         help="Largest catalogue searched exactly (default: export's).")  # fmt: skip
     parser.add_argument("--duration", type=float, default=6.0, help="Seconds per load run.")
+    parser.add_argument("--repeats", type=int, default=3, help="Load runs per cell (median kept).")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="Torch threads of the wide variant (the default is 1).")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="Short runs, c=16 only.")
@@ -367,7 +377,7 @@ def main() -> None:
     if not (args.data_root / SPORTS).is_file():
         sys.exit(f"error: --data-root: {args.data_root / SPORTS} not found")
     if args.quick:
-        args.duration = min(args.duration, 3.0)
+        args.duration, args.repeats = min(args.duration, 3.0), 1
     args.work_dir.mkdir(parents=True, exist_ok=True)
     header = machine()
     started = time.perf_counter()
@@ -440,7 +450,7 @@ def main() -> None:
             root = rows[size]["path"].parent
             with Server(root, variant.env, work / "server.log", variant.workers) as server:
                 for c in variant.concurrency:
-                    load = drive(server, bodies, c, args.duration, work)
+                    load = drive(server, bodies, c, args.duration, work, args.repeats)
                     results.append((variant, size, c, load))
                     print(f"{variant.catalogue} {variant.label} c={c}: {load.rps:.0f} req/s, "
                           f"p50 {load.p50_ms:.1f} ms, p99 {load.p99_ms:.1f} ms, "
@@ -460,7 +470,8 @@ def _size_label(size: int) -> str:
 def markdown(header, rows, labels, results, args, seconds) -> str:
     lines = [
         f"Machine: {header}. Whole run {seconds / 60:.1f} min "
-        f"(`--duration {args.duration:g}`{' --quick' if args.quick else ''}).",
+        f"(`--duration {args.duration:g} --repeats {args.repeats}`"
+        f"{' --quick' if args.quick else ''}; each cell the median of the repeats by req/s).",
         "",
         "Catalogues (d=64, K=4, n=50; grown from a REMI model trained on Amazon Sports, see "
         "below):",

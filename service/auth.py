@@ -45,6 +45,7 @@ class DataAccess:
             raise Unauthorized("wrong API key (X-API-Key header)")
 
 
+# async, like every dependency of the service: FastAPI runs a plain `def` one in its thread pool.
 async def get_data_access(
     request: Request, key: Annotated[str | None, Security(api_key_header)]
 ) -> DataAccess:
