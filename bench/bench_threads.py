@@ -7,8 +7,9 @@ For 0, 1 and 2 competing busy processes (each a single-threaded Python loop, sta
 stopped after each load level), it runs the same training job in fresh processes, one per
 thread set-up, because OpenMP reads its settings once per process:
 
-- "default": what remi-train now does (remi_core.threads: a short OpenMP spin, threads = the
-  CPUs the process may use, resized to the CPUs other processes leave free by LoadFollower);
+- "default": what remi-train now does (remi_core.threads: OpenMP's own spin-then-sleep wait,
+  threads = the CPUs the process may use, resized by LoadFollower to the CPUs other processes
+  leave free);
 - "single": REMI_THREADS=1 (a fixed count: no load following);
 - "old": the original default: nothing set before torch loads (libgomp spins at barriers),
   torch's thread count = the host's cores;
