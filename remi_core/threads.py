@@ -242,7 +242,7 @@ def setup_threads(
         source=source,
         cpus_available=available_cpus(),
         wait_policy=_wait_policy(),
-        follows_load=source == "cpus available" and os.environ.get("OMP_WAIT_POLICY") != "PASSIVE",
+        follows_load=_may_follow(source),
         prepared_in_time=_prepared_in_time,
         torch_threads=torch.get_num_threads(),
         faiss_threads=faiss_applied,
@@ -253,13 +253,20 @@ def setup_threads(
     return setup
 
 
+def _may_follow(source: str) -> bool:
+    """A count from the CPUs available (not fixed by the flag or REMI_THREADS), with OpenMP
+    spinning rather than passive: see ThreadSetup.follows_load."""
+    return source == "cpus available" and os.environ.get("OMP_WAIT_POLICY") != "PASSIVE"
+
+
 def _follows_load() -> bool:
-    """Whether this process's count may follow the load (see ThreadSetup.follows_load)."""
+    """Whether this process's count may follow the load: as set up, or as it would be."""
     if _setup is not None:
         return _setup.follows_load
-    return not os.environ.get(THREADS_ENV, "").strip() and (
-        os.environ.get("OMP_WAIT_POLICY") != "PASSIVE"
-    )
+    try:
+        return _may_follow(resolve_threads()[1])
+    except ThreadSettingError:  # a bad REMI_THREADS: setup_threads will say so
+        return False
 
 
 class LoadFollower:

@@ -72,7 +72,7 @@ def test_batched_answers_equal_unbatched(model: LoadedModel, workers: int) -> No
         ]
 
 
-def one_user(model: LoadedModel, i: int) -> dict:
+def one_user(i: int) -> dict:
     ids = tiny_item_ids()[1:]
     return {"histories": [[ids[i], ids[i + 1]]], "n": [5], "exclude_history": [False],
             "explain": [False]}  # fmt: skip
@@ -84,7 +84,7 @@ async def lopsided_then_stragglers(batcher: MicroBatcher, model: LoadedModel) ->
     batcher.on_batch = lambda users, results: sizes.append(users)
 
     def submit(i: int):
-        return batcher.submit(model, render=lambda results: results, **one_user(model, i))
+        return batcher.submit(model, render=lambda results: results, **one_user(i))
 
     async with batcher:
         await asyncio.gather(*(submit(i) for i in range(14)))
@@ -111,7 +111,7 @@ def test_the_balance_window_never_delays_one_client_at_a_time(model: LoadedModel
         async with batcher:
             start = loop.time()
             for i in range(5):
-                await batcher.submit(model, render=lambda r: r, **one_user(model, i))
+                await batcher.submit(model, render=lambda r: r, **one_user(i))
             return loop.time() - start
 
     # Each request finds the queue holding what the last batch held (1 user): no wait, where a
