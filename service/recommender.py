@@ -6,6 +6,7 @@ together and runs in benchmarks (bench/bench_service.py).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -23,13 +24,22 @@ from remi_core.bundle import Bundle, BundleError, load_bundle
 from remi_core.diversity import pool_size, rerank
 from remi_core.index import ROW_OFFSET, to_best_device
 from remi_core.models import MultiInterestEncoder, pad_histories
-from remi_core.retrieval import Retrieved, RetrievedBatch, exact_merged_topk, faiss_merged_topk
+from remi_core.retrieval import (
+    Retrieved,
+    RetrievedBatch,
+    ScreenTable,
+    exact_merged_topk,
+    faiss_merged_topk,
+)
 
 T = TypeVar("T")
-# How exact (Flat) bundles are searched: "dense" is Eq. 7 as blocked matmuls in torch, "faiss"
-# the IndexFlatIP in the bundle. bench/bench_serve_load.py compares them; dense was about 2x
-# faster on 2 cores (100k items, d=64, K=4), so it is the default.
-EXACT_SEARCH = ("dense", "faiss")
+# How exact (Flat) bundles are searched on the CPU: "dense" is Eq. 7 as blocked float32 matmuls
+# in torch, "screened" the same in bfloat16 with the rows that could make the top n rescored in
+# float32 (the same answers), "faiss" the IndexFlatIP in the bundle, and "auto" whichever of
+# screened and dense is faster on this host, timed at load (bfloat16 matmuls are fast only
+# where the CPU has bfloat16 dot products). bench/bench_serve_load.py compares them.
+EXACT_SEARCH = ("auto", "screened", "dense", "faiss")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,7 +61,8 @@ class LoadedModel:
     index: faiss.Index
     index_device: str  # "cpu" or "gpu"
     loaded_at: float
-    exact_search: str = "dense"  # for Flat indexes on the CPU: "dense" or "faiss"
+    exact_search: str = "dense"  # for Flat indexes on the CPU: "screened", "dense" or "faiss"
+    screen: ScreenTable | None = None  # bfloat16 copy of the table when exact_search="screened"
     categories: np.ndarray | None = None  # (N,) int32 category per row (-1: none), read-only
     # GPU indexes are not safe to search from several threads at once; CPU ones are.
     _search_lock: threading.Lock | None = field(default=None, repr=False)
@@ -71,30 +82,66 @@ class LoadedModel:
 
     @property
     def search_backend(self) -> str:
-        """What answers searches: "dense" (exact Eq. 7 in torch) or "faiss"."""
-        flat = isinstance(self.index, faiss.IndexFlat)
-        return "dense" if flat and self.exact_search == "dense" else "faiss"
+        """What answers searches: "screened" or "dense" (exact Eq. 7 in torch) or "faiss"."""
+        return self.exact_search if _torch_searches(self.index, self.exact_search) else "faiss"
 
     def search(
         self, interests: np.ndarray, n: Sequence[int], exclude: Sequence[np.ndarray] | None
     ) -> RetrievedBatch:
         """The merged top n[b] of each user (rows hold max(n) slots; exact search ranks the
         same way at any depth, so it searches once at the deepest)."""
-        if self.search_backend == "dense":
-            return exact_merged_topk(interests, self.item_table, max(n), exclude)
+        if self.search_backend != "faiss":
+            return exact_merged_topk(
+                interests, self.item_table, max(n), exclude, screen=self.screen
+            )
         with self._search_lock or nullcontext():
             return faiss_merged_topk(self.index, interests, self.item_table, n, exclude)
 
 
+def _torch_searches(index: faiss.Index, exact_search: str) -> bool:
+    """Whether torch, not the index, answers: exact (Flat) CPU indexes unless told "faiss"."""
+    return isinstance(index, faiss.IndexFlat) and exact_search != "faiss"
+
+
+def choose_exact_search(items: torch.Tensor, screen: ScreenTable, k: int) -> str:
+    """ "screened" or "dense", whichever answers a batch of 16 users faster on this host
+    (best of 3 each). Both give the same answers, so only the speed depends on the choice."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(1, items.shape[0], (16, k), generator=gen)
+    interests = items[rows].numpy()  # (16, K, d): interests that look like the catalogue
+    timings = {}
+    for name, table in (("screened", screen), ("dense", None)):
+        runs = []
+        for _ in range(4):  # the first warms up
+            start = time.perf_counter()
+            exact_merged_topk(interests, items, 50, screen=table)
+            runs.append(time.perf_counter() - start)
+        timings[name] = min(runs[1:])
+    choice = min(timings, key=timings.__getitem__)
+    log.info("exact search: %s (screened %.1f ms, dense %.1f ms per 16 users)", choice,
+             1e3 * timings["screened"], 1e3 * timings["dense"])  # fmt: skip
+    return choice
+
+
 def model_from_bundle(
-    bundle: Bundle, device: str | torch.device = "cpu", exact_search: str = "dense"
+    bundle: Bundle, device: str | torch.device = "cpu", exact_search: str = "auto"
 ) -> LoadedModel:
-    """Wrap a loaded bundle for serving: index on the best device, arrays frozen."""
+    """Wrap a loaded bundle for serving: index on the best device, arrays frozen, and for an
+    exact index the torch search chosen (`EXACT_SEARCH`)."""
     if exact_search not in EXACT_SEARCH:
         raise ValueError(f"exact_search must be one of {EXACT_SEARCH}, not {exact_search!r}")
     index, index_device = to_best_device(bundle.index)
     embeddings = bundle.item_embeddings
     item_table = torch.from_numpy(embeddings)  # shares memory; made before the array is frozen
+    screen = None
+    if _torch_searches(index, exact_search) and exact_search != "dense":
+        screen = ScreenTable.of(item_table)
+        if exact_search == "auto":
+            exact_search = choose_exact_search(item_table, screen, bundle.encoder.num_interests)
+        if exact_search == "dense":
+            screen = None
+    elif exact_search == "auto":
+        exact_search = "dense"  # not used: the index answers
     embeddings.setflags(write=False)
     popularity = bundle.popularity
     popularity.setflags(write=False)
@@ -119,13 +166,14 @@ def model_from_bundle(
         index_device=index_device,
         loaded_at=time.time(),
         exact_search=exact_search,
+        screen=screen,
         categories=bundle.categories,
         _search_lock=threading.Lock() if index_device == "gpu" else None,
     )
 
 
 def load_model(
-    path: Path, device: str = "cpu", verify: bool = True, exact_search: str = "dense"
+    path: Path, device: str = "cpu", verify: bool = True, exact_search: str = "auto"
 ) -> LoadedModel:
     """Load, verify and smoke-test a bundle (a version directory or a root's `current`).
 

@@ -36,7 +36,7 @@ class ModelRegistry:
     """
 
     def __init__(
-        self, root: Path, device: str, verify: bool, metrics: Metrics, exact_search: str = "dense"
+        self, root: Path, device: str, verify: bool, metrics: Metrics, exact_search: str = "auto"
     ) -> None:
         self.root = Path(root)
         self.device = device

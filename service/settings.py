@@ -119,11 +119,14 @@ class Settings(BaseSettings):
         "event loop may wait for the GIL while the compute thread runs Python. Python's default "
         "is 5 ms.",
     )
-    exact_search: Literal["dense", "faiss"] = Field(
-        "dense",
+    exact_search: Literal["auto", "screened", "dense", "faiss"] = Field(
+        "auto",
         description="How bundles with an exact (Flat) index are searched on the CPU: 'dense' "
-        "(Eq. 7 as blocked matmuls in torch, about 2x faster on 2 cores, see "
-        "docs/benchmarks.md) or 'faiss' (the bundle's IndexFlatIP).",
+        "(Eq. 7 as blocked float32 matmuls in torch), 'screened' (the same in bfloat16, the "
+        "rows that could make the top n rescored in float32: the same answers, faster on CPUs "
+        "with bfloat16 dot products), 'faiss' (the bundle's IndexFlatIP), or 'auto': screened "
+        "or dense, whichever is faster on this host, timed when a bundle loads. GET /v1/model "
+        "shows the choice as search_backend; see docs/benchmarks.md.",
     )
     admin_token: SecretStr | None = Field(
         None,

@@ -1,13 +1,17 @@
-"""The vectorised serving paths (merge over the batch, blocked dense exact search) against a
-brute-force reference on seeded data: exclusion, n beyond what remains, ties, K = 1."""
+"""The vectorised serving paths (merge over the batch, blocked dense exact search, the same
+screened in bfloat16) against a brute-force reference on seeded data: exclusion, n beyond what
+remains, ties, K = 1, scores closer than bfloat16 can tell apart."""
 
 import numpy as np
 import pytest
 import torch
 
+from remi_core import retrieval
 from remi_core.index import build_index
 from remi_core.retrieval import (
+    SCREEN_ERROR,
     RetrievedBatch,
+    ScreenTable,
     blocked_max_scores,
     exact_merged_topk,
     faiss_merged_topk,
@@ -64,10 +68,13 @@ def test_merge_equals_brute_force(seeded, n, use_exclude):
 @pytest.mark.parametrize("n", [1, 10, 299, 1000])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("chunk", [1, 2, 64])
-def test_exact_equals_brute_force(seeded, n, k, chunk):
+@pytest.mark.parametrize("screened", [False, True])
+def test_exact_equals_brute_force(seeded, n, k, chunk, screened):
     interests, items, exclude = seeded
     v = np.ascontiguousarray(interests[:, :k])
-    result = exact_merged_topk(v, torch.from_numpy(items), n, exclude, users_per_chunk=chunk)
+    table = torch.from_numpy(items)
+    screen = ScreenTable.of(table) if screened else None
+    result = exact_merged_topk(v, table, n, exclude, users_per_chunk=chunk, screen=screen)
     assert_matches(result, reference(v, items, n, exclude))
     # The last user excluded every item: nothing is left, and nothing is invented.
     assert result.counts[-1] == 0 and len(result[4].rows) == 0
@@ -97,11 +104,72 @@ def test_ties_go_to_the_smaller_row(k):
     assert [row for _, row, _ in expected[0]] == [40, 41, 42, 43, 44]
     table = torch.from_numpy(items)
     assert_matches(exact_merged_topk(interests, table, 5, exclude), expected)
+    screen = ScreenTable.of(table)
+    assert_matches(exact_merged_topk(interests, table, 5, exclude, screen=screen), expected)
     found = faiss_merged_topk(build_index(items), interests, items, 5, exclude)
     for got, want in zip(found, expected, strict=True):
         np.testing.assert_allclose(got.scores, [-s for s, _, _ in want], rtol=1e-5, atol=1e-6)
         assert set(got.rows.tolist()) <= set(range(40, 60))
         assert got.rows.tolist() == sorted(got.rows.tolist())
+
+
+def test_bfloat16_scores_stay_within_the_screen_bound():
+    """The bound the screen relies on, on rows and interests of very different norms."""
+    rng = np.random.default_rng(5)
+    items = rng.standard_normal((4000, 64)) * rng.lognormal(0, 2, (4000, 1))
+    interests = rng.standard_normal((16, 4, 64)) * rng.lognormal(0, 2, (16, 4, 1))
+    v, table = (torch.from_numpy(a.astype(np.float32)) for a in (interests, items))
+    exact = blocked_max_scores(v, table)  # (16, 4000)
+    rounded = blocked_max_scores(v.to(torch.bfloat16), table.to(torch.bfloat16))
+    user_norms = torch.linalg.vector_norm(v, dim=2).amax(dim=1, keepdim=True)  # (16, 1)
+    scale = user_norms * torch.linalg.vector_norm(table, dim=1)  # (16, 4000)
+    ratio = ((rounded - exact).abs() / scale).max().item()
+    assert 0 < ratio < SCREEN_ERROR / 1.3  # the bound keeps its third of slack
+
+
+def test_screen_orders_rows_bfloat16_cannot_tell_apart():
+    """Rows 1..300 differ by less than bfloat16's resolution, so bfloat16 scores alone rank
+    them wrongly; the screened search must rank them by their float32 scores."""
+    rng = np.random.default_rng(9)
+    base = rng.standard_normal(16).astype(np.float32)
+    items = np.tile(base, (2001, 1))
+    items[1:301] += rng.standard_normal((300, 16)).astype(np.float32) * 1e-3
+    items[301:] = rng.standard_normal((1700, 16)).astype(np.float32) * 0.2
+    interests = (base + rng.standard_normal((6, 2, 16)) * 0.05).astype(np.float32)
+    exclude = [rng.choice(np.arange(1, 301), 20, replace=False) for _ in range(6)]
+    table = torch.from_numpy(items)
+    screen = ScreenTable.of(table)
+    expected = reference(interests, items, 40, exclude)
+    rounded = blocked_max_scores(torch.from_numpy(interests).to(torch.bfloat16), screen.table)
+    rounded[torch.arange(6).unsqueeze(1), torch.from_numpy(np.stack(exclude))] = -torch.inf
+    rounded_top = rounded[:, 1:].topk(40, dim=1).indices + 1
+    assert any(rounded_top[b].tolist() != [row for _, row, _ in expected[b]] for b in range(6)), (
+        "the case does not exercise bfloat16's rounding"
+    )
+    assert_matches(exact_merged_topk(interests, table, 40, exclude, screen=screen), expected)
+
+
+def test_screen_prunes_on_spread_scores():
+    rng = np.random.default_rng(2)
+    table = torch.from_numpy(rng.standard_normal((20_000, 16)).astype(np.float32))
+    v = torch.from_numpy(rng.standard_normal((4, 3, 16)).astype(np.float32))
+    excluded = torch.zeros((4, 0), dtype=torch.int64)
+    candidates = retrieval._screened(v, ScreenTable.of(table), excluded, 50)
+    assert 50 <= candidates.shape[1] < 500  # of 20,000 rows
+
+
+def test_screen_falls_back_to_float32_when_it_cannot_prune(monkeypatch):
+    """All rows equal: every row is a candidate, more than the screen gathers; the float32 path
+    answers instead, ties to the smaller row."""
+    monkeypatch.setattr(retrieval, "SCREEN_MAX_CANDIDATES", 100)
+    items = np.ones((500, 4), dtype=np.float32)
+    interests = np.ones((2, 2, 4), dtype=np.float32)
+    table = torch.from_numpy(items)
+    excluded = torch.zeros((2, 0), dtype=torch.int64)
+    screen = ScreenTable.of(table)
+    assert retrieval._screened(torch.from_numpy(interests), screen, excluded, 5) is None
+    result = exact_merged_topk(interests, table, 5, [np.array([1, 3])] * 2, screen=screen)
+    assert result.rows.tolist() == [[2, 4, 5, 6, 7]] * 2
 
 
 def test_batch_composition_does_not_change_answers(seeded):
