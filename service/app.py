@@ -21,7 +21,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -271,7 +271,7 @@ async def model_manifest(model: ModelDep) -> dict[str, Any]:
 @router.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
 async def metrics_endpoint(metrics: MetricsDep) -> Response:
     """Prometheus metrics, in Prometheus's text format."""
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.post(
@@ -555,6 +555,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await poller
         await app.state.batcher.aclose()
         await store.close()
+        metrics.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -6,9 +6,12 @@ with --workers > 1 every worker process builds its own app from the environment.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +20,11 @@ from pydantic import ValidationError
 
 app = typer.Typer(add_completion=False, help=__doc__)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+# One worker per CPU: a worker's Python (HTTP, JSON, batching) and its compute share one GIL,
+# so a second process, not a second thread, is what puts the second core to work (2 workers
+# served 1.5x the requests of 1 at concurrency 16 on 2 cores, docs/benchmarks.md). Past a few
+# workers each one's batches get small and every worker holds the whole bundle in memory.
+MAX_DEFAULT_WORKERS = 8
 
 
 def _log_config(level: str) -> dict:
@@ -42,8 +50,15 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port to listen on.", min=0, max=65535)] = 8000,
     workers: Annotated[
-        int, typer.Option(help="Worker processes; each loads its own copy of the bundle.", min=1)
-    ] = 1,
+        int | None,
+        typer.Option(
+            help="Worker processes, each with its own copy of the bundle, event loop and compute "
+            "thread (default: one per CPU available, at most "
+            f"{MAX_DEFAULT_WORKERS}). GET /metrics reports all workers together.",
+            min=1,
+            envvar="REMI_WORKERS",
+        ),
+    ] = None,
     bundle_root: Annotated[
         Path | None,
         typer.Option(help="Bundle root holding `current` (default: REMI_BUNDLE_ROOT)."),
@@ -73,6 +88,7 @@ def serve(
         raise typer.Exit(code=2)
     if bundle_root is not None:
         os.environ["REMI_BUNDLE_ROOT"] = str(bundle_root)
+    workers = workers or default_workers()
     _share_threads(threads, workers)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
     # faiss announces at INFO which CPU build it tried; that is noise in service logs.
@@ -105,15 +121,50 @@ def serve(
 
     import uvicorn
 
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=log_level.lower(),
-        log_config=_log_config(log_level),
-    )
+    with _shared_metrics(workers):
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level.lower(),
+            log_config=_log_config(log_level),
+        )
+
+
+@contextlib.contextmanager
+def _shared_metrics(workers: int) -> Iterator[None]:
+    """With several workers, a directory where each writes its metrics, so that GET /metrics
+    answers for all of them (service/metrics.py): PROMETHEUS_MULTIPROC_DIR if set (emptied of
+    an earlier run's files first), else a temporary directory removed at exit."""
+    from service.metrics import MULTIPROC_ENV
+
+    given = os.environ.get(MULTIPROC_ENV)
+    if workers == 1 and not given:
+        yield
+        return
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="remi-metrics-") as tmp:
+        os.environ[MULTIPROC_ENV] = tmp
+        try:
+            yield
+        finally:
+            del os.environ[MULTIPROC_ENV]
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may use (affinity, cgroup quota), at most
+    MAX_DEFAULT_WORKERS."""
+    from remi_core.threads import available_cpus
+
+    return min(available_cpus(), MAX_DEFAULT_WORKERS)
 
 
 def _share_threads(threads: int | None, workers: int) -> None:

@@ -1,13 +1,35 @@
-"""Prometheus metrics, on a registry per app so several apps can live in one process (tests)."""
+"""Prometheus metrics, on a registry per app so several apps can live in one process (tests).
+
+Under `remi-serve --workers N` (N > 1) every worker writes its values to files in one directory
+(prometheus_client's multiprocess mode, switched on by PROMETHEUS_MULTIPROC_DIR, which remi-serve
+sets), and whichever worker answers GET /metrics reports all of them: counters and histograms
+summed over workers, gauges as the largest value among the running workers.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 from service.signals import InterestSignals
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def shared_across_workers() -> bool:
+    """Whether this process writes its metrics to files shared with other workers."""
+    return bool(os.environ.get(MULTIPROC_ENV))
+
 
 # Retrieval on CPU takes milliseconds; the upper buckets catch GC pauses and lock waits.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -30,13 +52,19 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # With several workers, a version shows 1 while any worker serves it.
         self.model_info = Gauge(
-            "remi_model_info", "1 for the model version being served.", ["version"], registry=r
+            "remi_model_info",
+            "1 for the model version being served.",
+            ["version"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.model_loaded_at = Gauge(
             "remi_model_loaded_timestamp_seconds",
             "When the served model was loaded (unix time).",
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.recommendations = Counter(
             "remi_recommendations", "Users answered (single and batch entries).", registry=r
@@ -57,6 +85,7 @@ class Metrics:
             "remi_model_reload_failing",
             "1 while the latest bundle load failed and an older model keeps serving.",
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.redis_errors = Counter(
             "remi_redis_errors", "Requests that failed because Redis was unavailable.", registry=r
@@ -68,6 +97,21 @@ class Metrics:
             registry=r,
         )
         self.interests = InterestSignals(r, coverage_window_s)
+        self._version: str | None = None
+
+    def exposition(self) -> bytes:
+        """GET /metrics: this app's metrics, or every worker's under remi-serve --workers N."""
+        self.interests.refresh()
+        if not shared_across_workers():
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
+
+    def close(self) -> None:
+        """This worker is stopping: its gauges leave the shared files (counters stay)."""
+        if shared_across_workers():
+            multiprocess.mark_process_dead(os.getpid())
 
     def record_batch(self, users: int, results: Sequence[Any]) -> None:
         """Called by the micro-batcher (in its compute thread) after every batch."""
@@ -80,7 +124,12 @@ class Metrics:
     def set_model(
         self, version: str, loaded_at: float, num_rows: int = 0, num_interests: int = 0
     ) -> None:
-        self.model_info.clear()
+        if self._version is not None and self._version != version:
+            if shared_across_workers():  # series cannot be removed from the shared files
+                self.model_info.labels(version=self._version).set(0)
+            else:
+                self.model_info.remove(self._version)
         self.model_info.labels(version=version).set(1)
+        self._version = version
         self.model_loaded_at.set(loaded_at)
         self.interests.set_model(num_rows, num_interests)

@@ -105,25 +105,35 @@ class InterestSignals:
             registry=registry,
         )
         self.window = CoverageWindow(window_s)
+        # Set after every batch and before every scrape rather than computed at scrape time
+        # (set_function): with several workers, /metrics reads every worker's last values from
+        # the shared files (service/metrics.py), and a worker's largest counts stand for all.
         self.coverage = Gauge(
             "remi_catalogue_coverage",
             "Share of the catalogue among the distinct items served in the last complete window "
             "of REMI_COVERAGE_WINDOW_S (the current window before the first one ends).",
             registry=registry,
+            multiprocess_mode="livemax",
         )
-        self.coverage.set_function(self.window.coverage)
         self.distinct = Gauge(
             "remi_served_items_distinct",
             "Distinct items served in the current window and in the last complete one.",
             ["window"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
-        self.distinct.labels(window="current").set_function(self.window.current)
-        self.distinct.labels(window="last").set_function(lambda: self.window.last() or 0)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Write the coverage window's counts into the gauges (a window may have ended)."""
+        self.coverage.set(self.window.coverage())
+        self.distinct.labels(window="current").set(self.window.current())
+        self.distinct.labels(window="last").set(self.window.last() or 0)
 
     def set_model(self, num_rows: int, num_interests: int) -> None:
         """A new model: coverage starts over; every slot gets a series (a zero is information)."""
         self.window.reset(num_rows)
+        self.refresh()
         for k in range(num_interests):
             self.items_by_interest.labels(interest=str(k))
 
@@ -134,6 +144,7 @@ class InterestSignals:
         if not results:
             return
         self.window.add(np.concatenate([r.rows for r in results]))  # fallback items are served too
+        self.refresh()
         answered = [r for r in results if not r.fallback and r.interests is not None]
         for result in answered:
             if result.routing_peak is not None:

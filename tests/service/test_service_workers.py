@@ -1,4 +1,5 @@
-"""Reload polling: with `remi-serve --workers 2`, every worker serves a publish within 1 s."""
+"""Several workers: with `remi-serve --workers 2`, every worker serves a publish within 1 s, and
+GET /metrics counts every worker's requests whichever worker answers."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from typer.testing import CliRunner
 
 from remi_core.bundle import current_version, resolve_current
 from service.app import create_app
+from service.cli import _shared_metrics
 from service.cli import app as cli_app
+from service.metrics import MULTIPROC_ENV
 from service.settings import Settings
-from tests.helpers import dead_redis_url, free_port, write_tiny_bundle
+from tests.helpers import dead_redis_url, free_port, tiny_item_ids, write_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,6 +73,19 @@ def test_every_worker_serves_a_publish_within_a_second(tiny_bundle_root: Path, t
         assert {pid: set(versions) for pid, versions in late.items()} == {
             pid: {new} for pid in pids
         }
+
+        ids = tiny_item_ids()[1:]
+        for i in range(12):  # a new connection each: both workers answer some
+            with httpx.Client(timeout=5) as client:
+                r = client.post(f"{base}/recommend", json={"history": [ids[i]]})
+            assert r.status_code == 200, r.text
+        answered = 'remi_http_requests_total{endpoint="/recommend",method="POST",status="200"}'
+        for _ in range(6):  # new connections again: either worker may answer the scrape
+            with httpx.Client(timeout=5) as client:
+                text = client.get(f"{base}/metrics").text
+            assert f"{answered} 12.0" in text
+            assert f'remi_model_info{{version="{new}"}} 1.0' in text
+            assert f'remi_model_info{{version="{old}"}} 0.0' in text
     finally:
         proc.terminate()
         proc.wait(30)
@@ -98,6 +114,23 @@ def test_poller_reloads_on_a_move_and_tries_a_rejected_bundle_once(tiny_bundle_r
         assert 'remi_model_reloads_total{result="failure"} 1.0' in metrics
         assert 'remi_model_reloads_total{result="success"} 1.0' in metrics
         assert resolve_current(tiny_bundle_root) == bad
+
+
+def test_workers_share_a_metrics_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    with _shared_metrics(1):
+        assert MULTIPROC_ENV not in os.environ  # one worker: its own registry
+    with _shared_metrics(2):
+        made = Path(os.environ[MULTIPROC_ENV])
+        assert made.is_dir()
+    assert MULTIPROC_ENV not in os.environ and not made.exists()
+    given = tmp_path / "metrics"
+    given.mkdir()
+    (given / "counter_123.db").write_bytes(b"from an earlier run")
+    monkeypatch.setenv(MULTIPROC_ENV, str(given))
+    with _shared_metrics(2):
+        assert os.environ[MULTIPROC_ENV] == str(given) and not list(given.iterdir())
+    assert given.is_dir()  # the operator's directory stays
 
 
 def test_remi_serve_warns_when_workers_cannot_follow_a_reload(tmp_path: Path) -> None:
