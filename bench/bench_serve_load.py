@@ -53,7 +53,6 @@ sys.path.insert(0, str(ROOT))
 from remi_core.bundle import encode_histories, load_bundle, write_bundle  # noqa: E402
 from remi_core.index import EXACT_MAX_ITEMS, measure_recall  # noqa: E402
 from remi_core.models import EncoderConfig, build_encoder, cpu_state_dict  # noqa: E402
-from service.cli import default_workers  # noqa: E402
 from service.recommender import load_model, recommend_batch  # noqa: E402
 
 START, END = "<!-- bench_serve_load:start -->", "<!-- bench_serve_load:end -->"
@@ -190,10 +189,8 @@ def free_port() -> int:
 class Server:
     """`remi-serve` in a subprocess, configured through REMI_* variables."""
 
-    def __init__(
-        self, bundle_root: Path, env: dict[str, str], log: Path, workers: int | None = None
-    ) -> None:
-        self.workers = workers or default_workers()  # None: remi-serve's default
+    def __init__(self, bundle_root: Path, env: dict[str, str], log: Path, workers: int = 1) -> None:
+        self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {
@@ -206,7 +203,7 @@ class Server:
             **env,
         }
         cmd = [script("remi-serve"), "--port", str(self.port), "--no-check", "--log-level",
-               "warning"] + (["--workers", str(workers)] if workers else [])  # fmt: skip
+               "warning", "--workers", str(workers)]  # fmt: skip
         self.log = log.open("w")
         self.proc = subprocess.Popen(cmd, env=full_env, stdout=self.log, stderr=self.log)
 
@@ -342,7 +339,7 @@ class Variant:
     label: str
     env: dict[str, str]
     concurrency: tuple[int, ...]
-    workers: int | None = None  # remi-serve --workers (None: its default, one per CPU)
+    workers: int = 1  # remi-serve --workers: processes, each with its own GIL and compute thread
 
 
 def machine() -> str:
@@ -429,19 +426,19 @@ def main() -> None:
         off = {"REMI_BATCH_MAX_USERS": "1"}
         variants = [
             Variant(small, "defaults", {}, conc),
-            Variant(small, "1 worker", {}, (16, 64), workers=1),
+            Variant(small, f"{args.threads} workers", {}, (16, 64), workers=args.threads),
             Variant(small, "batching off", off, (16,)),
             Variant(small, "balance window off", {"REMI_BATCH_BALANCE_MS": "0"}, (16,)),
             Variant(small, "dense exact (float32)", {"REMI_EXACT_SEARCH": "dense"}, (1, 16)),
             Variant(small, "Faiss exact", {"REMI_EXACT_SEARCH": "faiss"}, (16,)),
-            Variant(small, f"1 worker, torch threads {args.threads}",
-                    {"REMI_TORCH_THREADS": str(args.threads)}, (16,), workers=1),
-            Variant(small, f"1 worker, {args.threads} compute threads",
-                    {"REMI_COMPUTE_THREADS": str(args.threads)}, (16,), workers=1),
+            Variant(small, f"torch threads {args.threads}",
+                    {"REMI_TORCH_THREADS": str(args.threads)}, (16,)),
+            Variant(small, f"{args.threads} compute threads",
+                    {"REMI_COMPUTE_THREADS": str(args.threads)}, (16,)),
             Variant(small, "batch wait 2 ms", {"REMI_BATCH_WAIT_MS": "2"}, (16,)),
             Variant(small, "batch wait 5 ms", {"REMI_BATCH_WAIT_MS": "5"}, (16,)),
             Variant(large, "defaults", {}, conc),
-            Variant(large, "1 worker", {}, (16, 64), workers=1),
+            Variant(large, f"{args.threads} workers", {}, (16, 64), workers=args.threads),
             Variant(large, "batching off", off, (16,)),
         ]  # fmt: skip
         if args.quick:
@@ -506,9 +503,8 @@ def markdown(header, rows, labels, results, args, seconds) -> str:
     lines += [
         "",
         "`req/s / bound`: HTTP throughput over the best in-process bound of that catalogue (any "
-        f"backend, any thread count). Server defaults: {default_workers()} workers (one per "
-        "CPU), REMI_BATCH_WAIT_MS=0, REMI_BATCH_BALANCE_MS=2, REMI_BATCH_MAX_USERS=128, "
-        "REMI_TORCH_THREADS=1, "
+        "backend, any thread count). Server defaults: 1 worker, REMI_BATCH_WAIT_MS=0, "
+        "REMI_BATCH_BALANCE_MS=2, REMI_BATCH_MAX_USERS=128, REMI_TORCH_THREADS=1, "
         f"REMI_EXACT_SEARCH=auto ({next(iter(rows.values()))['auto']} on this host for the "
         f"{next(iter(labels.values()))} catalogue).",
     ]

@@ -20,11 +20,6 @@ from pydantic import ValidationError
 
 app = typer.Typer(add_completion=False, help=__doc__)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-# One worker per CPU: a worker's Python (HTTP, JSON, batching) and its compute share one GIL,
-# so a second process, not a second thread, is what puts the second core to work (2 workers
-# served 1.5x the requests of 1 at concurrency 16 on 2 cores, docs/benchmarks.md). Past a few
-# workers each one's batches get small and every worker holds the whole bundle in memory.
-MAX_DEFAULT_WORKERS = 8
 
 
 def _log_config(level: str) -> dict:
@@ -50,15 +45,15 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port to listen on.", min=0, max=65535)] = 8000,
     workers: Annotated[
-        int | None,
+        int,
         typer.Option(
             help="Worker processes, each with its own copy of the bundle, event loop and compute "
-            "thread (default: one per CPU available, at most "
-            f"{MAX_DEFAULT_WORKERS}). GET /metrics reports all workers together.",
+            "thread; GET /metrics reports all of them together. More than one helped exact "
+            "catalogues and hurt a 1M-item IVF one (docs/serving.md).",
             min=1,
             envvar="REMI_WORKERS",
         ),
-    ] = None,
+    ] = 1,
     bundle_root: Annotated[
         Path | None,
         typer.Option(help="Bundle root holding `current` (default: REMI_BUNDLE_ROOT)."),
@@ -88,8 +83,8 @@ def serve(
         raise typer.Exit(code=2)
     if bundle_root is not None:
         os.environ["REMI_BUNDLE_ROOT"] = str(bundle_root)
-    workers = workers or default_workers()
     _share_threads(threads, workers)
+    _share_connections(workers)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
     # faiss announces at INFO which CPU build it tried; that is noise in service logs.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -159,12 +154,14 @@ def _shared_metrics(workers: int) -> Iterator[None]:
             del os.environ[MULTIPROC_ENV]
 
 
-def default_workers() -> int:
-    """One worker per CPU this process may use (affinity, cgroup quota), at most
-    MAX_DEFAULT_WORKERS."""
-    from remi_core.threads import available_cpus
-
-    return min(available_cpus(), MAX_DEFAULT_WORKERS)
+def _share_connections(workers: int) -> None:
+    """Spread new connections over the workers. They all accept on one socket, and each
+    worker's event loop (libuv, under uvloop) accepts every pending connection when it wakes:
+    16 clients connecting at once were split 16/0, 15/1 and 14/2 in three tries, leaving one
+    worker with all the work. UV_TCP_SINGLE_ACCEPT makes a loop accept one and yield (splits of
+    11/5, 10/6, 13/3). Left alone if set."""
+    if workers > 1:
+        os.environ.setdefault("UV_TCP_SINGLE_ACCEPT", "1")
 
 
 def _share_threads(threads: int | None, workers: int) -> None:

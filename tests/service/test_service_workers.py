@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from remi_core.bundle import current_version, resolve_current
 from service.app import create_app
-from service.cli import _shared_metrics
+from service.cli import _share_connections, _shared_metrics
 from service.cli import app as cli_app
 from service.metrics import MULTIPROC_ENV
 from service.settings import Settings
@@ -131,6 +131,17 @@ def test_workers_share_a_metrics_directory(tmp_path: Path, monkeypatch) -> None:
     with _shared_metrics(2):
         assert os.environ[MULTIPROC_ENV] == str(given) and not list(given.iterdir())
     assert given.is_dir()  # the operator's directory stays
+
+
+def test_several_workers_accept_one_connection_at_a_time(monkeypatch) -> None:
+    monkeypatch.delenv("UV_TCP_SINGLE_ACCEPT", raising=False)
+    _share_connections(1)
+    assert "UV_TCP_SINGLE_ACCEPT" not in os.environ
+    _share_connections(2)
+    assert os.environ["UV_TCP_SINGLE_ACCEPT"] == "1"
+    monkeypatch.setenv("UV_TCP_SINGLE_ACCEPT", "0")  # the operator's choice stands
+    _share_connections(2)
+    assert os.environ["UV_TCP_SINGLE_ACCEPT"] == "0"
 
 
 def test_remi_serve_warns_when_workers_cannot_follow_a_reload(tmp_path: Path) -> None:
