@@ -48,8 +48,8 @@ def serve(
         int,
         typer.Option(
             help="Worker processes, each with its own copy of the bundle, event loop and compute "
-            "thread; GET /metrics reports all of them together. More than one helped exact "
-            "catalogues and hurt a 1M-item IVF one (docs/serving.md).",
+            "thread; GET /metrics reports all of them together. When more than one pays: "
+            "docs/serving.md.",
             min=1,
             envvar="REMI_WORKERS",
         ),
