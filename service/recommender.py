@@ -61,8 +61,8 @@ class LoadedModel:
     index: faiss.Index
     index_device: str  # "cpu" or "gpu"
     loaded_at: float
-    exact_search: str = "dense"  # for Flat indexes on the CPU: "screened", "dense" or "faiss"
-    screen: ScreenTable | None = None  # bfloat16 copy of the table when exact_search="screened"
+    search_backend: str  # what answers searches: "screened", "dense" or "faiss"
+    screen: ScreenTable | None = None  # bfloat16 copy of the table when "screened"
     categories: np.ndarray | None = None  # (N,) int32 category per row (-1: none), read-only
     # GPU indexes are not safe to search from several threads at once; CPU ones are.
     _search_lock: threading.Lock | None = field(default=None, repr=False)
@@ -80,11 +80,6 @@ class LoadedModel:
         """Real catalogue items, padding row excluded."""
         return len(self.item_ids) - ROW_OFFSET
 
-    @property
-    def search_backend(self) -> str:
-        """What answers searches: "screened" or "dense" (exact Eq. 7 in torch) or "faiss"."""
-        return self.exact_search if _torch_searches(self.index, self.exact_search) else "faiss"
-
     def search(
         self, interests: np.ndarray, n: Sequence[int], exclude: Sequence[np.ndarray] | None
     ) -> RetrievedBatch:
@@ -96,11 +91,6 @@ class LoadedModel:
             )
         with self._search_lock or nullcontext():
             return faiss_merged_topk(self.index, interests, self.item_table, n, exclude)
-
-
-def _torch_searches(index: faiss.Index, exact_search: str) -> bool:
-    """Whether torch, not the index, answers: exact (Flat) CPU indexes unless told "faiss"."""
-    return isinstance(index, faiss.IndexFlat) and exact_search != "faiss"
 
 
 def choose_exact_search(items: torch.Tensor, screen: ScreenTable, k: int) -> str:
@@ -125,6 +115,21 @@ def choose_exact_search(items: torch.Tensor, screen: ScreenTable, k: int) -> str
     return choice
 
 
+def _search_backend(
+    index: faiss.Index, items: torch.Tensor, exact_search: str, k: int
+) -> tuple[str, ScreenTable | None]:
+    """(what answers searches, the screen table it needs): torch for an exact (Flat) CPU index
+    unless told "faiss", the index itself otherwise."""
+    if not isinstance(index, faiss.IndexFlat) or exact_search == "faiss":
+        return "faiss", None
+    if exact_search == "dense":
+        return "dense", None
+    screen = ScreenTable.of(items)
+    if exact_search == "auto":
+        exact_search = choose_exact_search(items, screen, k)
+    return (exact_search, screen) if exact_search == "screened" else ("dense", None)
+
+
 def model_from_bundle(
     bundle: Bundle, device: str | torch.device = "cpu", exact_search: str = "auto"
 ) -> LoadedModel:
@@ -135,15 +140,8 @@ def model_from_bundle(
     index, index_device = to_best_device(bundle.index)
     embeddings = bundle.item_embeddings
     item_table = torch.from_numpy(embeddings)  # shares memory; made before the array is frozen
-    screen = None
-    if _torch_searches(index, exact_search) and exact_search != "dense":
-        screen = ScreenTable.of(item_table)
-        if exact_search == "auto":
-            exact_search = choose_exact_search(item_table, screen, bundle.encoder.num_interests)
-        if exact_search == "dense":
-            screen = None
-    elif exact_search == "auto":
-        exact_search = "dense"  # not used: the index answers
+    k = bundle.encoder.num_interests
+    backend, screen = _search_backend(index, item_table, exact_search, k)
     embeddings.setflags(write=False)
     popularity = bundle.popularity
     popularity.setflags(write=False)
@@ -167,7 +165,7 @@ def model_from_bundle(
         index=index,
         index_device=index_device,
         loaded_at=time.time(),
-        exact_search=exact_search,
+        search_backend=backend,
         screen=screen,
         categories=bundle.categories,
         _search_lock=threading.Lock() if index_device == "gpu" else None,
