@@ -16,8 +16,8 @@ What it does, in one run:
    users/s) and, for the ANN bundle, recall@50 against exact Eq. 7 on other real histories.
 5. Starts `remi-serve` per variant and drives POST /recommend with `wrk` (Debian package; a
    Python load generator only if wrk is missing) at concurrency 1, 16 and 64, with real Sports
-   histories (each request one user, n=50). Variants: micro-batching on and off, the balance
-   window off, dense and Faiss exact search, threads and workers.
+   histories (each request one user, n=50). Variants: micro-batching on and off, the fast lane
+   off, the balance window off, dense and Faiss exact search, threads and workers.
 6. Prints the tables and writes them into docs/benchmarks.md between the bench_serve_load
    markers, with the machine they ran on.
 """
@@ -428,6 +428,7 @@ def main() -> None:
             Variant(small, "defaults", {}, conc),
             Variant(small, f"{args.threads} workers", {}, (16, 64), workers=args.threads),
             Variant(small, "batching off", off, (16,)),
+            Variant(small, "fast lane off", {"REMI_FAST_LANE": "false"}, (1, 16)),
             Variant(small, "balance window off", {"REMI_BATCH_BALANCE_MS": "0"}, (16,)),
             Variant(small, "dense exact (float32)", {"REMI_EXACT_SEARCH": "dense"}, (1, 16)),
             Variant(small, "Faiss exact", {"REMI_EXACT_SEARCH": "faiss"}, (16,)),

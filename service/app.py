@@ -13,7 +13,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from functools import partial
 from typing import Annotated, Any
 
@@ -30,7 +30,14 @@ from remi_core.threads import ThreadSettingError, setup_threads
 from service import openapi
 from service.auth import AccessDep, key_digest, require_data_access
 from service.batcher import MicroBatcher
-from service.body import BatchBody, DecodedBody, RecommendBody, request_body
+from service.body import (
+    BatchBody,
+    DecodedBody,
+    RecommendBody,
+    limit_error,
+    limit_errors,
+    request_body,
+)
 from service.errors import (
     AdminDisabled,
     RedisUnavailable,
@@ -41,7 +48,8 @@ from service.errors import (
 from service.history import Event, HistoryStore
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware
-from service.recommender import LoadedModel, Result
+from service.recommend import RecommendFastLane, run_recommend
+from service.recommender import LoadedModel
 from service.registry import ModelRegistry
 from service.responses import batch_json, recommend_json
 from service.schemas import (
@@ -122,25 +130,6 @@ BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def limit_error(kind: str, loc: tuple[Any, ...], msg: str) -> dict[str, Any]:
-    """A limit from settings, in the shape of pydantic's errors so one handler and one response
-    format cover both."""
-    return {"type": kind, "loc": loc, "msg": msg}
-
-
-def limit_errors(entry: RecommendRequest, settings: Settings, loc: tuple[Any, ...]) -> list[dict]:
-    errors = []
-    if "n" not in entry.model_fields_set:
-        entry.n = openapi.default_n(settings)  # a low REMI_MAX_N lowers the default too
-    if entry.n > settings.max_n:
-        msg = f"Input should be less than or equal to {settings.max_n}"
-        errors.append(limit_error("less_than_equal", (*loc, "n"), msg))
-    if entry.history is not None and len(entry.history) > settings.max_history:
-        msg = f"History should have at most {settings.max_history} items, not {len(entry.history)}"
-        errors.append(limit_error("too_long", (*loc, "history"), msg))
-    return errors
-
-
 async def resolve_histories(
     entries: Sequence[RecommendRequest], store: HistoryStore, settings: Settings
 ) -> list[list[str]]:
@@ -148,27 +137,6 @@ async def resolve_histories(
     users = [e.user_id for e in entries if e.history is None]
     stored = iter(await store.histories(users, settings.max_history) if users else [])
     return [list(e.history) if e.history is not None else next(stored) for e in entries]
-
-
-async def run_recommend(
-    batcher: MicroBatcher,
-    model: LoadedModel,
-    entries: Sequence[RecommendRequest],
-    histories: list[list[str]],
-    render: Callable[[list[Result]], bytes],
-) -> Response:
-    """Queue the entries with other requests' (service/batcher.py); the compute thread encodes,
-    searches and renders the JSON body, so nothing heavy runs on the event loop."""
-    body = await batcher.submit(
-        model,
-        histories,
-        n=[e.n for e in entries],
-        exclude_history=[e.exclude_history for e in entries],
-        explain=[e.explain for e in entries],
-        diversity=[e.diversity for e in entries],
-        render=render,
-    )
-    return Response(body, media_type="application/json")
 
 
 # --- routes -------------------------------------------------------------------------------------
@@ -577,6 +545,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(ServiceError, _on_service_error)
     app.add_exception_handler(Exception, _on_unexpected)
+    if settings.fast_lane:
+        route = next(r for r in router.routes if getattr(r, "endpoint", None) is recommend)
+        app.add_middleware(RecommendFastLane, service=app, route=route)  # inside the two below
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # Added last, so outermost: refused bodies are counted too.
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

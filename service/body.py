@@ -28,7 +28,9 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
+from service import openapi
 from service.schemas import BatchRequest, RecommendRequest
+from service.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
 _DECODER = json.JSONDecoder()
@@ -162,8 +164,27 @@ def validate_recommend(value: Any) -> RecommendRequest:
     return model
 
 
+def limit_error(kind: str, loc: tuple[Any, ...], msg: str) -> dict[str, Any]:
+    """A limit from settings, in the shape of pydantic's errors so one handler and one response
+    format cover both."""
+    return {"type": kind, "loc": loc, "msg": msg}
+
+
+def limit_errors(entry: RecommendRequest, settings: Settings, loc: tuple[Any, ...]) -> list[dict]:
+    errors = []
+    if "n" not in entry.model_fields_set:
+        entry.n = openapi.default_n(settings)  # a low REMI_MAX_N lowers the default too
+    if entry.n > settings.max_n:
+        msg = f"Input should be less than or equal to {settings.max_n}"
+        errors.append(limit_error("less_than_equal", (*loc, "n"), msg))
+    if entry.history is not None and len(entry.history) > settings.max_history:
+        msg = f"History should have at most {settings.max_history} items, not {len(entry.history)}"
+        errors.append(limit_error("too_long", (*loc, "history"), msg))
+    return errors
+
+
 @functools.lru_cache(maxsize=64)  # clients send the same few content types, parsed once each
-def _sends_json(content_type: str | None) -> bool:
+def sends_json(content_type: str | None) -> bool:
     # FastAPI's rule (strict_content_type): application/json or application/*+json, nothing else.
     if not content_type:
         return False
@@ -204,7 +225,7 @@ async def decoded_body(request: Request) -> AsyncIterator[Any]:
         raw = await request.body()
         if not raw:
             value = _MISSING
-        elif not _sends_json(request.headers.get("content-type")):
+        elif not sends_json(request.headers.get("content-type")):
             value = raw
         elif len(raw) <= INLINE_BODY_BYTES:
             value = decode_json(raw)

@@ -66,6 +66,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.fast_lane = Counter(
+            "remi_fast_lane_requests",
+            "POST /recommend requests answered by the fast lane (outcome=answered) or handed on "
+            "to the FastAPI route (outcome=handed_on: stored histories, invalid or large bodies).",
+            ["outcome"],
+            registry=r,
+        )
         self.recommendations = Counter(
             "remi_recommendations", "Users answered (single and batch entries).", registry=r
         )

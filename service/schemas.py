@@ -1,4 +1,4 @@
-"""Request and response bodies. Static rules live here; limits from settings are in app.py.
+"""Request and response bodies. Static rules live here; limits from settings are in body.py.
 
 Request models are strict: a JSON value of another type than the schema's is refused, never
 coerced (pydantic's lax mode would take `"explain": 0` or `"n": "5"`), so the OpenAPI schema

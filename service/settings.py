@@ -111,6 +111,13 @@ class Settings(BaseSettings):
         description="Threads that run batches (encode, search, response rendering). 1 runs one "
         "batch at a time; more run batches side by side, each with REMI_TORCH_THREADS threads.",
     )
+    fast_lane: bool = Field(
+        True,
+        description="Answer plain POST /recommend requests (a valid history in a small JSON "
+        "body) without FastAPI's routing and dependencies: the same answers for about half "
+        "the event loop's time per request. Everything else goes to the FastAPI route as "
+        "before. See docs/serving.md.",
+    )
     gil_switch_interval_ms: float = Field(
         1.0,
         gt=0,

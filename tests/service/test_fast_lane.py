@@ -1,0 +1,215 @@
+"""The fast lane (service/recommend.py) answers plain POST /recommend requests itself and hands
+the rest to the FastAPI route; either way a client must get exactly what the route answers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from tests.helpers import RedisServer, tiny_item_ids
+
+KEY = "k-123"
+ITEMS = [i for i in tiny_item_ids() if i is not None]
+HISTORY = ITEMS[3:9]
+JSON = {"content-type": "application/json"}
+
+
+def body(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+# (label, method, path, headers, raw body, which way the lane sends it: True answers it itself,
+# False hands it to the route, None never sees it)
+CASES: list[tuple[str, str, str, dict[str, str], bytes, bool | None]] = [
+    ("plain", "POST", "/recommend", JSON, body({"history": HISTORY}), True),
+    ("n", "POST", "/recommend", JSON, body({"history": HISTORY, "n": 3}), True),
+    ("n at REMI_MAX_N", "POST", "/recommend", JSON, body({"history": HISTORY, "n": 40}), True),
+    (
+        "keep history",
+        "POST",
+        "/recommend",
+        JSON,
+        body({"history": HISTORY, "n": 7, "exclude_history": False}),
+        True,
+    ),
+    ("explain", "POST", "/recommend", JSON, body({"history": HISTORY[:2], "explain": True}), True),
+    ("diversity", "POST", "/recommend", JSON, body({"history": HISTORY, "diversity": 0.2}), True),
+    ("unknown ids", "POST", "/recommend", JSON, body({"history": ["nope", *HISTORY, "x"]}), True),
+    ("only unknown ids", "POST", "/recommend", JSON, body({"history": ["nope"]}), True),
+    ("empty history", "POST", "/recommend", JSON, body({"history": [], "n": 5}), True),
+    (
+        "charset",
+        "POST",
+        "/recommend",
+        {"content-type": "application/json; charset=utf-8"},
+        body({"history": HISTORY}),
+        True,
+    ),
+    (
+        "+json",
+        "POST",
+        "/recommend",
+        {"content-type": "application/vnd.x+json"},
+        body({"history": HISTORY}),
+        True,
+    ),
+    # Handed on to the route:
+    (
+        "stored history",
+        "POST",
+        "/recommend",
+        {**JSON, "x-api-key": KEY},
+        body({"user_id": "alice", "n": 4}),
+        False,
+    ),
+    ("stored history, no key", "POST", "/recommend", JSON, body({"user_id": "alice"}), False),
+    ("n over REMI_MAX_N", "POST", "/recommend", JSON, body({"history": HISTORY, "n": 41}), False),
+    ("n = 0", "POST", "/recommend", JSON, body({"history": HISTORY, "n": 0}), False),
+    ("n as a string", "POST", "/recommend", JSON, body({"history": HISTORY, "n": "5"}), False),
+    (
+        "n past 64 bits",
+        "POST",
+        "/recommend",
+        JSON,
+        b'{"history": ["a"], "n": 123456789012345678901234567890}',
+        False,
+    ),
+    ("history too long", "POST", "/recommend", JSON, body({"history": ITEMS[:13]}), False),
+    ("both", "POST", "/recommend", JSON, body({"history": HISTORY, "user_id": "alice"}), False),
+    ("neither", "POST", "/recommend", JSON, body({"n": 3}), False),
+    ("extra field", "POST", "/recommend", JSON, body({"history": HISTORY, "x": 1}), False),
+    ("NaN", "POST", "/recommend", JSON, b'{"history": ["a"], "diversity": NaN}', False),
+    # json.loads reads these and the route answers 200; orjson does not, so the lane hands on.
+    ("lone surrogate", "POST", "/recommend", JSON, b'{"history": ["\\ud800", "a"]}', False),
+    ("BOM", "POST", "/recommend", JSON, b'\xef\xbb\xbf{"history": ["a"]}', False),
+    ("not JSON", "POST", "/recommend", JSON, b'{"history": [', False),
+    ("not UTF-8", "POST", "/recommend", JSON, b'{"history": ["\xff"]}', False),
+    ("a list", "POST", "/recommend", JSON, body([{"history": HISTORY}]), False),
+    ("empty body", "POST", "/recommend", JSON, b"", False),
+    (
+        "text/plain",
+        "POST",
+        "/recommend",
+        {"content-type": "text/plain"},
+        body({"history": HISTORY}),
+        False,
+    ),
+    ("no content type", "POST", "/recommend", {}, body({"history": HISTORY}), False),
+    (
+        "over the inline size",
+        "POST",
+        "/recommend",
+        JSON,
+        body({"history": HISTORY, "pad": "x" * 70_000}),
+        False,
+    ),
+    (
+        "over REMI_MAX_BODY_BYTES",
+        "POST",
+        "/recommend",
+        JSON,
+        body({"history": ["y" * 200] * 600}),
+        None,
+    ),  # refused (413) before the lane
+]
+# Requests the lane never sees: another method or path.
+OTHER_ROUTES = [
+    ("GET", "/recommend", {}, b""),
+    ("POST", "/recommend/", JSON, body({"history": HISTORY})),
+    ("POST", "/recommend/batch", JSON, body({"requests": [{"history": HISTORY}]})),
+]
+
+
+def settings(root: Path, redis_url: str, fast_lane: bool) -> Settings:
+    return Settings(
+        bundle_root=root,
+        redis_url=redis_url,
+        reload_interval_s=0,
+        api_keys=KEY,
+        max_n=40,
+        max_history=12,
+        max_body_bytes=100_000,
+        fast_lane=fast_lane,
+    )
+
+
+@pytest.fixture
+def clients(tiny_bundle_root: Path, redis_server: RedisServer) -> Iterator[dict[bool, TestClient]]:
+    """Two apps on the same bundle and Redis: {fast lane on: client, off: client}."""
+    with (
+        TestClient(create_app(settings(tiny_bundle_root, redis_server.url, True))) as fast,
+        TestClient(create_app(settings(tiny_bundle_root, redis_server.url, False))) as route,
+    ):
+        events = [{"user_id": "alice", "item_id": item, "timestamp": 1_700_000_000 + i}
+                  for i, item in enumerate(ITEMS[20:30])]  # fmt: skip
+        assert fast.post("/events", json={"events": events}, headers={"x-api-key": KEY}).is_success
+        yield {True: fast, False: route}
+
+
+def answer(client: TestClient, method: str, path: str, headers: dict, raw: bytes) -> tuple:
+    r = client.request(method, path, headers=headers, content=raw, follow_redirects=False)
+    return r.status_code, r.headers.get("content-type"), r.headers.get("retry-after"), r.content
+
+
+def lane_counts(client: TestClient) -> dict[str, float]:
+    counts = {"answered": 0.0, "handed_on": 0.0}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("remi_fast_lane_requests_total{"):
+            outcome = line.split('outcome="')[1].split('"')[0]
+            counts[outcome] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def request_counts(client: TestClient) -> list[str]:
+    lines = client.get("/metrics").text.splitlines()
+    return sorted(
+        line for line in lines if line.startswith('remi_http_requests_total{endpoint="/rec')
+    )
+
+
+def test_the_lane_answers_exactly_as_the_route(clients: dict[bool, TestClient]) -> None:
+    fast, route = clients[True], clients[False]
+    statuses = set()
+    for label, method, path, headers, raw, way in CASES:
+        before = lane_counts(fast)
+        got = answer(fast, method, path, headers, raw)
+        assert got == answer(route, method, path, headers, raw), label
+        statuses.add(got[0])
+        expected = dict(before)
+        if way is not None:
+            expected["answered" if way else "handed_on"] += 1
+        assert lane_counts(fast) == expected, label
+    assert {200, 401, 413, 422} <= statuses  # the cases reach every kind of answer
+    for method, path, headers, raw in OTHER_ROUTES:
+        before = lane_counts(fast)
+        assert answer(fast, method, path, headers, raw) == answer(route, method, path, headers, raw)
+        assert lane_counts(fast) == before, path
+    # Requests the lane answered are counted under the route's template, as the route's are.
+    assert request_counts(fast) == request_counts(route)
+
+
+def test_a_stopped_batcher_gives_the_routes_503(clients: dict[bool, TestClient]) -> None:
+    answers = []
+    for client in clients.values():
+        client.portal.call(client.app.state.batcher.aclose)
+        answers.append(answer(client, "POST", "/recommend", JSON, body({"history": HISTORY})))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 503 and answers[0][2] == "1"
+    assert b"not running" in answers[0][3]
+
+
+def test_the_lane_serves_under_a_root_path(
+    tiny_bundle_root: Path, redis_server: RedisServer
+) -> None:
+    app = create_app(settings(tiny_bundle_root, redis_server.url, True))
+    with TestClient(app, root_path="/api") as client:
+        r = client.post("/api/recommend", json={"history": HISTORY, "n": 3})
+        assert r.status_code == 200 and len(r.json()["items"]) == 3
+        assert lane_counts(client)["answered"] == 1
