@@ -127,6 +127,10 @@ def _chunk_users(k: int, n_items: int, device: torch.device) -> int:
 # adds u, and float32 accumulation on either side adds d * 2^-24 -- under 0.0118 in all for
 # d <= 1024. 2^-6 leaves a third on top of that.
 SCREEN_ERROR = 2.0**-6
+# The screen looks for its rows block by block (`_pool`): blocks of this many catalogue rows, when
+# the catalogue has at least SCREEN_BLOCK_DEPTH * n blocks (100k items: n up to 195).
+SCREEN_BLOCK = 32
+SCREEN_BLOCK_DEPTH = 16
 # Above this many candidates per user the screen has failed to prune (e.g. a catalogue of
 # near-identical items) and gathering them all would cost more than scoring in float32.
 SCREEN_MAX_CANDIDATES = 4096
@@ -198,20 +202,26 @@ def _max_scores(scores: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
 def _screened(
     interests: torch.Tensor, screen: ScreenTable, excluded: torch.Tensor, n: int
 ) -> np.ndarray | None:
-    """Candidate rows (b, M) holding every row of each user's exact top-n, ties included;
-    None when the screen keeps more than SCREEN_MAX_CANDIDATES rows for some user.
+    """Candidate rows (b, M) holding every row of each user's exact top-n, ties included, in
+    ascending row order; None when the screen keeps more than SCREEN_MAX_CANDIDATES rows for
+    some user.
 
     With s the float32 score and t the bfloat16 one, |s - t| <= err = SCREEN_ERROR * max_k |v_k|
     * max_i |e_i|. The user's n best rows by t all have s >= kth - err (kth: their n-th t), so
     the n-th best s is at least that, and any row scoring at least the n-th best s has
     t >= kth - 2 err: keeping those rows keeps the top n and every row tied with its last.
+    kth and the kept rows are found among the rows of `_pool` (all rows, or the blocks that can
+    hold them), which holds every row with t >= kth - 2 err, so they are the same either way.
     """
     scores = _max_scores(blocked_max_scores(interests.to(torch.bfloat16), screen.table), excluded)
-    kth = scores.topk(n, dim=1).values[:, -1]  # (b,)
     norms = torch.linalg.vector_norm(interests, dim=2).amax(dim=1)  # (b,)
-    floor = kth - 2 * SCREEN_ERROR * norms * screen.max_norm  # (b,), -inf with < n rows left
-    keep = (scores >= floor.unsqueeze(1)) & (scores > -torch.inf)  # (b, N)
-    users, rows = keep.nonzero(as_tuple=True)  # grouped by user, in row order
+    slack = 2 * SCREEN_ERROR * norms * screen.max_norm  # (b,)
+    pool, pool_rows = _pool(scores, n, slack)  # (b, P), (b, P) or None: the rows themselves
+    kth = pool.topk(n, dim=1).values[:, -1]  # (b,)
+    floor = kth - slack  # (b,), -inf with < n rows left
+    keep = (pool >= floor.unsqueeze(1)) & (pool > -torch.inf)  # (b, P)
+    users, cols = keep.nonzero(as_tuple=True)  # grouped by user, in pool (= row) order
+    rows = cols if pool_rows is None else pool_rows[users, cols]
     counts = torch.bincount(users, minlength=len(keep))  # (b,)
     if int(counts.max()) > SCREEN_MAX_CANDIDATES:
         return None
@@ -219,6 +229,46 @@ def _screened(
     out = torch.zeros(len(keep), int(counts.max()), dtype=torch.int64)
     out[users, slot] = rows
     return out.numpy()
+
+
+def _pool(
+    scores: torch.Tensor, n: int, slack: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Where `_screened` looks for its rows: scores (b, N) in blocks of SCREEN_BLOCK rows, only
+    the blocks whose best score is within `slack` (b,) of the n-th best block maximum ->
+    pool (b, P) scores (-inf pads), rows (b, P) their rows, in ascending order. Or (scores,
+    None) when blocks cannot help: n too deep for the catalogue, or a user with fewer than n
+    blocks left.
+
+    Each of the n best blocks holds a row scoring at least their lowest maximum `low`, so the
+    n-th best score is >= low, and a block without a row >= low - slack cannot hold a kept row.
+    Passing over (b, N) once for block maxima instead of three times (top n, compare, nonzero)
+    made the screen ~25% faster at n=50 and 100k items; a deep n keeps most blocks and is
+    slower, hence SCREEN_BLOCK_DEPTH.
+    """
+    batch, size = scores.shape
+    full = size // SCREEN_BLOCK
+    if full < SCREEN_BLOCK_DEPTH * n:
+        return scores, None
+    maxima = scores[:, : full * SCREEN_BLOCK].view(batch, full, SCREEN_BLOCK).amax(dim=2)
+    if full * SCREEN_BLOCK < size:  # the last, shorter block
+        maxima = torch.cat([maxima, scores[:, full * SCREEN_BLOCK :].amax(1, keepdim=True)], 1)
+    low = maxima.topk(n, dim=1).values[:, -1]  # (b,)
+    if not torch.isfinite(low).all():
+        return scores, None
+    users, blocks = (maxima >= (low - slack).unsqueeze(1)).nonzero(as_tuple=True)  # (S,)
+    per_user = torch.bincount(users, minlength=batch)  # (b,)
+    slot = torch.arange(len(users)) - (per_user.cumsum(0) - per_user)[users]
+    rows = (blocks * SCREEN_BLOCK).unsqueeze(1) + torch.arange(SCREEN_BLOCK)  # (S, G)
+    past_end = rows >= size
+    rows = rows.clamp(max=size - 1)
+    values = scores[users.unsqueeze(1), rows].masked_fill(past_end, -torch.inf)  # (S, G)
+    width = int(per_user.max())
+    pool = torch.full((batch, width, SCREEN_BLOCK), -torch.inf)
+    pool[users, slot] = values
+    pool_rows = torch.zeros((batch, width, SCREEN_BLOCK), dtype=torch.int64)
+    pool_rows[users, slot] = rows
+    return pool.view(batch, -1), pool_rows.view(batch, -1)
 
 
 def _with_boundary_ties(scores: torch.Tensor, n: int) -> np.ndarray:

@@ -158,6 +158,56 @@ def test_screen_prunes_on_spread_scores():
     assert 50 <= candidates.shape[1] < 500  # of 20,000 rows
 
 
+def blocky_catalogue(seed: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """6,001 rows (the last block of 32 is short), near-duplicates of a few rows scattered
+    over other blocks (ties and bands across blocks), users excluding up to most of it."""
+    rng = np.random.default_rng(seed)
+    items = rng.standard_normal((6001, 16)).astype(np.float32)
+    copies = rng.choice(np.arange(1, 6001), 120, replace=False)
+    items[copies] = items[rng.choice(np.arange(1, 6001), 120)] + 1e-4
+    items[5990:] = items[7]  # equal rows in the short last block
+    interests = rng.standard_normal((6, 3, 16)).astype(np.float32)
+    interests[5] = items[7] * 3  # user 5's best rows include the short block's
+    sizes = (0, 10, 500, 3000, 1, 40)
+    exclude = [rng.choice(np.arange(1, 6001), k, replace=False) for k in sizes]
+    return items, interests, exclude
+
+
+@pytest.mark.parametrize("n", [1, 5, 11])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_screen_by_blocks_keeps_the_same_candidates(monkeypatch, n, seed):
+    items, interests, exclude = blocky_catalogue(seed)
+    table, v = torch.from_numpy(items), torch.from_numpy(interests)
+    screen = ScreenTable.of(table)
+    excluded = torch.from_numpy(retrieval.pad_rows(exclude, len(exclude)))
+    scores = blocked_max_scores(v.to(torch.bfloat16), screen.table)
+    pool, pool_rows = retrieval._pool(scores, n, torch.full((6,), 0.05))
+    assert pool_rows is not None and pool.shape[1] < len(items) // 4  # the blocks pruned
+    by_blocks = retrieval._screened(v, screen, excluded, n)
+    monkeypatch.setattr(retrieval, "SCREEN_BLOCK_DEPTH", 10**9)  # every row in the pool
+    whole = retrieval._screened(v, screen, excluded, n)
+    np.testing.assert_array_equal(by_blocks, whole)
+    monkeypatch.undo()
+    expected = reference(interests, items, n, exclude)
+    assert_matches(exact_merged_topk(interests, table, n, exclude, screen=screen), expected)
+
+
+def test_screen_by_blocks_steps_aside_with_fewer_blocks_than_n():
+    """A user with rows left in fewer than n blocks: the whole rows are searched."""
+    items, interests, _ = blocky_catalogue(3)
+    keep = np.arange(64, 96)  # one block of 32 rows left
+    exclude = [np.setdiff1d(np.arange(1, 6001), keep)] + [np.array([], dtype=np.int64)] * 5
+    table = torch.from_numpy(items)
+    scores = retrieval._max_scores(
+        blocked_max_scores(torch.from_numpy(interests).to(torch.bfloat16), table.bfloat16()),
+        torch.from_numpy(retrieval.pad_rows(exclude, 6)),
+    )
+    assert retrieval._pool(scores, 2, torch.zeros(6))[1] is None
+    expected = reference(interests, items, 2, exclude)
+    result = exact_merged_topk(interests, table, 2, exclude, screen=ScreenTable.of(table))
+    assert_matches(result, expected)
+
+
 def test_screen_falls_back_to_float32_when_it_cannot_prune(monkeypatch):
     """All rows equal: every row is a candidate, more than the screen gathers; the float32 path
     answers instead, ties to the smaller row."""
