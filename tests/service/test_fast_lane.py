@@ -86,6 +86,7 @@ CASES: list[tuple[str, str, str, dict[str, str], bytes, bool | None]] = [
     ("neither", "POST", "/recommend", JSON, body({"n": 3}), False),
     ("extra field", "POST", "/recommend", JSON, body({"history": HISTORY, "x": 1}), False),
     ("NaN", "POST", "/recommend", JSON, b'{"history": ["a"], "diversity": NaN}', False),
+    ("1e400", "POST", "/recommend", JSON, b'{"history": ["a"], "diversity": 1e400}', False),
     # json.loads reads these and the route answers 200; orjson does not, so the lane hands on.
     ("lone surrogate", "POST", "/recommend", JSON, b'{"history": ["\\ud800", "a"]}', False),
     ("BOM", "POST", "/recommend", JSON, b'\xef\xbb\xbf{"history": ["a"]}', False),
