@@ -48,7 +48,7 @@ from service.errors import (
 from service.history import Event, HistoryStore
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware
-from service.recommend import RecommendFastLane, run_recommend
+from service.recommend import RecommendFastLane, resolve_histories, run_recommend
 from service.recommender import LoadedModel
 from service.registry import ModelRegistry
 from service.responses import batch_json, recommend_json
@@ -128,15 +128,6 @@ BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-async def resolve_histories(
-    entries: Sequence[RecommendRequest], store: HistoryStore, settings: Settings
-) -> list[list[str]]:
-    """Histories from the bodies, and from Redis (one round trip) for user_id entries."""
-    users = [e.user_id for e in entries if e.history is None]
-    stored = iter(await store.histories(users, settings.max_history) if users else [])
-    return [list(e.history) if e.history is not None else next(stored) for e in entries]
 
 
 # --- routes -------------------------------------------------------------------------------------

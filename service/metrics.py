@@ -69,7 +69,8 @@ class Metrics:
         self.fast_lane = Counter(
             "remi_fast_lane_requests",
             "POST /recommend requests answered by the fast lane (outcome=answered) or handed on "
-            "to the FastAPI route (outcome=handed_on: stored histories, invalid or large bodies).",
+            "to the FastAPI route (outcome=handed_on: invalid or large bodies, missing or wrong "
+            "API keys).",
             ["outcome"],
             registry=r,
         )

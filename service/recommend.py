@@ -5,13 +5,15 @@ Under load the event loop is the service's other bottleneck beside the compute t
 shares the GIL with it, and a POST /recommend through FastAPI (routing, seven dependencies
 solved per request, an exit stack, exception wrappers) cost 0.28 ms of loop CPU, half as much
 as encoding and searching a user at 100k items. Most requests are the plain case: a small
-JSON body holding a valid history. `RecommendFastLane` answers exactly those itself with the
-same pieces the route uses -- the pydantic model, the limits, the batcher, the renderer -- and
-hands everything else to the FastAPI route with the body replayed: stored histories (Redis, API
-keys), bodies that are large, not JSON or not valid, or a model not loaded. So every error, and
-every message in it, stays the route's, and the route stays what OpenAPI documents. With the
-lane, the loop spends about 0.13 ms per request (docs/serving.md); REMI_FAST_LANE=false
-turns it off.
+valid JSON body with a history, or a user_id and (where keys are configured) a good API key.
+`RecommendFastLane` answers exactly those itself with the same pieces the route uses -- the
+pydantic model, the limits, the key check, the Redis read, the batcher, the renderer -- and
+hands everything else to the FastAPI route with the body replayed: bodies that are large, not
+JSON or not valid, a missing or wrong key, or a model not loaded. So every error of the request
+itself, and every message in it, stays the route's, and the route stays what OpenAPI
+documents; errors met while answering (Redis, shutting down) go through the app's own
+handlers. With the lane, the loop spends about 0.13 ms per request (docs/serving.md);
+REMI_FAST_LANE=false turns it off.
 """
 
 from __future__ import annotations
@@ -26,12 +28,25 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import DataAccess
 from service.batcher import MicroBatcher
 from service.body import INLINE_BODY_BYTES, limit_errors, sends_json, validate_recommend
+from service.errors import Unauthorized
+from service.history import HistoryStore
 from service.metrics import Metrics
 from service.recommender import LoadedModel, Result
 from service.responses import recommend_json
 from service.schemas import RecommendRequest
+from service.settings import Settings
+
+
+async def resolve_histories(
+    entries: Sequence[RecommendRequest], store: HistoryStore, settings: Settings
+) -> list[list[str]]:
+    """Histories from the bodies, and from Redis (one round trip) for user_id entries."""
+    users = [e.user_id for e in entries if e.history is None]
+    stored = iter(await store.histories(users, settings.max_history) if users else [])
+    return [list(e.history) if e.history is not None else next(stored) for e in entries]
 
 
 async def run_recommend(
@@ -92,11 +107,12 @@ class RecommendFastLane:
         model, entry = plain
         state = self.service.state
         try:
+            histories = await resolve_histories([entry], state.store, state.settings)
             response = await run_recommend(
                 state.batcher,
                 model,
                 [entry],
-                [list(entry.history)],
+                histories,
                 lambda results: recommend_json(model, entry, results[0]),
             )
         except Exception as exc:
@@ -104,8 +120,8 @@ class RecommendFastLane:
         await response(scope, receive, send)
 
     def _plain(self, scope: Scope, raw: bytes) -> tuple[LoadedModel, RecommendRequest] | None:
-        """(model, entry) when the route would answer 200 with nothing but the batcher to ask;
-        None for anything the route has to see (it then answers as it always did)."""
+        """(model, entry) when the route would go on to read the history and queue the entry;
+        None for anything the route has to refuse or see (it then answers as it always did)."""
         if not raw or len(raw) > INLINE_BODY_BYTES:
             return None
         content_type = next((v for k, v in scope["headers"] if k == b"content-type"), None)
@@ -119,7 +135,13 @@ class RecommendFastLane:
         except (orjson.JSONDecodeError, RequestValidationError):
             return None
         state = self.service.state
-        if entry.history is None or limit_errors(entry, state.settings, ("body",)):
+        if entry.user_id is not None:
+            key = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
+            try:
+                DataAccess(state.api_key_digests, key and key.decode("latin-1")).require()
+            except Unauthorized:
+                return None
+        if limit_errors(entry, state.settings, ("body",)):
             return None
         if not state.registry.loaded:
             return None

@@ -113,10 +113,10 @@ class Settings(BaseSettings):
     )
     fast_lane: bool = Field(
         True,
-        description="Answer plain POST /recommend requests (a valid history in a small JSON "
-        "body) without FastAPI's routing and dependencies: the same answers for about half "
-        "the event loop's time per request. Everything else goes to the FastAPI route as "
-        "before. See docs/serving.md.",
+        description="Answer plain POST /recommend requests (a small valid JSON body with a "
+        "history, or a user_id and a good API key) without FastAPI's routing and dependencies: "
+        "the same answers for about half the event loop's time per request. Everything else "
+        "goes to the FastAPI route as before. See docs/serving.md.",
     )
     gil_switch_interval_ms: float = Field(
         1.0,

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from remi_core.redis_keys import history_key
 from service.app import create_app
 from service.settings import Settings
 from tests.helpers import RedisServer, tiny_item_ids
@@ -25,101 +26,53 @@ def body(value: Any) -> bytes:
     return json.dumps(value).encode()
 
 
-# (label, method, path, headers, raw body, which way the lane sends it: True answers it itself,
-# False hands it to the route, None never sees it)
-CASES: list[tuple[str, str, str, dict[str, str], bytes, bool | None]] = [
-    ("plain", "POST", "/recommend", JSON, body({"history": HISTORY}), True),
-    ("n", "POST", "/recommend", JSON, body({"history": HISTORY, "n": 3}), True),
-    ("n at REMI_MAX_N", "POST", "/recommend", JSON, body({"history": HISTORY, "n": 40}), True),
-    (
-        "keep history",
-        "POST",
-        "/recommend",
-        JSON,
-        body({"history": HISTORY, "n": 7, "exclude_history": False}),
-        True,
-    ),
-    ("explain", "POST", "/recommend", JSON, body({"history": HISTORY[:2], "explain": True}), True),
-    ("diversity", "POST", "/recommend", JSON, body({"history": HISTORY, "diversity": 0.2}), True),
-    ("unknown ids", "POST", "/recommend", JSON, body({"history": ["nope", *HISTORY, "x"]}), True),
-    ("only unknown ids", "POST", "/recommend", JSON, body({"history": ["nope"]}), True),
-    ("empty history", "POST", "/recommend", JSON, body({"history": [], "n": 5}), True),
-    (
-        "charset",
-        "POST",
-        "/recommend",
-        {"content-type": "application/json; charset=utf-8"},
-        body({"history": HISTORY}),
-        True,
-    ),
-    (
-        "+json",
-        "POST",
-        "/recommend",
-        {"content-type": "application/vnd.x+json"},
-        body({"history": HISTORY}),
-        True,
-    ),
+KEYED = {**JSON, "x-api-key": KEY}
+# POST /recommend as (label, headers, raw body, which way the lane sends it: True answers it
+# itself, False hands it to the route, None never sees it).
+# fmt: off
+CASES: list[tuple[str, dict[str, str], bytes, bool | None]] = [
+    ("plain", JSON, body({"history": HISTORY}), True),
+    ("n", JSON, body({"history": HISTORY, "n": 3}), True),
+    ("n at REMI_MAX_N", JSON, body({"history": HISTORY, "n": 40}), True),
+    ("keep history", JSON, body({"history": HISTORY, "n": 7, "exclude_history": False}), True),
+    ("explain", JSON, body({"history": HISTORY[:2], "explain": True}), True),
+    ("diversity", JSON, body({"history": HISTORY, "diversity": 0.2}), True),
+    ("unknown ids", JSON, body({"history": ["nope", *HISTORY, "x"]}), True),
+    ("only unknown ids", JSON, body({"history": ["nope"]}), True),
+    ("empty history", JSON, body({"history": [], "n": 5}), True),
+    ("charset", {"content-type": "application/json; charset=utf-8"},
+     body({"history": HISTORY}), True),
+    ("+json", {"content-type": "application/vnd.x+json"}, body({"history": HISTORY}), True),
+    ("stored history", KEYED, body({"user_id": "alice", "n": 4}), True),
+    ("unknown user", KEYED, body({"user_id": "nobody"}), True),
+    ("key holds no list", KEYED, body({"user_id": "not-a-list"}), True),  # 409 from Redis
     # Handed on to the route:
-    (
-        "stored history",
-        "POST",
-        "/recommend",
-        {**JSON, "x-api-key": KEY},
-        body({"user_id": "alice", "n": 4}),
-        False,
-    ),
-    ("stored history, no key", "POST", "/recommend", JSON, body({"user_id": "alice"}), False),
-    ("n over REMI_MAX_N", "POST", "/recommend", JSON, body({"history": HISTORY, "n": 41}), False),
-    ("n = 0", "POST", "/recommend", JSON, body({"history": HISTORY, "n": 0}), False),
-    ("n as a string", "POST", "/recommend", JSON, body({"history": HISTORY, "n": "5"}), False),
-    (
-        "n past 64 bits",
-        "POST",
-        "/recommend",
-        JSON,
-        b'{"history": ["a"], "n": 123456789012345678901234567890}',
-        False,
-    ),
-    ("history too long", "POST", "/recommend", JSON, body({"history": ITEMS[:13]}), False),
-    ("both", "POST", "/recommend", JSON, body({"history": HISTORY, "user_id": "alice"}), False),
-    ("neither", "POST", "/recommend", JSON, body({"n": 3}), False),
-    ("extra field", "POST", "/recommend", JSON, body({"history": HISTORY, "x": 1}), False),
-    ("NaN", "POST", "/recommend", JSON, b'{"history": ["a"], "diversity": NaN}', False),
-    ("1e400", "POST", "/recommend", JSON, b'{"history": ["a"], "diversity": 1e400}', False),
+    ("stored history, no key", JSON, body({"user_id": "alice"}), False),
+    ("wrong key", {**JSON, "x-api-key": "k-12"}, body({"user_id": "alice"}), False),
+    ("empty key", {**JSON, "x-api-key": ""}, body({"user_id": "alice"}), False),
+    ("n over REMI_MAX_N", JSON, body({"history": HISTORY, "n": 41}), False),
+    ("n = 0", JSON, body({"history": HISTORY, "n": 0}), False),
+    ("n as a string", JSON, body({"history": HISTORY, "n": "5"}), False),
+    ("n past 64 bits", JSON, b'{"history": ["a"], "n": 123456789012345678901234567890}', False),
+    ("history too long", JSON, body({"history": ITEMS[:13]}), False),
+    ("both", JSON, body({"history": HISTORY, "user_id": "alice"}), False),
+    ("neither", JSON, body({"n": 3}), False),
+    ("extra field", JSON, body({"history": HISTORY, "x": 1}), False),
+    ("NaN", JSON, b'{"history": ["a"], "diversity": NaN}', False),
+    ("1e400", JSON, b'{"history": ["a"], "diversity": 1e400}', False),
     # json.loads reads these and the route answers 200; orjson does not, so the lane hands on.
-    ("lone surrogate", "POST", "/recommend", JSON, b'{"history": ["\\ud800", "a"]}', False),
-    ("BOM", "POST", "/recommend", JSON, b'\xef\xbb\xbf{"history": ["a"]}', False),
-    ("not JSON", "POST", "/recommend", JSON, b'{"history": [', False),
-    ("not UTF-8", "POST", "/recommend", JSON, b'{"history": ["\xff"]}', False),
-    ("a list", "POST", "/recommend", JSON, body([{"history": HISTORY}]), False),
-    ("empty body", "POST", "/recommend", JSON, b"", False),
-    (
-        "text/plain",
-        "POST",
-        "/recommend",
-        {"content-type": "text/plain"},
-        body({"history": HISTORY}),
-        False,
-    ),
-    ("no content type", "POST", "/recommend", {}, body({"history": HISTORY}), False),
-    (
-        "over the inline size",
-        "POST",
-        "/recommend",
-        JSON,
-        body({"history": HISTORY, "pad": "x" * 70_000}),
-        False,
-    ),
-    (
-        "over REMI_MAX_BODY_BYTES",
-        "POST",
-        "/recommend",
-        JSON,
-        body({"history": ["y" * 200] * 600}),
-        None,
-    ),  # refused (413) before the lane
+    ("lone surrogate", JSON, b'{"history": ["\\ud800", "a"]}', False),
+    ("BOM", JSON, b'\xef\xbb\xbf{"history": ["a"]}', False),
+    ("not JSON", JSON, b'{"history": [', False),
+    ("not UTF-8", JSON, b'{"history": ["\xff"]}', False),
+    ("a list", JSON, body([{"history": HISTORY}]), False),
+    ("empty body", JSON, b"", False),
+    ("text/plain", {"content-type": "text/plain"}, body({"history": HISTORY}), False),
+    ("no content type", {}, body({"history": HISTORY}), False),
+    ("over the inline size", JSON, body({"history": HISTORY, "pad": "x" * 70_000}), False),
+    ("over REMI_MAX_BODY_BYTES", JSON, body({"history": ["y" * 200] * 600}), None),  # 413
 ]
+# fmt: on
 # Requests the lane never sees: another method or path.
 OTHER_ROUTES = [
     ("GET", "/recommend", {}, b""),
@@ -151,6 +104,7 @@ def clients(tiny_bundle_root: Path, redis_server: RedisServer) -> Iterator[dict[
         events = [{"user_id": "alice", "item_id": item, "timestamp": 1_700_000_000 + i}
                   for i, item in enumerate(ITEMS[20:30])]  # fmt: skip
         assert fast.post("/events", json={"events": events}, headers={"x-api-key": KEY}).is_success
+        redis_server.client().set(history_key("not-a-list"), "x")
         yield {True: fast, False: route}
 
 
@@ -178,22 +132,35 @@ def request_counts(client: TestClient) -> list[str]:
 def test_the_lane_answers_exactly_as_the_route(clients: dict[bool, TestClient]) -> None:
     fast, route = clients[True], clients[False]
     statuses = set()
-    for label, method, path, headers, raw, way in CASES:
+    for label, headers, raw, way in CASES:
         before = lane_counts(fast)
-        got = answer(fast, method, path, headers, raw)
-        assert got == answer(route, method, path, headers, raw), label
+        got = answer(fast, "POST", "/recommend", headers, raw)
+        assert got == answer(route, "POST", "/recommend", headers, raw), label
         statuses.add(got[0])
         expected = dict(before)
         if way is not None:
             expected["answered" if way else "handed_on"] += 1
         assert lane_counts(fast) == expected, label
-    assert {200, 401, 413, 422} <= statuses  # the cases reach every kind of answer
+    assert {200, 401, 409, 413, 422} <= statuses  # the cases reach every kind of answer
     for method, path, headers, raw in OTHER_ROUTES:
         before = lane_counts(fast)
         assert answer(fast, method, path, headers, raw) == answer(route, method, path, headers, raw)
         assert lane_counts(fast) == before, path
     # Requests the lane answered are counted under the route's template, as the route's are.
     assert request_counts(fast) == request_counts(route)
+
+
+def test_redis_down_gives_the_routes_503(
+    clients: dict[bool, TestClient], redis_server: RedisServer
+) -> None:
+    redis_server.stop()
+    got, expected = (answer(clients[way], "POST", "/recommend", KEYED, body({"user_id": "alice"}))
+                     for way in (True, False))  # fmt: skip
+    assert got == expected
+    assert got[0] == 503 and got[2] == "1"
+    assert lane_counts(clients[True])["answered"] == 1
+    for client in clients.values():  # counted by the same handler either way
+        assert "remi_redis_errors_total 1.0" in client.get("/metrics").text
 
 
 def test_a_stopped_batcher_gives_the_routes_503(clients: dict[bool, TestClient]) -> None:
