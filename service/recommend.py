@@ -124,8 +124,7 @@ class RecommendFastLane:
         None for anything the route has to refuse or see (it then answers as it always did)."""
         if not raw or len(raw) > INLINE_BODY_BYTES:
             return None
-        content_type = next((v for k, v in scope["headers"] if k == b"content-type"), None)
-        if content_type is None or not sends_json(content_type.decode("latin-1")):
+        if not sends_json(_header(scope, b"content-type")):
             return None
         try:
             # orjson reads fewer documents than json.loads (no NaN or 1e400, no BOM, no lone
@@ -136,9 +135,8 @@ class RecommendFastLane:
             return None
         state = self.service.state
         if entry.user_id is not None:
-            key = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
             try:
-                DataAccess(state.api_key_digests, key and key.decode("latin-1")).require()
+                DataAccess(state.api_key_digests, _header(scope, b"x-api-key")).require()
             except Unauthorized:
                 return None
         if limit_errors(entry, state.settings, ("body",)):
@@ -155,6 +153,11 @@ class RecommendFastLane:
             if cls in handlers:
                 return await handlers[cls](Request(scope), exc)
         raise exc
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The first value of header `name` (lower case), as Starlette's request.headers.get."""
+    return next((v.decode("latin-1") for k, v in scope["headers"] if k == name), None)
 
 
 async def _read_body(receive: Receive) -> tuple[list[Message], bytes]:
