@@ -48,7 +48,7 @@ from service.errors import (
 from service.history import Event, HistoryStore
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware
-from service.recommend import RecommendFastLane, resolve_histories, run_recommend
+from service.recommend import RecommendFastLane, run_recommend
 from service.recommender import LoadedModel
 from service.registry import ModelRegistry
 from service.responses import batch_json, recommend_json
@@ -254,9 +254,13 @@ async def recommend(
         access.require()
     if errors := limit_errors(body, settings, ("body",)):
         raise RequestValidationError(errors)
-    histories = await resolve_histories([body], store, settings)
     return await run_recommend(
-        batcher, model, [body], histories, lambda results: recommend_json(model, body, results[0])
+        batcher,
+        store,
+        settings,
+        model,
+        [body],
+        lambda results: recommend_json(model, body, results[0]),
     )
 
 
@@ -289,10 +293,8 @@ async def recommend_many(
     ]
     if errors:
         raise RequestValidationError(errors)
-    histories = await resolve_histories(body.requests, store, settings)
-    return await run_recommend(
-        batcher, model, body.requests, histories, partial(batch_json, model, body.requests)
-    )
+    render = partial(batch_json, model, body.requests)
+    return await run_recommend(batcher, store, settings, model, body.requests, render)
 
 
 @router.post(

@@ -40,7 +40,7 @@ from service.schemas import RecommendRequest
 from service.settings import Settings
 
 
-async def resolve_histories(
+async def _histories(
     entries: Sequence[RecommendRequest], store: HistoryStore, settings: Settings
 ) -> list[list[str]]:
     """Histories from the bodies, and from Redis (one round trip) for user_id entries."""
@@ -51,13 +51,16 @@ async def resolve_histories(
 
 async def run_recommend(
     batcher: MicroBatcher,
+    store: HistoryStore,
+    settings: Settings,
     model: LoadedModel,
     entries: Sequence[RecommendRequest],
-    histories: list[list[str]],
     render: Callable[[list[Result]], bytes],
 ) -> Response:
-    """Queue the entries with other requests' (service/batcher.py); the compute thread encodes,
-    searches and renders the JSON body, so nothing heavy runs on the event loop."""
+    """Read the stored histories the entries name, then queue the entries with other requests'
+    (service/batcher.py); the compute thread encodes, searches and renders the JSON body, so
+    nothing heavy runs on the event loop."""
+    histories = await _histories(entries, store, settings)
     body = await batcher.submit(
         model,
         histories,
@@ -107,12 +110,12 @@ class RecommendFastLane:
         model, entry = plain
         state = self.service.state
         try:
-            histories = await resolve_histories([entry], state.store, state.settings)
             response = await run_recommend(
                 state.batcher,
+                state.store,
+                state.settings,
                 model,
                 [entry],
-                histories,
                 lambda results: recommend_json(model, entry, results[0]),
             )
         except Exception as exc:
