@@ -222,10 +222,9 @@ def _screened(
     keep = (pool >= floor.unsqueeze(1)) & (pool > -torch.inf)  # (b, P)
     users, cols = keep.nonzero(as_tuple=True)  # grouped by user, in pool (= row) order
     rows = cols if pool_rows is None else pool_rows[users, cols]
-    counts = torch.bincount(users, minlength=len(keep))  # (b,)
+    slot, counts = _slots(users, len(keep))
     if int(counts.max()) > SCREEN_MAX_CANDIDATES:
         return None
-    slot = torch.arange(len(users)) - (counts.cumsum(0) - counts)[users]
     out = torch.zeros(len(keep), int(counts.max()), dtype=torch.int64)
     out[users, slot] = rows
     return out.numpy()
@@ -257,8 +256,7 @@ def _pool(
     if not torch.isfinite(low).all():
         return scores, None
     users, blocks = (maxima >= (low - slack).unsqueeze(1)).nonzero(as_tuple=True)  # (S,)
-    per_user = torch.bincount(users, minlength=batch)  # (b,)
-    slot = torch.arange(len(users)) - (per_user.cumsum(0) - per_user)[users]
+    slot, per_user = _slots(users, batch)
     rows = (blocks * SCREEN_BLOCK).unsqueeze(1) + torch.arange(SCREEN_BLOCK)  # (S, G)
     past_end = rows >= size
     rows = rows.clamp(max=size - 1)
@@ -269,6 +267,13 @@ def _pool(
     pool_rows = torch.zeros((batch, width, SCREEN_BLOCK), dtype=torch.int64)
     pool_rows[users, slot] = rows
     return pool.view(batch, -1), pool_rows.view(batch, -1)
+
+
+def _slots(users: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """users (S,) sorted, as nonzero returns them -> each entry's place among its user's
+    entries (S,), and the entries per user (batch,): where to put them in a padded (batch, M)."""
+    counts = torch.bincount(users, minlength=batch)
+    return torch.arange(len(users)) - (counts.cumsum(0) - counts)[users], counts
 
 
 def _with_boundary_ties(scores: torch.Tensor, n: int) -> np.ndarray:
