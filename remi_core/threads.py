@@ -229,14 +229,9 @@ def setup_threads(
     threads, source = resolve_threads(flag)
     for name in _COUNT_VARIABLES:  # child processes (uvicorn workers) inherit the count
         os.environ[name] = str(threads)
+    faiss_applied = _set_pools(torch_threads or threads, faiss_threads or threads)
     import torch
 
-    torch.set_num_threads(torch_threads or threads)
-    faiss_applied = None
-    if "faiss" in sys.modules:
-        faiss = sys.modules["faiss"]
-        faiss.omp_set_num_threads(faiss_threads or threads)
-        faiss_applied = faiss.omp_get_max_threads()
     setup = ThreadSetup(
         threads=threads,
         source=source,
@@ -251,6 +246,19 @@ def setup_threads(
     if os.environ.get(DEBUG_ENV) == "1":
         print("remi-threads " + json.dumps(asdict(setup)), file=sys.stderr, flush=True)
     return setup
+
+
+def _set_pools(torch_threads: int, faiss_threads: int) -> int | None:
+    """Apply the counts to torch's pool and, if faiss is loaded, to faiss's; returns faiss's
+    count as it reads it back (None without faiss)."""
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    if "faiss" not in sys.modules:
+        return None
+    faiss = sys.modules["faiss"]
+    faiss.omp_set_num_threads(faiss_threads)
+    return faiss.omp_get_max_threads()
 
 
 def _may_follow(source: str) -> bool:
@@ -350,11 +358,7 @@ class LoadFollower:
         return self.threads
 
     def _resize(self, threads: int) -> None:
-        import torch
-
-        torch.set_num_threads(threads)
-        if "faiss" in sys.modules:
-            sys.modules["faiss"].omp_set_num_threads(threads)
+        _set_pools(threads, threads)
         if os.environ.get(DEBUG_ENV) == "1":
             change = {"from": self.threads, "to": threads}
             print("remi-threads-resize " + json.dumps(change), file=sys.stderr, flush=True)
