@@ -319,14 +319,16 @@ def drive(
     """`repeats` runs after a warm-up; the run with the median req/s. Single runs of the same
     server at concurrency 16 spread by up to 20% (how batches and, with several workers, how
     connections happen to split), enough to reorder variants."""
+
+    def run(duration: float) -> Load:
+        if shutil.which("wrk"):
+            return run_wrk(server.url, bodies, c, duration, work)
+        return run_python_load(server.url, bodies, c, duration)
+
     runs = []
     for _ in range(repeats):
-        if shutil.which("wrk"):
-            run_wrk(server.url, bodies, c, 1, work)  # warm-up: connections, caches, batches
-            runs.append(run_wrk(server.url, bodies, c, seconds, work))
-        else:
-            run_python_load(server.url, bodies, c, 1)
-            runs.append(run_python_load(server.url, bodies, c, seconds))
+        run(1)  # warm-up: connections, caches, batches
+        runs.append(run(seconds))
     return sorted(runs, key=lambda load: load.rps)[len(runs) // 2]
 
 
