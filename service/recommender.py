@@ -14,7 +14,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import faiss
 import numpy as np
@@ -31,6 +31,7 @@ from remi_core.retrieval import (
     exact_merged_topk,
     faiss_merged_topk,
 )
+from service.settings import ExactSearch
 
 T = TypeVar("T")
 # How exact (Flat) bundles are searched on the CPU: "dense" is Eq. 7 as blocked float32 matmuls
@@ -38,7 +39,7 @@ T = TypeVar("T")
 # float32 (the same answers), "faiss" the IndexFlatIP in the bundle, and "auto" whichever of
 # screened and dense is faster on this host, timed at load (bfloat16 matmuls are fast only
 # where the CPU has bfloat16 dot products). bench/bench_serve_load.py compares them.
-EXACT_SEARCH = ("auto", "screened", "dense", "faiss")
+EXACT_SEARCH: tuple[str, ...] = get_args(ExactSearch)
 log = logging.getLogger(__name__)
 
 

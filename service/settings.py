@@ -10,6 +10,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.redact import redact_url
 
+ExactSearch = Literal["auto", "screened", "dense", "faiss"]
+"""REMI_EXACT_SEARCH's choices (service.recommender.EXACT_SEARCH lists them for code)."""
+
 
 class Settings(BaseSettings):
     """Everything the service reads from its environment.
@@ -126,7 +129,7 @@ class Settings(BaseSettings):
         "event loop may wait for the GIL while the compute thread runs Python. Python's default "
         "is 5 ms.",
     )
-    exact_search: Literal["auto", "screened", "dense", "faiss"] = Field(
+    exact_search: ExactSearch = Field(
         "auto",
         description="How bundles with an exact (Flat) index are searched on the CPU: 'dense' "
         "(Eq. 7 as blocked float32 matmuls in torch), 'screened' (the same in bfloat16, the "
