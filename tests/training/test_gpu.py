@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from remi_core.bundle import load_bundle, write_bundle
 from remi_core.index import build_index, gpu_available, to_best_device
-from remi_core.models import build_encoder
+from remi_core.models import EncoderConfig, build_encoder, pad_histories
 from remi_core.retrieval import dense_merged_topk, faiss_merged_topk
 from training.config import TrainConfig
 from training.data import DataConfig, load_dataset
@@ -58,6 +59,35 @@ def test_a_training_step_never_waits_on_the_host(model_type):
             step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+def test_a_model_on_cuda_exports_a_bundle_the_cpu_loads(tmp_path):
+    # The nightly job trains on a GPU and publishes to CPU servers: the bundle (weights, item
+    # table, an index tuned on encoded histories) must come out of a model that lives on CUDA.
+    cfg = EncoderConfig(num_items=2001, dim=16, num_interests=4, seq_len=10)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = build_encoder(cfg).cuda()
+    rng = np.random.default_rng(0)
+    histories = [rng.integers(1, 2001, size=int(rng.integers(2, 12))) for _ in range(300)]
+    path = write_bundle(
+        tmp_path,
+        encoder=encoder,
+        item_ids=[None] + [f"item-{row}" for row in range(1, 2001)],
+        popularity=np.arange(1, 51),
+        metadata={"dataset": "gpu-test"},
+        index_factory="IVF16,Flat",
+        tune_histories=histories,
+    )
+    assert next(encoder.parameters()).is_cuda  # the caller's model stays where it was
+    bundle = load_bundle(path)
+    assert bundle.manifest["index"]["recall"]["reached"]
+    items, mask = pad_histories([h[-cfg.seq_len :] for h in histories[:16]], cfg.seq_len)
+    with torch.inference_mode():
+        on_gpu = encoder.eval()(items.cuda(), mask.cuda())[0].cpu()
+        on_cpu = bundle.encoder(items, mask)[0]
+    torch.testing.assert_close(on_cpu, on_gpu, rtol=1e-3, atol=1e-3)
 
 
 @needs_cuda
