@@ -30,6 +30,14 @@ def tiny_item_ids(num_items: int = TINY["num_items"], prefix: str = "books-") ->
     return [None] + [f"{prefix}{i:04d}" for i in range(1, num_items)]
 
 
+def random_histories(count: int, seed: int = 0) -> list[list[str]]:
+    """Seeded histories of the tiny catalogue's ids, with lengths around seq_len=10 (shorter,
+    equal, longer) and repeats, as real histories have."""
+    rng = np.random.default_rng(seed)
+    ids = [i for i in tiny_item_ids() if i is not None]
+    return [list(rng.choice(ids, size=int(rng.integers(1, 25)))) for _ in range(count)]
+
+
 def write_tiny_bundle(
     root: Path,
     seed: int = 0,

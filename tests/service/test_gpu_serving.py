@@ -12,26 +12,19 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.recommender import load_model, recommend_batch
 from service.settings import Settings
-from tests.helpers import dead_redis_url, tiny_item_ids
+from tests.helpers import dead_redis_url, random_histories
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
 ]
 
-ITEMS = [i for i in tiny_item_ids() if i is not None]
-
-
-def histories(count: int, seed: int) -> list[list[str]]:
-    rng = np.random.default_rng(seed)
-    return [list(rng.choice(ITEMS, size=int(rng.integers(1, 15)))) for _ in range(count)]
-
 
 def test_encoder_on_cuda_gives_the_cpu_answers(tiny_bundle_root: Path) -> None:
     cpu = load_model(tiny_bundle_root, device="cpu")
     gpu = load_model(tiny_bundle_root, device="cuda")
     assert next(gpu.encoder.parameters()).device.type == "cuda"
-    users = histories(32, seed=5)
+    users = random_histories(32, seed=5)
     for a, b in zip(
         recommend_batch(cpu, users, n=20, explain=True),
         recommend_batch(gpu, users, n=20, explain=True),
@@ -50,7 +43,7 @@ def test_the_service_answers_with_the_encoder_on_cuda(tiny_bundle_root: Path) ->
     settings = Settings(
         bundle_root=tiny_bundle_root, redis_url=dead_redis_url(), reload_interval_s=0, device="cuda"
     )
-    users = histories(6, seed=6)
+    users = random_histories(6, seed=6)
     with TestClient(create_app(settings)) as client:
         single = client.post("/recommend", json={"history": users[0], "n": 10})
         batch = client.post(

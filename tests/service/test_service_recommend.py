@@ -27,6 +27,7 @@ from tests.helpers import (
     TINY,
     assert_brute_force,
     dead_redis_url,
+    random_histories,
     same_response,
     tiny_item_ids,
     write_tiny_bundle,
@@ -55,12 +56,6 @@ def client(settings: Settings) -> Iterator[TestClient]:
 @pytest.fixture
 def bundle(tiny_bundle_root: Path) -> Bundle:
     return load_bundle(tiny_bundle_root)
-
-
-def random_histories(count: int, seed: int = 0) -> list[list[str]]:
-    rng = np.random.default_rng(seed)
-    # Lengths around seq_len=10 (shorter, equal, longer) and repeats, as real histories have.
-    return [list(rng.choice(ITEMS, size=int(rng.integers(1, 25)))) for _ in range(count)]
 
 
 def test_response_shape(client: TestClient, bundle: Bundle) -> None:
