@@ -34,11 +34,8 @@ from remi_core.retrieval import (
 from service.settings import ExactSearch
 
 T = TypeVar("T")
-# How exact (Flat) bundles are searched on the CPU: "dense" is Eq. 7 as blocked float32 matmuls
-# in torch, "screened" the same in bfloat16 with the rows that could make the top n rescored in
-# float32 (the same answers), "faiss" the IndexFlatIP in the bundle, and "auto" whichever of
-# screened and dense is faster on this host, timed at load (bfloat16 matmuls are fast only
-# where the CPU has bfloat16 dot products). bench/bench_serve_load.py compares them.
+# How exact (Flat) bundles are searched on the CPU: REMI_EXACT_SEARCH's choices, described with
+# the setting (service/settings.py); bench/bench_serve_load.py compares them.
 EXACT_SEARCH: tuple[str, ...] = get_args(ExactSearch)
 log = logging.getLogger(__name__)
 
