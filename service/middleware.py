@@ -7,6 +7,17 @@ import json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
+def replaying(held: list[Message], receive: Receive) -> Receive:
+    """A receive that gives the messages already read (`held`, consumed as it goes) first, then
+    whatever comes next (e.g. a disconnect) as usual: for middleware that read a body before
+    handing the request on."""
+
+    async def replay() -> Message:
+        return held.pop(0) if held else await receive()
+
+    return replay
+
+
 class BodyLimitMiddleware:
     """Refuses request bodies over `max_bytes` with 413, without reading them in full.
 
@@ -42,11 +53,7 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
 
-        async def replay() -> Message:
-            # The held body first, then whatever comes next (e.g. a disconnect) as usual.
-            return held.pop(0) if held else await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(held, receive), send)
 
     async def _refuse(self, send: Send, what: str) -> None:
         detail = (

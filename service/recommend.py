@@ -34,6 +34,7 @@ from service.body import INLINE_BODY_BYTES, limit_errors, sends_json, validate_r
 from service.errors import Unauthorized
 from service.history import HistoryStore
 from service.metrics import Metrics
+from service.middleware import replaying
 from service.recommender import LoadedModel, Result
 from service.responses import recommend_json
 from service.schemas import RecommendRequest
@@ -99,11 +100,7 @@ class RecommendFastLane:
         metrics: Metrics = self.service.state.metrics
         if plain is None:
             metrics.fast_lane.labels("handed_on").inc()
-
-            async def replay() -> Message:
-                return messages.pop(0) if messages else await receive()
-
-            await self.app(scope, replay, send)
+            await self.app(scope, replaying(messages, receive), send)
             return
         metrics.fast_lane.labels("answered").inc()
         scope["route"] = self.route  # as routing would set it, for the metrics' endpoint label
