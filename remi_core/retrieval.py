@@ -16,11 +16,17 @@ All of them skip padding row 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,12 +82,15 @@ def blocked_max_scores(
     each (B*K, block) product stays in cache and is reduced over K before the next block.
     """
     batch, k, dim = interests.shape
-    block = block or max(256, 2**19 // max(1, batch * k))  # ~2 MB of float32 products
+    size = items.shape[0]
+    if block is None:
+        block = max(256, (1 << 19) // max(1, batch * k))  # ~2 MB of float32 products
     queries = interests.reshape(batch * k, dim)
-    out = torch.empty(batch, items.shape[0], dtype=torch.float32, device=interests.device)
-    for start in range(0, items.shape[0], block):
-        part = (queries @ items[start : start + block].T).float()  # (B*K, block)
-        out[:, start : start + block] = part.view(batch, k, -1).amax(dim=1)
+    out = torch.empty(batch, size, dtype=torch.float32, device=interests.device)
+    for start in range(0, size, block):
+        stop = min(start + block, size)
+        part = (queries @ items[start:stop].T).float()  # (B*K, block)
+        out[:, start:stop] = part.view(batch, k, stop - start).amax(dim=1)
     return out
 
 
@@ -149,6 +158,46 @@ class ScreenTable:
         norms = torch.linalg.vector_norm(items.float(), dim=1)
         return cls(items.to(torch.bfloat16).contiguous(), float(norms.max()))
 
+    def spec(self) -> Screen:
+        """What the compiled search needs, with the module's current settings."""
+        slack = 2 * SCREEN_ERROR * self.max_norm
+        return Screen(self.table, slack, SCREEN_BLOCK, SCREEN_BLOCK_DEPTH, SCREEN_MAX_CANDIDATES)
+
+
+class Screen(NamedTuple):
+    """A ScreenTable as the compiled functions take it (TorchScript reads neither dataclasses
+    nor module constants)."""
+
+    table: torch.Tensor  # (N, d) bfloat16
+    slack_per_norm: float  # 2 * SCREEN_ERROR * max_i |e_i|: the slack per unit of max_k |v_k|
+    block: int  # SCREEN_BLOCK
+    depth: int  # SCREEN_BLOCK_DEPTH
+    max_candidates: int  # SCREEN_MAX_CANDIDATES
+
+
+def compiled(fn: F) -> F:
+    """fn compiled by TorchScript, or fn itself where TorchScript cannot compile it.
+
+    Why: a compiled call runs all of fn's tensor operations without taking Python's GIL, so the
+    service's compute threads (and its event loop) run side by side; run eagerly, every small
+    torch call takes the GIL back, and a second compute thread barely adds throughput. The
+    interpreter's lower per-operation overhead also helps small batches. TorchScript is
+    deprecated in torch 2.x but still ships; should a torch drop it, the eager function gives
+    the same answers (tests/core/test_retrieval_fast.py runs both).
+    """
+    if fn not in _COMPILED:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                _COMPILED[fn] = torch.jit.script(fn)
+        except Exception as exc:  # noqa: BLE001 -- any failure means: run it eagerly
+            log.warning("TorchScript cannot compile %s, running it eagerly: %s", fn.__name__, exc)
+            _COMPILED[fn] = fn
+    return _COMPILED[fn]
+
+
+_COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
+
 
 def exact_merged_topk(
     interests: np.ndarray,
@@ -157,53 +206,87 @@ def exact_merged_topk(
     exclude: Sequence[np.ndarray] | None = None,
     users_per_chunk: int | None = None,
     screen: ScreenTable | None = None,
+    eager: bool = False,
 ) -> RetrievedBatch:
     """Serving path for exact search without an index: dense Eq. 7 in torch, then the merge.
 
     interests (B, K, d), items (N, d) the catalogue as a CPU tensor (row 0 padding). Users go
     `users_per_chunk` at a time (default: up to 64, fewer for huge catalogues) so the
     (chunk, N) max-score matrix stays at most 32 MB; within a chunk `blocked_max_scores` keeps
-    the products in cache. The top-n rows then go through `merge_candidates`, so scores,
+    the products in cache. Each chunk's top-n rows then go through the merge, so scores,
     interests and tie order match the index path.
 
     With `screen`, the catalogue is scored in bfloat16 (half the memory traffic, and twice the
     multiply rate on CPUs with bfloat16 dot products) and only the rows whose score could reach
     the user's n-th under the rounding bound `SCREEN_ERROR` go to the merge, which rescores
     them in float32: the same answer, ties included (see `_screened`).
+
+    The search runs compiled (`compiled`) unless `eager`.
     """
     batch = interests.shape[0]
     excluded = pad_rows(exclude, batch)
-    n = min(n, items.shape[0] - 1)
     users_per_chunk = users_per_chunk or max(1, min(64, 2**23 // items.shape[0]))  # <= 32 MB
-    chunks = []
     v = torch.from_numpy(np.ascontiguousarray(interests, dtype=np.float32))
-    ex = torch.from_numpy(excluded)
+    spec = screen.spec() if screen is not None else None
+    search = _exact_search if eager else compiled(_exact_search)
     with torch.inference_mode():
-        for start in range(0, batch, users_per_chunk):
-            stop = start + users_per_chunk
-            rows = _screened(v[start:stop], screen, ex[start:stop], n) if screen else None
-            if rows is None:
-                scores = _max_scores(blocked_max_scores(v[start:stop], items), ex[start:stop])
-                rows = _with_boundary_ties(scores, n)
-            chunks.append(rows)
-    width = max(c.shape[1] for c in chunks)
-    candidates = np.concatenate([np.pad(c, ((0, 0), (0, width - c.shape[1]))) for c in chunks])
-    return merge_candidates(interests, candidates, items, n, excluded)
+        found = search(v, items, spec, torch.from_numpy(excluded), n, users_per_chunk)
+    return RetrievedBatch(*(t.numpy() for t in found))
+
+
+def _exact_search(
+    interests: torch.Tensor,
+    items: torch.Tensor,
+    screen: Screen | None,
+    excluded: torch.Tensor,
+    n: int,
+    users_per_chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`exact_merged_topk` on tensors: interests (B, K, d), excluded (B, L) -> rows, scores,
+    interests (B, n'), counts (B,), n' = min(n, the most candidates any user had)."""
+    batch = interests.shape[0]
+    n = min(n, items.shape[0] - 1)
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for start in range(0, batch, users_per_chunk):
+        v = interests[start : start + users_per_chunk]
+        ex = excluded[start : start + users_per_chunk]
+        rows: torch.Tensor | None = None
+        if screen is not None:
+            rows = _screened(v, screen, ex, n)
+        if rows is None:
+            rows = _with_boundary_ties(_max_scores(blocked_max_scores(v, items), ex), n)
+        parts.append(_merge(v, rows, items, n, ex))
+    width = max([p[0].shape[1] for p in parts] + [0])
+    return (
+        torch.cat([_pad_columns(p[0], width, 0.0) for p in parts]),
+        torch.cat([_pad_columns(p[1], width, float("-inf")) for p in parts]),
+        torch.cat([_pad_columns(p[2], width, 0.0) for p in parts]),
+        torch.cat([p[3] for p in parts]),
+    )
+
+
+def _pad_columns(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    """x (b, w) -> (b, width), the new columns filled with value."""
+    if x.shape[1] == width:
+        return x
+    out = torch.full((x.shape[0], width), value, dtype=x.dtype)
+    out[:, : x.shape[1]] = x
+    return out
 
 
 def _max_scores(scores: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
     """scores (b, N) with padding row 0 and each user's excluded rows (b, L) set to -inf."""
-    scores[:, 0] = -torch.inf
-    if excluded.shape[1]:
-        scores.scatter_(1, excluded, -torch.inf)  # padding 0 is row 0 anyway
+    scores[:, 0] = float("-inf")
+    if excluded.shape[1] > 0:
+        scores.scatter_(1, excluded, float("-inf"))  # padding 0 is row 0 anyway
     return scores
 
 
 def _screened(
-    interests: torch.Tensor, screen: ScreenTable, excluded: torch.Tensor, n: int
-) -> np.ndarray | None:
+    interests: torch.Tensor, screen: Screen, excluded: torch.Tensor, n: int
+) -> torch.Tensor | None:
     """Candidate rows (b, M) holding every row of each user's exact top-n, ties included, in
-    ascending row order; None when the screen keeps more than SCREEN_MAX_CANDIDATES rows for
+    ascending row order; None when the screen keeps more than screen.max_candidates rows for
     some user.
 
     With s the float32 score and t the bfloat16 one, |s - t| <= err = SCREEN_ERROR * max_k |v_k|
@@ -215,29 +298,30 @@ def _screened(
     """
     scores = _max_scores(blocked_max_scores(interests.to(torch.bfloat16), screen.table), excluded)
     norms = torch.linalg.vector_norm(interests, dim=2).amax(dim=1)  # (b,)
-    slack = 2 * SCREEN_ERROR * norms * screen.max_norm  # (b,)
-    pool, pool_rows = _pool(scores, n, slack)  # (b, P), (b, P) or None: the rows themselves
+    slack = screen.slack_per_norm * norms  # (b,)
+    pool, pool_rows = _pool(scores, n, slack, screen.block, screen.depth)  # (b, P), (b, P)/None
     kth = pool.topk(n, dim=1).values[:, -1]  # (b,)
     floor = kth - slack  # (b,), -inf with < n rows left
-    keep = (pool >= floor.unsqueeze(1)) & (pool > -torch.inf)  # (b, P)
-    users, cols = keep.nonzero(as_tuple=True)  # grouped by user, in pool (= row) order
+    keep = (pool >= floor.unsqueeze(1)) & (pool > float("-inf"))  # (b, P)
+    users, cols = keep.nonzero().unbind(1)  # grouped by user, in pool (= row) order
     rows = cols if pool_rows is None else pool_rows[users, cols]
-    slot, counts = _slots(users, len(keep))
-    if int(counts.max()) > SCREEN_MAX_CANDIDATES:
+    slot, counts = _slots(users, keep.shape[0])
+    most = int(counts.max())
+    if most > screen.max_candidates:
         return None
-    out = torch.zeros(len(keep), int(counts.max()), dtype=torch.int64)
+    out = torch.zeros(keep.shape[0], most, dtype=torch.int64)
     out[users, slot] = rows
-    return out.numpy()
+    return out
 
 
 def _pool(
-    scores: torch.Tensor, n: int, slack: torch.Tensor
+    scores: torch.Tensor, n: int, slack: torch.Tensor, block: int, depth: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Where `_screened` looks for its rows: scores (b, N) in blocks of SCREEN_BLOCK rows, only
-    the blocks whose best score is within `slack` (b,) of the n-th best block maximum ->
+    """Where `_screened` looks for its rows: scores (b, N) in blocks of `block` rows, only the
+    blocks whose best score is within `slack` (b,) of the n-th best block maximum ->
     pool (b, P) scores (-inf pads), rows (b, P) their rows, in ascending order. Or (scores,
-    None) when blocks cannot help: n too deep for the catalogue, or a user with fewer than n
-    blocks left.
+    None) when blocks cannot help: fewer than `depth` * n blocks (n too deep for the
+    catalogue), or a user with fewer than n blocks left.
 
     Each of the n best blocks holds a row scoring at least their lowest maximum `low`, so the
     n-th best score is >= low, and a block without a row >= low - slack cannot hold a kept row.
@@ -246,25 +330,25 @@ def _pool(
     slower, hence SCREEN_BLOCK_DEPTH.
     """
     batch, size = scores.shape
-    full = size // SCREEN_BLOCK
-    if full < SCREEN_BLOCK_DEPTH * n:
+    full = size // block
+    if full < depth * n:
         return scores, None
-    maxima = scores[:, : full * SCREEN_BLOCK].view(batch, full, SCREEN_BLOCK).amax(dim=2)
-    if full * SCREEN_BLOCK < size:  # the last, shorter block
-        maxima = torch.cat([maxima, scores[:, full * SCREEN_BLOCK :].amax(1, keepdim=True)], 1)
+    maxima = scores[:, : full * block].reshape(batch, full, block).amax(dim=2)
+    if full * block < size:  # the last, shorter block
+        maxima = torch.cat([maxima, scores[:, full * block :].amax(1, keepdim=True)], 1)
     low = maxima.topk(n, dim=1).values[:, -1]  # (b,)
-    if not torch.isfinite(low).all():
+    if not bool(torch.isfinite(low).all()):
         return scores, None
-    users, blocks = (maxima >= (low - slack).unsqueeze(1)).nonzero(as_tuple=True)  # (S,)
+    users, blocks = (maxima >= (low - slack).unsqueeze(1)).nonzero().unbind(1)  # (S,)
     slot, per_user = _slots(users, batch)
-    rows = (blocks * SCREEN_BLOCK).unsqueeze(1) + torch.arange(SCREEN_BLOCK)  # (S, G)
+    rows = (blocks * block).unsqueeze(1) + torch.arange(block)  # (S, block)
     past_end = rows >= size
     rows = rows.clamp(max=size - 1)
-    values = scores[users.unsqueeze(1), rows].masked_fill(past_end, -torch.inf)  # (S, G)
+    values = scores[users.unsqueeze(1), rows].masked_fill(past_end, float("-inf"))
     width = int(per_user.max())
-    pool = torch.full((batch, width, SCREEN_BLOCK), -torch.inf)
+    pool = torch.full((batch, width, block), float("-inf"))
     pool[users, slot] = values
-    pool_rows = torch.zeros((batch, width, SCREEN_BLOCK), dtype=torch.int64)
+    pool_rows = torch.zeros((batch, width, block), dtype=torch.int64)
     pool_rows[users, slot] = rows
     return pool.view(batch, -1), pool_rows.view(batch, -1)
 
@@ -273,31 +357,29 @@ def _slots(users: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]
     """users (S,) sorted, as nonzero returns them -> each entry's place among its user's
     entries (S,), and the entries per user (batch,): where to put them in a padded (batch, M)."""
     counts = torch.bincount(users, minlength=batch)
-    return torch.arange(len(users)) - (counts.cumsum(0) - counts)[users], counts
+    return torch.arange(users.shape[0]) - (counts.cumsum(0) - counts)[users], counts
 
 
-def _with_boundary_ties(scores: torch.Tensor, n: int) -> np.ndarray:
+def _with_boundary_ties(scores: torch.Tensor, n: int) -> torch.Tensor:
     """Top-n rows of scores (b, N); a user whose n-th score is shared by rows left out gets every
     row scoring at least that much, so the merge can give the tie to the smaller row (topk
     picks among equal scores in no promised order)."""
     # One row more than asked: the n-th score is shared by a row left out exactly when the
     # (n+1)-th equals it, which spares a full pass over the (b, N) scores to count ties.
     top = scores.topk(min(n + 1, scores.shape[1]), dim=1)
-    kth = top.values[:, n - 1 : n]  # (b, 1)
-    rows = top.indices[:, :n].numpy()
+    rows = top.indices[:, :n]
     if top.values.shape[1] == n:  # nothing left out
         return rows
-    tied = torch.isfinite(kth[:, 0]) & (top.values[:, n] == kth[:, 0])
-    if not tied.any():
+    kth = top.values[:, n - 1]  # (b,)
+    tied = (torch.isfinite(kth) & (top.values[:, n] == kth)).nonzero()[:, 0]  # (t,)
+    if tied.shape[0] == 0:
         return rows
-    wide = {
-        b: torch.nonzero(scores[b] >= kth[b]).flatten().numpy()
-        for b in tied.nonzero()[:, 0].tolist()
-    }
-    out = np.zeros((len(scores), max(len(w) for w in wide.values())), dtype=np.int64)
+    users, wide = (scores[tied] >= kth[tied].unsqueeze(1)).nonzero().unbind(1)  # ascending rows
+    slot, counts = _slots(users, tied.shape[0])
+    out = torch.zeros(scores.shape[0], max(n, int(counts.max())), dtype=torch.int64)
     out[:, :n] = rows
-    for b, w in wide.items():
-        out[b, : len(w)] = w
+    out[tied] = 0
+    out[tied[users], slot] = wide
     return out
 
 
@@ -315,34 +397,47 @@ def merge_candidates(
     item_embeddings (N, d), exclude per-user rows (or a (B, L) array padded with 0). Each
     candidate is rescored exactly against all K interests, so the returned score is
     max_k <v_k, e> even when the index that proposed it is approximate. Ties go to the smaller
-    row. Users are merged in chunks that keep the gathered (chunk, M, d) embeddings small.
+    row. Runs compiled (`compiled`).
     """
+    batch = candidates.shape[0]
+    excluded = exclude if isinstance(exclude, np.ndarray) else pad_rows(exclude, batch)
+    with torch.inference_mode():
+        found = compiled(_merge)(
+            torch.from_numpy(np.ascontiguousarray(interests, dtype=np.float32)),
+            torch.from_numpy(np.ascontiguousarray(candidates, dtype=np.int64)),
+            torch.as_tensor(item_embeddings),  # a tensor stays as is: no copy, no warning
+            n,
+            torch.from_numpy(np.ascontiguousarray(excluded, dtype=np.int64)),
+        )
+    return RetrievedBatch(*(t.numpy() for t in found))
+
+
+def _merge(
+    interests: torch.Tensor,
+    candidates: torch.Tensor,
+    table: torch.Tensor,
+    n: int,
+    excluded: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`merge_candidates` on tensors -> rows, scores, interests (B, n'), counts (B,),
+    n' = min(n, M). Users are merged in chunks that keep the gathered (chunk, M, d) embeddings
+    small."""
     batch, width = candidates.shape
     n = max(0, min(n, width))
-    excluded = exclude if isinstance(exclude, np.ndarray) else pad_rows(exclude, batch)
-    out = RetrievedBatch(
-        rows=np.zeros((batch, n), dtype=np.int64),
-        scores=np.full((batch, n), -np.inf, dtype=np.float32),
-        interests=np.zeros((batch, n), dtype=np.int64),
-        counts=np.zeros(batch, dtype=np.int64),
-    )
+    rows = torch.zeros((batch, n), dtype=torch.int64)
+    scores = torch.full((batch, n), float("-inf"))
+    best = torch.zeros((batch, n), dtype=torch.int64)
+    counts = torch.zeros(batch, dtype=torch.int64)
     if batch == 0 or n == 0:
-        return out
-    table = torch.as_tensor(item_embeddings)  # a tensor stays as is: no copy, no warning
-    v = torch.from_numpy(np.ascontiguousarray(interests, dtype=np.float32))
-    cand_all = torch.from_numpy(np.ascontiguousarray(candidates, dtype=np.int64))
-    ex_all = torch.from_numpy(np.ascontiguousarray(excluded, dtype=np.int64))
-    step = max(1, 2**22 // max(1, width * item_embeddings.shape[1]))  # 16 MB gathered
-    with torch.inference_mode():
-        for start in range(0, batch, step):
-            part = slice(start, start + step)
-            merged = _merge_block(v[part], cand_all[part], table, n, ex_all[part])
-            rows, scores, best, count = merged
-            out.rows[part] = rows.numpy()
-            out.scores[part] = scores.numpy()
-            out.interests[part] = best.numpy()
-            out.counts[part] = count.numpy()
-    return out
+        return rows, scores, best, counts
+    step = max(1, (1 << 22) // max(1, width * table.shape[1]))  # 16 MB gathered
+    for start in range(0, batch, step):
+        stop = min(start + step, batch)
+        merged = _merge_block(
+            interests[start:stop], candidates[start:stop], table, n, excluded[start:stop]
+        )
+        rows[start:stop], scores[start:stop], best[start:stop], counts[start:stop] = merged
+    return rows, scores, best, counts
 
 
 def _merge_block(
@@ -356,15 +451,16 @@ def _merge_block(
     counts (b,)."""
     rows = candidates.clamp(min=0).sort(dim=1).values  # ascending: duplicates adjacent
     valid = rows > 0
-    valid[:, 1:] &= rows[:, 1:] != rows[:, :-1]
-    if excluded.shape[1]:
+    # Written out: TorchScript would apply `&=` on a slice to a copy.
+    valid[:, 1:] = valid[:, 1:] & (rows[:, 1:] != rows[:, :-1])
+    if excluded.shape[1] > 0:
         # Membership per user in one isin: shift every user's rows into its own range.
         span = max(int(table.shape[0]), int(excluded.max()) + 1, int(rows.max()) + 1)
         offset = torch.arange(rows.shape[0], dtype=torch.int64).unsqueeze(1) * span
-        valid &= ~torch.isin(rows + offset, excluded + offset)
+        valid = valid & ~torch.isin(rows + offset, excluded + offset)
     per_interest = torch.bmm(table[rows], interests.transpose(1, 2))  # (b, M, K)
     scores, best = per_interest.max(dim=2)  # (b, M)
-    scores = scores.masked_fill(~valid, -torch.inf)
+    scores = scores.masked_fill(~valid, float("-inf"))
     # A stable sort keeps equal scores in ascending row order: ties go to the smaller row.
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n]
     count = valid.sum(dim=1).clamp(max=n)

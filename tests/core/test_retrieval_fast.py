@@ -9,6 +9,8 @@ import torch
 from remi_core import retrieval
 from remi_core.index import build_index
 from remi_core.retrieval import (
+    SCREEN_BLOCK,
+    SCREEN_BLOCK_DEPTH,
     SCREEN_ERROR,
     RetrievedBatch,
     ScreenTable,
@@ -69,15 +71,23 @@ def test_merge_equals_brute_force(seeded, n, use_exclude):
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("chunk", [1, 2, 64])
 @pytest.mark.parametrize("screened", [False, True])
-def test_exact_equals_brute_force(seeded, n, k, chunk, screened):
+@pytest.mark.parametrize("eager", [False, True])
+def test_exact_equals_brute_force(seeded, n, k, chunk, screened, eager):
     interests, items, exclude = seeded
     v = np.ascontiguousarray(interests[:, :k])
     table = torch.from_numpy(items)
     screen = ScreenTable.of(table) if screened else None
-    result = exact_merged_topk(v, table, n, exclude, users_per_chunk=chunk, screen=screen)
+    result = exact_merged_topk(v, table, n, exclude, chunk, screen=screen, eager=eager)
     assert_matches(result, reference(v, items, n, exclude))
     # The last user excluded every item: nothing is left, and nothing is invented.
     assert result.counts[-1] == 0 and len(result[4].rows) == 0
+
+
+def test_the_search_runs_compiled():
+    """The serving search is compiled by TorchScript, which runs it without the GIL: an eager
+    fallback would still answer correctly, so only this test notices losing it."""
+    for fn in (retrieval._exact_search, retrieval._merge):
+        assert isinstance(retrieval.compiled(fn), torch.jit.ScriptFunction)
 
 
 def test_blocked_scores_equal_dense(seeded):
@@ -103,9 +113,11 @@ def test_ties_go_to_the_smaller_row(k):
     expected = reference(interests, items, 5, exclude)
     assert [row for _, row, _ in expected[0]] == [40, 41, 42, 43, 44]
     table = torch.from_numpy(items)
-    assert_matches(exact_merged_topk(interests, table, 5, exclude), expected)
     screen = ScreenTable.of(table)
-    assert_matches(exact_merged_topk(interests, table, 5, exclude, screen=screen), expected)
+    for eager in (False, True):  # the tie path has its own code in each (`_with_boundary_ties`)
+        assert_matches(exact_merged_topk(interests, table, 5, exclude, eager=eager), expected)
+        found = exact_merged_topk(interests, table, 5, exclude, screen=screen, eager=eager)
+        assert_matches(found, expected)
     found = faiss_merged_topk(build_index(items), interests, items, 5, exclude)
     for got, want in zip(found, expected, strict=True):
         np.testing.assert_allclose(got.scores, [-s for s, _, _ in want], rtol=1e-5, atol=1e-6)
@@ -157,7 +169,7 @@ def test_screen_prunes_on_spread_scores():
     table = torch.from_numpy(rng.standard_normal((20_000, 16)).astype(np.float32))
     v = torch.from_numpy(rng.standard_normal((4, 3, 16)).astype(np.float32))
     excluded = torch.zeros((4, 0), dtype=torch.int64)
-    candidates = retrieval._screened(v, ScreenTable.of(table), excluded, 50)
+    candidates = retrieval._screened(v, ScreenTable.of(table).spec(), excluded, 50)
     assert 50 <= candidates.shape[1] < 500  # of 20,000 rows
 
 
@@ -178,19 +190,18 @@ def blocky_catalogue(seed: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray
 
 @pytest.mark.parametrize("n", [1, 5, 11])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_screen_by_blocks_keeps_the_same_candidates(monkeypatch, n, seed):
+def test_screen_by_blocks_keeps_the_same_candidates(n, seed):
     items, interests, exclude = blocky_catalogue(seed)
     table, v = torch.from_numpy(items), torch.from_numpy(interests)
     screen = ScreenTable.of(table)
     excluded = torch.from_numpy(retrieval.pad_rows(exclude, len(exclude)))
     scores = blocked_max_scores(v.to(torch.bfloat16), screen.table)
-    pool, pool_rows = retrieval._pool(scores, n, torch.full((6,), 0.05))
+    spec = screen.spec()
+    pool, pool_rows = retrieval._pool(scores, n, torch.full((6,), 0.05), spec.block, spec.depth)
     assert pool_rows is not None and pool.shape[1] < len(items) // 4  # the blocks pruned
-    by_blocks = retrieval._screened(v, screen, excluded, n)
-    monkeypatch.setattr(retrieval, "SCREEN_BLOCK_DEPTH", 10**9)  # every row in the pool
-    whole = retrieval._screened(v, screen, excluded, n)
-    np.testing.assert_array_equal(by_blocks, whole)
-    monkeypatch.undo()
+    by_blocks = retrieval._screened(v, spec, excluded, n)
+    whole = retrieval._screened(v, spec._replace(depth=10**9), excluded, n)  # every row pooled
+    torch.testing.assert_close(by_blocks, whole)
     expected = reference(interests, items, n, exclude)
     assert_matches(exact_merged_topk(interests, table, n, exclude, screen=screen), expected)
 
@@ -205,7 +216,8 @@ def test_screen_by_blocks_steps_aside_with_fewer_blocks_than_n():
         blocked_max_scores(torch.from_numpy(interests).to(torch.bfloat16), table.bfloat16()),
         torch.from_numpy(retrieval.pad_rows(exclude, 6)),
     )
-    assert retrieval._pool(scores, 2, torch.zeros(6))[1] is None
+    pool_rows = retrieval._pool(scores, 2, torch.zeros(6), SCREEN_BLOCK, SCREEN_BLOCK_DEPTH)[1]
+    assert pool_rows is None
     expected = reference(interests, items, 2, exclude)
     result = exact_merged_topk(interests, table, 2, exclude, screen=ScreenTable.of(table))
     assert_matches(result, expected)
@@ -220,7 +232,7 @@ def test_screen_falls_back_to_float32_when_it_cannot_prune(monkeypatch):
     table = torch.from_numpy(items)
     excluded = torch.zeros((2, 0), dtype=torch.int64)
     screen = ScreenTable.of(table)
-    assert retrieval._screened(torch.from_numpy(interests), screen, excluded, 5) is None
+    assert retrieval._screened(torch.from_numpy(interests), screen.spec(), excluded, 5) is None
     result = exact_merged_topk(interests, table, 5, [np.array([1, 3])] * 2, screen=screen)
     assert result.rows.tolist() == [[2, 4, 5, 6, 7]] * 2
 
