@@ -164,9 +164,10 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         1,
         ge=0,
-        description="Threads of torch's encoder and faiss's search in each compute thread; 0 "
+        description="Threads of torch (the encoder and exact search) in each compute thread; 0 "
         "uses REMI_THREADS (the worker's share of the CPUs). 1 leaves the other core of a small "
-        "host to the event loop; see docs/serving.md.",
+        "host to the event loop. Faiss's index search in a compute thread uses REMI_THREADS; "
+        "see docs/serving.md.",
     )
 
     @field_validator("redis_url")

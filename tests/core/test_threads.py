@@ -329,8 +329,9 @@ def serve_reports(
 
 @pytest.mark.integration
 def test_remi_serve_sets_up_each_worker(tmp_path: Path, tiny_bundle_root: Path) -> None:
-    # One worker gets the CPUs; its compute thread's torch and faiss pools keep
-    # REMI_TORCH_THREADS' default (1), or take them all with 0.
+    # One worker gets the CPUs; the pools set up in its main thread keep REMI_TORCH_THREADS'
+    # default (1), or take them all with 0 (compute threads carry torch's count over; faiss's
+    # is OpenMP's, per thread: see docs/serving.md).
     [report] = serve_reports(tmp_path, tiny_bundle_root, 1, 1, one_cpu=False)
     assert report["wait_policy"] == "PASSIVE" and report["prepared_in_time"]
     assert report["threads"] == CPUS
