@@ -7,11 +7,12 @@ under-scores because it missed that interest's list is beaten by at least N item
 so it cannot enter the merged top-N. `dense_merged_topk` uses that identity for evaluation;
 the serving paths are `exact_merged_topk` (the same identity, blocked for the cache, optionally
 screened in bfloat16, see `ScreenTable`) and `faiss_merged_topk` (K searches of an index). Both
-serving paths end in `merge_candidates`,
-which rescores candidates exactly, drops excluded rows and breaks ties by the smaller row, so
+serving paths end in the same merge (`_merge`; `merge_candidates` for the index path), which
+rescores candidates exactly, drops excluded rows and breaks ties by the smaller row, so
 served lists are deterministic and identical whichever users share a batch; the dense
 evaluation path leaves the order of exactly equal scores to `topk`, which does not promise one.
-All of them skip padding row 0.
+All of them skip padding row 0. The serving paths' tensor work runs compiled by TorchScript
+(`compiled`), so a batch's search holds the GIL for two calls instead of a few dozen small ones.
 """
 
 from __future__ import annotations
@@ -418,10 +419,11 @@ def _merge(
     table: torch.Tensor,
     n: int,
     excluded: torch.Tensor,
+    gathered: int = 1 << 22,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`merge_candidates` on tensors -> rows, scores, interests (B, n'), counts (B,),
     n' = min(n, M). Users are merged in chunks that keep the gathered (chunk, M, d) embeddings
-    small."""
+    to about `gathered` floats (16 MB)."""
     batch, width = candidates.shape
     n = max(0, min(n, width))
     rows = torch.zeros((batch, n), dtype=torch.int64)
@@ -430,7 +432,7 @@ def _merge(
     counts = torch.zeros(batch, dtype=torch.int64)
     if batch == 0 or n == 0:
         return rows, scores, best, counts
-    step = max(1, (1 << 22) // max(1, width * table.shape[1]))  # 16 MB gathered
+    step = max(1, gathered // max(1, width * table.shape[1]))
     for start in range(0, batch, step):
         stop = min(start + step, batch)
         merged = _merge_block(

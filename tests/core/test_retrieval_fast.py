@@ -83,6 +83,24 @@ def test_exact_equals_brute_force(seeded, n, k, chunk, screened, eager):
     assert result.counts[-1] == 0 and len(result[4].rows) == 0
 
 
+def test_merge_in_chunks_equals_one_chunk(seeded):
+    """Compiled and eager, users merged a few at a time give what all at once gives."""
+    interests, items, exclude = seeded
+    candidates = np.random.default_rng(1).integers(-1, 300, size=(5, 120))
+    args = (
+        torch.from_numpy(interests),
+        torch.from_numpy(candidates),
+        torch.from_numpy(items),
+        30,
+        torch.from_numpy(retrieval.pad_rows(exclude, 5)),
+    )
+    whole = retrieval._merge(*args)
+    for merge in (retrieval._merge, retrieval.compiled(retrieval._merge)):
+        for gathered in (1, 2 * 120 * items.shape[1]):  # one user, two users per chunk
+            for got, want in zip(merge(*args, gathered), whole, strict=True):
+                torch.testing.assert_close(got, want)
+
+
 def test_the_search_runs_compiled():
     """The serving search is compiled by TorchScript, which runs it without the GIL: an eager
     fallback would still answer correctly, so only this test notices losing it."""
