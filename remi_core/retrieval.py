@@ -247,7 +247,7 @@ def _exact_search(
     interests (B, n'), counts (B,), n' = min(n, the most candidates any user had)."""
     batch = interests.shape[0]
     n = min(n, items.shape[0] - 1)
-    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    chunks: list[torch.Tensor] = []
     for start in range(0, batch, users_per_chunk):
         v = interests[start : start + users_per_chunk]
         ex = excluded[start : start + users_per_chunk]
@@ -256,23 +256,13 @@ def _exact_search(
             rows = _screened(v, screen, ex, n)
         if rows is None:
             rows = _with_boundary_ties(_max_scores(blocked_max_scores(v, items), ex), n)
-        parts.append(_merge(v, rows, items, n, ex))
-    width = max([p[0].shape[1] for p in parts] + [0])
-    return (
-        torch.cat([_pad_columns(p[0], width, 0.0) for p in parts]),
-        torch.cat([_pad_columns(p[1], width, float("-inf")) for p in parts]),
-        torch.cat([_pad_columns(p[2], width, 0.0) for p in parts]),
-        torch.cat([p[3] for p in parts]),
-    )
-
-
-def _pad_columns(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
-    """x (b, w) -> (b, width), the new columns filled with value."""
-    if x.shape[1] == width:
-        return x
-    out = torch.full((x.shape[0], width), value, dtype=x.dtype)
-    out[:, : x.shape[1]] = x
-    return out
+        chunks.append(rows)
+    # One merge for the batch; row 0 pads the chunks' candidate lists to one width.
+    candidates = torch.zeros(batch, max([c.shape[1] for c in chunks] + [0]), dtype=torch.int64)
+    for i, rows in enumerate(chunks):
+        start = i * users_per_chunk
+        candidates[start : start + rows.shape[0], : rows.shape[1]] = rows
+    return _merge(interests, candidates, items, n, excluded)
 
 
 def _max_scores(scores: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
