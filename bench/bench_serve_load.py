@@ -355,7 +355,7 @@ class Variant:
     label: str
     env: dict[str, str]
     concurrency: tuple[int, ...]
-    workers: int = 1  # remi-serve --workers: processes, each with its own GIL and compute thread
+    workers: int = 1  # remi-serve --workers: processes, each with its own GIL and batcher
 
 
 def machine() -> str:
@@ -457,13 +457,14 @@ def main() -> None:
             Variant(small, "Faiss exact", {"REMI_EXACT_SEARCH": "faiss"}, (16,)),
             Variant(small, f"torch threads {args.threads}",
                     {"REMI_TORCH_THREADS": str(args.threads)}, (16,)),
-            Variant(small, f"{args.threads} compute threads",
-                    {"REMI_COMPUTE_THREADS": str(args.threads)}, (16, 64)),
+            Variant(small, "1 compute thread", {"REMI_COMPUTE_THREADS": "1"}, (16, 64)),
             Variant(small, "batch wait 2 ms", {"REMI_BATCH_WAIT_MS": "2"}, (16,)),
             Variant(small, "batch wait 5 ms", {"REMI_BATCH_WAIT_MS": "5"}, (16,)),
             Variant(large, "defaults", {}, conc),
             Variant(large, f"{args.threads} workers", {}, (16, 64), workers=args.threads),
             Variant(large, "batching off", off, (16,)),
+            Variant(large, f"{args.threads} compute threads",
+                    {"REMI_COMPUTE_THREADS": str(args.threads)}, (16,)),
         ]  # fmt: skip
         if args.quick:
             variants = [
@@ -530,7 +531,8 @@ def markdown(header, rows, labels, results, args, seconds) -> str:
         "backend, any thread count). Server defaults: 1 worker, REMI_BATCH_WAIT_MS=0, "
         "REMI_BATCH_BALANCE_MS=2, REMI_BATCH_MAX_USERS=128, REMI_TORCH_THREADS=1, "
         f"REMI_EXACT_SEARCH=auto ({next(iter(rows.values()))['auto']} on this host for the "
-        f"{next(iter(labels.values()))} catalogue).",
+        f"{next(iter(labels.values()))} catalogue), REMI_COMPUTE_THREADS=0 (batches side by "
+        "side, one per CPU of the worker, for the exact search; one at a time for the index).",
     ]
     return "\n".join(lines)
 

@@ -2,7 +2,7 @@
 
 Requests queue up on the event loop; a collector takes the oldest one, waits at most
 `max_wait_ms` (measured from that request's arrival) for others to join until the batch holds
-`max_users` users, and hands the batch to the single compute thread. While that thread works,
+`max_users` users, and hands the batch to a free compute thread. While that thread works,
 new requests queue, so under load the next batch forms with no added wait (continuous
 batching); at low load a request waits at most max_wait_ms. A request is never split: one
 larger than max_users runs as a batch of its own.
@@ -18,9 +18,11 @@ concurrency 1 the queue already holds what the last batch held, so nothing waits
 
 Everything CPU-heavy happens in the compute thread: encode, search, merge, and `render` (each
 caller's function that turns its results into response bytes), so the loop only parses
-requests and moves bytes. One thread (the default) lets torch and faiss spread a batch over
-their own threads; with `workers` > 1 (and one torch thread each) batches run side by side
-instead, which degrades more gently when the cores are shared (no OpenMP barriers).
+requests and moves bytes. With `workers` > 1 compute threads (one torch thread each) batches run
+side by side, which puts a small host's cores to work with the compiled exact search (it leaves
+the GIL) and degrades gently when the cores are shared (no OpenMP barriers). `parallel(model)`
+caps how many of a model's batches run at once: an index search is better run one batch at a
+time, since faiss spreads each batch over the cores itself (see service/app.py).
 
 If a batch fails, its requests are retried one by one, so a failing request fails alone.
 """
@@ -76,8 +78,8 @@ class BatchStats:
 
 
 class MicroBatcher:
-    """Gathers concurrent requests into batches and runs them in `workers` compute threads
-    (one by default: a batch at a time, torch and faiss spreading it over their threads)."""
+    """Gathers concurrent requests into batches and runs them in `workers` compute threads, at
+    most `parallel(model)` batches of a model at once (default: as many as there are threads)."""
 
     def __init__(
         self,
@@ -86,6 +88,7 @@ class MicroBatcher:
         on_batch: Callable[[int, list[Result]], None] | None = None,
         workers: int = 1,
         balance_ms: float = 0.0,
+        parallel: Callable[[LoadedModel], int] | None = None,
     ) -> None:
         if max_wait_ms < 0 or balance_ms < 0 or max_users < 1 or workers < 1:
             raise ValueError("max_wait_ms and balance_ms must be >= 0, max_users and workers >= 1")
@@ -100,6 +103,9 @@ class MicroBatcher:
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="remi-compute")
         self._free = asyncio.Semaphore(workers)  # a batch forms only when a thread can take it
+        self._parallel = parallel or (lambda model: workers)
+        self._computing = 0  # batches handed to a thread and not yet back
+        self._computed = asyncio.Event()  # set each time one comes back
         self._running: set[asyncio.Task] = set()
         self._stats_lock = threading.Lock()
         self._task: asyncio.Task | None = None
@@ -167,6 +173,10 @@ class MicroBatcher:
             while not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
+            while self._computing >= self._parallel(self._queue[0].model):
+                self._computed.clear()
+                await self._computed.wait()
+                free_at = loop.time()
             # Fill up to max_users until the oldest request's max_wait runs out; and, right after
             # a thread frees up, up to an even share of the last batch (see the module docstring).
             deadline = self._queue[0].arrived + self.max_wait_s
@@ -190,6 +200,7 @@ class MicroBatcher:
             # answered those are its requests sending their responses (2.3 ms of an idle
             # compute thread per batch of 8, measured).
             computed = loop.run_in_executor(self._executor, self._compute, jobs)
+            self._computing += 1
             task = asyncio.create_task(self._dispatch(jobs, computed))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -200,6 +211,8 @@ class MicroBatcher:
         except Exception as exc:  # the executor itself failed: fail these, keep serving
             outcomes = [exc] * len(jobs)
         finally:
+            self._computing -= 1
+            self._computed.set()
             self._free.release()
         for job, outcome in zip(jobs, outcomes, strict=True):
             if job.future.done():  # the client went away

@@ -74,6 +74,13 @@ class LoadedModel:
         return self.encoder.num_interests
 
     @property
+    def batches_side_by_side(self) -> bool:
+        """Whether batches gain from running side by side, one torch thread each: torch's exact
+        search on the CPU runs compiled, without the GIL. An index search spreads each batch
+        over the cores itself (faiss's OpenMP), and a GPU takes one batch at a time anyway."""
+        return self.search_backend != "faiss" and self.device.type == "cpu"
+
+    @property
     def num_items(self) -> int:
         """Real catalogue items, padding row excluded."""
         return len(self.item_ids) - ROW_OFFSET

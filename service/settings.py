@@ -108,11 +108,14 @@ class Settings(BaseSettings):
         "REMI_MAX_BATCH entries) is never split; it runs as a batch of its own.",
     )
     compute_threads: int = Field(
-        1,
-        ge=1,
+        0,
+        ge=0,
         le=64,
-        description="Threads that run batches (encode, search, response rendering). 1 runs one "
-        "batch at a time; more run batches side by side, each with REMI_TORCH_THREADS threads.",
+        description="Threads that run batches (encode, search, response rendering) side by "
+        "side, each with REMI_TORCH_THREADS torch threads. 0 chooses per bundle: for torch's "
+        "exact search on the CPU, as many as fit in the worker's share of the CPUs "
+        "(REMI_THREADS / REMI_TORCH_THREADS); for an index search (faiss spreads a batch over the "
+        "cores itself) or a GPU, one batch at a time. See docs/serving.md.",
     )
     fast_lane: bool = Field(
         True,

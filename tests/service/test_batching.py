@@ -1,6 +1,7 @@
 """Cross-request micro-batching (service/batcher.py) on a real tiny bundle."""
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -8,9 +9,11 @@ import numpy as np
 import pytest
 
 from remi_core.bundle import resolve_current
+from service.app import _compute_threads
 from service.batcher import MicroBatcher
 from service.errors import ShuttingDown
 from service.recommender import LoadedModel, load_model, recommend_batch
+from service.settings import Settings
 from tests.helpers import same_response, tiny_item_ids, write_tiny_bundle
 
 
@@ -229,3 +232,50 @@ def test_a_batch_starts_computing_while_the_loop_is_busy(model: LoadedModel) -> 
 
     rendered, busy_until = asyncio.run(scenario())
     assert rendered < busy_until  # computed and rendered during the busy stretch, not after
+
+
+def most_batches_at_once(batcher: MicroBatcher, model: LoadedModel) -> int:
+    """Runs 6 one-user requests in batches of one, each held 50 ms in its compute thread;
+    returns the most batches that were computing at the same time."""
+    lock = threading.Lock()
+    computing, most = 0, 0
+
+    def hold(users: int, results: list) -> None:
+        nonlocal computing, most
+        with lock:
+            computing += 1
+            most = max(most, computing)
+        time.sleep(0.05)
+        with lock:
+            computing -= 1
+
+    batcher.on_batch = hold
+    requests = [one_user(i) for i in range(6)]
+    answers = asyncio.run(submit_all(batcher, model, requests))
+    for request, answer in zip(requests, answers, strict=True):
+        assert same_response(answer, recommend_batch(model, **request))
+    return most
+
+
+@pytest.mark.parametrize(("search", "side_by_side"), [("auto", True), ("faiss", False)])
+def test_auto_compute_threads_follow_the_search(
+    model: LoadedModel, search: str, side_by_side: bool
+) -> None:
+    # Torch's exact search runs batches side by side, one per CPU of the worker; an index
+    # search (faiss spreads a batch over the cores itself) runs one batch at a time.
+    served = model if search == "auto" else load_model(model.path, exact_search=search)
+    assert served.batches_side_by_side is side_by_side
+    threads, parallel = _compute_threads(Settings(), cpus=2)
+    assert threads == 2
+    assert parallel(served) == (2 if side_by_side else 1)
+    batcher = MicroBatcher(0, 1, workers=threads, parallel=parallel)
+    assert most_batches_at_once(batcher, served) == parallel(served)
+
+
+def test_compute_threads_set_by_hand_hold_for_every_search(model: LoadedModel) -> None:
+    served = load_model(model.path, exact_search="faiss")
+    threads, parallel = _compute_threads(Settings(compute_threads=3), cpus=2)
+    assert (threads, parallel(served), parallel(model)) == (3, 3, 3)
+    # Auto with wider torch pools: as many compute threads as fit in the worker's CPUs.
+    assert _compute_threads(Settings(torch_threads=2), cpus=4)[0] == 2
+    assert _compute_threads(Settings(torch_threads=0), cpus=4)[0] == 1
