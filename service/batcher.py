@@ -102,7 +102,7 @@ class MicroBatcher:
         self._queued_users = 0
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="remi-compute")
-        self._free = asyncio.Semaphore(workers)  # a batch forms only when a thread can take it
+        self.workers = workers
         self._parallel = parallel or (lambda model: workers)
         self._computing = 0  # batches handed to a thread and not yet back
         self._computed = asyncio.Event()  # set each time one comes back
@@ -168,14 +168,14 @@ class MicroBatcher:
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._free.acquire()
+            await self._computing_fewer_than(self.workers)  # a batch forms when a thread is free
             free_at = loop.time()
             while not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
-            while self._computing >= self._parallel(self._queue[0].model):
-                self._computed.clear()
-                await self._computed.wait()
+            if await self._computing_fewer_than(
+                min(self.workers, self._parallel(self._queue[0].model))
+            ):
                 free_at = loop.time()
             # Fill up to max_users until the oldest request's max_wait runs out; and, right after
             # a thread frees up, up to an even share of the last batch (see the module docstring).
@@ -205,6 +205,15 @@ class MicroBatcher:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
+    async def _computing_fewer_than(self, limit: int) -> bool:
+        """Wait until fewer than `limit` batches are computing; True if that meant waiting."""
+        waited = False
+        while self._computing >= limit:
+            self._computed.clear()
+            await self._computed.wait()
+            waited = True
+        return waited
+
     async def _dispatch(self, jobs: list[_Job], computed: asyncio.Future) -> None:
         try:
             outcomes = await computed
@@ -213,7 +222,6 @@ class MicroBatcher:
         finally:
             self._computing -= 1
             self._computed.set()
-            self._free.release()
         for job, outcome in zip(jobs, outcomes, strict=True):
             if job.future.done():  # the client went away
                 continue
