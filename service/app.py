@@ -217,13 +217,15 @@ async def readyz(registry: RegistryDep, store: StoreDep) -> JSONResponse:
 
 
 @router.get("/v1/model", responses=NOT_LOADED, tags=["ops"])
-async def model_manifest(model: ModelDep) -> dict[str, Any]:
+async def model_manifest(model: ModelDep, batcher: BatcherDep) -> dict[str, Any]:
     """The served bundle's manifest (its "index" section holds the measured recall and the
-    search parameters in use), plus where the index lives and what answers searches."""
+    search parameters in use), plus where the index lives, what answers searches and how many
+    batches this worker computes at once (REMI_COMPUTE_THREADS)."""
     return {
         **model.manifest,
         "index_device": model.index_device,
         "search_backend": model.search_backend,
+        "batches_at_once": batcher.batches_at_once(model),
     }
 
 
@@ -497,7 +499,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.store = store
     metrics: Metrics = app.state.metrics
     threads, parallel = _compute_threads(settings, cpus)
-    log.info("compute threads: %d, this bundle's batches %d at a time", threads, parallel(model))
     app.state.batcher = MicroBatcher(
         settings.batch_wait_ms,
         settings.batch_max_users,
@@ -507,6 +508,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         parallel=parallel,
     )
     app.state.batcher.start()
+    log.info("compute threads: %d, this bundle's batches %d at a time", threads,
+             app.state.batcher.batches_at_once(model))  # fmt: skip
     poller = None
     if settings.reload_interval_s > 0:
         poller = asyncio.create_task(registry.poll(settings.reload_interval_s))

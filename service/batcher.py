@@ -173,9 +173,7 @@ class MicroBatcher:
             while not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
-            if await self._computing_fewer_than(
-                min(self.workers, self._parallel(self._queue[0].model))
-            ):
+            if await self._computing_fewer_than(self.batches_at_once(self._queue[0].model)):
                 free_at = loop.time()
             # Fill up to max_users until the oldest request's max_wait runs out; and, right after
             # a thread frees up, up to an even share of the last batch (see the module docstring).
@@ -204,6 +202,10 @@ class MicroBatcher:
             task = asyncio.create_task(self._dispatch(jobs, computed))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    def batches_at_once(self, model: LoadedModel) -> int:
+        """How many batches of `model` may compute at the same time."""
+        return min(self.workers, self._parallel(model))
 
     async def _computing_fewer_than(self, limit: int) -> bool:
         """Wait until fewer than `limit` batches are computing; True if that meant waiting."""

@@ -115,7 +115,8 @@ class Settings(BaseSettings):
         "side, each with REMI_TORCH_THREADS torch threads. 0 chooses per bundle: for torch's "
         "exact search on the CPU, as many as fit in the worker's share of the CPUs "
         "(REMI_THREADS / REMI_TORCH_THREADS); for an index search (faiss spreads a batch over the "
-        "cores itself) or a GPU, one batch at a time. See docs/serving.md.",
+        "cores itself) or a GPU, one batch at a time. GET /v1/model shows it as batches_at_once; "
+        "see docs/serving.md.",
     )
     fast_lane: bool = Field(
         True,
