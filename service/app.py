@@ -528,8 +528,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def _compute_threads(settings: Settings, cpus: int) -> tuple[int, Callable[[LoadedModel], int]]:
     """(compute threads, how many batches of a model run at once) for REMI_COMPUTE_THREADS on a
     worker with `cpus` CPUs. Chosen per model, so a reload that changes the search backend
-    changes it too. Measured at 100k items on 2 cores: two compute threads answered 16 clients
-    25-30% and 64 clients ~40% faster than one; at 1M items (IVF), one was faster (serving.md)."""
+    changes it too. Measured at 100k items on 2 cores: two compute threads served 16 clients
+    1.13-1.30x and 64 clients 1.34-1.45x the requests/s of one; at 1M items (IVF) one served
+    more (docs/serving.md, docs/benchmarks.md)."""
     if settings.compute_threads:
         fixed = settings.compute_threads
         return fixed, lambda model: fixed

@@ -265,7 +265,7 @@ def test_auto_compute_threads_follow_the_search(
     # search (faiss spreads a batch over the cores itself) runs one batch at a time.
     served = model if search == "auto" else load_model(model.path, exact_search=search)
     assert served.batches_side_by_side is side_by_side
-    threads, parallel = _compute_threads(Settings(), cpus=2)
+    threads, parallel = _compute_threads(Settings(compute_threads=0, torch_threads=1), cpus=2)
     assert threads == 2
     assert parallel(served) == (2 if side_by_side else 1)
     batcher = MicroBatcher(0, 1, workers=threads, parallel=parallel)
