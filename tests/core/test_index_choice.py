@@ -1,5 +1,6 @@
 """Index choice by catalogue size, recall tuning at export, and the service applying both."""
 
+import shutil
 from pathlib import Path
 
 import faiss
@@ -8,7 +9,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from remi_core.bundle import encode_histories, load_bundle, write_bundle
+from remi_core.bundle import (
+    encode_histories,
+    load_bundle,
+    resolve_current,
+    set_current,
+    write_bundle,
+)
 from remi_core.index import build_index, choose_factory, measure_recall, tune_search_params
 from remi_core.models import EncoderConfig, build_encoder
 from remi_core.retrieval import faiss_merged_topk
@@ -146,3 +153,31 @@ def test_an_index_with_nothing_to_tune_on_says_what_to_give(tmp_path: Path) -> N
         write_clustered(tmp_path / "a", index_factory="IVF128,Flat", tune_histories=empty)
     path = write_clustered(tmp_path / "b", index_factory="Flat", tune_histories=empty)
     assert load_bundle(path).manifest["index"]["recall"] is None
+
+
+def test_a_reload_from_exact_search_to_an_index_computes_one_batch_at_a_time(
+    ann_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker with 2 CPUs (the set-up writes the OpenMP counts too; monkeypatch restores them).
+    for name in ("REMI_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.setenv(name, "2")
+    root = tmp_path / "bundles"
+    write_clustered(root)  # the default threshold: exact search
+    ann = resolve_current(ann_bundle)
+    shutil.copytree(ann, root / ann.name)
+    settings = Settings(bundle_root=root, redis_url=dead_redis_url(), reload_interval_s=0,
+                        admin_token="t0ken", compute_threads=0, torch_threads=1)  # fmt: skip
+    with TestClient(create_app(settings)) as client:
+        before = client.get("/v1/model").json()
+        set_current(root, ann.name)
+        reload = client.post("/admin/reload", headers={"Authorization": "Bearer t0ken"})
+        after = client.get("/v1/model").json()
+        answers = [client.post("/recommend", json={"history": [f"item-{i}", f"item-{i + 1}"]})
+                   for i in range(1, 5)]  # fmt: skip
+    assert before["index"]["factory"] == "Flat" and before["search_backend"] != "faiss"
+    assert before["batches_at_once"] == 2
+    assert reload.json()["reloaded"] is True
+    assert (after["version"], after["search_backend"], after["batches_at_once"]) == (
+        ann.name, "faiss", 1,
+    )  # fmt: skip
+    assert all(a.status_code == 200 and len(a.json()["items"]) == 50 for a in answers)
