@@ -95,7 +95,7 @@ class Settings(BaseSettings):
         2.0,
         ge=0,
         le=100,
-        description="Micro-batching: when the compute thread frees up with fewer users queued "
+        description="Micro-batching: when a compute thread frees up with fewer users queued "
         "than half of the last batch plus the queue, the longest it waits (ms, from that moment) "
         "for more, so that clients answered together do not split into a tiny batch and a big "
         "one. Never delays a request at concurrency 1. 0 turns it off.",
