@@ -214,8 +214,8 @@ def exact_merged_topk(
     interests (B, K, d), items (N, d) the catalogue as a CPU tensor (row 0 padding). Users go
     `users_per_chunk` at a time (default: up to 64, fewer for huge catalogues) so the
     (chunk, N) max-score matrix stays at most 32 MB; within a chunk `blocked_max_scores` keeps
-    the products in cache. Each chunk's top-n rows then go through the merge, so scores,
-    interests and tie order match the index path.
+    the products in cache. The chunks' top-n rows then go through one merge for the batch, so
+    scores, interests and tie order match the index path.
 
     With `screen`, the catalogue is scored in bfloat16 (half the memory traffic, and twice the
     multiply rate on CPUs with bfloat16 dot products) and only the rows whose score could reach

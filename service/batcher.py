@@ -16,7 +16,7 @@ than half of what the last batch plus the queue hold, the collector waits up to 
 that moment) for the answered clients to come back, and the batches even out (8 and 8). At
 concurrency 1 the queue already holds what the last batch held, so nothing waits.
 
-Everything CPU-heavy happens in the compute thread: encode, search, merge, and `render` (each
+Everything CPU-heavy happens in a compute thread: encode, search, merge, and `render` (each
 caller's function that turns its results into response bytes), so the loop only parses
 requests and moves bytes. With `workers` > 1 compute threads (one torch thread each) batches run
 side by side, which puts a small host's cores to work with the compiled exact search (it leaves

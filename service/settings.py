@@ -130,7 +130,7 @@ class Settings(BaseSettings):
         gt=0,
         le=100,
         description="Python's thread switch interval (sys.setswitchinterval) in ms: how long the "
-        "event loop may wait for the GIL while the compute thread runs Python. Python's default "
+        "event loop may wait for the GIL while a compute thread runs Python. Python's default "
         "is 5 ms.",
     )
     exact_search: ExactSearch = Field(
