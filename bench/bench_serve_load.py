@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 from remi_core.bundle import encode_histories, load_bundle, write_bundle  # noqa: E402
 from remi_core.index import EXACT_MAX_ITEMS, measure_recall  # noqa: E402
 from remi_core.models import EncoderConfig, build_encoder, cpu_state_dict  # noqa: E402
-from service.recommender import load_model, recommend_batch  # noqa: E402
+from service.recommender import SCREENS, load_model, recommend_batch  # noqa: E402
 
 START, END = "<!-- bench_serve_load:start -->", "<!-- bench_serve_load:end -->"
 SPORTS = "amazon_sports/Sports_and_Outdoors.txt.gz"
@@ -428,7 +428,7 @@ def main() -> None:
             for threads in thread_counts:
                 torch.set_num_threads(threads)
                 faiss.omp_set_num_threads(threads)
-                for backend in ("screened", "dense", "faiss") if exact else ("faiss",):
+                for backend in (*SCREENS, "faiss") if exact else ("faiss",):
                     key = f"{backend}, {threads} thread{'s' if threads > 1 else ''}"
                     info["bound"][key] = in_process_bound(path, held_out, backend, 3)
             if exact and args.threads > 1:

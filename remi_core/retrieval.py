@@ -6,10 +6,10 @@ this equals the top-N of max_k <v_k, e_i> over the whole catalogue: an item that
 under-scores because it missed that interest's list is beaten by at least N items that made it,
 so it cannot enter the merged top-N. `dense_merged_topk` uses that identity for evaluation;
 the serving paths are `exact_merged_topk` (the same identity, blocked for the cache, optionally
-screened in bfloat16, see `ScreenTable`) and `faiss_merged_topk` (K searches of an index). Both
-serving paths end in the same merge (`_merge`; `merge_candidates` for the index path), which
-rescores candidates exactly, drops excluded rows and breaks ties by the smaller row, so
-served lists are deterministic and identical whichever users share a batch; the dense
+screened in bfloat16 or int8, see `ScreenTable`) and `faiss_merged_topk` (K searches of an
+index). Both serving paths end in the same merge (`_merge`; `merge_candidates` for the index
+path), which rescores candidates exactly, drops excluded rows and breaks ties by the smaller
+row, so served lists are deterministic and identical whichever users share a batch; the dense
 evaluation path leaves the order of exactly equal scores to `topk`, which does not promise one.
 All of them skip padding row 0. The serving paths' tensor work runs compiled by TorchScript
 (`compiled`), so a batch's search holds the GIL for two calls instead of a few dozen small ones.
@@ -144,36 +144,75 @@ SCREEN_BLOCK_DEPTH = 16
 # Above this many candidates per user the screen has failed to prune (e.g. a catalogue of
 # near-identical items) and gathering them all would cost more than scoring in float32.
 SCREEN_MAX_CANDIDATES = 4096
+# Catalogue rows per int8 matmul. The int32 products of 4096 rows stay in cache up to 64 users;
+# 16384 rows made the int8 scores 2-3x slower from 8 users up (100k items, d=64, K=4).
+SCREEN_INT8_ROWS = 4096
 
 
 @dataclass(frozen=True)
 class ScreenTable:
-    """A bfloat16 copy of the catalogue for screening exact search (see `exact_merged_topk`)."""
+    """A low-precision copy of the catalogue for screening exact search (see
+    `exact_merged_topk`): bfloat16, or int8 codes q_i with one scale for the table,
+    e_i ~ scale * q_i, and the rounding's largest error measured on the table itself."""
 
-    table: torch.Tensor  # (N, d) bfloat16
+    table: torch.Tensor  # (N, d) bfloat16 or int8
     max_norm: float  # max_i |e_i| over the float32 rows
+    scale: float = 1.0  # int8: the codes' step
+    residual: float = 0.0  # int8: max_i |e_i - scale * q_i|
+    code_norm: float = 0.0  # int8: max_i |scale * q_i|
 
     @classmethod
-    def of(cls, items: torch.Tensor) -> ScreenTable:
-        """Screen table of items (N, d) float32."""
-        norms = torch.linalg.vector_norm(items.float(), dim=1)
-        return cls(items.to(torch.bfloat16).contiguous(), float(norms.max()))
+    def of(cls, items: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> ScreenTable:
+        """Screen table of items (N, d) float32, in bfloat16 or int8."""
+        items = items.float()
+        max_norm = float(torch.linalg.vector_norm(items, dim=1).max())
+        if dtype == torch.bfloat16:
+            return cls(items.to(torch.bfloat16).contiguous(), max_norm)
+        if dtype != torch.int8:
+            raise ValueError(f"a screen table is bfloat16 or int8, not {dtype}")
+        # One step for the whole table: the screen's slack is one number per user, set by the
+        # rows with the largest rounding error, so a step per row would not make it smaller.
+        scale = float(items.abs().max()) / 127 or 1.0
+        codes = torch.round(items / scale).clamp(-127, 127).to(torch.int8).contiguous()
+        decoded = codes.double() * scale
+        residual = torch.linalg.vector_norm(items.double() - decoded, dim=1).max()
+        code_norm = torch.linalg.vector_norm(decoded, dim=1).max()
+        # Rounded up: the bound must hold for the float64 values these were computed from too.
+        return cls(codes, max_norm, scale, float(residual) * _UP, float(code_norm) * _UP)
 
     def spec(self) -> Screen:
         """What the compiled search needs, with the module's current settings."""
-        slack = 2 * SCREEN_ERROR * self.max_norm
-        return Screen(self.table, slack, SCREEN_BLOCK, SCREEN_BLOCK_DEPTH, SCREEN_MAX_CANDIDATES)
+        return Screen(
+            self.table,
+            2 * SCREEN_ERROR * self.max_norm,
+            SCREEN_BLOCK,
+            SCREEN_BLOCK_DEPTH,
+            SCREEN_MAX_CANDIDATES,
+            SCREEN_INT8_ROWS,
+            self.scale,
+            self.residual,
+            self.code_norm,
+            max(self.max_norm, self.code_norm),
+        )
+
+
+_UP = 1 + 2.0**-20
 
 
 class Screen(NamedTuple):
     """A ScreenTable as the compiled functions take it (TorchScript reads neither dataclasses
     nor module constants)."""
 
-    table: torch.Tensor  # (N, d) bfloat16
-    slack_per_norm: float  # 2 * SCREEN_ERROR * max_i |e_i|: the slack per unit of max_k |v_k|
+    table: torch.Tensor  # (N, d) bfloat16 or int8
+    slack_per_norm: float  # bfloat16: 2 * SCREEN_ERROR * max_i |e_i|, per unit of max_k |v_k|
     block: int  # SCREEN_BLOCK
     depth: int  # SCREEN_BLOCK_DEPTH
     max_candidates: int  # SCREEN_MAX_CANDIDATES
+    int8_rows: int  # SCREEN_INT8_ROWS
+    scale: float  # int8: ScreenTable.scale
+    residual: float  # int8: ScreenTable.residual
+    code_norm: float  # int8: ScreenTable.code_norm
+    row_norm: float  # int8: max(max_i |e_i|, code_norm)
 
 
 def compiled(fn: F) -> F:
@@ -218,9 +257,10 @@ def exact_merged_topk(
     scores, interests and tie order match the index path.
 
     With `screen`, the catalogue is scored in bfloat16 (half the memory traffic, and twice the
-    multiply rate on CPUs with bfloat16 dot products) and only the rows whose score could reach
-    the user's n-th under the rounding bound `SCREEN_ERROR` go to the merge, which rescores
-    them in float32: the same answer, ties included (see `_screened`).
+    multiply rate on CPUs with bfloat16 dot products) or int8 (a quarter of the traffic, and
+    integer dot products) and only the rows whose score could reach the user's n-th under the
+    rounding's bound go to the merge, which rescores them in float32: the same answer, ties
+    included (see `_screened`).
 
     The search runs compiled (`compiled`) unless `eager`.
     """
@@ -280,16 +320,21 @@ def _screened(
     ascending row order; None when the screen keeps more than screen.max_candidates rows for
     some user.
 
-    With s the float32 score and t the bfloat16 one, |s - t| <= err = SCREEN_ERROR * max_k |v_k|
-    * max_i |e_i|. The user's n best rows by t all have s >= kth - err (kth: their n-th t), so
+    With s the float32 score and t the screen's (bfloat16, or int8 in its own units, see
+    `_int8_max_scores`), |s - t| <= err: for bfloat16 err = SCREEN_ERROR * max_k |v_k| *
+    max_i |e_i|. The user's n best rows by t all have s >= kth - err (kth: their n-th t), so
     the n-th best s is at least that, and any row scoring at least the n-th best s has
     t >= kth - 2 err: keeping those rows keeps the top n and every row tied with its last.
     kth and the kept rows are found among the rows of `_pool` (all rows, or the blocks that can
     hold them), which holds every row with t >= kth - 2 err, so they are the same either way.
     """
-    scores = _max_scores(blocked_max_scores(interests.to(torch.bfloat16), screen.table), excluded)
-    norms = torch.linalg.vector_norm(interests, dim=2).amax(dim=1)  # (b,)
-    slack = screen.slack_per_norm * norms  # (b,)
+    if screen.table.dtype == torch.int8:
+        scores, slack = _int8_max_scores(interests, screen)  # (b, N), (b,)
+    else:
+        scores = blocked_max_scores(interests.to(torch.bfloat16), screen.table)
+        norms = torch.linalg.vector_norm(interests, dim=2).amax(dim=1)  # (b,)
+        slack = screen.slack_per_norm * norms  # (b,)
+    scores = _max_scores(scores, excluded)
     pool, pool_rows = _pool(scores, n, slack, screen.block, screen.depth)  # (b, P), (b, P)/None
     kth = pool.topk(n, dim=1).values[:, -1]  # (b,)
     floor = kth - slack  # (b,), -inf with < n rows left
@@ -303,6 +348,36 @@ def _screened(
     out = torch.zeros(keep.shape[0], most, dtype=torch.int64)
     out[users, slot] = rows
     return out
+
+
+def _int8_max_scores(interests: torch.Tensor, screen: Screen) -> tuple[torch.Tensor, torch.Tensor]:
+    """max_k <p_k, q_i> for every user and row -> (b, N) float32 (integers), and 2 err (b,),
+    in units of step_b * scale, the user's int8 codes p_k ~ v_k / step_b.
+
+    With r_i = e_i - scale q_i and rho_k = v_k - step_b p_k, v_k.e_i - step_b scale p_k.q_i =
+    v_k.r_i + scale q_i.rho_k, at most |v_k| |r_i| + |scale q_i| |rho_k| (Cauchy-Schwarz), and
+    the maximum over K moves by no more than its terms do. The float32 score the merge computes
+    is within d 2^-24 |v_k| |e_i| of the exact one, and so is this rho's rounding; (d + 2)
+    2^-22 covers both twice over. The integer sums are exact (|p.q| <= 127^2 d fits int32 and,
+    for d <= 1040, float32).
+    """
+    batch, k, dim = interests.shape
+    step = interests.abs().amax(dim=2).amax(dim=1) / 127  # (b,)
+    step = torch.where(step > 0, step, torch.ones_like(step))  # all-zero interests: any step
+    codes = torch.round(interests / step.view(batch, 1, 1)).clamp(-127, 127)  # (b, K, d)
+    rho = torch.linalg.vector_norm(interests - codes * step.view(batch, 1, 1), dim=2)  # (b, K)
+    norms = torch.linalg.vector_norm(interests, dim=2).amax(dim=1)  # (b,)
+    rounding = rho.amax(dim=1)  # (b,)
+    err = norms * screen.residual + rounding * screen.code_norm
+    err = err + (dim + 2) * 2.0**-22 * (norms + rounding) * screen.row_norm
+    queries = codes.to(torch.int8).reshape(batch * k, dim)
+    size = screen.table.shape[0]
+    out = torch.empty(batch, size, dtype=torch.float32)
+    for start in range(0, size, screen.int8_rows):
+        stop = min(start + screen.int8_rows, size)
+        part = torch._int_mm(queries, screen.table[start:stop].T)  # (b*K, rows) int32
+        out[:, start:stop] = part.view(batch, k, stop - start).amax(dim=1)
+    return out, 2 * err / (step * screen.scale)
 
 
 def _pool(

@@ -59,8 +59,8 @@ class LoadedModel:
     index: faiss.Index
     index_device: str  # "cpu" or "gpu"
     loaded_at: float
-    search_backend: str  # what answers searches: "screened", "dense" or "faiss"
-    screen: ScreenTable | None = None  # bfloat16 copy of the table when "screened"
+    search_backend: str  # what answers searches: "screened-int8", "screened", "dense", "faiss"
+    screen: ScreenTable | None = None  # the int8 or bfloat16 copy of the table when screened
     categories: np.ndarray | None = None  # (N,) int32 category per row (-1: none), read-only
     # GPU indexes are not safe to search from several threads at once; CPU ones are.
     _search_lock: threading.Lock | None = field(default=None, repr=False)
@@ -98,16 +98,27 @@ class LoadedModel:
             return faiss_merged_topk(self.index, interests, self.item_table, n, exclude)
 
 
-def choose_exact_search(items: torch.Tensor, screen: ScreenTable, k: int) -> str:
-    """The faster of "screened" and "dense" on this host, for a batch of 16 users (best of 3
-    runs each). Both give the same answers, so only the speed depends on the choice."""
+# The torch searches of an exact bundle, and the screen table each needs (None: float32 only).
+SCREENS: dict[str, torch.dtype | None] = {
+    "screened-int8": torch.int8,
+    "screened": torch.bfloat16,
+    "dense": None,
+}
+
+
+def choose_exact_search(
+    items: torch.Tensor, screens: Mapping[str, ScreenTable | None], k: int
+) -> str:
+    """The fastest of `screens` (name -> its screen table) on this host, for a batch of 16
+    users (best of 3 runs each). All give the same answers, so only the speed depends on the
+    choice."""
     if items.shape[0] < 2:  # nothing to time; smoke_test rejects an empty catalogue
         return "dense"
     gen = torch.Generator().manual_seed(0)
     rows = torch.randint(1, items.shape[0], (16, k), generator=gen)
     interests = items[rows].numpy()  # (16, K, d): interests that look like the catalogue
     timings = {}
-    for name, table in (("screened", screen), ("dense", None)):
+    for name, table in screens.items():
         runs = []
         for _ in range(4):  # the first warms up
             start = time.perf_counter()
@@ -115,8 +126,8 @@ def choose_exact_search(items: torch.Tensor, screen: ScreenTable, k: int) -> str
             runs.append(time.perf_counter() - start)
         timings[name] = min(runs[1:])
     choice = min(timings, key=timings.__getitem__)
-    log.info("exact search: %s (screened %.1f ms, dense %.1f ms per 16 users)", choice,
-             1e3 * timings["screened"], 1e3 * timings["dense"])  # fmt: skip
+    spent = ", ".join(f"{name} {1e3 * t:.1f} ms" for name, t in timings.items())
+    log.info("exact search: %s (per 16 users: %s)", choice, spent)
     return choice
 
 
@@ -127,12 +138,14 @@ def _search_backend(
     unless told "faiss", the index itself otherwise."""
     if not isinstance(index, faiss.IndexFlat) or exact_search == "faiss":
         return "faiss", None
-    if exact_search == "dense":
-        return "dense", None
-    screen = ScreenTable.of(items)
+    names = list(SCREENS) if exact_search == "auto" else [exact_search]
+    screens = {
+        name: None if SCREENS[name] is None else ScreenTable.of(items, SCREENS[name])
+        for name in names
+    }
     if exact_search == "auto":
-        exact_search = choose_exact_search(items, screen, k)
-    return (exact_search, screen) if exact_search == "screened" else ("dense", None)
+        exact_search = choose_exact_search(items, screens, k)
+    return exact_search, screens[exact_search]
 
 
 def model_from_bundle(

@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.redact import redact_url
 
-ExactSearch = Literal["auto", "screened", "dense", "faiss"]
+ExactSearch = Literal["auto", "screened-int8", "screened", "dense", "faiss"]
 """REMI_EXACT_SEARCH's choices (service.recommender.EXACT_SEARCH lists them for code)."""
 
 
@@ -136,11 +136,12 @@ class Settings(BaseSettings):
     exact_search: ExactSearch = Field(
         "auto",
         description="How bundles with an exact (Flat) index are searched on the CPU: 'dense' "
-        "(Eq. 7 as blocked float32 matmuls in torch), 'screened' (the same in bfloat16, the "
-        "rows that could make the top n rescored in float32: the same answers, faster on CPUs "
-        "with bfloat16 dot products), 'faiss' (the bundle's IndexFlatIP), or 'auto': screened "
-        "or dense, whichever is faster on this host, timed when a bundle loads. GET /v1/model "
-        "shows the choice as search_backend; see docs/benchmarks.md.",
+        "(Eq. 7 as blocked float32 matmuls in torch), 'screened-int8' or 'screened' (the same "
+        "in int8 or bfloat16, the rows that could make the top n under the rounding's bound "
+        "rescored in float32: the same answers, faster on CPUs with int8 or bfloat16 dot "
+        "products), 'faiss' (the bundle's IndexFlatIP), or 'auto': the fastest of the torch "
+        "three on this host, timed when a bundle loads. GET /v1/model shows the choice as "
+        "search_backend; see docs/benchmarks.md.",
     )
     admin_token: SecretStr | None = Field(
         None,

@@ -1,6 +1,6 @@
 """The vectorised serving paths (merge over the batch, blocked dense exact search, the same
-screened in bfloat16) against a brute-force reference on seeded data: exclusion, n beyond what
-remains, ties, K = 1, scores closer than bfloat16 can tell apart."""
+screened in bfloat16 or int8) against a brute-force reference on seeded data: exclusion, n
+beyond what remains, ties, K = 1, scores closer than bfloat16 or int8 can tell apart."""
 
 import numpy as np
 import pytest
@@ -38,6 +38,17 @@ def reference(interests, items, n, exclude=None, candidates=None):
     return out
 
 
+# The screens' number formats: each screened test runs for both.
+SCREEN_TYPES = [torch.bfloat16, torch.int8]
+
+
+def screen_scores(interests: torch.Tensor, screen: ScreenTable) -> torch.Tensor:
+    """The screen's own max_k scores (B, N), in its units (see `retrieval._screened`)."""
+    if screen.table.dtype == torch.int8:
+        return retrieval._int8_max_scores(interests, screen.spec())[0]
+    return blocked_max_scores(interests.to(torch.bfloat16), screen.table)
+
+
 def assert_matches(result: RetrievedBatch, expected) -> None:
     assert len(result) == len(expected)
     for got, want in zip(result, expected, strict=True):
@@ -70,13 +81,13 @@ def test_merge_equals_brute_force(seeded, n, use_exclude):
 @pytest.mark.parametrize("n", [1, 10, 299, 1000])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("chunk", [1, 2, 64])
-@pytest.mark.parametrize("screened", [False, True])
+@pytest.mark.parametrize("screen_type", [None, *SCREEN_TYPES])
 @pytest.mark.parametrize("eager", [False, True])
-def test_exact_equals_brute_force(seeded, n, k, chunk, screened, eager):
+def test_exact_equals_brute_force(seeded, n, k, chunk, screen_type, eager):
     interests, items, exclude = seeded
     v = np.ascontiguousarray(interests[:, :k])
     table = torch.from_numpy(items)
-    screen = ScreenTable.of(table) if screened else None
+    screen = ScreenTable.of(table, screen_type) if screen_type is not None else None
     result = exact_merged_topk(v, table, n, exclude, chunk, screen=screen, eager=eager)
     assert_matches(result, reference(v, items, n, exclude))
     # The last user excluded every item: nothing is left, and nothing is invented.
@@ -131,11 +142,12 @@ def test_ties_go_to_the_smaller_row(k):
     expected = reference(interests, items, 5, exclude)
     assert [row for _, row, _ in expected[0]] == [40, 41, 42, 43, 44]
     table = torch.from_numpy(items)
-    screen = ScreenTable.of(table)
     for eager in (False, True):  # the tie path has its own code in each (`_with_boundary_ties`)
         assert_matches(exact_merged_topk(interests, table, 5, exclude, eager=eager), expected)
-        found = exact_merged_topk(interests, table, 5, exclude, screen=screen, eager=eager)
-        assert_matches(found, expected)
+        for screen_type in SCREEN_TYPES:
+            screen = ScreenTable.of(table, screen_type)
+            found = exact_merged_topk(interests, table, 5, exclude, screen=screen, eager=eager)
+            assert_matches(found, expected)
     found = faiss_merged_topk(build_index(items), interests, items, 5, exclude)
     for got, want in zip(found, expected, strict=True):
         np.testing.assert_allclose(got.scores, [-s for s, _, _ in want], rtol=1e-5, atol=1e-6)
@@ -157,9 +169,28 @@ def test_bfloat16_scores_stay_within_the_screen_bound():
     assert 0 < ratio < SCREEN_ERROR / 1.3  # the bound keeps its third of slack
 
 
-def test_screen_orders_rows_bfloat16_cannot_tell_apart():
-    """Rows 1..300 differ by less than bfloat16's resolution, so bfloat16 scores alone rank
-    them wrongly; the screened search must rank them by their float32 scores."""
+def test_int8_scores_stay_within_the_screen_bound():
+    """The int8 screen's slack on rows and interests of very different norms: never exceeded,
+    and not so loose that it could not prune."""
+    rng = np.random.default_rng(5)
+    items = rng.standard_normal((4000, 64)) * rng.lognormal(0, 2, (4000, 1))
+    interests = rng.standard_normal((16, 4, 64)) * rng.lognormal(0, 2, (16, 4, 1))
+    v, table = (torch.from_numpy(a.astype(np.float32)) for a in (interests, items))
+    exact = blocked_max_scores(v.double(), table.double())  # (16, 4000)
+    spec = ScreenTable.of(table, torch.int8).spec()
+    scores, slack = retrieval._int8_max_scores(v, spec)  # units of step_b * scale
+    step = v.abs().amax(dim=(1, 2)) / 127  # (16,), as the screen takes it
+    unit = (step * spec.scale).double().unsqueeze(1)  # (16, 1)
+    err = (scores.double() * unit - exact).abs().max(dim=1).values  # (16,)
+    allowed = (slack.double() / 2) * unit.squeeze(1)  # (16,)
+    assert (err <= allowed).all()
+    assert (err > allowed / 50).all()  # the bound is measured, not a blanket margin
+
+
+@pytest.mark.parametrize("screen_type", SCREEN_TYPES)
+def test_screen_orders_rows_it_cannot_tell_apart(screen_type):
+    """Rows 1..300 differ by less than bfloat16's or int8's resolution, so the screen's scores
+    alone rank them wrongly; the screened search must rank them by their float32 scores."""
     rng = np.random.default_rng(9)
     base = rng.standard_normal(16).astype(np.float32)
     items = np.tile(base, (2001, 1))
@@ -171,23 +202,25 @@ def test_screen_orders_rows_bfloat16_cannot_tell_apart():
     interests = (base + rng.standard_normal((6, 2, 16)) * 0.05).astype(np.float32)
     exclude = [rng.choice(np.arange(1, 301), 20, replace=False) for _ in range(6)]
     table = torch.from_numpy(items)
-    screen = ScreenTable.of(table)
+    screen = ScreenTable.of(table, screen_type)
     expected = reference(interests, items, 40, exclude)
-    rounded = blocked_max_scores(torch.from_numpy(interests).to(torch.bfloat16), screen.table)
+    rounded = screen_scores(torch.from_numpy(interests), screen)
     rounded[torch.arange(6).unsqueeze(1), torch.from_numpy(np.stack(exclude))] = -torch.inf
     rounded_top = rounded[:, 1:].topk(40, dim=1).indices + 1
     assert any(rounded_top[b].tolist() != [row for _, row, _ in expected[b]] for b in range(6)), (
-        "the case does not exercise bfloat16's rounding"
+        "the case does not exercise the screen's rounding"
     )
     assert_matches(exact_merged_topk(interests, table, 40, exclude, screen=screen), expected)
 
 
-def test_screen_prunes_on_spread_scores():
+@pytest.mark.parametrize("screen_type", SCREEN_TYPES)
+def test_screen_prunes_on_spread_scores(screen_type):
     rng = np.random.default_rng(2)
     table = torch.from_numpy(rng.standard_normal((20_000, 16)).astype(np.float32))
     v = torch.from_numpy(rng.standard_normal((4, 3, 16)).astype(np.float32))
     excluded = torch.zeros((4, 0), dtype=torch.int64)
-    candidates = retrieval._screened(v, ScreenTable.of(table).spec(), excluded, 50)
+    screen = ScreenTable.of(table, screen_type)
+    candidates = retrieval._screened(v, screen.spec(), excluded, 50)
     assert 50 <= candidates.shape[1] < 500  # of 20,000 rows
 
 
@@ -208,14 +241,16 @@ def blocky_catalogue(seed: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray
 
 @pytest.mark.parametrize("n", [1, 5, 11])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_screen_by_blocks_keeps_the_same_candidates(n, seed):
+@pytest.mark.parametrize("screen_type", SCREEN_TYPES)
+def test_screen_by_blocks_keeps_the_same_candidates(n, seed, screen_type):
     items, interests, exclude = blocky_catalogue(seed)
     table, v = torch.from_numpy(items), torch.from_numpy(interests)
-    screen = ScreenTable.of(table)
+    screen = ScreenTable.of(table, screen_type)
     excluded = torch.from_numpy(retrieval.pad_rows(exclude, len(exclude)))
-    scores = blocked_max_scores(v.to(torch.bfloat16), screen.table)
+    scores = screen_scores(v, screen)
     spec = screen.spec()
-    pool, pool_rows = retrieval._pool(scores, n, torch.full((6,), 0.05), spec.block, spec.depth)
+    slack = 0.01 * scores.amax(dim=1)  # (6,): 1% of each user's best
+    pool, pool_rows = retrieval._pool(scores, n, slack, spec.block, spec.depth)
     assert pool_rows is not None and pool.shape[1] < len(items) // 4  # the blocks pruned
     by_blocks = retrieval._screened(v, spec, excluded, n)
     whole = retrieval._screened(v, spec._replace(depth=10**9), excluded, n)  # every row pooled
@@ -241,7 +276,8 @@ def test_screen_by_blocks_steps_aside_with_fewer_blocks_than_n():
     assert_matches(result, expected)
 
 
-def test_screen_falls_back_to_float32_when_it_cannot_prune(monkeypatch):
+@pytest.mark.parametrize("screen_type", SCREEN_TYPES)
+def test_screen_falls_back_to_float32_when_it_cannot_prune(monkeypatch, screen_type):
     """All rows equal: every row is a candidate, more than the screen gathers; the float32 path
     answers instead, ties to the smaller row."""
     monkeypatch.setattr(retrieval, "SCREEN_MAX_CANDIDATES", 100)
@@ -249,7 +285,7 @@ def test_screen_falls_back_to_float32_when_it_cannot_prune(monkeypatch):
     interests = np.ones((2, 2, 4), dtype=np.float32)
     table = torch.from_numpy(items)
     excluded = torch.zeros((2, 0), dtype=torch.int64)
-    screen = ScreenTable.of(table)
+    screen = ScreenTable.of(table, screen_type)
     assert retrieval._screened(torch.from_numpy(interests), screen.spec(), excluded, 5) is None
     result = exact_merged_topk(interests, table, 5, [np.array([1, 3])] * 2, screen=screen)
     assert result.rows.tolist() == [[2, 4, 5, 6, 7]] * 2
@@ -286,3 +322,17 @@ def test_an_approximate_index_answers_each_user_as_if_alone() -> None:
         wide = faiss_merged_topk(index, interests[b : b + 1], items, int(ns.max()), [exclude[b]])
         deeper += not np.array_equal(wide.rows[0, : ns[b]], alone.rows[0])
     assert deeper > 0, "the case does not exercise the depth difference"
+
+
+@pytest.mark.parametrize("screen_type", SCREEN_TYPES)
+def test_screen_takes_all_zero_interests_and_tables(screen_type):
+    """A user whose interests are all zero ties every row at 0 (the smallest rows win), and an
+    all-zero catalogue does the same for everyone: no division by a zero step or scale."""
+    rng = np.random.default_rng(4)
+    items = rng.standard_normal((3000, 8)).astype(np.float32)
+    interests = rng.standard_normal((3, 2, 8)).astype(np.float32)
+    interests[1] = 0
+    for table in (items, np.zeros_like(items)):
+        screen = ScreenTable.of(torch.from_numpy(table), screen_type)
+        result = exact_merged_topk(interests, torch.from_numpy(table), 6, screen=screen)
+        assert_matches(result, reference(interests, table, 6))

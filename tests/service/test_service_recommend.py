@@ -21,7 +21,7 @@ from remi_core.bundle import (
 )
 from remi_core.models import EncoderConfig, build_encoder
 from service.app import StartupError, create_app
-from service.recommender import EXACT_SEARCH, load_model, recommend_batch
+from service.recommender import EXACT_SEARCH, SCREENS, load_model, recommend_batch
 from service.settings import Settings
 from tests.helpers import (
     TINY,
@@ -246,15 +246,16 @@ def test_plain_function_without_http(tiny_bundle_root: Path) -> None:
 
 
 def test_every_exact_search_gives_the_same_answers(tiny_bundle_root: Path) -> None:
-    """The exact-search kernels differ in speed only; "auto" resolves to one of the two torch
+    """The exact-search kernels differ in speed only; "auto" resolves to one of the three torch
     kernels by timing them on this host."""
     histories = random_histories(6, seed=8)
     answers = {}
     for choice in EXACT_SEARCH:
         model = load_model(resolve_current(tiny_bundle_root), exact_search=choice)
         backend = model.search_backend
-        assert backend == choice if choice != "auto" else backend in ("screened", "dense")
-        assert (model.screen is not None) == (backend == "screened")
+        assert backend == choice if choice != "auto" else backend in SCREENS
+        screen_type = None if model.screen is None else model.screen.table.dtype
+        assert screen_type == SCREENS.get(backend)
         answers[choice] = [r.items for r in recommend_batch(model, histories, n=25)]
     for choice, items in answers.items():
         assert same_response(items, answers["dense"]), choice
@@ -271,7 +272,7 @@ def test_ops_endpoints(client: TestClient, bundle: Bundle) -> None:
     assert model["version"] == bundle.version
     assert model["model"]["num_interests"] == 4
     assert model["index_device"] == "cpu"
-    assert model["search_backend"] in ("screened", "dense")  # REMI_EXACT_SEARCH=auto
+    assert model["search_backend"] in SCREENS  # REMI_EXACT_SEARCH=auto
     # REMI_COMPUTE_THREADS=0: torch's exact search runs a batch per compute thread at once.
     assert model["batches_at_once"] == client.app.state.batcher.workers
     client.post("/recommend", json={"history": ITEMS[:2]})
