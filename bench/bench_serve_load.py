@@ -416,6 +416,7 @@ def main() -> None:
             path = write_catalogue(base, work / f"b{size}", size, tune, args.exact_max_items)
             index = json.loads((path / "manifest.json").read_text())["index"]
             exact = index["factory"] == "Flat"
+            torch.set_num_threads(1)  # as a server with REMI_TORCH_THREADS=1 (its default) loads
             info = {
                 "path": path,
                 "factory": index["factory"],
@@ -453,6 +454,7 @@ def main() -> None:
             Variant(small, "batching off", off, (16,)),
             Variant(small, "fast lane off", {"REMI_FAST_LANE": "false"}, (1, 16)),
             Variant(small, "balance window off", {"REMI_BATCH_BALANCE_MS": "0"}, (16,)),
+            Variant(small, "bfloat16 screen", {"REMI_EXACT_SEARCH": "screened"}, (1, 16)),
             Variant(small, "dense exact (float32)", {"REMI_EXACT_SEARCH": "dense"}, (1, 16)),
             Variant(small, "Faiss exact", {"REMI_EXACT_SEARCH": "faiss"}, (16,)),
             Variant(small, f"torch threads {args.threads}",
