@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from remi_core.bundle import (
@@ -20,6 +21,7 @@ from remi_core.bundle import (
     write_bundle,
 )
 from remi_core.models import EncoderConfig, build_encoder
+from service import recommender
 from service.app import StartupError, create_app
 from service.recommender import EXACT_SEARCH, SCREENS, load_model, recommend_batch
 from service.settings import Settings
@@ -259,6 +261,28 @@ def test_every_exact_search_gives_the_same_answers(tiny_bundle_root: Path) -> No
         answers[choice] = [r.items for r in recommend_batch(model, histories, n=25)]
     for choice, items in answers.items():
         assert same_response(items, answers["dense"]), choice
+
+
+def test_auto_leaves_out_a_search_this_host_cannot_run(
+    tiny_bundle_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A torch build without an int8 matmul for this CPU (simulated: the int8 screen's search
+    raises as aten would) still loads with REMI_EXACT_SEARCH=auto, on another search."""
+    real = recommender.exact_merged_topk
+
+    def no_int8(*args, screen=None, **kwargs):
+        if screen is not None and screen.table.dtype == torch.int8:
+            raise RuntimeError("_int_mm: not implemented for this CPU")
+        return real(*args, screen=screen, **kwargs)
+
+    monkeypatch.setattr(recommender, "exact_merged_topk", no_int8)
+    model = load_model(resolve_current(tiny_bundle_root), exact_search="auto")
+    assert model.search_backend in ("screened", "dense")
+    histories = random_histories(3, seed=2)
+    monkeypatch.setattr(recommender, "exact_merged_topk", real)
+    dense = load_model(resolve_current(tiny_bundle_root), exact_search="dense")
+    got, want = (recommend_batch(m, histories, n=10) for m in (model, dense))
+    assert all(same_response(a.items, b.items) for a, b in zip(got, want, strict=True))
 
 
 def test_ops_endpoints(client: TestClient, bundle: Bundle) -> None:
