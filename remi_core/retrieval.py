@@ -144,9 +144,12 @@ SCREEN_BLOCK_DEPTH = 16
 # Above this many candidates per user the screen has failed to prune (e.g. a catalogue of
 # near-identical items) and gathering them all would cost more than scoring in float32.
 SCREEN_MAX_CANDIDATES = 4096
-# Catalogue rows per int8 matmul. The int32 products of 4096 rows stay in cache up to 64 users;
-# 16384 rows made the int8 scores 2-3x slower from 8 users up (100k items, d=64, K=4).
+# Catalogue rows per int8 matmul: the fastest of 1024-16384 from 4 to 64 users (100k items, d=64,
+# K=4); 16384 rows made the int8 scores 2-3x slower from 8 users up.
 SCREEN_INT8_ROWS = 4096
+# The int8 table's measured errors are rounded up by this factor, so the bound holds for the
+# float64 values they were computed from too.
+_UP = 1 + 2.0**-20
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,6 @@ class ScreenTable:
         decoded = codes.double() * scale
         residual = torch.linalg.vector_norm(items.double() - decoded, dim=1).max()
         code_norm = torch.linalg.vector_norm(decoded, dim=1).max()
-        # Rounded up: the bound must hold for the float64 values these were computed from too.
         return cls(codes, max_norm, scale, float(residual) * _UP, float(code_norm) * _UP)
 
     def spec(self) -> Screen:
@@ -194,9 +196,6 @@ class ScreenTable:
             self.code_norm,
             max(self.max_norm, self.code_norm),
         )
-
-
-_UP = 1 + 2.0**-20
 
 
 class Screen(NamedTuple):
