@@ -144,8 +144,9 @@ SCREEN_BLOCK_DEPTH = 16
 # Above this many candidates per user the screen has failed to prune (e.g. a catalogue of
 # near-identical items) and gathering them all would cost more than scoring in float32.
 SCREEN_MAX_CANDIDATES = 4096
-# Catalogue rows per int8 matmul: the fastest of 1024-16384 from 4 to 64 users (100k items, d=64,
-# K=4); 16384 rows made the int8 scores 2-3x slower from 8 users up.
+# Catalogue rows per int8 matmul. Of 2048-16384, 4096 was the fastest or within 1% at 8 to 64
+# users in the whole search (100k items, d=64, K=4); larger blocks help a lone user (16384:
+# 0.53 against 0.59 ms) and cost at 64 users (0.35 against 0.28 ms per user).
 SCREEN_INT8_ROWS = 4096
 # The int8 table's measured errors are rounded up by this factor, so the bound holds for the
 # float64 values they were computed from too.
