@@ -328,12 +328,7 @@ def _screened(
     kth and the kept rows are found among the rows of `_pool` (all rows, or the blocks that can
     hold them), which holds every row with t >= kth - 2 err, so they are the same either way.
     """
-    if screen.table.dtype == torch.int8:
-        scores, slack = _int8_max_scores(interests, screen)  # (b, N), (b,)
-    else:
-        scores = blocked_max_scores(interests.to(torch.bfloat16), screen.table)
-        norms = torch.linalg.vector_norm(interests, dim=2).amax(dim=1)  # (b,)
-        slack = screen.slack_per_norm * norms  # (b,)
+    scores, slack = _screen_scores(interests, screen)  # (b, N), (b,)
     scores = _max_scores(scores, excluded)
     pool, pool_rows = _pool(scores, n, slack, screen.block, screen.depth)  # (b, P), (b, P)/None
     kth = pool.topk(n, dim=1).values[:, -1]  # (b,)
@@ -348,6 +343,16 @@ def _screened(
     out = torch.zeros(keep.shape[0], most, dtype=torch.int64)
     out[users, slot] = rows
     return out
+
+
+def _screen_scores(interests: torch.Tensor, screen: Screen) -> tuple[torch.Tensor, torch.Tensor]:
+    """The screen's max_k scores (b, N) for interests (b, K, d), and 2 err (b,) in their units:
+    bfloat16 scores, or int8 ones in units of their own (`_int8_max_scores`)."""
+    if screen.table.dtype == torch.int8:
+        return _int8_max_scores(interests, screen)
+    scores = blocked_max_scores(interests.to(torch.bfloat16), screen.table)
+    norms = torch.linalg.vector_norm(interests, dim=2).amax(dim=1)  # (b,)
+    return scores, screen.slack_per_norm * norms
 
 
 def _int8_max_scores(interests: torch.Tensor, screen: Screen) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,9 +44,7 @@ SCREEN_TYPES = [torch.bfloat16, torch.int8]
 
 def screen_scores(interests: torch.Tensor, screen: ScreenTable) -> torch.Tensor:
     """The screen's own max_k scores (B, N), in its units (see `retrieval._screened`)."""
-    if screen.table.dtype == torch.int8:
-        return retrieval._int8_max_scores(interests, screen.spec())[0]
-    return blocked_max_scores(interests.to(torch.bfloat16), screen.table)
+    return retrieval._screen_scores(interests, screen.spec())[0]
 
 
 def assert_matches(result: RetrievedBatch, expected) -> None:
