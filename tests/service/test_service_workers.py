@@ -3,7 +3,10 @@ GET /metrics counts every worker's requests whichever worker answers."""
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
+import socket
 import subprocess
 import sys
 import time
@@ -12,12 +15,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import typer
+import uvicorn
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from remi_core.bundle import current_version, resolve_current
 from service.app import create_app
-from service.cli import _share_connections, _shared_metrics
+from service.cli import _run_workers, _shared_metrics, _WorkerSocket
 from service.cli import app as cli_app
 from service.metrics import MULTIPROC_ENV
 from service.settings import Settings
@@ -60,6 +65,8 @@ def test_every_worker_serves_a_publish_within_a_second(tiny_bundle_root: Path, t
                 continue
             assert version == old
             pids.add(pid)
+        # Connections opened together, as a load generator opens them, reach both workers.
+        assert set(pids_answering_at_once(port, 32)) == pids
 
         new = write_tiny_bundle(tiny_bundle_root, seed=1).name  # publishes: `current` moves
         published = time.monotonic()
@@ -133,15 +140,41 @@ def test_workers_share_a_metrics_directory(tmp_path: Path, monkeypatch) -> None:
     assert given.is_dir()  # the operator's directory stays
 
 
-def test_several_workers_accept_one_connection_at_a_time(monkeypatch) -> None:
-    monkeypatch.delenv("UV_TCP_SINGLE_ACCEPT", raising=False)
-    _share_connections(1)
-    assert "UV_TCP_SINGLE_ACCEPT" not in os.environ
-    _share_connections(2)
-    assert os.environ["UV_TCP_SINGLE_ACCEPT"] == "1"
-    monkeypatch.setenv("UV_TCP_SINGLE_ACCEPT", "0")  # the operator's choice stands
-    _share_connections(2)
-    assert os.environ["UV_TCP_SINGLE_ACCEPT"] == "0"
+def pids_answering_at_once(port: int, count: int) -> list[int]:
+    """worker_pid from GET /readyz over `count` connections, all open before the first request."""
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+    pids = []
+    for conn in conns:
+        with conn:
+            conn.sendall(b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            response = b"".join(iter(lambda c=conn: c.recv(65536), b""))
+            pids.append(json.loads(response.partition(b"\r\n\r\n")[2])["worker_pid"])
+    return pids
+
+
+def test_each_worker_binds_its_own_socket_to_the_reserved_address() -> None:
+    reserved = _WorkerSocket(socket.AF_INET, socket.SOCK_STREAM)
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserved.bind(("127.0.0.1", 0))
+    # What a worker process gets when uvicorn's supervisor hands it the socket.
+    with reserved, pickle.loads(pickle.dumps(reserved)) as own:
+        assert own.fileno() != reserved.fileno()
+        assert type(own) is socket.socket
+        assert own.getsockname() == reserved.getsockname()
+        assert own.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+
+
+def test_several_workers_refuse_a_port_in_use(capsys) -> None:
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # e.g. a remi-serve running
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = uvicorn.Config("service.app:create_app", port=port, workers=2)
+        with pytest.raises(typer.Exit) as exit_info:
+            _run_workers(config)
+    assert exit_info.value.exit_code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
 def test_remi_serve_warns_when_workers_cannot_follow_a_reload(tmp_path: Path) -> None:
