@@ -247,6 +247,14 @@ def test_plain_function_without_http(tiny_bundle_root: Path) -> None:
     assert together[0].explanation.interests.shape == (4, 16)
 
 
+def test_the_encoder_reads_the_retrieval_table(tiny_bundle_root: Path) -> None:
+    """One copy of the item table serves the encoder's input and the search, read-only."""
+    model = load_model(resolve_current(tiny_bundle_root))
+    weights = model.encoder.item_table()
+    assert weights.data_ptr() == model.item_table.data_ptr() == model.item_embeddings.ctypes.data
+    assert not model.item_embeddings.flags.writeable
+
+
 def test_every_exact_search_gives_the_same_answers(tiny_bundle_root: Path) -> None:
     """The exact-search kernels differ in speed only; "auto" resolves to one of the three torch
     kernels by timing them on this host."""
