@@ -3,14 +3,17 @@ GET /metrics counts every worker's requests whichever worker answers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -38,33 +41,39 @@ def readyz(base: str) -> tuple[int, str]:
     return body["worker_pid"], body["model_version"]
 
 
-@pytest.mark.integration
-def test_every_worker_serves_a_publish_within_a_second(tiny_bundle_root: Path, tmp_path: Path):
+@contextlib.contextmanager
+def two_workers(bundle_root: Path, log_path: Path) -> Iterator[tuple[str, int, set[int]]]:
+    """A real `remi-serve --workers 2` -> (base URL, port, the two worker pids once both answer)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("REMI_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["REMI_REDIS_URL"] = dead_redis_url()  # history-free: Redis plays no part here
-    log_path = tmp_path / "serve.log"
     command = [sys.executable, "-m", "service.cli", "--port", str(port), "--workers", "2",
-               "--bundle-root", str(tiny_bundle_root), "--log-level", "warning"]  # fmt: skip
+               "--bundle-root", str(bundle_root), "--log-level", "warning"]  # fmt: skip
     with log_path.open("w") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    old = current_version(tiny_bundle_root)
     try:
-        # Both workers up (each answers on its own): wait until two pids have answered.
-        pids: set[int] = set()
+        pids: set[int] = set()  # both up (each answers on its own) when two pids have answered
         deadline = time.monotonic() + 120
         while len(pids) < 2:
             assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, f"saw workers {pids}:\n{log_path.read_text()}"
             try:
-                pid, version = readyz(base)
+                pids.add(readyz(base)[0])
             except httpx.TransportError:
                 time.sleep(0.2)
-                continue
-            assert version == old
-            pids.add(pid)
+        yield base, port, pids
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.integration
+def test_every_worker_serves_a_publish_within_a_second(tiny_bundle_root: Path, tmp_path: Path):
+    old = current_version(tiny_bundle_root)
+    with two_workers(tiny_bundle_root, tmp_path / "serve.log") as (base, port, pids):
+        assert {readyz(base)[1] for _ in range(4)} == {old}
         # Connections opened together, as a load generator opens them, reach both workers.
         assert set(pids_answering_at_once(port, 32)) == pids
 
@@ -93,9 +102,29 @@ def test_every_worker_serves_a_publish_within_a_second(tiny_bundle_root: Path, t
             assert f"{answered} 12.0" in text
             assert f'remi_model_info{{version="{new}"}} 1.0' in text
             assert f'remi_model_info{{version="{old}"}} 0.0' in text
-    finally:
-        proc.terminate()
-        proc.wait(30)
+
+
+@pytest.mark.integration
+def test_a_worker_that_dies_is_replaced_on_a_socket_of_its_own(
+    tiny_bundle_root: Path, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "serve.log"
+    with two_workers(tiny_bundle_root, log_path) as (_, port, pids):
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:  # uvicorn's supervisor starts a new worker; it answers once it has loaded
+            assert time.monotonic() < deadline, log_path.read_text()
+            try:
+                answering = set(pids_answering_at_once(port, 16))
+            except (OSError, ValueError):  # reset: queued on the victim's socket as it closed
+                continue
+            assert victim not in answering
+            if len(answering) == 2:
+                break
+            time.sleep(0.2)
+        assert len(answering - pids) == 1  # the survivor and the new worker
+        assert set(pids_answering_at_once(port, 32)) == answering
 
 
 def wait_for(condition, timeout_s: float = 20.0) -> None:
