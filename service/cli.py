@@ -181,6 +181,7 @@ class _WorkerSocket(socket.socket):
 def _bind_reusing_port(
     family: socket.AddressFamily, address: tuple, cls: type[socket.socket] = socket.socket
 ) -> socket.socket:
+    """A TCP socket of type `cls` bound to `address` with SO_REUSEPORT, not yet listening."""
     sock = cls(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -205,8 +206,10 @@ def _run_workers(config: uvicorn.Config) -> None:
     except OSError as exc:
         typer.echo(f"error: cannot listen on {config.host}:{config.port}: {exc}", err=True)
         raise typer.Exit(1) from None
-    url = f"http://{'[%s]' if family == socket.AF_INET6 else '%s'}:%d" % (config.host, address[1])
-    logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Press CTRL+C to quit)", url)
+    shown = f"[{config.host}]" if family == socket.AF_INET6 else config.host
+    logging.getLogger("uvicorn.error").info(
+        "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", shown, address[1]
+    )
     with reserved:
         Multiprocess(config, sockets=[reserved]).run()
 
