@@ -451,6 +451,8 @@ def main() -> None:
         variants = [
             Variant(small, "defaults", {}, conc),
             Variant(small, f"{args.threads} workers", {}, (16, 64), workers=args.threads),
+            Variant(small, f"{args.threads} workers, loop batches off",
+                    {"REMI_BATCH_INLINE_MS": "0"}, (16, 64), workers=args.threads),
             Variant(small, "batching off", off, (16,)),
             Variant(small, "fast lane off", {"REMI_FAST_LANE": "false"}, (1, 16)),
             Variant(small, "balance window off", {"REMI_BATCH_BALANCE_MS": "0"}, (16,)),
@@ -534,7 +536,9 @@ def markdown(header, rows, labels, results, args, seconds) -> str:
         "REMI_BATCH_BALANCE_MS=2, REMI_BATCH_MAX_USERS=128, REMI_TORCH_THREADS=1, "
         f"REMI_EXACT_SEARCH=auto ({next(iter(rows.values()))['auto']} on this host for the "
         f"{next(iter(labels.values()))} catalogue), REMI_COMPUTE_THREADS=0 (batches side by "
-        "side, one per CPU of the worker, for the exact search; one at a time for the index).",
+        "side, one per CPU of the worker, for the exact search; one at a time for the index), "
+        "REMI_BATCH_INLINE_MS=5 (a worker with one CPU, as each of 2 workers on 2 cores is, "
+        "computes batches expected to take up to 5 ms on its event loop).",
     ]
     return "\n".join(lines)
 

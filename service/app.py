@@ -220,12 +220,14 @@ async def readyz(registry: RegistryDep, store: StoreDep) -> JSONResponse:
 async def model_manifest(model: ModelDep, batcher: BatcherDep) -> dict[str, Any]:
     """The served bundle's manifest (its "index" section holds the measured recall and the
     search parameters in use), plus where the index lives, what answers searches and how many
-    batches this worker computes at once (REMI_COMPUTE_THREADS)."""
+    batches this worker computes at once (REMI_COMPUTE_THREADS) and how long a batch its event
+    loop may compute itself (REMI_BATCH_INLINE_MS; 0 on workers with more than one CPU)."""
     return {
         **model.manifest,
         "index_device": model.index_device,
         "search_backend": model.search_backend,
         "batches_at_once": batcher.batches_at_once(model),
+        "batch_inline_ms": batcher.inline_s * 1000,
     }
 
 
@@ -499,6 +501,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.store = store
     metrics: Metrics = app.state.metrics
     threads, parallel = _compute_threads(settings, cpus)
+    # With more CPUs the compute threads run beside the loop; on one, they only take turns.
+    inline_ms = settings.batch_inline_ms if cpus == 1 and threads == 1 else 0.0
     app.state.batcher = MicroBatcher(
         settings.batch_wait_ms,
         settings.batch_max_users,
@@ -506,10 +510,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         workers=threads,
         balance_ms=settings.batch_balance_ms,
         parallel=parallel,
+        inline_ms=inline_ms,
     )
     app.state.batcher.start()
-    log.info("compute threads: %d, this bundle's batches %d at a time", threads,
-             app.state.batcher.batches_at_once(model))  # fmt: skip
+    log.info("compute threads: %d, this bundle's batches %d at a time, on the loop up to %g ms",
+             threads, app.state.batcher.batches_at_once(model), inline_ms)  # fmt: skip
     poller = None
     if settings.reload_interval_s > 0:
         poller = asyncio.create_task(registry.poll(settings.reload_interval_s))

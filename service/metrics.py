@@ -104,6 +104,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
             registry=r,
         )
+        self.loop_batches = Counter(
+            "remi_loop_batches",
+            "Batches the event loop computed itself instead of a compute thread "
+            "(REMI_BATCH_INLINE_MS, workers with one CPU).",
+            registry=r,
+        )
         self.interests = InterestSignals(r, coverage_window_s)
         self._version: str | None = None
 
@@ -121,9 +127,12 @@ class Metrics:
         if shared_across_workers():
             multiprocess.mark_process_dead(os.getpid())
 
-    def record_batch(self, users: int, results: Sequence[Any]) -> None:
-        """Called by the micro-batcher (in its compute thread) after every batch."""
+    def record_batch(self, users: int, results: Sequence[Any], on_loop: bool = False) -> None:
+        """Called by the micro-batcher after every batch (in its compute thread, or on the
+        loop)."""
         self.batch_users.observe(users)
+        if on_loop:
+            self.loop_batches.inc()
         self.recommendations.inc(len(results))
         self.fallbacks.inc(sum(r.fallback for r in results))
         self.unknown_ids.inc(sum(len(r.unknown_ids) for r in results))

@@ -107,6 +107,17 @@ class Settings(BaseSettings):
         "cross-request batching off. A request with more users (a /recommend/batch of up to "
         "REMI_MAX_BATCH entries) is never split; it runs as a batch of its own.",
     )
+    batch_inline_ms: float = Field(
+        5.0,
+        ge=0,
+        le=15,
+        description="Micro-batching on a worker with one CPU (remi-serve --workers as many as the "
+        "cores, or a one-CPU container): the longest a batch of plain requests (n <= 100, no "
+        "explain, no diversity) may be expected to take, in ms, for the event loop to compute "
+        "it itself instead of handing it to the compute thread, which on one CPU only adds a "
+        "thread hand-off. The loop is blocked that long at most, so keep it well under "
+        "/healthz's budget. 0 always hands batches to the thread. Ignored with more CPUs.",
+    )
     compute_threads: int = Field(
         0,
         ge=0,

@@ -85,7 +85,7 @@ def one_user(i: int) -> dict:
 async def lopsided_then_stragglers(batcher: MicroBatcher, model: LoadedModel) -> list[int]:
     """A batch of 14, then 2 requests at once and 6 more 50 ms later; returns the batch sizes."""
     sizes: list[int] = []
-    batcher.on_batch = lambda users, results: sizes.append(users)
+    batcher.on_batch = lambda users, results, on_loop: sizes.append(users)
 
     def submit(i: int):
         return batcher.submit(model, render=lambda results: results, **one_user(i))
@@ -194,7 +194,75 @@ def test_models_of_a_reload_batch_separately(model: LoadedModel, tmp_path: Path)
         assert same_response(answer, recommend_batch(other if i % 2 else model, **request))
 
 
+def run_in_rounds(
+    batcher: MicroBatcher, rounds: list[list[tuple[LoadedModel, dict]]]
+) -> tuple[list, list[tuple[int, bool, bool]]]:
+    """Submits each round's requests together, one round after the other; returns the answers
+    and, per batch, (users, on_loop as reported, whether it ran on the loop's thread)."""
+    batches: list[tuple[int, bool, bool]] = []
+    loop_thread = threading.get_ident()
+
+    def record(users: int, results: list, on_loop: bool) -> None:
+        batches.append((users, on_loop, threading.get_ident() == loop_thread))
+
+    batcher.on_batch = record
+
+    async def run() -> list:
+        answers = []
+        async with batcher:
+            for requests in rounds:
+                calls = [batcher.submit(m, render=lambda r: r, **req) for m, req in requests]
+                answers += await asyncio.gather(*calls, return_exceptions=True)
+        return answers
+
+    return asyncio.run(run()), batches
+
+
+def test_one_cpu_runs_small_plain_batches_on_the_loop(model: LoadedModel, tmp_path: Path) -> None:
+    """With inline_ms, a model's first batch goes to the thread (nothing measured yet) and its
+    plain batches after that run on the loop; explanations, diversity, a deep n, and another
+    model's first batch go to the thread; every answer is the unbatched one."""
+    write_tiny_bundle(tmp_path, seed=5)
+    other = load_model(resolve_current(tmp_path))
+    plain = [one_user(i) for i in range(4)]
+    heavy = [
+        {**one_user(1), "explain": [True]},
+        {**one_user(2), "diversity": [0.5]},
+        {**one_user(3), "n": [101]},
+    ]
+    rounds = [[(model, r) for r in plain]] * 3 + [[(model, r)] for r in heavy]
+    rounds += [[(other, r) for r in plain]] * 2
+    answers, batches = run_in_rounds(MicroBatcher(0, 64, inline_ms=1000), rounds)
+    expected = [recommend_batch(m, **r) for requests in rounds for m, r in requests]
+    for answer, alone in zip(answers, expected, strict=True):
+        assert same_response(answer, alone)
+    where = [on_loop for _, on_loop, _ in batches]
+    assert where == [False, True, True, False, False, False, False, True]
+    assert all(on_loop == on_loop_thread for _, on_loop, on_loop_thread in batches)
+
+
+def test_a_batch_over_the_loop_budget_goes_to_the_thread(model: LoadedModel) -> None:
+    rounds = [[(model, one_user(i)) for i in range(4)]] * 3
+    _, batches = run_in_rounds(MicroBatcher(0, 64, inline_ms=1e-6), rounds)
+    assert len(batches) == 3 and not any(on_loop for _, on_loop, _ in batches)
+
+
+def test_a_failing_request_on_the_loop_fails_alone(model: LoadedModel) -> None:
+    requests = [one_user(i) for i in range(4)]
+    bad = {**requests[2], "n": [0]}  # recommend_batch refuses n < 1: the whole batch fails
+    rounds = [[(model, r) for r in requests], [(model, r) for r in requests[:2] + [bad]]]
+    answers, batches = run_in_rounds(MicroBatcher(0, 64, inline_ms=1000), rounds)
+    assert isinstance(answers[6], ValueError) and "n must be at least 1" in str(answers[6])
+    for answer, request in zip(answers[4:6], requests[:2], strict=True):
+        assert same_response(answer, recommend_batch(model, **request))
+    assert [on_loop for _, on_loop, _ in batches] == [False, True, True]  # retried one by one
+
+
 def test_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="one compute thread"):
+        MicroBatcher(max_wait_ms=1, max_users=4, workers=2, inline_ms=1)
+    with pytest.raises(ValueError):
+        MicroBatcher(max_wait_ms=1, max_users=4, inline_ms=-1)
     with pytest.raises(ValueError):
         MicroBatcher(max_wait_ms=-1, max_users=4)
     with pytest.raises(ValueError):
@@ -240,7 +308,7 @@ def most_batches_at_once(batcher: MicroBatcher, model: LoadedModel) -> int:
     lock = threading.Lock()
     computing, most = 0, 0
 
-    def hold(users: int, results: list) -> None:
+    def hold(users: int, results: list, on_loop: bool) -> None:
         nonlocal computing, most
         with lock:
             computing += 1

@@ -84,37 +84,54 @@ def bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # A client in its own process (so its GIL is not the measuring thread's): posts the body file
-# back to back, printing each status.
+# to the route back to back, printing each status.
 HEAVY_CLIENT = """
 import http.client, sys
 body = open(sys.argv[2], "rb").read()
 conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=60)
 while True:
-    conn.request("POST", "/recommend/batch", body, {"Content-Type": "application/json"})
+    conn.request("POST", sys.argv[3], body, {"Content-Type": "application/json"})
     response = conn.getresponse()
     response.read()
     print(response.status, flush=True)
 """
 
 
-def test_healthz_stays_fast_under_the_largest_batches(bundle_root: Path, tmp_path: Path) -> None:
+def loop_batches(port: int) -> float:
+    """Batches the worker's event loop computed itself (remi_loop_batches_total)."""
+    _, metrics = request(port, "GET", "/metrics")
+    return float(next(line for line in metrics.decode().splitlines()
+                      if line.startswith("remi_loop_batches_total")).split()[1])  # fmt: skip
+
+
+@pytest.mark.parametrize("one_cpu", [False, True], ids=["two-cpus", "one-cpu"])
+def test_healthz_stays_fast_under_the_largest_batches(
+    bundle_root: Path, tmp_path: Path, one_cpu: bool
+) -> None:
     """Two clients send the heaviest legal batches back to back: 256 users (REMI_MAX_BATCH), each
     with a history of 1000 long ids (REMI_MAX_HISTORY; a body just under the 16 MiB limit, to
     decode and validate) and n=1000 (256,000 items per response); /healthz must keep answering
-    within 20 ms at the 99th percentile."""
+    within 20 ms at the 99th percentile. On a worker with one CPU a third client sends plain
+    requests back to back, which the event loop computes itself (REMI_BATCH_INLINE_MS) between
+    the heavy batches."""
     body = tmp_path / "batch.json"
     body.write_text(json.dumps({"requests": random_entries(256, seed=1, length=1000)}))
     assert 15 * 2**20 < body.stat().st_size <= 16 * 2**20
-    with serving(bundle_root, tmp_path / "serve.log") as port:
-        logs = [tmp_path / f"client{i}.log" for i in range(2)]
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(random_entries(1, seed=3, n=50)[0]))
+    env = {"REMI_THREADS": "1" if one_cpu else "2", "REMI_BATCH_INLINE_MS": "15"}
+    with serving(bundle_root, tmp_path / "serve.log", **env) as port:
+        sends = [(body, "/recommend/batch")] * 2 + ([(plain, "/recommend")] if one_cpu else [])
+        logs = [tmp_path / f"client{i}.log" for i in range(len(sends))]
         clients = [
             subprocess.Popen(
-                [sys.executable, "-c", HEAVY_CLIENT, str(port), str(body)], stdout=log.open("w")
+                [sys.executable, "-c", HEAVY_CLIENT, str(port), str(path), route],
+                stdout=log.open("w"),
             )
-            for log in logs
+            for log, (path, route) in zip(logs, sends, strict=True)
         ]
         try:
-            time.sleep(1.5)  # both clients are sending
+            time.sleep(1.5)  # the clients are sending
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             latencies = []
             for _ in range(200):
@@ -123,41 +140,54 @@ def test_healthz_stays_fast_under_the_largest_batches(bundle_root: Path, tmp_pat
                 latencies.append(time.perf_counter() - start)
                 assert status == 200
                 time.sleep(0.01)
+            on_loop = loop_batches(port)
         finally:
             for client in clients:
                 client.kill()
                 client.wait()
-    statuses = [line for log in logs for line in log.read_text().split()]
-    assert len(statuses) >= 4, "the heavy requests did not run while /healthz was measured"
-    assert set(statuses) == {"200"}, statuses
+    statuses = [log.read_text().split() for log in logs]
+    assert len(statuses[0] + statuses[1]) >= 4, "the heavy requests did not run meanwhile"
+    assert {status for sent in statuses for status in sent} == {"200"}, statuses
     p99_ms = float(np.percentile(latencies, 99)) * 1e3
     assert p99_ms < 20, f"/healthz p99 {p99_ms:.1f} ms under load"
+    assert (on_loop > 0) is one_cpu, on_loop
 
 
-def test_batched_and_unbatched_servers_answer_the_same(bundle_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("one_cpu", [False, True], ids=["two-cpus", "one-cpu"])
+def test_batched_and_unbatched_servers_answer_the_same(
+    bundle_root: Path, tmp_path: Path, one_cpu: bool
+) -> None:
     """The same seeded requests, sent concurrently to a micro-batching server and one by one to
-    a server with batching off, get the same answers."""
+    a server with batching off, get the same answers; on a worker with one CPU, plain requests
+    (no explain), two rounds of them, so that the loop computes the second itself."""
     entries = random_entries(24, seed=2, n=30)
     for i, entry in enumerate(entries):
         entry["exclude_history"] = bool(i % 2)
-        entry["explain"] = i % 4 == 0
+        entry["explain"] = i % 4 == 0 and not one_cpu
     bodies = [json.dumps(e).encode() for e in entries]
 
     with serving(bundle_root, tmp_path / "off.log", REMI_BATCH_MAX_USERS="1") as port:
         alone = [json.loads(request(port, "POST", "/recommend", b)[1]) for b in bodies]
 
-    with serving(bundle_root, tmp_path / "on.log", REMI_BATCH_WAIT_MS="20") as port:
+    env = {"REMI_THREADS": "1" if one_cpu else "2", "REMI_BATCH_INLINE_MS": "15"}
+    with serving(bundle_root, tmp_path / "on.log", REMI_BATCH_WAIT_MS="20", **env) as port:
         together: list = [None] * len(bodies)
 
         def send(i: int) -> None:
             together[i] = json.loads(request(port, "POST", "/recommend", bodies[i])[1])
 
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        half = len(bodies) // 2
+        for wave in (range(half), range(half, len(bodies))):
+            threads = [threading.Thread(target=send, args=(i,)) for i in wave]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
         status, metrics = request(port, "GET", "/metrics")
+        assert (loop_batches(port) > 0) is one_cpu
+        # More than one CPU: the loop never computes, whatever REMI_BATCH_INLINE_MS says.
+        model = json.loads(request(port, "GET", "/v1/model")[1])
+        assert model["batch_inline_ms"] == (15 if one_cpu else 0)
     batches = float(next(line for line in metrics.decode().splitlines()
                          if line.startswith("remi_batch_users_count")).split()[1])  # fmt: skip
     assert batches < len(bodies) + 1, "requests were not gathered"  # +1: the start-up smoke test
