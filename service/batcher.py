@@ -30,7 +30,7 @@ turns on that CPU anyway, and each hand-off costs a thread wake-up and the GIL p
 forth. There (`inline_ms` > 0) a batch of plain requests (n <= INLINE_MAX_N, no explanations, no
 diversity) expected to take at most `inline_ms` runs on the event loop itself, expected from the
 time per user of the model's last plain batches; measured with two workers on two cores at 100k
-items, 1.12x the requests/s at 16 clients with a lower p99 (docs/serving.md). Everything else,
+items, 1.05-1.12x the requests/s at 16 clients with a lower p99 (docs/serving.md). Everything else,
 and any batch while the thread computes one, still goes to the thread, so the loop is never
 blocked for longer than `inline_ms` and /healthz stays responsive beside heavy requests.
 
@@ -227,8 +227,12 @@ class MicroBatcher:
                     await asyncio.wait_for(self._arrived.wait(), remaining)
             jobs = self._take()
             self._last_batch = sum(len(job) for job in jobs)
-            if self._fits_on_loop(jobs):
-                self._deliver(jobs, self._compute(jobs, on_loop=True))
+            if self._fits_on_loop(jobs, self._last_batch):
+                try:
+                    outcomes = self._compute(jobs, on_loop=True)
+                except Exception as exc:  # as in _dispatch: fail these, keep collecting
+                    outcomes = [exc] * len(jobs)
+                self._deliver(jobs, outcomes)
                 continue
             # Hand the batch to the thread here, not in the task below: a new task runs only
             # after every callback already queued on the loop, and when a batch has just been
@@ -240,14 +244,14 @@ class MicroBatcher:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    def _fits_on_loop(self, jobs: list[_Job]) -> bool:
+    def _fits_on_loop(self, jobs: list[_Job], users: int) -> bool:
         """Whether the loop computes this batch itself (see the module docstring)."""
         if not self.inline_s or self._computing or not all(job.plain for job in jobs):
             return False
         cost = self._cost
         if cost is None or any(job.model is not cost[0] for job in jobs):
             return False  # nothing measured for this model yet: the thread measures it
-        return cost[1] * self._last_batch <= self.inline_s
+        return cost[1] * users <= self.inline_s
 
     def batches_at_once(self, model: LoadedModel) -> int:
         """How many batches of `model` may compute at the same time."""
