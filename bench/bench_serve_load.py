@@ -537,8 +537,8 @@ def markdown(header, rows, labels, results, args, seconds) -> str:
         f"REMI_EXACT_SEARCH=auto ({next(iter(rows.values()))['auto']} on this host for the "
         f"{next(iter(labels.values()))} catalogue), REMI_COMPUTE_THREADS=0 (batches side by "
         "side, one per CPU of the worker, for the exact search; one at a time for the index), "
-        "REMI_BATCH_INLINE_MS=5 (a worker with one CPU, as each of 2 workers on 2 cores is, "
-        "computes batches expected to take up to 5 ms on its event loop).",
+        "REMI_BATCH_INLINE_MS=10 (a worker with one CPU, as each of 2 workers on 2 cores is, "
+        "computes batches expected to take up to 10 ms on its event loop).",
     ]
     return "\n".join(lines)
 

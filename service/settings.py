@@ -108,7 +108,7 @@ class Settings(BaseSettings):
         "REMI_MAX_BATCH entries) is never split; it runs as a batch of its own.",
     )
     batch_inline_ms: float = Field(
-        5.0,
+        10.0,
         ge=0,
         le=15,
         description="Micro-batching on a worker with one CPU (remi-serve --workers as many as the "
