@@ -29,10 +29,11 @@ has nothing to gain from handing batches to its one compute thread: the loop and
 turns on that CPU anyway, and each hand-off costs a thread wake-up and the GIL passing back and
 forth. There (`inline_ms` > 0) a batch of plain requests (n <= INLINE_MAX_N, no explanations, no
 diversity) expected to take at most `inline_ms` runs on the event loop itself, expected from the
-time per user of the model's last plain batches; measured with two workers on two cores at 100k
-items, 1.05-1.12x the requests/s at 16 clients with a lower p99 (docs/serving.md). Everything else,
-and any batch while the thread computes one, still goes to the thread, so the loop is never
-blocked for longer than `inline_ms` and /healthz stays responsive beside heavy requests.
+CPU time per user of the model's last plain batches; measured with two workers on two cores at
+100k items, 1.05-1.14x the requests/s at 16 clients with a lower p99 (docs/serving.md).
+Everything else, and any batch while the thread computes one, still goes to the thread, so the
+loop is never blocked for longer than `inline_ms` and /healthz stays responsive beside heavy
+requests.
 
 If a batch fails, its requests are retried one by one, so a failing request fails alone.
 """
