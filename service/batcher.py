@@ -308,8 +308,7 @@ class MicroBatcher:
         for members in by_model.values():
             group = [jobs[i] for i in members]
             # CPU time, not wall time: in the thread, a batch's wall time includes the turns the
-            # loop takes on the worker's one CPU, which the batch would not wait for on the loop
-            # (measured: wall time kept one of two workers' batches over the budget for good).
+            # loop takes on the worker's one CPU, which the batch would not wait for on the loop.
             start = time.thread_time()
             try:
                 results = self._run(group, on_loop)
