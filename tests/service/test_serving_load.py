@@ -134,7 +134,10 @@ def test_healthz_stays_fast_under_the_largest_batches(
             time.sleep(1.5)  # the clients are sending
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             latencies = []
-            for _ in range(200):
+            # 400 samples: the 99th percentile is then the 4th slowest, not the 2nd, so one VM
+            # scheduling hiccup does not decide it (a full-suite run once measured 29 ms where
+            # runs of this test alone measure 11-16).
+            for _ in range(400):
                 start = time.perf_counter()
                 status, _ = request(port, "GET", "/healthz", conn=conn)
                 latencies.append(time.perf_counter() - start)
