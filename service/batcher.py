@@ -76,14 +76,19 @@ class _Job:
     render: Render
     future: asyncio.Future = field(repr=False)
     arrived: float = 0.0
+    # Costs about what every plain request costs per user (see `INLINE_MAX_N`); read when the
+    # batch is placed and again when its time is measured.
+    plain: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.plain = (
+            max(self.n, default=0) <= INLINE_MAX_N
+            and not any(self.explain)
+            and not any(self.diversity)
+        )
 
     def __len__(self) -> int:
         return len(self.histories)
-
-    @property
-    def plain(self) -> bool:
-        """Costs about what every plain request costs per user (see `INLINE_MAX_N`)."""
-        return max(self.n) <= INLINE_MAX_N and not any(self.explain) and not any(self.diversity)
 
 
 @dataclass

@@ -127,7 +127,7 @@ class Metrics:
         if shared_across_workers():
             multiprocess.mark_process_dead(os.getpid())
 
-    def record_batch(self, users: int, results: Sequence[Any], on_loop: bool = False) -> None:
+    def record_batch(self, users: int, results: Sequence[Any], on_loop: bool) -> None:
         """Called by the micro-batcher after every batch (in its compute thread, or on the
         loop)."""
         self.batch_users.observe(users)

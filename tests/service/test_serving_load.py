@@ -97,11 +97,17 @@ while True:
 """
 
 
-def loop_batches(port: int) -> float:
-    """Batches the worker's event loop computed itself (remi_loop_batches_total)."""
-    _, metrics = request(port, "GET", "/metrics")
-    return float(next(line for line in metrics.decode().splitlines()
-                      if line.startswith("remi_loop_batches_total")).split()[1])  # fmt: skip
+def cpus_env(one_cpu: bool) -> dict[str, str]:
+    """A worker with one CPU or two, set explicitly so the test means the same on any host; the
+    loop's budget at its largest, which a one-CPU worker uses and a two-CPU one ignores."""
+    return {"REMI_THREADS": "1" if one_cpu else "2", "REMI_BATCH_INLINE_MS": "15"}
+
+
+def metric(port: int, name: str) -> float:
+    """The value of the unlabelled metric `name` in the server's GET /metrics."""
+    _, text = request(port, "GET", "/metrics")
+    return float(next(line for line in text.decode().splitlines()
+                      if line.startswith(name + " ")).split()[1])  # fmt: skip
 
 
 @pytest.mark.parametrize("one_cpu", [False, True], ids=["two-cpus", "one-cpu"])
@@ -119,7 +125,7 @@ def test_healthz_stays_fast_under_the_largest_batches(
     assert 15 * 2**20 < body.stat().st_size <= 16 * 2**20
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps(random_entries(1, seed=3, n=50)[0]))
-    env = {"REMI_THREADS": "1" if one_cpu else "2", "REMI_BATCH_INLINE_MS": "15"}
+    env = cpus_env(one_cpu)
     with serving(bundle_root, tmp_path / "serve.log", **env) as port:
         sends = [(body, "/recommend/batch")] * 2 + ([(plain, "/recommend")] if one_cpu else [])
         logs = [tmp_path / f"client{i}.log" for i in range(len(sends))]
@@ -143,7 +149,7 @@ def test_healthz_stays_fast_under_the_largest_batches(
                 latencies.append(time.perf_counter() - start)
                 assert status == 200
                 time.sleep(0.01)
-            on_loop = loop_batches(port)
+            on_loop = metric(port, "remi_loop_batches_total")
         finally:
             for client in clients:
                 client.kill()
@@ -172,7 +178,7 @@ def test_batched_and_unbatched_servers_answer_the_same(
     with serving(bundle_root, tmp_path / "off.log", REMI_BATCH_MAX_USERS="1") as port:
         alone = [json.loads(request(port, "POST", "/recommend", b)[1]) for b in bodies]
 
-    env = {"REMI_THREADS": "1" if one_cpu else "2", "REMI_BATCH_INLINE_MS": "15"}
+    env = cpus_env(one_cpu)
     with serving(bundle_root, tmp_path / "on.log", REMI_BATCH_WAIT_MS="20", **env) as port:
         together: list = [None] * len(bodies)
 
@@ -186,13 +192,11 @@ def test_batched_and_unbatched_servers_answer_the_same(
                 t.start()
             for t in threads:
                 t.join(60)
-        status, metrics = request(port, "GET", "/metrics")
-        assert (loop_batches(port) > 0) is one_cpu
+        batches = metric(port, "remi_batch_users_count")
+        assert (metric(port, "remi_loop_batches_total") > 0) is one_cpu
         # More than one CPU: the loop never computes, whatever REMI_BATCH_INLINE_MS says.
         model = json.loads(request(port, "GET", "/v1/model")[1])
         assert model["batch_inline_ms"] == (15 if one_cpu else 0)
-    batches = float(next(line for line in metrics.decode().splitlines()
-                         if line.startswith("remi_batch_users_count")).split()[1])  # fmt: skip
     assert batches < len(bodies) + 1, "requests were not gathered"  # +1: the start-up smoke test
     for a, b in zip(alone, together, strict=True):
         assert same_response(a, b)
