@@ -1,6 +1,7 @@
 """The serving load benchmark runs end to end on tiny settings (its figures are not checked)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,10 @@ def test_the_benchmark_runs_and_writes_its_section(tmp_path: Path) -> None:
     assert text.startswith("# Benchmarks\n\nkept\n")
     section = text.split("<!-- bench_serve_load:start -->")[1].split("<!-- bench_serve_load:end")[0]
     assert "| 20k | Flat |" in section and "| 40k | IVF512,SQ8 |" in section
+    exact_row = next(line for line in section.splitlines() if line.startswith("| 20k | Flat |"))
+    assert re.search(
+        r"batches of \d+, \d+ compute threads: \d+ \(\d\.\d\d x the bound\) \|$", exact_row
+    )
     assert "| 40k | defaults | 16 |" in section
     # Rerunning replaces the section instead of appending another.
     run = bench(*args)
