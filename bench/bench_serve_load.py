@@ -1,6 +1,6 @@
 """Load-test the real `remi-serve` over HTTP at 100k items (exact) and 1M items (ANN index).
 
-    python bench/bench_serve_load.py --data-root ../shared/data            # ~9 minutes, 2 cores
+    python bench/bench_serve_load.py --data-root ../shared/data            # ~12 minutes, 2 cores
     python bench/bench_serve_load.py --data-root ../shared/data --quick    # mechanics, ~3 min
 
 What it does, in one run:
