@@ -98,13 +98,11 @@ class BatchStats:
     batches: int = 0
     users: int = 0
     largest: int = 0
-    on_loop: int = 0  # batches the event loop computed itself
 
-    def record(self, users: int, on_loop: bool) -> None:
+    def record(self, users: int) -> None:
         self.batches += 1
         self.users += users
         self.largest = max(self.largest, users)
-        self.on_loop += on_loop
 
 
 class MicroBatcher:
@@ -360,7 +358,7 @@ class MicroBatcher:
         )
         users = len(results)
         with self._stats_lock:
-            self.stats.record(users, on_loop)
+            self.stats.record(users)
         if self.on_batch is not None:
             self.on_batch(users, results, on_loop)
         return results
