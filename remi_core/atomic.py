@@ -19,11 +19,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -34,6 +30,16 @@ def atomic_file(path: Path) -> Iterator[Path]:
 def write_json_atomic(path: Path, data: Any) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str))
+
+
+def fsync_file(path: Path) -> None:
+    """Persist a file's contents across a power loss (a directory's fsync covers only its
+    entries: after a crash a renamed-in file can be there but empty)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +35,10 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from remi_core.atomic import fsync_dir, write_json_atomic
+from remi_core.atomic import fsync_dir, fsync_file, write_json_atomic
 from remi_core.index import (
     EXACT_MAX_ITEMS,
     RECALL_TARGET,
@@ -153,7 +154,7 @@ def write_bundle(
         raise BundleError(f"bundle version {version} already exists in {root}")
     if len(item_ids) != encoder.cfg.num_items:
         raise ValueError(f"{len(item_ids)} item ids for {encoder.cfg.num_items} catalogue rows")
-    problem = _item_ids_problem(item_ids)
+    problem = _item_ids_problem(item_ids) or _nonfinite_problem(encoder)
     if problem:
         raise ValueError(problem)
     files = dict(FILES)
@@ -227,12 +228,19 @@ def write_bundle(
             },
         }
         write_json_atomic(tmp / MANIFEST, manifest)
-        # Readable by a serving process running as another user (safetensors writes 0600).
+        # Readable by a serving process running as another user (safetensors writes 0600), and
+        # on disk before `current` can name the version: after a power loss a published version
+        # must not hold empty files.
         for file in tmp.iterdir():
             file.chmod(0o644)
+            fsync_file(file)
         tmp.chmod(0o755)
         fsync_dir(tmp)
         os.rename(tmp, final)
+    except (OSError, SafetensorError) as exc:  # safetensors' I/O errors are its own type
+        shutil.rmtree(tmp, ignore_errors=True)
+        # np.save on a full disk says only "6000 requested and 5088 written".
+        raise BundleError(f"cannot write bundle version {version} in {root}: {exc}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -283,6 +291,20 @@ def set_current(root: Path, version: str) -> None:
     os.symlink(version, link)  # relative, so the root can be mounted anywhere
     os.replace(link, root / CURRENT)
     fsync_dir(root)
+
+
+def publish_or_discard(root: Path, version: str, check: Callable[[], None]) -> None:
+    """Run `check` (e.g. that a lock is still held), then make `version` current; if either
+    fails before `current` names the version, delete it, so an unpublished version never
+    counts toward retention. After the switch (set_current's last step, syncing the root, can
+    still fail) the version is published and stays."""
+    try:
+        check()
+        set_current(root, version)
+    except BaseException:
+        if current_version(root) != version:
+            shutil.rmtree(Path(root) / version, ignore_errors=True)
+        raise
 
 
 def current_version(root: Path) -> str | None:
@@ -365,10 +387,21 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def verify_files(path: Path, manifest: dict[str, Any]) -> None:
     """Check every file the manifest lists against its sha256."""
     files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise BundleError(f"{path / MANIFEST}: 'files' must be an object, not {files!r}")
     missing_roles = set(FILES) - set(files)
     if missing_roles:
         raise BundleError(f"{path / MANIFEST} lists no file for {sorted(missing_roles)}")
     for role, entry in files.items():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("path"), str)
+            and isinstance(entry.get("sha256"), str)
+        ):
+            raise BundleError(
+                f"{path / MANIFEST}: files.{role} must be an object with string 'path' and "
+                f"'sha256', not {entry!r}"
+            )
         file = path / entry["path"]
         if not file.is_file():
             raise BundleError(f"bundle file {file} ({role}) is missing")
@@ -389,8 +422,8 @@ def load_bundle(path: Path, device: str | torch.device = "cpu", verify: bool = T
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
-    files = {role: path / entry["path"] for role, entry in manifest["files"].items()}
     try:
+        files = {role: path / entry["path"] for role, entry in manifest["files"].items()}
         cfg = EncoderConfig.from_dict(manifest["model"])
         encoder = build_encoder(cfg)
         encoder.load_state_dict(load_file(str(files["encoder"])))
@@ -462,6 +495,18 @@ def _check_shapes(path, cfg, encoder, embeddings, item_ids, popularity, index) -
     table = encoder.item_table().detach().cpu().numpy()
     if not np.array_equal(table, embeddings):
         raise BundleError(f"{path}: item_embeddings differ from the encoder's item table")
+    problem = _nonfinite_problem(encoder)
+    if problem:
+        raise BundleError(f"{path}: {problem}")
+
+
+def _nonfinite_problem(encoder: MultiInterestEncoder) -> str | None:
+    """A NaN or infinite weight (a diverged training run) makes every score NaN: no ranking,
+    and the screened search's bound meaningless. Such a model is refused, not served."""
+    bad = [name for name, t in encoder.state_dict().items() if not bool(t.isfinite().all())]
+    if bad:
+        return f"the encoder has NaN or infinite weights in {', '.join(sorted(bad))}"
+    return None
 
 
 def _item_ids_problem(item_ids: list) -> str | None:

@@ -35,7 +35,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (BundleError, 2),  # a bundle that is missing, corrupt or inconsistent
     (NightlyError, 2),  # the nightly job cannot run as configured
     (RedisError, 2),  # Redis unreachable or failing
-    (FileNotFoundError, 2),
+    (OSError, 2),  # a missing or unwritable file or directory, a full disk
     (ValueError, 2),  # settings a config class or the trainer rejects (e.g. no CUDA)
 )
 

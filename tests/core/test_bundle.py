@@ -1,17 +1,28 @@
 """The bundle format (remi_core/bundle.py): checksums, publishing, pruning and rollback."""
 
+import errno
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.torch import load_file, save_file
 
+from remi_core import atomic, bundle
 from remi_core.bundle import (
     BundleError,
     current_version,
     list_versions,
     load_bundle,
     prune,
+    publish_or_discard,
     set_current,
+    write_bundle,
 )
+from remi_core.models import EncoderConfig, build_encoder
 from tests.helpers import write_tiny_bundle
 
 
@@ -53,3 +64,121 @@ def test_index_factory_is_recorded(tmp_path):
     assert bundle.manifest["index"]["factory"] == "HNSW16"
     assert bundle.manifest["index"]["search_params"] == "efSearch=40"
     assert bundle.index.ntotal == len(bundle.item_ids) - 1
+
+
+@pytest.mark.parametrize(
+    ("files", "verify"),
+    [
+        (["encoder.safetensors"], True),  # not an object
+        (["encoder.safetensors"], False),
+        ({"index": "index.faiss"}, True),  # an entry that is not an object
+        ({"index": "index.faiss"}, False),
+        ({"index": {"path": "index.faiss"}}, True),  # no sha256 to check against
+        ({"index": {"sha256": "0" * 64}}, True),  # no path
+        ({"index": {"sha256": "0" * 64}}, False),
+    ],
+)
+def test_a_malformed_files_section_is_a_bundle_error(tmp_path, files, verify):
+    path = write_tiny_bundle(tmp_path / "bundles")
+    manifest = json.loads((path / "manifest.json").read_text())
+    if isinstance(files, dict):
+        files = {**manifest["files"], **files}
+    (path / "manifest.json").write_text(json.dumps({**manifest, "files": files}))
+    with pytest.raises(BundleError, match="manifest.json|cannot load bundle"):
+        load_bundle(path, verify=verify)
+
+
+def test_every_file_of_a_version_is_on_disk_before_it_can_be_published(tmp_path, monkeypatch):
+    """A directory's fsync covers its entries, not the files' contents: each file is synced
+    itself, or a power loss could leave `current` naming a version of empty files."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", recording_fsync)
+    path = write_tiny_bundle(tmp_path / "bundles")
+    assert {f.name for f in path.iterdir()} <= set(synced)
+
+
+def test_publish_or_discard(tmp_path, monkeypatch):
+    root = tmp_path / "bundles"
+    write_tiny_bundle(root, version="v1")
+    write_tiny_bundle(root, version="v2", publish=False)
+
+    def lock_lost() -> None:
+        raise RuntimeError("lock lost")
+
+    with pytest.raises(RuntimeError, match="lock lost"):  # before the switch: v2 is removed
+        publish_or_discard(root, "v2", lock_lost)
+    assert list_versions(root) == ["v1"] and current_version(root) == "v1"
+
+    # set_current's last step, syncing the root, fails after `current` already names v3: v3 is
+    # published and must stay.
+    write_tiny_bundle(root, version="v3", publish=False)
+    real_fsync_dir = bundle.fsync_dir
+
+    def failing_fsync_dir(path: Path) -> None:
+        if Path(path) == root:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(bundle, "fsync_dir", failing_fsync_dir)
+    with pytest.raises(OSError, match="Input/output error"):
+        publish_or_discard(root, "v3", lambda: None)
+    monkeypatch.undo()
+    assert current_version(root) == "v3" and load_bundle(root).version == "v3"
+
+
+FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+from remi_core.bundle import BundleError
+from tests.helpers import write_tiny_bundle
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))
+try:
+    write_tiny_bundle(Path(sys.argv[1]), version="v2")
+except BundleError as exc:
+    print(exc)
+"""
+
+
+def test_a_write_that_fails_midway_is_a_bundle_error_and_leaves_nothing(tmp_path):
+    """A real failed write (files capped below the encoder's size, as on a full disk): one
+    error naming the version and the root, no temporary directory left, `current` unchanged."""
+    root = tmp_path / "bundles"
+    write_tiny_bundle(root, version="v1")
+    out = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(root)],
+        capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert f"cannot write bundle version v2 in {root}" in out.stdout
+    assert sorted(p.name for p in root.iterdir()) == ["current", "v1"]
+    assert load_bundle(root).version == "v1"
+
+
+def test_a_model_with_nan_weights_is_neither_written_nor_served(tmp_path):
+    """A diverged training run (NaN weights) makes every score NaN: export refuses it, and a
+    bundle holding one (its encoder file edited here) is refused at load."""
+    path = write_tiny_bundle(tmp_path / "bundles")
+    state = load_file(str(path / "encoder.safetensors"))
+    name = next(k for k in sorted(state) if k != "item_embedding.weight")
+    state[name].view(-1)[0] = float("nan")
+    save_file(state, str(path / "encoder.safetensors"))
+    with pytest.raises(BundleError, match=f"NaN or infinite weights in {name}"):
+        load_bundle(path, verify=False)
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    encoder = build_encoder(EncoderConfig.from_dict(manifest["model"]))
+    encoder.load_state_dict(state)
+    item_ids = json.loads((path / "item_ids.json").read_text())
+    with pytest.raises(ValueError, match=f"NaN or infinite weights in {name}"):
+        write_bundle(
+            tmp_path / "other", encoder=encoder, item_ids=item_ids,
+            popularity=np.arange(1, 5), metadata={},
+        )  # fmt: skip
+    assert not (tmp_path / "other").exists() or not list((tmp_path / "other").iterdir())

@@ -132,6 +132,12 @@ def test_cli_trains_exports_and_evaluates_with_a_config_file(tmp_path):
     result = runner.invoke(app, ["export", "--run-dir", str(run_dir),
                                  "--bundle-root", str(tmp_path / "b")])  # fmt: skip
     assert result.exit_code == 0, result.output
+    # A bundle root that cannot be written (here a file): one line naming it, exit 2.
+    (tmp_path / "a-file").write_text("")
+    result = runner.invoke(app, ["export", "--run-dir", str(run_dir),
+                                 "--bundle-root", str(tmp_path / "a-file")])  # fmt: skip
+    assert result.exit_code == 2 and str(tmp_path / "a-file") in result.output, result.output
+    assert "Traceback" not in result.output
     result = runner.invoke(app, ["evaluate", str(tmp_path / "b"), "--dataset-dir",
                                  str(run_dir / "dataset")])  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -17,7 +17,7 @@ from remi_core.bundle import (
     list_versions,
     load_bundle,
     prune,
-    set_current,
+    publish_or_discard,
 )
 from training.data import SequenceDataset
 from training.evaluate import evaluate_bundle
@@ -191,13 +191,7 @@ def _swap_in(run: NightlyRun) -> str:
         cfg.index_factory, cfg.search_params, cfg.recall_target, cfg.categories, cfg.category_col
     )
     path = export_run(run.trained.run_dir, root, export, publish=False, extra=extra)
-    try:
-        run.check_lock()
-        set_current(root, path.name)
-    except BaseException:
-        # Never leave an unpublished version behind: it would count toward retention.
-        shutil.rmtree(path, ignore_errors=True)
-        raise
+    publish_or_discard(root, path.name, run.check_lock)
     log.info("published %s", path.name)
     return path.name
 
