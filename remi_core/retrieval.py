@@ -159,7 +159,7 @@ class ScreenTable:
     `exact_merged_topk`): bfloat16, or int8 codes q_i with one scale for the table,
     e_i ~ scale * q_i, and the rounding's largest error measured on the table itself."""
 
-    table: torch.Tensor  # (N, d) bfloat16 or int8
+    table: torch.Tensor  # (N, d) bfloat16, or int8 (N, d') with d' = d rounded up to 8
     max_norm: float  # max_i |e_i| over the float32 rows
     scale: float = 1.0  # int8: the codes' step
     residual: float = 0.0  # int8: max_i |e_i - scale * q_i|
@@ -169,7 +169,8 @@ class ScreenTable:
     def of(cls, items: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> ScreenTable:
         """Screen table of items (N, d) float32, in bfloat16 or int8."""
         items = items.float()
-        max_norm = float(torch.linalg.vector_norm(items, dim=1).max())
+        # In float64: float32 squares underflow for tiny rows, and a zero norm a zero slack.
+        max_norm = float(torch.linalg.vector_norm(items.double(), dim=1).max())
         if dtype == torch.bfloat16:
             return cls(items.to(torch.bfloat16).contiguous(), max_norm)
         if dtype != torch.int8:
@@ -177,10 +178,13 @@ class ScreenTable:
         # One step for the whole table: the screen's slack is one number per user, set by the
         # rows with the largest rounding error, so a step per row would not make it smaller.
         scale = float(items.abs().max()) / 127 or 1.0
-        codes = torch.round(items / scale).clamp(-127, 127).to(torch.int8).contiguous()
+        codes = torch.round(items / scale).clamp(-127, 127).to(torch.int8)
         decoded = codes.double() * scale
         residual = torch.linalg.vector_norm(items.double() - decoded, dim=1).max()
         code_norm = torch.linalg.vector_norm(decoded, dim=1).max()
+        # Zero columns up to a multiple of 8 change no dot product, and spare `torch._int_mm`
+        # odd inner sizes (with 1 it returns garbage on the CPU, torch 2.13).
+        codes = torch.nn.functional.pad(codes, (0, -codes.shape[1] % 8)).contiguous()
         return cls(codes, max_norm, scale, float(residual) * _UP, float(code_norm) * _UP)
 
     def spec(self) -> Screen:
@@ -287,6 +291,8 @@ def _exact_search(
     interests (B, n'), counts (B,), n' = min(n, the most candidates any user had)."""
     batch = interests.shape[0]
     n = min(n, items.shape[0] - 1)
+    if n <= 0:  # nothing asked for, or a catalogue of padding only
+        return _merge(interests, torch.zeros(batch, 0, dtype=torch.int64), items, 0, excluded)
     chunks: list[torch.Tensor] = []
     for start in range(0, batch, users_per_chunk):
         v = interests[start : start + users_per_chunk]
@@ -329,6 +335,8 @@ def _screened(
     hold them), which holds every row with t >= kth - 2 err, so they are the same either way.
     """
     scores, slack = _screen_scores(interests, screen)  # (b, N), (b,)
+    if not bool(torch.isfinite(slack).all()):
+        return None  # non-finite interests, or magnitudes past the bound's float range
     scores = _max_scores(scores, excluded)
     pool, pool_rows = _pool(scores, n, slack, screen.block, screen.depth)  # (b, P), (b, P)/None
     kth = pool.topk(n, dim=1).values[:, -1]  # (b,)
@@ -351,8 +359,8 @@ def _screen_scores(interests: torch.Tensor, screen: Screen) -> tuple[torch.Tenso
     if screen.table.dtype == torch.int8:
         return _int8_max_scores(interests, screen)
     scores = blocked_max_scores(interests.to(torch.bfloat16), screen.table)
-    norms = torch.linalg.vector_norm(interests, dim=2).amax(dim=1)  # (b,)
-    return scores, screen.slack_per_norm * norms
+    norms = torch.linalg.vector_norm(interests.double(), dim=2).amax(dim=1)  # (b,)
+    return scores, (screen.slack_per_norm * norms).float()
 
 
 def _int8_max_scores(interests: torch.Tensor, screen: Screen) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,22 +375,27 @@ def _int8_max_scores(interests: torch.Tensor, screen: Screen) -> tuple[torch.Ten
     for d <= 1040, float32).
     """
     batch, k, dim = interests.shape
-    step = interests.abs().amax(dim=2).amax(dim=1) / 127  # (b,)
+    # The codes and the bound in float64: in float32 the norms of tiny interests underflow to 0
+    # (a zero slack), and step * scale can too.
+    wide = interests.double()
+    step = wide.abs().amax(dim=2).amax(dim=1) / 127  # (b,)
     step = torch.where(step > 0, step, torch.ones_like(step))  # all-zero interests: any step
-    codes = torch.round(interests / step.view(batch, 1, 1)).clamp(-127, 127)  # (b, K, d)
-    rho = torch.linalg.vector_norm(interests - codes * step.view(batch, 1, 1), dim=2)  # (b, K)
-    norms = torch.linalg.vector_norm(interests, dim=2).amax(dim=1)  # (b,)
+    codes = torch.round(wide / step.view(batch, 1, 1)).clamp(-127, 127)  # (b, K, d)
+    rho = torch.linalg.vector_norm(wide - codes * step.view(batch, 1, 1), dim=2)  # (b, K)
+    norms = torch.linalg.vector_norm(wide, dim=2).amax(dim=1)  # (b,)
     rounding = rho.amax(dim=1)  # (b,)
     err = norms * screen.residual + rounding * screen.code_norm
     err = err + (dim + 2) * 2.0**-22 * (norms + rounding) * screen.row_norm
-    queries = codes.to(torch.int8).reshape(batch * k, dim)
+    width = screen.table.shape[1]  # d rounded up to 8 (`ScreenTable.of`)
+    queries = torch.zeros(batch * k, width, dtype=torch.int8)
+    queries[:, :dim] = codes.to(torch.int8).reshape(batch * k, dim)
     size = screen.table.shape[0]
     out = torch.empty(batch, size, dtype=torch.float32)
     for start in range(0, size, screen.int8_rows):
         stop = min(start + screen.int8_rows, size)
         part = torch._int_mm(queries, screen.table[start:stop].T)  # (b*K, rows) int32
         out[:, start:stop] = part.view(batch, k, stop - start).amax(dim=1)
-    return out, 2 * err / (step * screen.scale)
+    return out, (2 * err / (step * screen.scale)).float()
 
 
 def _pool(
@@ -442,7 +455,8 @@ def _with_boundary_ties(scores: torch.Tensor, n: int) -> torch.Tensor:
     if top.values.shape[1] == n:  # nothing left out
         return rows
     kth = top.values[:, n - 1]  # (b,)
-    tied = (torch.isfinite(kth) & (top.values[:, n] == kth)).nonzero()[:, 0]  # (t,)
+    # A tie at +inf (scores past float32's range) is a tie too; at -inf there is nothing left.
+    tied = ((kth > float("-inf")) & (top.values[:, n] == kth)).nonzero()[:, 0]  # (t,)
     if tied.shape[0] == 0:
         return rows
     users, wide = (scores[tied] >= kth[tied].unsqueeze(1)).nonzero().unbind(1)  # ascending rows

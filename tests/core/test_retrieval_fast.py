@@ -334,3 +334,49 @@ def test_screen_takes_all_zero_interests_and_tables(screen_type):
         screen = ScreenTable.of(torch.from_numpy(table), screen_type)
         result = exact_merged_topk(interests, torch.from_numpy(table), 6, screen=screen)
         assert_matches(result, reference(interests, table, 6))
+
+
+@pytest.mark.parametrize("dim", [1, 3, 13])
+@pytest.mark.parametrize("screen_type", SCREEN_TYPES)
+def test_screen_takes_any_embedding_size(dim, screen_type):
+    """Sizes that are not a multiple of 8, 1 included (`torch._int_mm` with an inner size of 1
+    returns garbage on the CPU; the int8 table is padded with zero columns)."""
+    rng = np.random.default_rng(dim)
+    items = rng.standard_normal((5000, dim)).astype(np.float32)
+    interests = rng.standard_normal((4, 2, dim)).astype(np.float32)
+    table = torch.from_numpy(items)
+    screen = ScreenTable.of(table, screen_type)
+    for eager in (False, True):
+        result = exact_merged_topk(interests, table, 8, screen=screen, eager=eager)
+        assert_matches(result, reference(interests, items, 8))
+
+
+@pytest.mark.parametrize("scale", [(1e-30, 1.0), (1.0, 1e-30)])  # (interests, catalogue)
+@pytest.mark.parametrize("screen_type", SCREEN_TYPES)
+def test_screen_bound_holds_for_tiny_magnitudes(scale, screen_type):
+    """Norms of tiny vectors underflow to 0 when squared in float32, which made the screen's
+    slack 0 and lost rows of the top n: the bound is computed in float64."""
+    rng = np.random.default_rng(11)
+    items = (rng.standard_normal((20000, 16)) * scale[1]).astype(np.float32)
+    interests = (rng.standard_normal((4, 2, 16)) * scale[0]).astype(np.float32)
+    table = torch.from_numpy(items)
+    result = exact_merged_topk(interests, table, 50, screen=ScreenTable.of(table, screen_type))
+    want = exact_merged_topk(interests, table, 50)  # float32, no screen
+    for got, expected in zip(result, want, strict=True):
+        assert got.rows.tolist() == expected.rows.tolist()
+
+
+@pytest.mark.parametrize("screen_type", [None, *SCREEN_TYPES])
+def test_non_finite_interests_and_n_zero_do_not_crash(screen_type):
+    """NaN interests (a broken model; bundles with NaN weights are refused) give every path the
+    same answer instead of an exception in the screen; n = 0 gives empty lists."""
+    rng = np.random.default_rng(2)
+    items = rng.standard_normal((20000, 8)).astype(np.float32)
+    table = torch.from_numpy(items)
+    screen = None if screen_type is None else ScreenTable.of(table, screen_type)
+    interests = rng.standard_normal((2, 2, 8)).astype(np.float32)
+    interests[0, 0, 3] = np.nan
+    result = exact_merged_topk(interests, table, 10, screen=screen)
+    assert_matches([result[1]], reference(interests[1:], items, 10))
+    assert result.rows[0].tolist() == exact_merged_topk(interests[:1], table, 10).rows[0].tolist()
+    assert exact_merged_topk(interests, table, 0, screen=screen).counts.tolist() == [0, 0]
