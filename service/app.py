@@ -193,17 +193,22 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     response_model=ReadinessResponse,
-    responses={503: {"model": ReadinessResponse, "description": "No model is loaded yet."}},
+    responses={
+        503: {
+            "model": ReadinessResponse,
+            "description": "No model is loaded yet, or the batcher stopped.",
+        }
+    },
     tags=["ops"],
 )
-async def readyz(registry: RegistryDep, store: StoreDep) -> JSONResponse:
-    """Readiness: a model is loaded. Redis is reported but does not make the service unready,
-    since requests with a history in the body work without it."""
+async def readyz(registry: RegistryDep, store: StoreDep, batcher: BatcherDep) -> JSONResponse:
+    """Readiness: a model is loaded and the batcher runs. Redis is reported but does not make
+    the service unready, since requests with a history in the body work without it."""
     redis_error = await store.ping()
-    ready = registry.loaded
+    ready = registry.loaded and batcher.running
     body = {
         "ready": ready,
-        "model_version": registry.model.version if ready else None,
+        "model_version": registry.model.version if registry.loaded else None,
         "worker_pid": os.getpid(),  # which worker answered (several under --workers N)
         "redis": {"ok": redis_error is None, "error": redis_error},
         "reload": {

@@ -158,18 +158,34 @@ class MicroBatcher:
     def start(self) -> None:
         """Start collecting (call from the event loop that will submit)."""
         self._task = asyncio.create_task(self._collect(), name="remi-batcher")
+        self._task.add_done_callback(self._stopped)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def _stopped(self, task: asyncio.Task) -> None:
+        """The collector ends only when cancelled; should a bug end it, say so and fail what is
+        queued (503) instead of leaving those requests to hang."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("the batcher stopped; this worker answers 503", exc_info=task.exception())
+        self._fail_queued(ShuttingDown("the batcher stopped; see the server log"))
+
+    def _fail_queued(self, exc: Exception) -> None:
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(exc)
+        self._queue.clear()
+        self._queued_users = 0
 
     async def aclose(self) -> None:
         """Stop collecting, fail what is still queued, and wait for the running batch."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task])  # a bug that ended it is logged (`_stopped`)
         await asyncio.gather(*self._running, return_exceptions=True)
-        for job in self._queue:
-            if not job.future.done():
-                job.future.set_exception(ShuttingDown("the service is shutting down"))
-        self._queue.clear()
+        self._fail_queued(ShuttingDown("the service is shutting down"))
         self._executor.shutdown(wait=True)
 
     async def submit(
@@ -184,7 +200,7 @@ class MicroBatcher:
     ) -> Any:
         """Queue one request (one or more users) and return render(its results).
         `diversity`: lambda per user (remi_core/diversity.py), default 0 (Eq. 7)."""
-        if self._task is None or self._task.done():
+        if not self.running:
             raise ShuttingDown("the service is not running (starting or shutting down)")
         loop = asyncio.get_running_loop()
         job = _Job(
@@ -237,6 +253,10 @@ class MicroBatcher:
                 except Exception as exc:  # as in _dispatch: fail these, keep collecting
                     outcomes = [exc] * len(jobs)
                 self._deliver(jobs, outcomes)
+                # Let the answers go out, and /healthz in, before the next batch: with a backlog
+                # nothing below awaits, and back-to-back batches would block the loop for
+                # several times inline_ms.
+                await asyncio.sleep(0)
                 continue
             # Hand the batch to the thread here, not in the task below: a new task runs only
             # after every callback already queued on the loop, and when a batch has just been
@@ -336,8 +356,11 @@ class MicroBatcher:
                     outcomes[i] = (job.render(part),)
                 except Exception as exc:
                     outcomes[i] = exc
-            if all(job.plain for job in group):
-                self._measured(group[0].model, (time.thread_time() - start) / max(1, len(results)))
+            # Per searched user: a popularity fallback costs next to nothing, and a run of them
+            # would make a full batch of real users look cheap enough for the loop.
+            searched = sum(not result.fallback for result in results)
+            if searched and all(job.plain for job in group):
+                self._measured(group[0].model, (time.thread_time() - start) / searched)
         return [outcomes[i] for i in range(len(jobs))]
 
     def _measured(self, model: LoadedModel, per_user: float) -> None:

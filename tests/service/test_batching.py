@@ -177,6 +177,29 @@ def test_a_request_after_shutdown_is_a_503_not_a_500(model: LoadedModel) -> None
     assert raised.value.status_code == 503
 
 
+def test_a_collector_that_dies_fails_its_queue_instead_of_hanging(model: LoadedModel) -> None:
+    """Should a bug end the collector, the queued requests and every later one get a 503
+    (ShuttingDown), not a wait forever."""
+
+    def broken_take() -> list:
+        raise RuntimeError("a bug in the collector")
+
+    async def run() -> tuple[list, bool]:
+        batcher = MicroBatcher(max_wait_ms=50, max_users=64)
+        batcher._take = broken_take  # type: ignore[method-assign]
+        async with batcher:
+            calls = [batcher.submit(model, render=lambda r: r, **one_user(i)) for i in range(3)]
+            queued = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+            running = batcher.running
+            with pytest.raises(ShuttingDown, match="not running"):
+                await batcher.submit(model, render=lambda r: r, **one_user(0))
+        return queued, running
+
+    queued, running = asyncio.run(run())
+    assert not running
+    assert all(isinstance(e, ShuttingDown) and "batcher stopped" in str(e) for e in queued)
+
+
 def test_models_of_a_reload_batch_separately(model: LoadedModel, tmp_path: Path) -> None:
     write_tiny_bundle(tmp_path, seed=5)
     other = load_model(resolve_current(tmp_path))
@@ -256,6 +279,47 @@ def test_a_failing_request_on_the_loop_fails_alone(model: LoadedModel) -> None:
     for answer, request in zip(answers[4:6], requests[:2], strict=True):
         assert same_response(answer, recommend_batch(model, **request))
     assert [on_loop for _, on_loop, _ in batches] == [False, True, True]  # retried one by one
+
+
+def test_the_loop_takes_a_turn_between_its_own_batches(model: LoadedModel) -> None:
+    """A backlog of plain requests runs as several batches on the loop; between two of them the
+    loop must run (send answers, read /healthz), or it is blocked for several times inline_ms."""
+    turns = 0
+    seen: list[tuple[bool, int]] = []
+    batcher = MicroBatcher(0, 2, inline_ms=1000)
+    batcher.on_batch = lambda users, results, on_loop: seen.append((on_loop, turns))
+
+    async def run() -> None:
+        nonlocal turns
+
+        async def heartbeat() -> None:
+            nonlocal turns
+            while True:
+                await asyncio.sleep(0)
+                turns += 1
+
+        async with batcher:
+            beat = asyncio.create_task(heartbeat())
+            await batcher.submit(model, render=lambda r: r, **one_user(0))  # measures the cost
+            await asyncio.gather(
+                *(batcher.submit(model, render=lambda r: r, **one_user(i)) for i in range(8))
+            )
+            beat.cancel()
+
+    asyncio.run(run())
+    on_loop = [turn for where, turn in seen[1:] if where]
+    assert len(on_loop) == 4  # the backlog of 8 in batches of 2, all on the loop
+    assert len(set(on_loop)) == 4, seen  # and the loop turned between every two
+
+
+def test_popularity_answers_do_not_make_the_loop_estimate_cheap(model: LoadedModel) -> None:
+    """A user with nothing known costs next to nothing (no encode, no search): batches of only
+    such users say nothing about what a searched user costs, so after them the first batch of
+    real users still goes to the thread to be measured."""
+    unknown = {**one_user(0), "histories": [["unknown-a", "unknown-b"]]}
+    rounds = [[(model, unknown)] * 4] * 2 + [[(model, one_user(i)) for i in range(4)]] * 2
+    _, batches = run_in_rounds(MicroBatcher(0, 64, inline_ms=1000), rounds)
+    assert [on_loop for _, on_loop, _ in batches] == [False, False, False, True]
 
 
 def test_settings_are_checked() -> None:

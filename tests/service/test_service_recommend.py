@@ -327,6 +327,25 @@ def test_start_up_fails_clearly_on_a_corrupt_bundle(tiny_bundle_root: Path) -> N
         pass
 
 
+def test_a_stopped_batcher_makes_the_worker_unready(tiny_bundle_root: Path) -> None:
+    """Should the batcher's collector end (a bug), requests get a 503 that says so and
+    /readyz turns 503, so a load balancer stops sending traffic to this worker."""
+    app = create_app(Settings(bundle_root=tiny_bundle_root, redis_url=dead_redis_url()))
+    with TestClient(app) as client:
+        assert client.post("/recommend", json={"history": ITEMS[:2]}).status_code == 200
+
+        def broken_take() -> list:
+            raise RuntimeError("a bug in the collector")
+
+        app.state.batcher._take = broken_take
+        answer = client.post("/recommend", json={"history": ITEMS[:2]})
+        assert answer.status_code == 503 and "batcher stopped" in answer.text
+        assert client.post("/recommend", json={"history": ITEMS[:2]}).status_code == 503
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["ready"] is False
+        assert ready.json()["model_version"] is not None  # the model is loaded; the batcher is not
+
+
 def test_start_up_fails_clearly_without_a_bundle(tmp_path: Path, tiny_bundle_root: Path) -> None:
     app = create_app(Settings(bundle_root=tmp_path / "nothing-here", redis_url=dead_redis_url()))
     with pytest.raises(StartupError, match="no published bundle"), TestClient(app):
