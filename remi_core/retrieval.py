@@ -375,27 +375,28 @@ def _int8_max_scores(interests: torch.Tensor, screen: Screen) -> tuple[torch.Ten
     for d <= 1040, float32).
     """
     batch, k, dim = interests.shape
-    # The codes and the bound in float64: in float32 the norms of tiny interests underflow to 0
-    # (a zero slack), and step * scale can too.
-    wide = interests.double()
-    step = wide.abs().amax(dim=2).amax(dim=1) / 127  # (b,)
+    step = interests.abs().amax(dim=2).amax(dim=1) / 127  # (b,)
     step = torch.where(step > 0, step, torch.ones_like(step))  # all-zero interests: any step
-    codes = torch.round(wide / step.view(batch, 1, 1)).clamp(-127, 127)  # (b, K, d)
-    rho = torch.linalg.vector_norm(wide - codes * step.view(batch, 1, 1), dim=2)  # (b, K)
-    norms = torch.linalg.vector_norm(wide, dim=2).amax(dim=1)  # (b,)
-    rounding = rho.amax(dim=1)  # (b,)
+    # The bound in units of step_b (|v_k| = step_b |v_k / step_b|, and so on), where every
+    # entry is at most 127: norms of tiny interests, squared in float32, underflowed to a zero
+    # slack, and step_b cancels from the slack below.
+    units = interests / step.view(batch, 1, 1)  # (b, K, d)
+    codes = torch.round(units).clamp(-127, 127)  # (b, K, d)
+    rounding = torch.linalg.vector_norm(units - codes, dim=2).amax(dim=1)  # (b,) |rho| / step_b
+    norms = torch.linalg.vector_norm(units, dim=2).amax(dim=1)  # (b,) |v| / step_b
     err = norms * screen.residual + rounding * screen.code_norm
     err = err + (dim + 2) * 2.0**-22 * (norms + rounding) * screen.row_norm
+    queries = codes.to(torch.int8).reshape(batch * k, dim)
     width = screen.table.shape[1]  # d rounded up to 8 (`ScreenTable.of`)
-    queries = torch.zeros(batch * k, width, dtype=torch.int8)
-    queries[:, :dim] = codes.to(torch.int8).reshape(batch * k, dim)
+    if width != dim:
+        queries = torch.nn.functional.pad(queries, (0, width - dim))
     size = screen.table.shape[0]
     out = torch.empty(batch, size, dtype=torch.float32)
     for start in range(0, size, screen.int8_rows):
         stop = min(start + screen.int8_rows, size)
         part = torch._int_mm(queries, screen.table[start:stop].T)  # (b*K, rows) int32
         out[:, start:stop] = part.view(batch, k, stop - start).amax(dim=1)
-    return out, (2 * err / (step * screen.scale)).float()
+    return out, 2 * err / screen.scale
 
 
 def _pool(
