@@ -355,7 +355,8 @@ def test_screen_takes_any_embedding_size(dim, screen_type):
 @pytest.mark.parametrize("screen_type", SCREEN_TYPES)
 def test_screen_bound_holds_for_tiny_magnitudes(scale, screen_type):
     """Norms of tiny vectors underflow to 0 when squared in float32, which made the screen's
-    slack 0 and lost rows of the top n: the bound is computed in float64."""
+    slack 0 and lost rows of the top n (the bfloat16 bound now takes norms in float64, the int8
+    one works in units of the user's step)."""
     rng = np.random.default_rng(11)
     items = (rng.standard_normal((20000, 16)) * scale[1]).astype(np.float32)
     interests = (rng.standard_normal((4, 2, 16)) * scale[0]).astype(np.float32)
