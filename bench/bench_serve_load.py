@@ -526,7 +526,8 @@ def markdown(header, rows, labels, results, args, seconds) -> str:
         "below):",
         "",
         "| catalogue | index (chosen by size) | search params (tuned) | recall@50 vs exact "
-        "| in-process bound, batch 256, users/s | the same in the batches of 16 clients |",
+        "| in-process bound, batch 256, users/s "
+        f"| the same in the batches of {SERVED_CLIENTS} clients |",
         "|---|---|---|---|---|---|",
     ]
     for size, info in rows.items():

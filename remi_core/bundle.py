@@ -237,12 +237,11 @@ def write_bundle(
         tmp.chmod(0o755)
         fsync_dir(tmp)
         os.rename(tmp, final)
-    except (OSError, SafetensorError) as exc:  # safetensors' I/O errors are its own type
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        # np.save on a full disk says only "6000 requested and 5088 written".
-        raise BundleError(f"cannot write bundle version {version} in {root}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError | SafetensorError):  # safetensors' I/O errors are its own type
+            # np.save on a full disk says only "6000 requested and 5088 written".
+            raise BundleError(f"cannot write bundle version {version} in {root}: {exc}") from exc
         raise
     if publish:
         set_current(root, version)

@@ -168,19 +168,20 @@ class ScreenTable:
     @classmethod
     def of(cls, items: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> ScreenTable:
         """Screen table of items (N, d) float32, in bfloat16 or int8."""
+        if dtype not in (torch.bfloat16, torch.int8):
+            raise ValueError(f"a screen table is bfloat16 or int8, not {dtype}")
         items = items.float()
         # In float64: float32 squares underflow for tiny rows, and a zero norm a zero slack.
-        max_norm = float(torch.linalg.vector_norm(items.double(), dim=1).max())
+        wide = items.double()
+        max_norm = float(torch.linalg.vector_norm(wide, dim=1).max())
         if dtype == torch.bfloat16:
             return cls(items.to(torch.bfloat16).contiguous(), max_norm)
-        if dtype != torch.int8:
-            raise ValueError(f"a screen table is bfloat16 or int8, not {dtype}")
         # One step for the whole table: the screen's slack is one number per user, set by the
         # rows with the largest rounding error, so a step per row would not make it smaller.
         scale = float(items.abs().max()) / 127 or 1.0
         codes = torch.round(items / scale).clamp(-127, 127).to(torch.int8)
         decoded = codes.double() * scale
-        residual = torch.linalg.vector_norm(items.double() - decoded, dim=1).max()
+        residual = torch.linalg.vector_norm(wide - decoded, dim=1).max()
         code_norm = torch.linalg.vector_norm(decoded, dim=1).max()
         # Zero columns up to a multiple of 8 change no dot product, and spare `torch._int_mm`
         # odd inner sizes (with 1 it returns garbage on the CPU, torch 2.13).
