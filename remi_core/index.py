@@ -38,6 +38,9 @@ RECALL_MARGIN_SE = 3.0
 # k-means for IVF trains on at most this many points per list (Faiss warns below 39): enough for
 # stable centroids, and it keeps a 1M-item export to seconds instead of minutes.
 IVF_TRAIN_POINTS_PER_LIST = 64
+# Faiss's GPU indexes select at most this many results per query, and probe at most this many
+# IVF lists (GPU_MAX_SELECTION_K in faiss/gpu/utils/DeviceDefs.cuh); past it a search raises.
+GPU_MAX_K = 2048
 # Values tried for each search parameter, cheapest first.
 SEARCH_GRID = {
     "nprobe": (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048),
@@ -114,8 +117,19 @@ def gpu_available() -> bool:
 
 
 def to_best_device(index: faiss.Index) -> tuple[faiss.Index, str]:
-    """Move an index to GPU 0 when possible; returns the index and where it lives."""
+    """Move an index to GPU 0 when possible; returns the index and where it lives.
+
+    An IVF index tuned to probe more lists than a GPU can (`GPU_MAX_K`) stays on the CPU: on
+    the GPU every one of its searches would fail."""
     if not gpu_available():
+        return index, "cpu"
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and ivf.nprobe > GPU_MAX_K:
+        log.warning(
+            "keeping the Faiss index on the CPU: nprobe=%d is more than a GPU probes (%d)",
+            ivf.nprobe,
+            GPU_MAX_K,
+        )
         return index, "cpu"
     try:
         resources = faiss.StandardGpuResources()

@@ -22,7 +22,7 @@ import torch
 
 from remi_core.bundle import Bundle, BundleError, load_bundle
 from remi_core.diversity import pool_size, rerank
-from remi_core.index import ROW_OFFSET, to_best_device
+from remi_core.index import GPU_MAX_K, ROW_OFFSET, to_best_device
 from remi_core.models import MultiInterestEncoder, pad_histories
 from remi_core.retrieval import (
     Retrieved,
@@ -62,6 +62,9 @@ class LoadedModel:
     search_backend: str  # what answers searches: "screened-int8", "screened", "dense", "faiss"
     screen: ScreenTable | None = None  # the int8 or bfloat16 copy of the table when screened
     categories: np.ndarray | None = None  # (N,) int32 category per row (-1: none), read-only
+    # The CPU index a GPU one was copied from: it answers searches deeper than a GPU selects
+    # (GPU_MAX_K), e.g. diverse lists (4 x n candidates) or long histories to exclude.
+    host_index: faiss.Index | None = field(default=None, repr=False)
     # GPU indexes are not safe to search from several threads at once; CPU ones are.
     _search_lock: threading.Lock | None = field(default=None, repr=False)
 
@@ -94,8 +97,14 @@ class LoadedModel:
             return exact_merged_topk(
                 interests, self.item_table, max(n), exclude, screen=self.screen
             )
-        with self._search_lock or nullcontext():
-            return faiss_merged_topk(self.index, interests, self.item_table, n, exclude)
+        index, lock = self.index, self._search_lock
+        if self.host_index is not None:
+            # The deepest a user's search can go: its n plus its history to exclude.
+            deepest = max(n) + max((len(rows) for rows in exclude or ()), default=0)
+            if deepest > GPU_MAX_K:
+                index, lock = self.host_index, None
+        with lock or nullcontext():
+            return faiss_merged_topk(index, interests, self.item_table, n, exclude)
 
 
 # The torch searches of an exact bundle, and the screen table each needs (None: float32 only).
@@ -197,6 +206,7 @@ def model_from_bundle(
         search_backend=backend,
         screen=screen,
         categories=bundle.categories,
+        host_index=bundle.index if index_device == "gpu" else None,
         _search_lock=threading.Lock() if index_device == "gpu" else None,
     )
 

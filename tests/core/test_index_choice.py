@@ -1,6 +1,8 @@
 """Index choice by catalogue size, recall tuning at export, and the service applying both."""
 
+import dataclasses
 import shutil
+import threading
 from pathlib import Path
 
 import faiss
@@ -16,10 +18,17 @@ from remi_core.bundle import (
     set_current,
     write_bundle,
 )
-from remi_core.index import build_index, choose_factory, measure_recall, tune_search_params
+from remi_core.index import (
+    GPU_MAX_K,
+    build_index,
+    choose_factory,
+    measure_recall,
+    tune_search_params,
+)
 from remi_core.models import EncoderConfig, build_encoder
 from remi_core.retrieval import faiss_merged_topk
 from service.app import create_app
+from service.recommender import load_model, recommend_batch
 from service.settings import Settings
 from tests.helpers import dead_redis_url
 
@@ -181,3 +190,45 @@ def test_a_reload_from_exact_search_to_an_index_computes_one_batch_at_a_time(
         ann.name, "faiss", 1,
     )  # fmt: skip
     assert all(a.status_code == 200 and len(a.json()["items"]) == 50 for a in answers)
+
+
+class GpuSelectionLimit:
+    """A faiss index that, as faiss's GPU indexes do, raises on a search for more than GPU_MAX_K
+    results per query (the GPU build of faiss cannot run on the machines these tests run on)."""
+
+    def __init__(self, index: faiss.Index) -> None:
+        self.index = index
+        self.ntotal = index.ntotal
+        self.depths: list[int] = []
+
+    def search(self, queries: np.ndarray, k: int):
+        if k > GPU_MAX_K:
+            raise RuntimeError(f"Error: 'k <= GPU_MAX_SELECTION_K' failed: k {k}")
+        self.depths.append(k)
+        return self.index.search(queries, k)
+
+
+def test_searches_deeper_than_a_gpu_selects_go_to_the_host_index(ann_bundle: Path) -> None:
+    model = load_model(ann_bundle)
+    gpu = GpuSelectionLimit(model.index)
+    on_gpu = dataclasses.replace(
+        model,
+        index=gpu,
+        index_device="gpu",
+        host_index=model.index,
+        _search_lock=threading.Lock(),
+    )
+    users = [[f"item-{row}" for row in h] for h in histories(6, seed=7)]
+    shallow, deep = [10] * 6, [10, 10, 2 * GPU_MAX_K, 10, 10, 10]
+    for n in (shallow, deep):
+        got = recommend_batch(on_gpu, users, n=n)
+        want = recommend_batch(model, users, n=n)
+        assert [r.item_ids for r in got] == [r.item_ids for r in want]
+    assert len(gpu.depths) == 1 and gpu.depths[0] <= 10 + 15  # n plus the longest history
+    # A diverse list searches 4 x n deep: n=GPU_MAX_K // 2 needs the host index too.
+    got = recommend_batch(on_gpu, users[:1], n=GPU_MAX_K // 2, diversity=0.5)
+    assert (
+        got[0].item_ids
+        == recommend_batch(model, users[:1], n=GPU_MAX_K // 2, diversity=0.5)[0].item_ids
+    )
+    assert len(gpu.depths) == 1

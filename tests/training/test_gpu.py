@@ -1,11 +1,12 @@
 """GPU paths: run only where CUDA (and, for the index, a GPU build of faiss) is present."""
 
+import faiss
 import numpy as np
 import pytest
 import torch
 
 from remi_core.bundle import load_bundle, write_bundle
-from remi_core.index import build_index, gpu_available, to_best_device
+from remi_core.index import GPU_MAX_K, build_index, gpu_available, to_best_device
 from remi_core.models import EncoderConfig, build_encoder, pad_histories
 from remi_core.retrieval import dense_merged_topk, faiss_merged_topk
 from training.config import TrainConfig
@@ -113,3 +114,15 @@ def test_gpu_index_gives_the_cpu_results():
     gpu = faiss_merged_topk(gpu_index, interests, items, 30)
     for a, b in zip(cpu, gpu, strict=True):
         np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not gpu_available(), reason="faiss without GPU support, or no GPU")
+def test_an_index_probing_more_lists_than_a_gpu_can_stays_on_the_cpu():
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((2000, 16)).astype(np.float32)
+    index = build_index(items, "IVF16,Flat")
+    ivf = faiss.extract_index_ivf(index)
+    ivf.nprobe = GPU_MAX_K + 1
+    assert to_best_device(index)[1] == "cpu"
+    ivf.nprobe = 8
+    assert to_best_device(index)[1] == "gpu"
