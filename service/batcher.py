@@ -45,6 +45,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -132,8 +133,9 @@ class MicroBatcher:
         self.max_users = max_users
         self._last_batch = 0  # users in the batch dispatched last
         # (model, seconds per user) of its recent plain batches, on the loop or in the thread:
-        # one tuple, replaced whole, as a compute thread writes it and the loop reads it.
-        self._cost: tuple[LoadedModel, float] | None = None
+        # one tuple, replaced whole, as a compute thread writes it and the loop reads it. The
+        # model by weak reference: after a reload the old one goes as soon as requests let go.
+        self._cost: tuple[weakref.ref[LoadedModel], float] | None = None
         self.on_batch = on_batch  # called with (users, results, on the loop) after each batch
         self.stats = BatchStats()
         self._queue: deque[_Job] = deque()
@@ -245,35 +247,41 @@ class MicroBatcher:
                 self._arrived.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._arrived.wait(), remaining)
-            jobs = self._take()
-            self._last_batch = sum(len(job) for job in jobs)
-            if self._fits_on_loop(jobs, self._last_batch):
-                try:
-                    outcomes = self._compute(jobs, on_loop=True)
-                except Exception as exc:  # as in _dispatch: fail these, keep collecting
-                    outcomes = [exc] * len(jobs)
-                self._deliver(jobs, outcomes)
+            if self._start(self._take(), loop):
                 # Let the answers go out, and /healthz in, before the next batch: with a backlog
                 # nothing below awaits, and back-to-back batches would block the loop for
                 # several times inline_ms.
                 await asyncio.sleep(0)
-                continue
-            # Hand the batch to the thread here, not in the task below: a new task runs only
-            # after every callback already queued on the loop, and when a batch has just been
-            # answered those are its requests sending their responses (2.3 ms of an idle
-            # compute thread per batch of 8, measured).
-            computed = loop.run_in_executor(self._executor, self._compute, jobs)
-            self._computing += 1
-            task = asyncio.create_task(self._dispatch(jobs, computed))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+
+    def _start(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> bool:
+        """Compute a batch on the loop if it fits there (True), else hand it to a compute
+        thread. Apart from `_collect` so that the collector, waiting for the next batch, holds
+        no job of this one: after a reload that would keep the old model alive."""
+        self._last_batch = sum(len(job) for job in jobs)
+        if self._fits_on_loop(jobs, self._last_batch):
+            try:
+                outcomes = self._compute(jobs, on_loop=True)
+            except Exception as exc:  # as in _dispatch: fail these, keep collecting
+                outcomes = [exc] * len(jobs)
+            self._deliver(jobs, outcomes)
+            return True
+        # Hand the batch to the thread here, not in the task below: a new task runs only
+        # after every callback already queued on the loop, and when a batch has just been
+        # answered those are its requests sending their responses (2.3 ms of an idle
+        # compute thread per batch of 8, measured).
+        computed = loop.run_in_executor(self._executor, self._compute, jobs)
+        self._computing += 1
+        task = asyncio.create_task(self._dispatch(jobs, computed))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return False
 
     def _fits_on_loop(self, jobs: list[_Job], users: int) -> bool:
         """Whether the loop computes this batch itself (see the module docstring)."""
         if not self.inline_s or self._computing or not all(job.plain for job in jobs):
             return False
         cost = self._cost
-        if cost is None or any(job.model is not cost[0] for job in jobs):
+        if cost is None or any(job.model is not cost[0]() for job in jobs):
             return False  # nothing measured for this model yet: the thread measures it
         return cost[1] * users <= self.inline_s
 
@@ -366,9 +374,9 @@ class MicroBatcher:
     def _measured(self, model: LoadedModel, per_user: float) -> None:
         """Fold a plain batch's seconds per user into the model's estimate."""
         cost = self._cost
-        if cost is not None and cost[0] is model:
+        if cost is not None and cost[0]() is model:
             per_user = (1 - _COST_WEIGHT) * cost[1] + _COST_WEIGHT * per_user
-        self._cost = (model, per_user)
+        self._cost = (weakref.ref(model), per_user)
 
     def _run(self, group: list[_Job], on_loop: bool) -> list[Result]:
         results = recommend_batch(

@@ -1,8 +1,10 @@
 """Cross-request micro-batching (service/batcher.py) on a real tiny bundle."""
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -320,6 +322,31 @@ def test_popularity_answers_do_not_make_the_loop_estimate_cheap(model: LoadedMod
     rounds = [[(model, unknown)] * 4] * 2 + [[(model, one_user(i)) for i in range(4)]] * 2
     _, batches = run_in_rounds(MicroBatcher(0, 64, inline_ms=1000), rounds)
     assert [on_loop for _, on_loop, _ in batches] == [False, False, False, True]
+
+
+def test_the_batcher_lets_a_replaced_model_go(tmp_path: Path) -> None:
+    """After a reload the old model's memory (its table, its index) must go once its requests
+    are answered, though the loop's cost estimate was measured on it and the collector, now
+    waiting for requests, computed its last batch on the loop."""
+    write_tiny_bundle(tmp_path, seed=5)
+    batcher = MicroBatcher(0, 64, inline_ms=1000)
+    where: list[bool] = []
+    batcher.on_batch = lambda users, results, on_loop: where.append(on_loop)
+
+    async def run() -> bool:
+        old = load_model(resolve_current(tmp_path))
+        async with batcher:
+            for _ in range(2):
+                await asyncio.gather(
+                    *(batcher.submit(old, render=len, **one_user(i)) for i in range(4))
+                )
+            gone = weakref.ref(old)
+            del old
+            gc.collect()
+            return gone() is None
+
+    assert asyncio.run(run())
+    assert where == [False, True]  # measured on the old model, then its batch on the loop
 
 
 def test_settings_are_checked() -> None:
