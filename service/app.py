@@ -520,6 +520,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.batcher.start()
     log.info("compute threads: %d, this bundle's batches %d at a time, on the loop up to %g ms",
              threads, app.state.batcher.batches_at_once(model), inline_ms)  # fmt: skip
+    # The registry owns the model from here: a local kept across the `yield` would hold the
+    # first model (its table, its index) in memory for the worker's whole life after a reload.
+    del model
     poller = None
     if settings.reload_interval_s > 0:
         poller = asyncio.create_task(registry.poll(settings.reload_interval_s))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +110,24 @@ def test_hot_reload_under_concurrent_requests(client: TestClient, tiny_bundle_ro
     assert 'remi_model_reloads_total{result="success"} 1.0' in metrics
     # Nothing changed since: a second reload is a no-op.
     assert client.post("/admin/reload", headers=AUTH).json()["reloaded"] is False
+
+
+@pytest.mark.parametrize("inline_ms", [0.0, 15.0])
+def test_a_replaced_model_is_freed(tiny_bundle_root: Path, inline_ms: float) -> None:
+    # A worker holds two models only while a reload runs: once the new one serves, nothing
+    # keeps the old one (its table and index) alive, whether its batches ran in a compute
+    # thread or on the event loop (REMI_BATCH_INLINE_MS, one compute thread).
+    with make_client(tiny_bundle_root, batch_inline_ms=inline_ms, compute_threads=1) as client:
+        old = weakref.ref(client.app.state.registry.model)
+        for _ in range(3):
+            assert client.post("/recommend", json={"history": HISTORY, "n": 10}).status_code == 200
+        new_dir = write_tiny_bundle(tiny_bundle_root, seed=1, publish=False)
+        set_current(tiny_bundle_root, new_dir.name)
+        assert client.post("/admin/reload", headers=AUTH).json()["reloaded"] is True
+        gc.collect()
+        assert old() is None
+        r = client.post("/recommend", json={"history": HISTORY, "n": 10})
+        assert r.json()["model_version"] == new_dir.name
 
 
 def test_corrupt_bundle_is_rejected_and_old_model_keeps_serving(
