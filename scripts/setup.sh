@@ -10,7 +10,7 @@ fi
 quiet_pip() {
     .venv/bin/pip install --quiet "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 }
-if ! .venv/bin/python -c "import torch, faiss, fastapi, matplotlib, orjson, schemathesis, training, service" \
+if ! .venv/bin/python -c "import torch, faiss, fastapi, hiredis, matplotlib, orjson, schemathesis, training, service" \
     2>/dev/null
 then
     # Exact versions from docker/constraints.txt (the images use the same file; regenerate it

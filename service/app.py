@@ -494,6 +494,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings.redis_timeout_s,
             settings.history_cap,
             settings.stream_maxlen,
+            settings.redis_max_connections,
         )
     except ValueError as exc:  # the message has the password hidden
         log.error("cannot start: %s", exc)

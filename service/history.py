@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from remi_core.redis_keys import EVENTS_STREAM, history_key
 from service.errors import HistoryConflict, RedisUnavailable
 from service.redact import redact_url, scrub_secrets
+from service.schemas import MAX_ID_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +45,19 @@ def _format_timestamp(ts: float) -> str:
 # client has given up by then and answered 503, which must mean "not stored" (e.g. a Redis
 # stopped with SIGSTOP runs the queued script when it resumes, long after the 503).
 # The request's random token, set only when the batch is written, makes the client's one retry
-# after a lost reply (the connection broke) find the batch written instead of writing it twice.
+# after a lost reply (the connection broke) find the batch written instead of writing it twice;
+# it is looked up before the deadline, since a retry may well start after it.
 # KEYS[1]: the stream; KEYS[2]: the request's token; KEYS[3..]: the users' lists, each once, in
 # first-seen order. ARGV: deadline, token lifetime in ms, history cap, stream maxlen ("" =
 # untrimmed), then per event: its list's index in KEYS, user_id, item_id, timestamp.
 # Returns nil, 'expired', 'done' (already written), or {key, its type} for a key of a wrong type.
 _APPEND_SCRIPT = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 'done'
+end
 local now = redis.call('TIME')
 if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[1]) then
   return 'expired'
-end
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  return 'done'
 end
 for i, key in ipairs(KEYS) do
   local found = redis.call('TYPE', key)['ok']
@@ -105,14 +107,20 @@ class HistoryStore:
         timeout_s: float,
         history_cap: int,
         stream_maxlen: int | None = None,
+        max_connections: int = 100,
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s
         self.history_cap = history_cap
         self.stream_maxlen = stream_maxlen
         try:
-            self._client = aioredis.Redis.from_url(
+            # A request beyond max_connections waits for a free connection within its budget;
+            # redis-py's default pool fails it at once instead, so a Redis that stalls for a
+            # moment under many concurrent requests would turn the surplus into 503s.
+            self._pool = aioredis.BlockingConnectionPool.from_url(
                 url,
+                max_connections=max_connections,
+                timeout=timeout_s,
                 socket_timeout=timeout_s,
                 socket_connect_timeout=timeout_s,
                 # The library default retries timeouts too, with backoff: seconds of waiting on
@@ -128,10 +136,12 @@ class HistoryStore:
         except ValueError as exc:  # redis-py's messages may quote parts of the URL
             reason = self.scrub(str(exc))
             raise ValueError(f"invalid Redis URL {redact_url(url)}: {reason}") from None
+        self._client = aioredis.Redis(connection_pool=self._pool)
         self._append_script = self._client.register_script(_APPEND_SCRIPT)
 
     async def close(self) -> None:
         await self._client.aclose()
+        await self._pool.aclose()  # a pool given to the client is not the client's to close
 
     async def append(self, events: Sequence[Event]) -> None:
         """Append events to each user's capped list and to the stream, atomically (one Lua
@@ -225,7 +235,13 @@ class HistoryStore:
                 )
         except (RedisError, OSError) as exc:
             raise self._unavailable("read user histories", exc) from None
-        return [list(items) for items in replies]
+        # An id longer than any a request may carry was written by someone else (POST /events
+        # refuses it), is answered as unknown like any id the catalogue lacks, and is cut so
+        # that a few huge ones cannot swell the response's unknown_ids to megabytes.
+        return [
+            [item if len(item) <= MAX_ID_LENGTH else item[:MAX_ID_LENGTH] + "…" for item in items]
+            for items in replies
+        ]
 
     async def ping(self) -> str | None:
         """None when Redis answers, else why not (with any password in the URL hidden)."""
@@ -248,7 +264,8 @@ class HistoryStore:
     def _unavailable(
         self, action: str, exc: BaseException, outcome: str | None = None
     ) -> RedisUnavailable:
-        reason = self.scrub(f"{type(exc).__name__}: {exc}")
+        detail = str(exc) or f"no reply within {self.timeout_s:g} s (REMI_REDIS_TIMEOUT_S)"
+        reason = self.scrub(f"{type(exc).__name__}: {detail}")
         log.warning("redis unavailable (%s): %s", action, reason)
         message = f"cannot {action}: Redis at {redact_url(self.url)} is unavailable ({reason})"
         return RedisUnavailable(f"{message}; {outcome}" if outcome else message)

@@ -23,10 +23,12 @@ from pydantic_core import PydanticCustomError
 
 from remi_core.diversity import MAX_DIVERSITY
 
+# The longest id (item or user) a request may carry.
+MAX_ID_LENGTH = 256
 # Ids are opaque strings; "\S" (searched, not anchored) rejects empty and all-blank ids.
-Id = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"\S")]
+Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"\S")]
 # History entries may be anything string-like: ids the catalogue lacks are reported, not refused.
-HistoryItem = Annotated[str, StringConstraints(max_length=256)]
+HistoryItem = Annotated[str, StringConstraints(max_length=MAX_ID_LENGTH)]
 # A response names at most this many unknown ids per user, so a history of unknown ids cannot
 # blow the response up (unknown_count still gives the total).
 UNKNOWN_IDS_SHOWN = 100

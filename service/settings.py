@@ -47,7 +47,14 @@ class Settings(BaseSettings):
         0.5,
         gt=0,
         description="Connect and socket timeout for Redis, in seconds. Short, so a dead Redis "
-        "yields a fast 503 instead of hanging requests.",
+        "yields a fast 503 instead of hanging requests. One budget for all of a request's "
+        "round trips: waiting for a pooled connection, and reading a whole batch's histories.",
+    )
+    redis_max_connections: int = Field(
+        100,
+        ge=1,
+        description="Connections to Redis per worker. A request that finds them all busy waits "
+        "for one within REMI_REDIS_TIMEOUT_S instead of failing.",
     )
     history_cap: int = Field(
         200, ge=1, description="Items kept per user in remi:history:<user_id> (oldest trimmed)."
