@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import threading
 import time
 import weakref
@@ -10,9 +11,11 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+import remi_core.bundle
 from remi_core.bundle import current_version, resolve_current, set_current
 from service.app import create_app
 from service.recommender import load_model, recommend_batch
@@ -128,6 +131,38 @@ def test_a_replaced_model_is_freed(tiny_bundle_root: Path, inline_ms: float) -> 
         assert old() is None
         r = client.post("/recommend", json={"history": HISTORY, "n": 10})
         assert r.json()["model_version"] == new_dir.name
+
+
+def test_a_rejected_bundle_is_freed(
+    tiny_bundle_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bundle that fails late (every file read, the encoder built) and then a good reload:
+    # the rejected model was left in a reference cycle with its error's traceback, which the
+    # good reload's gc.freeze() made permanent (160 MB per rejected 200k-item bundle).
+    built: list[weakref.ref] = []
+    build = remi_core.bundle.build_encoder
+
+    def tracked(cfg):
+        encoder = build(cfg)
+        built.append(weakref.ref(encoder))
+        return encoder
+
+    monkeypatch.setattr(remi_core.bundle, "build_encoder", tracked)
+    with make_client(tiny_bundle_root) as client:
+        bad = write_tiny_bundle(tiny_bundle_root, seed=4, publish=False)
+        table = bad / "item_embeddings.npy"
+        np.save(table, np.load(table) + 1.0)  # the encoder's table and the retrieval one differ
+        manifest = json.loads((bad / "manifest.json").read_text())
+        manifest["files"]["item_embeddings"]["sha256"] = remi_core.bundle.sha256_of(table)
+        (bad / "manifest.json").write_text(json.dumps(manifest))
+        set_current(tiny_bundle_root, bad.name)
+        assert client.post("/admin/reload", headers=AUTH).status_code == 409
+        good = write_tiny_bundle(tiny_bundle_root, seed=1)
+        assert client.post("/admin/reload", headers=AUTH).json()["version"] == good.name
+        gc.collect()
+        serving = client.app.state.registry.model.encoder
+        assert len(built) == 3  # start-up, rejected, good
+        assert [ref for ref in built if ref() not in (None, serving)] == []
 
 
 def test_corrupt_bundle_is_rejected_and_old_model_keeps_serving(
