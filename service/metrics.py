@@ -8,8 +8,10 @@ summed over workers, gauges as the largest value among the running workers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -29,6 +31,22 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 def shared_across_workers() -> bool:
     """Whether this process writes its metrics to files shared with other workers."""
     return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def _forget_dead_workers(directory: str) -> None:
+    """Drop the gauges of workers that died without stopping (SIGKILL, the OOM killer): a worker
+    removes its own only when it stops (`Metrics.close`), and a dead one's would show forever,
+    e.g. the version it served or its failing reload. Counters stay: what it counted happened."""
+    pids = {path.stem.rpartition("_")[2] for path in Path(directory).glob("gauge_live*_*.db")}
+    for pid in filter(str.isdigit, pids):
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            # Another worker answering /metrics at the same moment may remove them first.
+            with contextlib.suppress(FileNotFoundError):
+                multiprocess.mark_process_dead(int(pid), directory)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 # Retrieval on CPU takes milliseconds; the upper buckets catch GC pauses and lock waits.
@@ -118,6 +136,7 @@ class Metrics:
         self.interests.refresh()
         if not shared_across_workers():
             return generate_latest(self.registry)
+        _forget_dead_workers(os.environ[MULTIPROC_ENV])
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
         return generate_latest(merged)

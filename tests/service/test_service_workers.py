@@ -27,7 +27,7 @@ from remi_core.bundle import current_version, resolve_current
 from service.app import create_app
 from service.cli import _run_workers, _shared_metrics, _WorkerSocket
 from service.cli import app as cli_app
-from service.metrics import MULTIPROC_ENV
+from service.metrics import MULTIPROC_ENV, Metrics
 from service.settings import Settings
 from tests.helpers import dead_redis_url, free_port, tiny_item_ids, write_tiny_bundle
 
@@ -167,6 +167,23 @@ def test_workers_share_a_metrics_directory(tmp_path: Path, monkeypatch) -> None:
     with _shared_metrics(2):
         assert os.environ[MULTIPROC_ENV] == str(given) and not list(given.iterdir())
     assert given.is_dir()  # the operator's directory stays
+
+
+def test_a_dead_workers_gauges_leave_the_metrics(tmp_path: Path, monkeypatch) -> None:
+    """A worker killed without stopping (SIGKILL, OOM) never removes its gauges itself: the
+    version it served would show as served forever. Its counters still count."""
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    dead_worker = (
+        "import os; from service.metrics import Metrics; m = Metrics(); "
+        "m.set_model('v-of-the-dead', 1.0, 10, 4); m.recommendations.inc(7); os._exit(0)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", dead_worker], env=env, check=True, timeout=60)
+    assert list(tmp_path.glob("gauge_livemax_*.db"))
+    text = Metrics().exposition().decode()
+    assert "v-of-the-dead" not in text
+    assert "remi_recommendations_total 7.0" in text
+    assert not list(tmp_path.glob("gauge_livemax_*.db"))
 
 
 def pids_answering_at_once(port: int, count: int) -> list[int]:
