@@ -426,7 +426,8 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500
+        status: int | None = None
+        failed = True
         start = time.perf_counter()
 
         async def send_wrapper(message: Message) -> None:
@@ -437,7 +438,12 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+            failed = False
         finally:
+            if status is None:
+                # No answer: an error, or the client went away before its request was whole
+                # (499, as nginx counts it), which is not the server's failure.
+                status = 500 if failed else 499
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()

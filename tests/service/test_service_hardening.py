@@ -211,6 +211,16 @@ def test_oversized_bodies_are_refused_before_being_read(tiny_bundle_root: Path) 
     assert "limit of 4096 bytes (REMI_MAX_BODY_BYTES)" in body["detail"]
 
 
+def test_a_client_gone_mid_body_counts_as_499_not_500(tiny_bundle_root: Path) -> None:
+    # Monitoring alerts on 5xx: a client that hangs up while sending is not a server error.
+    app = create_app(make_settings(tiny_bundle_root))
+    pulled, sent = call_asgi(app, [(b"content-length", b"3000")], [b'{"history": [' + b" " * 999])
+    assert pulled == 1 and sent == []  # read what came, then the disconnect: nobody to answer
+    text = app.state.metrics.exposition().decode()
+    assert 'status="499"' in text
+    assert 'status="500"' not in text
+
+
 def test_body_limit_over_http_and_bodies_within_it_still_work(tiny_bundle_root: Path) -> None:
     with TestClient(create_app(make_settings(tiny_bundle_root, max_body_bytes=2048))) as client:
         r = client.post("/recommend", json={"history": ["x" * 200] * 20})
