@@ -47,7 +47,7 @@ from service.errors import (
 )
 from service.history import Event, HistoryStore
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware
+from service.middleware import AnswerCancelledRequests, BodyLimitMiddleware
 from service.recommend import RecommendFastLane, run_recommend
 from service.recommender import LoadedModel
 from service.registry import ModelRegistry
@@ -581,6 +581,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         route = next(r for r in router.routes if getattr(r, "endpoint", None) is recommend)
         app.add_middleware(RecommendFastLane, service=app, route=route)  # inside the two below
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AnswerCancelledRequests)
     # Added last, so outermost: refused bodies are counted too.
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

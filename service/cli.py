@@ -126,6 +126,8 @@ def serve(
         "workers": workers,
         "log_level": log_level.lower(),
         "log_config": _log_config(log_level),
+        # Without it uvicorn waits for every connection to close, however long a client takes.
+        "timeout_graceful_shutdown": settings.graceful_shutdown_s,
     }
     with _shared_metrics(workers):
         if workers == 1:

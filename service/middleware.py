@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -60,17 +61,51 @@ class BodyLimitMiddleware:
             f"{what} over the limit of {self.max_bytes} bytes (REMI_MAX_BODY_BYTES); "
             "send fewer or shorter entries"
         )
-        body = json.dumps({"detail": detail, "errors": None}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    # The rest of the body is never read, so the connection cannot be reused.
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        # The rest of the body is never read, so the connection cannot be reused.
+        await send_error_and_close(send, 413, detail)
+
+
+class AnswerCancelledRequests:
+    """A request still open when uvicorn's graceful shutdown runs out (REMI_GRACEFUL_SHUTDOWN_S)
+    is cancelled; uvicorn would log the cancellation as an error with its traceback and answer
+    500. It gets a 503 that says what happened instead (when no answer has started yet)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            await send_error_and_close(
+                send, 503, "the service is shutting down; send the request again"
+            )
+
+
+async def send_error_and_close(send: Send, status: int, detail: str) -> None:
+    """An answer in the service's error shape, closing the connection after it."""
+    body = json.dumps({"detail": detail, "errors": None}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -176,6 +176,13 @@ class Settings(BaseSettings):
         description="File with one API key per line (blank lines and # comments skipped), "
         "e.g. a Docker secret; its keys are accepted together with REMI_API_KEYS.",
     )
+    graceful_shutdown_s: float = Field(
+        5.0,
+        gt=0,
+        description="On SIGTERM, how long a worker waits for open requests and connections "
+        "(a client still sending its body, say) before closing them and shutting down, in "
+        "seconds. Below Docker's 10 s before SIGKILL, so the shutdown always completes.",
+    )
     reload_interval_s: float = Field(
         0.5,
         ge=0,

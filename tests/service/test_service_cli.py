@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -76,6 +78,65 @@ def test_remi_serve_answers_over_http(
         proc.terminate()
         proc.wait(15)
     assert "serving bundle" in log_text(log)  # the service's own logs reach uvicorn's output
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_ends_remi_serve_despite_a_client_still_sending(
+    tiny_bundle_root: Path, tmp_path: Path, workers: int
+) -> None:
+    # A client that sent half its body and stalls held the shutdown forever (uvicorn waits for
+    # every connection unless told how long, REMI_GRACEFUL_SHUTDOWN_S).
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w+")
+    proc = subprocess.Popen(
+        serve_command(
+            "--port",
+            str(port),
+            "--bundle-root",
+            str(tiny_bundle_root),
+            "--workers",
+            str(workers),
+            "--log-level",
+            "info",
+        ),  # fmt: skip
+        env=child_env(REMI_REDIS_URL="redis://127.0.0.1:1/0", REMI_GRACEFUL_SHUTDOWN_S="1"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "remi-serve exited:\n" + log_text(log)
+            assert time.monotonic() < deadline, "remi-serve never answered:\n" + log_text(log)
+            try:
+                # every worker up: both answer on a socket of their own (SO_REUSEPORT)
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        time.sleep(0.5 * (workers - 1))  # the second worker's bundle load
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
+            stalled.sendall(
+                b"POST /recommend HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n" + b'{"history": ['
+            )
+            time.sleep(0.3)
+            sent_at = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(20)
+            took = time.monotonic() - sent_at
+            answer = b"".join(iter(lambda: stalled.recv(65536), b""))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log_text(log)
+    assert took < 10, text
+    assert "Application shutdown complete" in text  # the app's own shutdown ran
+    assert "Traceback" not in text
+    # The stalled client learns why: a 503, not uvicorn's 500 for a cancelled request.
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    assert b"shutting down" in answer
 
 
 def log_text(log) -> str:
