@@ -257,6 +257,7 @@ async def recommend(
     access: AccessDep,
     batcher: BatcherDep,
     body: RecommendBody,
+    request: Request,
 ) -> Response:
     """Top-n items for one user (history in the body, or a stored user's history)."""
     if body.user_id is not None:
@@ -270,6 +271,7 @@ async def recommend(
         model,
         [body],
         lambda results: recommend_json(model, body, results[0]),
+        request.receive,
     )
 
 
@@ -288,6 +290,7 @@ async def recommend_many(
     access: AccessDep,
     batcher: BatcherDep,
     body: BatchBody,
+    request: Request,
 ) -> Response:
     """Many users in one encode and one search; each entry means what POST /recommend means."""
     if any(entry.user_id is not None for entry in body.requests):
@@ -303,7 +306,9 @@ async def recommend_many(
     if errors:
         raise RequestValidationError(errors)
     render = partial(batch_json, model, body.requests)
-    return await run_recommend(batcher, store, settings, model, body.requests, render)
+    return await run_recommend(
+        batcher, store, settings, model, body.requests, render, request.receive
+    )
 
 
 @router.post(

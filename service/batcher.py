@@ -50,9 +50,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from service.errors import ShuttingDown
+from service.errors import ClientGone, ShuttingDown
 from service.recommender import LoadedModel, Result, recommend_batch
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,13 @@ Render = Callable[[list[Result]], Any]
 INLINE_MAX_N = 100
 # Weight of the newest batch in the estimated time per user.
 _COST_WEIGHT = 0.2
+
+
+def _abandon(future: asyncio.Future, client_gone: asyncio.Future) -> None:
+    """The client went away (`client_gone` is done; cancelled means it was not watched)."""
+    if client_gone.cancelled() or future.done():
+        return
+    future.set_exception(ClientGone("the client closed the connection before the answer"))
 
 
 @dataclass(eq=False)
@@ -199,9 +207,12 @@ class MicroBatcher:
         explain: Sequence[bool],
         render: Render,
         diversity: Sequence[float] | None = None,
+        client_gone: asyncio.Future | None = None,
     ) -> Any:
         """Queue one request (one or more users) and return render(its results).
-        `diversity`: lambda per user (remi_core/diversity.py), default 0 (Eq. 7)."""
+        `diversity`: lambda per user (remi_core/diversity.py), default 0 (Eq. 7).
+        `client_gone`: done when the client has gone away; the request then leaves the queue,
+        so nothing is computed for nobody, and raises ClientGone."""
         if not self.running:
             raise ShuttingDown("the service is not running (starting or shutting down)")
         loop = asyncio.get_running_loop()
@@ -219,6 +230,8 @@ class MicroBatcher:
         self._queue.append(job)
         self._queued_users += len(job)
         self._arrived.set()
+        if client_gone is not None:
+            client_gone.add_done_callback(partial(_abandon, job.future))
         return await job.future
 
     async def _collect(self) -> None:
@@ -257,6 +270,8 @@ class MicroBatcher:
         """Compute a batch on the loop if it fits there (True), else hand it to a compute
         thread. Apart from `_collect` so that the collector, waiting for the next batch, holds
         no job of this one: after a reload that would keep the old model alive."""
+        if not jobs:  # every one taken was answered already: its client went away
+            return False
         self._last_batch = sum(len(job) for job in jobs)
         if self._fits_on_loop(jobs, self._last_batch):
             try:
@@ -319,13 +334,16 @@ class MicroBatcher:
                 job.future.set_result(outcome[0])
 
     def _take(self) -> list[_Job]:
-        """The oldest jobs that fit in max_users (always at least one)."""
-        jobs = [self._queue.popleft()]
-        users = len(jobs[0])
-        while self._queue and users + len(self._queue[0]) <= self.max_users:
-            jobs.append(self._queue.popleft())
-            users += len(jobs[-1])
-        self._queued_users -= users
+        """The oldest jobs that fit in max_users, less those already answered (their client
+        went away): at least one unless every queued job was."""
+        jobs: list[_Job] = []
+        users = 0
+        while self._queue and (not jobs or users + len(self._queue[0]) <= self.max_users):
+            job = self._queue.popleft()
+            self._queued_users -= len(job)
+            if not job.future.done():
+                jobs.append(job)
+                users += len(job)
         return jobs
 
     def _compute(self, jobs: list[_Job], on_loop: bool = False) -> list[tuple[Any] | BaseException]:

@@ -38,6 +38,13 @@ class ShuttingDown(ServiceError):
     status_code = 503
 
 
+class ClientGone(ServiceError):
+    """The client closed the connection while its request waited: nobody reads the answer
+    (499, nginx's code, so that metrics do not count it as the server's failure)."""
+
+    status_code = 499
+
+
 class ReloadFailed(ServiceError):
     """A new bundle was rejected; the previous model keeps serving."""
 

@@ -13,7 +13,7 @@ import pytest
 from remi_core.bundle import resolve_current
 from service.app import _compute_threads
 from service.batcher import MicroBatcher
-from service.errors import ShuttingDown
+from service.errors import ClientGone, ShuttingDown
 from service.recommender import LoadedModel, load_model, recommend_batch
 from service.settings import Settings
 from tests.helpers import same_response, tiny_item_ids, write_tiny_bundle
@@ -347,6 +347,42 @@ def test_the_batcher_lets_a_replaced_model_go(tmp_path: Path) -> None:
 
     assert asyncio.run(run())
     assert where == [False, True]  # measured on the old model, then its batch on the loop
+
+
+def test_requests_whose_client_went_away_leave_the_queue(model: LoadedModel) -> None:
+    """While a batch computes, two queued clients go away: they get ClientGone at once, and
+    the next batch holds only the client still waiting."""
+    sizes: list[int] = []
+    batcher = MicroBatcher(0, 64, on_batch=lambda users, results, on_loop: sizes.append(users))
+
+    def slow(results):  # the first batch's render holds the compute thread
+        time.sleep(0.3)
+        return results
+
+    async def run() -> list:
+        async with batcher:
+            loop = asyncio.get_running_loop()
+            first = asyncio.ensure_future(batcher.submit(model, render=slow, **one_user(0)))
+            await asyncio.sleep(0.05)  # the first batch is computing
+            gone = [loop.create_future() for _ in range(3)]
+            waiting = [
+                asyncio.ensure_future(
+                    batcher.submit(model, render=len, client_gone=g, **one_user(i + 1))
+                )
+                for i, g in enumerate(gone)
+            ]
+            await asyncio.sleep(0.01)
+            gone[0].set_result(None)
+            gone[1].set_result(None)
+            gone[2].cancel()  # a watch that ended without seeing a disconnect
+            answers = await asyncio.gather(*waiting, return_exceptions=True)
+            await first
+            return answers
+
+    answers = asyncio.run(run())
+    assert [type(a) for a in answers[:2]] == [ClientGone, ClientGone]
+    assert answers[2] == 1  # answered: one user rendered
+    assert sizes == [1, 1]  # the two who left were never computed
 
 
 def test_settings_are_checked() -> None:

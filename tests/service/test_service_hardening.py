@@ -221,6 +221,52 @@ def test_a_client_gone_mid_body_counts_as_499_not_500(tiny_bundle_root: Path) ->
     assert 'status="500"' not in text
 
 
+@pytest.mark.parametrize("fast_lane", [True, False])
+def test_a_client_that_leaves_while_queued_is_not_computed(
+    tiny_bundle_root: Path, fast_lane: bool
+) -> None:
+    # The request waits in the queue (a 1 s batch wait); its client hangs up after 0.1 s. It
+    # must leave the queue then, answered 499, with nothing computed for it.
+    import asyncio
+
+    settings = make_settings(tiny_bundle_root, batch_wait_ms=1000, fast_lane=fast_lane)
+    body = b'{"history": ["books-0001", "books-0002"], "n": 5}'
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/recommend", "raw_path": b"/recommend", "query_string": b"",
+        "root_path": "", "server": ("test", 80), "client": ("test", 1),
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())],
+    }  # fmt: skip
+    sent: list[dict] = []
+
+    async def request() -> float:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop()
+            await asyncio.sleep(0.1)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        start = time.monotonic()
+        await client.app(scope, receive, send)
+        return time.monotonic() - start
+
+    with TestClient(create_app(settings)) as client:
+        took = client.portal.call(request)
+        metrics = client.get("/metrics").text
+    assert took < 0.8  # gone after 0.1 s, not answered after the 1 s wait
+    assert sent[0]["status"] == 499
+    assert 'remi_http_requests_total{endpoint="/recommend",method="POST",status="499"} 1.0' in (
+        metrics
+    )
+    assert "remi_batch_users_count 0.0" in metrics
+
+
 def test_body_limit_over_http_and_bodies_within_it_still_work(tiny_bundle_root: Path) -> None:
     with TestClient(create_app(make_settings(tiny_bundle_root, max_body_bytes=2048))) as client:
         r = client.post("/recommend", json={"history": ["x" * 200] * 20})
