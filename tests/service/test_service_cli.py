@@ -30,39 +30,38 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def start_remi_serve(args: list[str], env: dict[str, str], log, cwd: Path | None = None):
+    """A real `remi-serve` on a free port, once it answers /healthz -> (process, base URL)."""
+    port = free_port()
+    command = serve_command("--host", "127.0.0.1", "--port", str(port), *args)
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError("remi-serve exited:\n" + log_text(log))
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("remi-serve never answered:\n" + log_text(log))
+        time.sleep(0.1)
+
+
 def test_remi_serve_answers_over_http(
     tiny_bundle_root: Path, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    port = free_port()
     log = (tmp_path / "serve.log").open("w+")
-    proc = subprocess.Popen(
-        serve_command(
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--bundle-root",
-            str(tiny_bundle_root),
-            "--log-level",
-            "info",
-        ),  # fmt: skip
-        env=child_env(REMI_REDIS_URL=redis_server.url, REMI_BUNDLE_ROOT="/flag/overrides/this"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    proc, base = start_remi_serve(
+        ["--bundle-root", str(tiny_bundle_root), "--log-level", "info"],
+        child_env(REMI_REDIS_URL=redis_server.url, REMI_BUNDLE_ROOT="/flag/overrides/this"),
+        log,
         cwd=tmp_path,
     )
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "remi-serve exited:\n" + log_text(log)
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "remi-serve never answered:\n" + log_text(log)
-            time.sleep(0.1)
         r = httpx.post(f"{base}/recommend", json={"history": ["books-0001", "books-0002"], "n": 5})
         assert r.status_code == 200, r.text
         assert r.json()["model_version"] == current_version(tiny_bundle_root)
@@ -86,34 +85,12 @@ def test_sigterm_ends_remi_serve_despite_a_client_still_sending(
 ) -> None:
     # A client that sent half its body and stalls held the shutdown forever (uvicorn waits for
     # every connection unless told how long, REMI_GRACEFUL_SHUTDOWN_S).
-    port = free_port()
     log = (tmp_path / "serve.log").open("w+")
-    proc = subprocess.Popen(
-        serve_command(
-            "--port",
-            str(port),
-            "--bundle-root",
-            str(tiny_bundle_root),
-            "--workers",
-            str(workers),
-            "--log-level",
-            "info",
-        ),  # fmt: skip
-        env=child_env(REMI_REDIS_URL="redis://127.0.0.1:1/0", REMI_GRACEFUL_SHUTDOWN_S="1"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    args = ["--bundle-root", str(tiny_bundle_root), "--workers", str(workers)]
+    env = child_env(REMI_REDIS_URL="redis://127.0.0.1:1/0", REMI_GRACEFUL_SHUTDOWN_S="1")
+    proc, base = start_remi_serve(args, env, log)
+    port = int(base.rpartition(":")[2])
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "remi-serve exited:\n" + log_text(log)
-            assert time.monotonic() < deadline, "remi-serve never answered:\n" + log_text(log)
-            try:
-                # every worker up: both answer on a socket of their own (SO_REUSEPORT)
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
         time.sleep(0.5 * (workers - 1))  # the second worker's bundle load
         with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
             stalled.sendall(
