@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 import torch
 
-from remi_core.retrieval import exact_merged_topk, faiss_merged_topk
+from remi_core.retrieval import RetrievedBatch, exact_merged_topk, faiss_merged_topk
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ EXACT_MAX_ITEMS = 150_000
 # in standard errors of the measured mean that tuning keeps above it (see `assess`).
 RECALL_TARGET = 0.95
 RECALL_MARGIN_SE = 3.0
+# Fewest users whose spread of recall tuning trusts for that margin.
+MIN_TUNING_USERS = 30
 # k-means for IVF trains on at most this many points per list (Faiss warns below 39): enough for
 # stable centroids, and it keeps a 1M-item export to seconds instead of minutes.
 IVF_TRAIN_POINTS_PER_LIST = 64
@@ -60,6 +62,7 @@ def choose_factory(num_items: int, exact_max_items: int = EXACT_MAX_ITEMS) -> st
     if num_items <= exact_max_items:
         return "Flat"
     nlist = 2 ** round(math.log2(2 * math.sqrt(num_items)))
+    nlist = min(nlist, 2 ** int(math.log2(num_items)))  # k-means needs a point per list
     return f"IVF{nlist},SQ8"
 
 
@@ -163,22 +166,27 @@ def recall_per_user(
     items: torch.Tensor,
     n: int,
     exclude: Sequence[np.ndarray] | None = None,
-    exact_rows: np.ndarray | None = None,
+    exact: RetrievedBatch | None = None,
 ) -> np.ndarray:
-    """(U,) |served top-n & exact top-n| / |exact top-n| per user (Eq. 7, max over K).
+    """(U,) recall@n per user of the served list against exact Eq. 7 (max over K): the share
+    of the exact top n it holds, where an item scoring as high as the exact n-th counts as one
+    of them (among items with equal scores either is a right answer).
 
-    interests (U, K, d), items (N, d) the catalogue (row 0 padding); `exact_rows` (U, n) may be
-    passed when already computed (tuning measures many settings against one reference). A user
-    with nothing left to recommend counts as 1.
+    interests (U, K, d), items (N, d) the catalogue (row 0 padding); `exact` (the exact top n)
+    may be passed when already computed (tuning measures many settings against one reference).
+    A user with nothing left to recommend counts as 1.
     """
-    if exact_rows is None:
-        exact_rows = exact_merged_topk(interests, items, n, exclude).rows
-    served = faiss_merged_topk(index, interests, items, n, exclude).rows
-    recalls = np.ones(len(exact_rows))
-    for u, (truth, got) in enumerate(zip(exact_rows, served, strict=True)):
-        truth = truth[truth > 0]
-        if len(truth):
-            recalls[u] = len(np.intersect1d(truth, got[got > 0], assume_unique=True)) / len(truth)
+    if exact is None:
+        exact = exact_merged_topk(interests, items, n, exclude)
+    served = faiss_merged_topk(index, interests, items, n, exclude)
+    recalls = np.ones(len(exact))
+    for u, (truth, got) in enumerate(zip(exact, served, strict=True)):
+        if not len(truth.rows):
+            continue
+        # The exact and served scores come from different matmuls: equal up to rounding.
+        cut = truth.scores[-1] - 1e-6 * max(1.0, abs(float(truth.scores[-1])))
+        found = np.isin(got.rows, truth.rows) | (got.scores >= cut)
+        recalls[u] = min(int(found.sum()), len(truth.rows)) / len(truth.rows)
     return recalls
 
 
@@ -201,23 +209,25 @@ def assess(
     n: int = 50,
     target: float = RECALL_TARGET,
     exclude: Sequence[np.ndarray] | None = None,
-    exact_rows: np.ndarray | None = None,
+    exact: RetrievedBatch | None = None,
 ) -> Tuning:
     """Apply `params` to the index and measure its recall@n against the target.
 
     "Reached" means the mean minus three standard errors reaches the target, so that the users
     the service will see get it too, not just the ones measured. Samples differ more than one
     would like: on the benchmark's 1M catalogue at nprobe=48, four disjoint sets of 1,000 Sports
-    users gave 0.963, 0.950, 0.950 and 0.954 (per-user standard deviation 0.1).
+    users gave 0.963, 0.950, 0.950 and 0.954 (per-user standard deviation 0.1). Under
+    `MIN_TUNING_USERS` users the spread says nothing (one user has none) and the target is
+    never counted as reached.
     """
     if not 0 < target <= 1:
         raise ValueError(f"recall target must be in (0, 1], not {target}")
     apply_search_params(index, params)
-    recalls = recall_per_user(index, interests, items, n, exclude, exact_rows)
+    recalls = recall_per_user(index, interests, items, n, exclude, exact)
     mean = float(recalls.mean())
     spread = float(recalls.std(ddof=1)) if len(recalls) > 1 else 0.0
     lower = mean - RECALL_MARGIN_SE * spread / math.sqrt(len(recalls))
-    reached = lower >= target or mean == 1.0
+    reached = len(recalls) >= MIN_TUNING_USERS and (lower >= target or mean == 1.0)
     return Tuning(params, mean, lower, n, target, len(recalls), reached)
 
 
@@ -236,7 +246,7 @@ def tune_search_params(
     """
     if not 0 < target <= 1:
         raise ValueError(f"recall target must be in (0, 1], not {target}")
-    exact = exact_merged_topk(interests, items, n, exclude).rows
+    exact = exact_merged_topk(interests, items, n, exclude)
     name = search_param_name(index)
     grid = SEARCH_GRID.get(name or "", ())
     ivf = faiss.try_extract_index_ivf(index)
@@ -249,7 +259,11 @@ def tune_search_params(
                  tuning.recall, tuning.recall_lower)  # fmt: skip
         if tuning.reached:
             break
-    if not tuning.reached:
+    if not tuning.reached and tuning.queries < MIN_TUNING_USERS:
+        log.warning("recall@%d measured on %d users, too few to hold a target (at least %d): "
+                    "keeping the widest setting, %s", n, tuning.queries, MIN_TUNING_USERS,
+                    tuning.search_params)  # fmt: skip
+    elif not tuning.reached:
         log.warning("recall@%d %.4f is below the target %.2f at %s", n, tuning.recall, target,
                     tuning.search_params)  # fmt: skip
     return tuning

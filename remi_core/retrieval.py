@@ -9,7 +9,8 @@ the serving paths are `exact_merged_topk` (the same identity, blocked for the ca
 screened in bfloat16 or int8, see `ScreenTable`) and `faiss_merged_topk` (K searches of an
 index). Both serving paths end in the same merge (`_merge`; `merge_candidates` for the index
 path), which rescores candidates exactly, drops excluded rows and breaks ties by the smaller
-row, so served lists are deterministic and identical whichever users share a batch; the dense
+row, so served lists are deterministic and identical whichever users share a batch (for an
+index, up to which of several items with exactly equal scores it keeps at a list's cut); the dense
 evaluation path leaves the order of exactly equal scores to `topk`, which does not promise one.
 All of them skip padding row 0. The serving paths' tensor work runs compiled by TorchScript
 (`compiled`), so a batch's search holds the GIL for two calls instead of a few dozen small ones.
@@ -566,6 +567,7 @@ def faiss_merged_topk(
     n: int | Sequence[int],
     exclude: Sequence[np.ndarray] | None = None,
     row_offset: int = 1,
+    wide_index=None,
 ) -> RetrievedBatch:
     """Serving path over an index: one batched search for all B*K interest vectors, then the
     merge.
@@ -576,6 +578,12 @@ def faiss_merged_topk(
     keeps only the candidates its own depth would have found, because with an approximate
     index a deeper search can surface items that outrank the shallower search's; so a user's
     list never depends on who shares the batch. Each row holds max(n) slots.
+
+    An approximate index may hold fewer candidates than that depth where the search looked
+    (IVF: the probed lists; HNSW: the beam), leaving a user short of its n items although the
+    catalogue has them. Such a user is searched again alone, wider each time (`_wider`), until
+    its list is full or the search was exhaustive; on `wide_index` if given (the CPU copy of a
+    GPU index: per-call parameters are a CPU feature).
     """
     batch, k, dim = interests.shape
     ns = np.broadcast_to(np.asarray(n, dtype=np.int64), (batch,))
@@ -589,4 +597,47 @@ def faiss_merged_topk(
     labels = labels.reshape(batch, k, depth)
     own = np.arange(depth) < depths[:, None, None]  # (B, 1, depth): within the user's own depth
     rows = np.where(own & (labels >= 0), labels + row_offset, 0).reshape(batch, k * depth)
-    return merge_candidates(interests, rows, item_embeddings, int(ns.max(initial=0)), exclude)
+    found = merge_candidates(interests, rows, item_embeddings, int(ns.max(initial=0)), exclude)
+    # What each user can have: its n, or every indexed item its history leaves.
+    short = np.flatnonzero(found.counts < np.minimum(ns, index.ntotal - extra))
+    if len(short):
+        wide_index = index if wide_index is None else wide_index
+        for b in short:
+            user_exclude = None if exclude is None else [exclude[b]]
+            for params in _wider(wide_index):
+                _, labels = wide_index.search(
+                    queries[b * k : (b + 1) * k], int(depths[b]), params=params
+                )
+                rows = np.where(labels >= 0, labels + row_offset, 0).reshape(1, -1)
+                alone = merge_candidates(
+                    interests[b : b + 1], rows, item_embeddings, int(ns[b]), user_exclude
+                )
+                if alone.counts[0] > found.counts[b]:
+                    count = int(alone.counts[0])
+                    found.rows[b], found.scores[b], found.interests[b] = 0, -np.inf, 0
+                    found.rows[b, :count] = alone.rows[0, :count]
+                    found.scores[b, :count] = alone.scores[0, :count]
+                    found.interests[b, :count] = alone.interests[0, :count]
+                    found.counts[b] = count
+                if found.counts[b] >= min(ns[b], index.ntotal - extra[b]):
+                    break
+    return found
+
+
+def _wider(index) -> Iterator[Any]:
+    """Per-call search parameters for `index`, each 4x wider than the last (starting from the
+    index's own), up to an exhaustive search: IVF nprobe up to every list, HNSW efSearch up to
+    every item. Nothing for an index that has no such parameter (Flat finds every item)."""
+    import faiss  # here, not at the top: the exact paths never need it
+
+    base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexIVF):
+        nprobe = base.nprobe
+        while nprobe < base.nlist:
+            nprobe = min(base.nlist, 4 * nprobe)
+            yield faiss.SearchParametersIVF(nprobe=nprobe)
+    elif isinstance(base, faiss.IndexHNSW):
+        ef = base.hnsw.efSearch
+        while ef < base.ntotal:
+            ef = min(base.ntotal, 4 * ef)
+            yield faiss.SearchParametersHNSW(efSearch=ef)

@@ -104,7 +104,9 @@ class LoadedModel:
             if deepest > GPU_MAX_K:
                 index, lock = self.host_index, None
         with lock or nullcontext():
-            return faiss_merged_topk(index, interests, self.item_table, n, exclude)
+            return faiss_merged_topk(
+                index, interests, self.item_table, n, exclude, wide_index=self.host_index
+            )
 
 
 # The torch searches of an exact bundle, and the screen table each needs (None: float32 only).

@@ -2,6 +2,7 @@
 screened in bfloat16 or int8) against a brute-force reference on seeded data: exclusion, n
 beyond what remains, ties, K = 1, scores closer than bfloat16 or int8 can tell apart."""
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -320,6 +321,43 @@ def test_an_approximate_index_answers_each_user_as_if_alone() -> None:
         wide = faiss_merged_topk(index, interests[b : b + 1], items, int(ns.max()), [exclude[b]])
         deeper += not np.array_equal(wide.rows[0, : ns[b]], alone.rows[0])
     assert deeper > 0, "the case does not exercise the depth difference"
+
+
+@pytest.mark.parametrize("factory", ["IVF64,SQ8", "HNSW16"])
+def test_an_approximate_index_fills_every_list_the_catalogue_can(factory: str) -> None:
+    """Users near one cluster probe lists (IVF) or a beam (HNSW) holding fewer items than a deep
+    n: each such user is searched again, wider, until its list is full; a list is still the
+    user's own whoever shares its batch."""
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((40, 16)).astype(np.float32)
+    items = centres[rng.integers(0, 40, 3001)] + 0.2 * rng.standard_normal((3001, 16))
+    items = items.astype(np.float32)
+    index = build_index(items, factory)
+    retrieval_params = {"IVF64,SQ8": "nprobe=1", "HNSW16": "efSearch=16"}[factory]
+    faiss.ParameterSpace().set_index_parameters(index, retrieval_params)
+    users = 12
+    interests = (
+        centres[rng.integers(0, 40, (users, 1))] + 0.05 * rng.standard_normal((users, 4, 16))
+    ).astype(np.float32)
+    exclude = [rng.integers(1, 3001, size=rng.integers(0, 40)) for _ in range(users)]
+    ns = np.array([600, 50] * (users // 2))
+    # One search at the index's own parameters leaves some deep user short:
+    reachable = []
+    for b in range(users):
+        depth = int(ns[b]) + len(np.unique(exclude[b]))
+        labels = index.search(interests[b], depth)[1] + 1  # catalogue rows; 0: nothing found
+        reachable.append(len(np.setdiff1d(labels[labels > 0], exclude[b])))
+    assert (np.array(reachable) < ns).any(), "the case does not leave anyone short"
+    batched = faiss_merged_topk(index, interests, items, ns.tolist(), exclude)
+    assert (batched.counts >= ns).all()  # rows hold max(n) slots: a user may have more
+    for b in range(users):
+        alone = faiss_merged_topk(index, interests[b : b + 1], items, int(ns[b]), [exclude[b]])
+        np.testing.assert_array_equal(batched.rows[b, : ns[b]], alone.rows[0])
+        assert not set(alone.rows[0]) & set(exclude[b].tolist())
+        # Real items, scored by Eq. 7 (max over K), best first.
+        rescored = (items[alone.rows[0]] @ interests[b].T).max(axis=1)
+        np.testing.assert_allclose(alone.scores[0], rescored, rtol=1e-5, atol=1e-5)
+        assert (np.diff(alone.scores[0]) <= 0).all()
 
 
 @pytest.mark.parametrize("screen_type", SCREEN_TYPES)
