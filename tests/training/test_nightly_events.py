@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from tests.helpers import REPO
 from training.cli import app
 from training.data import DataError
-from training.nightly.event_log import events_frame, load_events, save_events
+from training.nightly.event_log import collect, events_frame, load_events, next_id, save_events
+from training.nightly.job import _redis_client
 
 
 def entries(first: int, last: int) -> list[tuple[str, dict[str, str]]]:
@@ -36,6 +37,35 @@ def test_a_range_read_again_after_a_crash_replaces_the_shorter_file(tmp_path: Pa
     later, _ = events_frame(entries(110, 111))
     save_events(tmp_path, later)
     assert len(list((tmp_path / "events").glob("events-*.csv"))) == 2
+
+
+def test_an_entry_that_is_not_utf8_is_skipped_not_fatal(redis_server, tmp_path: Path) -> None:
+    # Another writer's bytes stopped every nightly run at the read ('utf-8' codec can't
+    # decode), the position never moving: the entry must count as malformed instead.
+    import redis
+
+    raw = redis.Redis.from_url(redis_server.url)  # stores bytes as given
+    raw.xadd("remi:events", {"user_id": "u1", "item_id": "i1", "timestamp": "1700000000"})
+    raw.xadd("remi:events", {b"user_id": b"\xff\xfebad", b"item_id": b"i2", b"timestamp": b"1"})
+    raw.xadd("remi:events", {"user_id": "u2", "item_id": b"\xc3", "timestamp": "1700000001"})
+    raw.close()
+    batch = collect(_redis_client(redis_server.url), "remi:events", "remi:pos", tmp_path)
+    assert batch.read == 3 and batch.malformed == 2
+    assert batch.accumulated["item"].tolist() == ["i1"]
+
+
+def test_stream_ids_past_int64_are_read_and_ordered(tmp_path: Path) -> None:
+    # Each part of a stream id is an unsigned 64-bit integer; ids past 2**63 made an
+    # OverflowError in every later run (the file was already saved).
+    top = 2**64 - 1
+    ids = [f"{2**63}-0", "5-0", f"{2**63}-{top}"]
+    frame, _ = events_frame(
+        [(i, {"user_id": "u", "item_id": f"i{n}", "timestamp": "1"}) for n, i in enumerate(ids)]
+    )
+    save_events(tmp_path, frame)
+    events, _ = load_events(tmp_path)
+    assert events["stream_id"].tolist() == ["5-0", f"{2**63}-0", f"{2**63}-{top}"]
+    assert next_id(f"{2**63}-{top}") == f"{2**63 + 1}-0"
 
 
 @pytest.mark.parametrize(

@@ -61,10 +61,14 @@ def parse_id(stream_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+# Both parts of a stream id are unsigned 64-bit integers.
+_ID_PART_MAX = 2**64 - 1
+
+
 def next_id(stream_id: str) -> str:
     """The smallest id after stream_id (an exclusive XRANGE start that works on any Redis)."""
     ms, seq = parse_id(stream_id)
-    return f"{ms}-{seq + 1}"
+    return f"{ms + 1}-0" if seq == _ID_PART_MAX else f"{ms}-{seq + 1}"
 
 
 def collect(client: Any, stream_key: str, position_key: str, state_dir: Path) -> EventBatch:
@@ -112,7 +116,10 @@ def events_frame(entries: list[tuple[str, dict[str, str]]]) -> tuple[pd.DataFram
         try:
             user, item = str(data["user_id"]), str(data["item_id"])
             ts = float(data["timestamp"])
-        except (KeyError, TypeError, ValueError):
+            # Bytes that are not UTF-8 arrive as lone surrogates (the client decodes with
+            # "surrogateescape", `redis_client`): such an id is no id anyone sent.
+            user.encode(), item.encode()
+        except (KeyError, TypeError, ValueError):  # UnicodeEncodeError is a ValueError
             bad += 1
             continue
         if not user.strip() or not item.strip() or not np.isfinite(ts):
@@ -201,6 +208,7 @@ def load_events(state_dir: Path) -> tuple[pd.DataFrame, int]:
     frame = pd.concat([_read_events_file(f) for f in files], ignore_index=True)
     before = len(frame)
     frame = frame.drop_duplicates("stream_id").drop_duplicates(["user", "item", "time"])
-    ms_seq = frame["stream_id"].str.split("-", expand=True).astype("int64")
+    # uint64: each part of an id may reach 2**64 - 1, past int64.
+    ms_seq = frame["stream_id"].str.split("-", expand=True).astype("uint64")
     frame = frame.iloc[np.lexsort((ms_seq[1], ms_seq[0]))].reset_index(drop=True)
     return frame, before - len(frame)

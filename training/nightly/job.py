@@ -383,8 +383,14 @@ def _redis_client(url: str) -> Any:
     import redis
 
     # Generous timeouts: a nightly job may wait on a busy Redis, it must not hang forever.
+    # A stream entry another writer stored as bytes that are not UTF-8 must not stop every run
+    # at the read: decoded with "surrogateescape", it reaches `events_frame`, which skips it.
     return redis.Redis.from_url(
-        url, decode_responses=True, socket_timeout=30, socket_connect_timeout=10
+        url,
+        decode_responses=True,
+        encoding_errors="surrogateescape",
+        socket_timeout=30,
+        socket_connect_timeout=10,
     )
 
 
