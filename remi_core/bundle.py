@@ -60,6 +60,12 @@ from remi_core.models import (
 FORMAT_VERSION = 1
 CURRENT = "current"
 MANIFEST = "manifest.json"
+# Every version `current` was pointed at, one per line, oldest first (publishes and rollbacks):
+# what retention and the nightly drift guard count as published. Not a dot file, which prune
+# would sweep as a dead writer's leftover.
+PUBLISHED = "published.log"
+# A version directory or dot file left by a writer is this old before it counts as abandoned.
+STALE_AFTER_S = 3600
 FILES = {
     "encoder": "encoder.safetensors",
     "item_embeddings": "item_embeddings.npy",
@@ -289,7 +295,34 @@ def set_current(root: Path, version: str) -> None:
     link = root / f".{CURRENT}.{uuid.uuid4().hex[:8]}"
     os.symlink(version, link)  # relative, so the root can be mounted anywhere
     os.replace(link, root / CURRENT)
+    _record_published(root, version)
     fsync_dir(root)
+
+
+def _record_published(root: Path, version: str) -> None:
+    log_path = root / PUBLISHED
+    # A root from before the log: its versions so far were all published, oldest first.
+    earlier = [] if log_path.exists() else [v for v in list_versions(root) if v != version]
+    with log_path.open("a") as out:
+        out.write("".join(f"{v}\n" for v in [*earlier, version]))
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def published_versions(root: Path) -> list[str]:
+    """The versions on disk that `current` has named, least recently named first (a rollback
+    makes a version recent again). A root from before the log: every version, oldest first."""
+    root = Path(root)
+    versions = list_versions(root)
+    try:
+        named = (root / PUBLISHED).read_text().split()
+    except FileNotFoundError:
+        return versions
+    last = {version: i for i, version in enumerate(named)}
+    current = current_version(root)
+    if current is not None:
+        last[current] = len(named)  # what serves now, even if a writer without the log set it
+    return sorted((v for v in versions if v in last), key=last.__getitem__)
 
 
 def publish_or_discard(root: Path, version: str, check: Callable[[], None]) -> None:
@@ -345,17 +378,24 @@ def _created_at(path: Path) -> str:
 
 
 def prune(root: Path, keep: int) -> list[str]:
-    """Delete all but the newest `keep` versions, never the current one; returns what went."""
+    """Delete all but the `keep` most recently published versions (`published_versions`: a
+    version rolled back to counts as just published), never the current one, and versions
+    never published once they are stale (a writer killed between writing and publishing);
+    returns what went."""
     if keep < 1:
         raise ValueError("keep must be at least 1")
-    versions = list_versions(root)
-    current = current_version(root)
-    survivors = set(versions[-keep:]) | {current}
-    removed = [v for v in versions if v not in survivors]
+    root = Path(root)
+    published = published_versions(root)
+    stale = time.time() - STALE_AFTER_S
+    survivors = set(published[-keep:]) | {current_version(root)}
+    removed = [
+        v
+        for v in list_versions(root)
+        if v not in survivors and (v in published or (root / v).stat().st_mtime < stale)
+    ]
     for version in removed:
-        shutil.rmtree(Path(root) / version)
+        shutil.rmtree(root / version)
     # Half-built versions and link swaps of writers that died; never a live writer's (fresh).
-    stale = time.time() - 3600
     for leftover in Path(root).glob(".*"):
         if leftover.lstat().st_mtime < stale:
             if leftover.is_dir() and not leftover.is_symlink():

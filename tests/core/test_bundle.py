@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from remi_core.bundle import (
     load_bundle,
     prune,
     publish_or_discard,
+    published_versions,
     set_current,
     write_bundle,
 )
@@ -56,6 +58,43 @@ def test_publishing_pruning_and_rollback(tmp_path):
     set_current(root, "v3/")  # as shell completion types it
     assert current_version(root) == "v3" and prune(root, keep=1) == ["v1"]
     assert not [p for p in root.iterdir() if p.name.startswith(".")], "no temporary leftovers"
+
+
+def test_retention_counts_publishes_and_keeps_what_was_rolled_back_to(tmp_path):
+    root = tmp_path / "bundles"
+    for version in ("v1", "v2", "v3", "v4"):
+        write_tiny_bundle(root, version=version)
+    set_current(root, "v2")  # roll back past two bad nights
+    write_tiny_bundle(root, version="v5")  # the next night publishes
+    # Most recently named: v5, v2 (rolled back to), v4. The rolled-back version stays.
+    assert published_versions(root) == ["v1", "v3", "v4", "v2", "v5"]
+    assert prune(root, keep=3) == ["v1", "v3"]
+
+
+def test_a_version_never_published_counts_for_nothing_and_goes_when_stale(tmp_path):
+    # A nightly run killed between writing its version and publishing it left that version
+    # behind, counted toward retention: the last good versions were pruned in its place.
+    root = tmp_path / "bundles"
+    write_tiny_bundle(root, version="v1")
+    write_tiny_bundle(root, version="v2")
+    orphan = write_tiny_bundle(root, version="v3", publish=False)
+    assert published_versions(root) == ["v1", "v2"]
+    assert prune(root, keep=2) == []  # fresh: maybe a writer about to publish it
+    old = time.time() - bundle.STALE_AFTER_S - 60
+    os.utime(orphan, (old, old))
+    assert prune(root, keep=2) == ["v3"]
+    assert list_versions(root) == ["v1", "v2"]
+
+
+def test_a_root_from_before_the_publish_log_keeps_its_versions(tmp_path):
+    root = tmp_path / "bundles"
+    write_tiny_bundle(root, version="v1")
+    write_tiny_bundle(root, version="v2")
+    (root / bundle.PUBLISHED).unlink()  # as written by a version of this code without the log
+    assert published_versions(root) == ["v1", "v2"]
+    write_tiny_bundle(root, version="v3")  # the first publish with the log counts the others
+    assert published_versions(root) == ["v1", "v2", "v3"]
+    assert prune(root, keep=3) == []
 
 
 def test_index_factory_is_recorded(tmp_path):
@@ -157,7 +196,7 @@ def test_a_write_that_fails_midway_is_a_bundle_error_and_leaves_nothing(tmp_path
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert f"cannot write bundle version v2 in {root}" in out.stdout
-    assert sorted(p.name for p in root.iterdir()) == ["current", "v1"]
+    assert sorted(p.name for p in root.iterdir()) == ["current", "published.log", "v1"]
     assert load_bundle(root).version == "v1"
 
 

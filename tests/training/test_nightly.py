@@ -230,13 +230,15 @@ def test_events_posted_to_the_api_become_recommendable_after_nightly(nightly_env
 def test_worse_model_is_not_published_and_retention_keeps_current(nightly_env) -> None:
     cfg, client = nightly_env
     good = current_version(cfg.bundle_root)
-    # Two newer versions, then `current` stays on the older good one (as after a rollback).
+    # Two newer versions published, then rolled back to the older good one.
+    newer = []
     for seed in (1, 2):
-        write_tiny_bundle(cfg.bundle_root, seed=seed, publish=False)
+        newer.append(write_tiny_bundle(cfg.bundle_root, seed=seed).name)
         time.sleep(1.1)  # version names sort by the second
-    assert len(list_versions(cfg.bundle_root)) == 3 and current_version(cfg.bundle_root) == good
+    set_current(cfg.bundle_root, good)
+    assert len(list_versions(cfg.bundle_root)) == 3
     xadd_events(client, new_item_events(users=2))
-    crippled = replace(cfg, train=replace(cfg.train, lr=0.0), retention=1)
+    crippled = replace(cfg, train=replace(cfg.train, lr=0.0), retention=2)
 
     report = run_nightly(crippled)
 
@@ -245,9 +247,10 @@ def test_worse_model_is_not_published_and_retention_keeps_current(nightly_env) -
     comparison = report["metrics"]["comparison"]
     assert comparison["new"] < comparison["current"] - cfg.tolerance
     assert current_version(cfg.bundle_root) == good
-    # retention=1 keeps the newest version and, although older, the current one.
-    remaining = list_versions(cfg.bundle_root)
-    assert good in remaining and len(remaining) == 2 and len(report["pruned"]) == 1
+    # retention=2 keeps the two most recently published: the one rolled back to, although
+    # the oldest, and the newer one it replaced.
+    assert report["pruned"] == [newer[0]]
+    assert set(list_versions(cfg.bundle_root)) == {good, newer[1]}
     # The events still count: consumed and kept for the next night.
     assert report["events"]["accumulated"] == 12
     assert client.get(cfg.position_key) == report["events"]["stream_end"]

@@ -43,10 +43,12 @@ class NightlyConfig:
     compare_metric: str = "recall@50"
     """Metric of the publish decision."""
     baseline_versions: int = 4
-    """Also compare with the best of this many newest versions besides `current`, on the same
-    users, so losses within the tolerance cannot add up night after night; 0: `current` only."""
+    """Also compare with the best of this many most recently published versions besides
+    `current`, on the same users, so losses within the tolerance cannot add up night after
+    night; 0: `current` only."""
     retention: int = 5
-    """Keep the newest this many versions (plus `current`, whatever its age)."""
+    """Keep this many most recently published versions (a rollback counts as a publish; plus
+    `current`, whatever its age)."""
     keep_runs: int = 2
     """Training run directories kept under state_dir/runs."""
     index_factory: str | None = ExportConfig.index_factory

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 from remi_core.bundle import (
     BundleError,
     current_version,
-    list_versions,
     load_bundle,
     prune,
     publish_or_discard,
+    published_versions,
 )
 from training.data import SequenceDataset
 from training.evaluate import evaluate_bundle
@@ -140,8 +140,9 @@ def compare(
 def _recent_versions(
     root: Path, current: str | None, count: int, dataset: SequenceDataset
 ) -> dict[str, dict[str, float]]:
-    """Test metrics on tonight's users of the `count` newest versions other than `current`."""
-    versions = [v for v in list_versions(root) if v != current][-count:] if count else []
+    """Test metrics on tonight's users of the `count` most recently published versions other
+    than `current` (a version written but never published vouches for nothing)."""
+    versions = [v for v in published_versions(root) if v != current][-count:] if count else []
     out = {}
     for version in versions:
         try:
