@@ -7,6 +7,7 @@ when the progress bar is refreshed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -14,6 +15,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -319,7 +322,7 @@ def _validate(
     if valid[SELECT_METRIC] > state.best:
         state.best, state.best_iteration, state.stale = valid[SELECT_METRIC], state.iteration, 0
         if session.ddp.is_main:
-            with atomic_file(run.weights("best")) as tmp:
+            with atomic_file(run.weights("best")) as tmp, _writing(run.weights("best")):
                 save_file(cpu_state_dict(model), str(tmp))
             write_json_atomic(run.best, {"iteration": state.iteration, "valid": valid})
     else:
@@ -411,8 +414,19 @@ def _save_last(path: Path, session: _Session) -> None:
     }
     if generator.device.type == "cuda":
         checkpoint["global_cuda_rng"] = torch.cuda.get_rng_state(generator.device)
-    with atomic_file(path) as tmp:
+    with atomic_file(path) as tmp, _writing(path):
         torch.save(checkpoint, tmp)
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """torch and safetensors report a write that failed (a full disk) as errors of their own
+    (torch: "unexpected pos"): an OSError here names the file, and the CLI answers it in one
+    line with exit code 2 instead of a traceback."""
+    try:
+        yield
+    except (RuntimeError, SafetensorError) as exc:
+        raise OSError(f"cannot write {path} (is the disk full?): {exc}") from None
 
 
 def _load_last(path: Path, session: _Session) -> _Progress:

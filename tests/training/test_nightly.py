@@ -256,6 +256,39 @@ def test_worse_model_is_not_published_and_retention_keeps_current(nightly_env) -
     assert client.get(cfg.position_key) == report["events"]["stream_end"]
 
 
+def test_a_lock_lost_after_publishing_says_what_was_published(nightly_env) -> None:
+    # Another run takes the lock over while this one notifies the API of its publish: the
+    # commit must not happen, and the error must not claim that nothing was published.
+    import http.server
+    import threading
+
+    cfg, client = nightly_env
+
+    class StealTheLock(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            client.set(cfg.lock_key, "another-run")
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), StealTheLock)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        xadd_events(client, new_item_events(users=2))
+        url = f"http://127.0.0.1:{server.server_port}"
+        with pytest.raises(LockLost) as lost:
+            run_nightly(replace(cfg, reload_url=url, force=True))
+    finally:
+        server.shutdown()
+    published = current_version(cfg.bundle_root)
+    assert f"{published} was published, but the stream position was not advanced" in str(lost.value)
+    assert client.get(cfg.position_key) is None
+
+
 @pytest.mark.integration
 def test_killed_run_changes_nothing_and_next_run_completes(nightly_env, tmp_path: Path) -> None:
     cfg, client = nightly_env

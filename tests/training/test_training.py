@@ -1,6 +1,10 @@
 """Training runs, bundles and the remi-train CLI on small synthetic data."""
 
 import json
+import resource
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -173,6 +177,28 @@ def test_cli_rejects_unknown_config_keys(tmp_path):
     config.write_text(json.dumps({"train": {"dimension": 8}}))
     result = runner.invoke(app, ["train", "-c", str(config), "--run-dir", str(tmp_path / "r")])
     assert result.exit_code == 2 and "dimension" in result.output
+
+
+def test_a_full_disk_while_training_is_one_line_and_exit_2(tmp_path):
+    # torch.save reports a failed write as RuntimeError "unexpected pos": a traceback and exit 1
+    # where the CLI promises one line naming the file and exit 2 for a full disk.
+    def small_files() -> None:  # in the child: writes past 150 kB fail (EFBIG), as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
+
+    command = [
+        sys.executable, "-m", "training.cli", "train", "--run-dir", str(tmp_path / "run"),
+        "--synthetic-users", "300", "--dim", "32", "--seq-len", "8", "--batch-size", "32",
+        "--max-iters", "20", "--eval-every", "10", "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    # The dataset (92 kB) and best.safetensors (100 kB) fit; last.pt (model and Adam) does not.
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=240, preexec_fn=small_files,
+        cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "cannot write" in done.stderr and "is the disk full?" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_run_directory_describes_itself(trained):

@@ -60,7 +60,7 @@ from training.data import DataError, SequenceDataset, preprocess, read_interacti
 from training.nightly import publish
 from training.nightly.config import NightlyConfig, NightlyError
 from training.nightly.event_log import EventBatch, advance_position, collect
-from training.nightly.lock import RedisLock
+from training.nightly.lock import LockLost, RedisLock
 from training.nightly.publish import Outcome
 from training.trainer import TrainResult, train
 
@@ -136,9 +136,16 @@ class NightlyRun:
     committed: dict[str, Any] | None = None
 
     def check_lock(self) -> None:
-        """Before any visible change: raise LockLost if this run no longer holds the lock."""
-        if self.lock is not None:
+        """Before any visible change: raise LockLost if this run no longer holds the lock,
+        saying what this run changed before it (a publish) and what it did not."""
+        if self.lock is None:
+            return
+        try:
             self.lock.check()
+        except LockLost as exc:
+            published = self.outcome.details.get("published_version") if self.outcome else None
+            done = f"{published} was published, but" if published else "nothing was published and"
+            raise LockLost(f"{exc}; {done} the stream position was not advanced") from None
 
     def report(self, status: str, error: str | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -82,8 +82,7 @@ class RedisLock:
         if self.lost or self.client.get(self.key) != self.token:
             self.lost = True
             raise LockLost(
-                f"the nightly lock {self.key!r} expired or was taken over during the run; "
-                "nothing was published and the stream position was not advanced"
+                f"the nightly lock {self.key!r} expired or was taken over during the run"
             )
 
     def release(self) -> None:
