@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 EVENTS_STREAM = "remi:events"
 """Stream of raw interactions; entry fields are user_id, item_id, timestamp (all strings)."""
 
@@ -11,3 +13,16 @@ HISTORY_PREFIX = "remi:history:"
 
 def history_key(user_id: str) -> str:
     return f"{HISTORY_PREFIX}{user_id}"
+
+
+# Event timestamps: unix seconds from 2000-01-01T00:00:00Z to before the end of tomorrow (UTC).
+# POST /events refuses others; the nightly job skips others that another writer stored.
+EARLIEST_TIMESTAMP = 946_684_800
+DAY_S = 86_400
+
+
+def latest_timestamp(now: float | None = None) -> int:
+    """The first timestamp refused as too far ahead: midnight (UTC) after tomorrow. Whole days,
+    so the bound moves once a day and the OpenAPI schema can state it exactly."""
+    now = time.time() if now is None else now
+    return (int(now) // DAY_S + 2) * DAY_S

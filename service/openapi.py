@@ -13,7 +13,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
-from service.schemas import BatchRequest, RecommendRequest, latest_timestamp
+from remi_core.redis_keys import latest_timestamp
+from service.schemas import BatchRequest, RecommendRequest
 from service.settings import Settings
 
 # Routes whose API key is needed only for the entries that read a stored history (user_id).

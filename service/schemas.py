@@ -7,7 +7,6 @@ states exactly what is accepted.
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -22,6 +21,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from remi_core.diversity import MAX_DIVERSITY
+from remi_core.redis_keys import EARLIEST_TIMESTAMP, latest_timestamp
 
 # The longest id (item or user) a request may carry.
 MAX_ID_LENGTH = 256
@@ -32,16 +32,6 @@ HistoryItem = Annotated[str, StringConstraints(max_length=MAX_ID_LENGTH)]
 # A response names at most this many unknown ids per user, so a history of unknown ids cannot
 # blow the response up (unknown_count still gives the total).
 UNKNOWN_IDS_SHOWN = 100
-# Event timestamps: unix seconds from 2000-01-01T00:00:00Z to before the end of tomorrow (UTC).
-EARLIEST_TIMESTAMP = 946_684_800
-DAY_S = 86_400
-
-
-def latest_timestamp(now: float | None = None) -> int:
-    """The first timestamp refused as too far ahead: midnight (UTC) after tomorrow. Whole days,
-    so the bound moves once a day and the OpenAPI schema can state it exactly."""
-    now = time.time() if now is None else now
-    return (int(now) // DAY_S + 2) * DAY_S
 
 
 class RecommendRequest(BaseModel):

@@ -12,11 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from remi_core.redis_keys import EVENTS_STREAM, history_key
+from remi_core.redis_keys import EVENTS_STREAM, history_key, latest_timestamp
 from service.app import StartupError, create_app
 from service.cli import app as cli_app
 from service.redact import redact_url, scrub_secrets
-from service.schemas import latest_timestamp
 from service.settings import Settings
 from tests.helpers import RedisServer, dead_redis_url
 

@@ -90,24 +90,32 @@ def test_config_validation() -> None:
 
 def test_events_saved_atomically_and_deduplicated(tmp_path: Path) -> None:
     entries = [
-        ("100-0", {"user_id": "u1", "item_id": "a", "timestamp": "1"}),
-        ("100-1", {"user_id": "u1", "item_id": "b", "timestamp": "2.5"}),
+        ("100-0", {"user_id": "u1", "item_id": "a", "timestamp": "1700000001"}),
+        ("100-1", {"user_id": "u1", "item_id": "b", "timestamp": "1700000002.5"}),
         ("101-0", {"user_id": "u2"}),  # malformed: no item, no timestamp
         ("102-0", {"user_id": "u2", "item_id": "a", "timestamp": "nan"}),  # malformed
-        ("103-0", {"user_id": "u1", "item_id": "a", "timestamp": "1"}),  # client retry duplicate
+        ("102-1", {"user_id": "u2", "item_id": "a", "timestamp": "1e300"}),  # out of range
+        ("102-2", {"user_id": "u2", "item_id": "a", "timestamp": "1700000000000"}),  # in ms
+        ("102-3", {"user_id": "u2", "item_id": "a", "timestamp": "5"}),  # before 2000
+        (
+            "103-0",
+            {"user_id": "u1", "item_id": "a", "timestamp": "1700000001"},
+        ),  # client retry duplicate
     ]
     frame, bad = events_frame(entries)
-    assert bad == 2 and len(frame) == 3
+    assert bad == 5 and len(frame) == 3
     first = save_events(tmp_path, frame)
     # A crash after saving: the next run re-reads the same range into the same file name.
     again = save_events(tmp_path, frame)
     assert first == again and first.name == "events-100-0--103-0.csv"
-    later, _ = events_frame([("200-0", {"user_id": "u3", "item_id": "c", "timestamp": "9"})])
+    later, _ = events_frame(
+        [("200-0", {"user_id": "u3", "item_id": "c", "timestamp": "1700000009"})]
+    )
     save_events(tmp_path, later)
     events, dropped = load_events(tmp_path)
     assert list(events["stream_id"]) == ["100-0", "100-1", "200-0"]
     assert dropped == 1  # the retry duplicate
-    assert events["time"].tolist() == [1.0, 2.5, 9.0]
+    assert events["time"].tolist() == [1700000001.0, 1700000002.5, 1700000009.0]
     assert not list((tmp_path / "events").glob(".*tmp"))
 
 

@@ -17,7 +17,10 @@ from training.nightly.job import _redis_client
 
 def entries(first: int, last: int) -> list[tuple[str, dict[str, str]]]:
     return [
-        (f"{ms}-0", {"user_id": f"u{ms % 3}", "item_id": f"i{ms}", "timestamp": str(ms)})
+        (
+            f"{ms}-0",
+            {"user_id": f"u{ms % 3}", "item_id": f"i{ms}", "timestamp": str(1_700_000_000 + ms)},
+        )
         for ms in range(first, last + 1)
     ]
 
@@ -60,7 +63,10 @@ def test_stream_ids_past_int64_are_read_and_ordered(tmp_path: Path) -> None:
     top = 2**64 - 1
     ids = [f"{2**63}-0", "5-0", f"{2**63}-{top}"]
     frame, _ = events_frame(
-        [(i, {"user_id": "u", "item_id": f"i{n}", "timestamp": "1"}) for n, i in enumerate(ids)]
+        [
+            (i, {"user_id": "u", "item_id": f"i{n}", "timestamp": "1700000000"})
+            for n, i in enumerate(ids)
+        ]
     )
     save_events(tmp_path, frame)
     events, _ = load_events(tmp_path)

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from remi_core.atomic import atomic_file
+from remi_core.redis_keys import EARLIEST_TIMESTAMP, latest_timestamp
 from training.data import DataError
 
 EVENT_COLUMNS = ("stream_id", "user", "item", "time")
@@ -112,6 +113,7 @@ def read_stream(
 def events_frame(entries: list[tuple[str, dict[str, str]]]) -> tuple[pd.DataFrame, int]:
     """(stream_id, user, item, time) rows from stream entries, and how many were malformed."""
     rows, bad = [], 0
+    latest = latest_timestamp()
     for stream_id, data in entries:
         try:
             user, item = str(data["user_id"]), str(data["item_id"])
@@ -122,8 +124,8 @@ def events_frame(entries: list[tuple[str, dict[str, str]]]) -> tuple[pd.DataFram
         except (KeyError, TypeError, ValueError):  # UnicodeEncodeError is a ValueError
             bad += 1
             continue
-        if not user.strip() or not item.strip() or not np.isfinite(ts):
-            bad += 1
+        if not user.strip() or not item.strip() or not EARLIEST_TIMESTAMP <= ts < latest:
+            bad += 1  # out of POST /events' range too: milliseconds, garbage, infinities
             continue
         rows.append((stream_id, user, item, ts))
     return pd.DataFrame(rows, columns=list(EVENT_COLUMNS)), bad
