@@ -196,8 +196,12 @@ def evaluate_bundle(
     return evaluate_model(bundle.encoder, bundle_eval_set(bundle, dataset, split))
 
 
-def bundle_eval_set(bundle: Bundle, dataset: SequenceDataset, split: str) -> EvalSet:
-    """A dataset's held-out users in a bundle's catalogue rows (see `evaluate_bundle`)."""
+def bundle_eval_set(
+    bundle: Bundle, dataset: SequenceDataset, split: str, users: np.ndarray | None = None
+) -> EvalSet:
+    """A dataset's held-out users (those of `split`, or `users`) in a bundle's catalogue rows
+    (see `evaluate_bundle`)."""
     row_of = bundle.row_of()
     row_map = np.array([row_of.get(item, 0) if item else 0 for item in dataset.item_ids], np.int64)
-    return make_eval_set(dataset, dataset.users(split), bundle.config.seq_len, row_map=row_map)
+    users = dataset.users(split) if users is None else users
+    return make_eval_set(dataset, users, bundle.config.seq_len, row_map=row_map)

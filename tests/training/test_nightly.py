@@ -16,13 +16,20 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
 
-from remi_core.bundle import current_version, list_versions, read_manifest, set_current
+from remi_core.bundle import (
+    current_version,
+    list_versions,
+    load_bundle,
+    read_manifest,
+    set_current,
+)
 from remi_core.redis_keys import EVENTS_STREAM
 from tests.helpers import NEW_ITEM, REPO, new_item_events, write_tiny_bundle
 from training.cli import LOCK_HELD_EXIT, app
@@ -295,6 +302,33 @@ def test_a_lock_lost_after_publishing_says_what_was_published(nightly_env) -> No
     published = current_version(cfg.bundle_root)
     assert f"{published} was published, but the stream position was not advanced" in str(lost.value)
     assert client.get(cfg.position_key) is None
+
+
+def test_users_that_tonights_events_brought_cannot_dilute_a_loss(nightly_env) -> None:
+    # Bots clicking at random outnumber the real held-out users five to one; every model scores
+    # about as badly on them, so an untrained model (lr 0) comes within the tolerance overall.
+    # On the base data's own held-out users it is far worse, and that must keep it out.
+    cfg, client = nightly_env
+    items = [i for i in load_bundle(cfg.bundle_root).item_ids if i]
+    rng = np.random.default_rng(0)
+    start = time.time() - 3600
+    pipe = client.pipeline()
+    for bot in range(3000):
+        for k, item in enumerate(rng.choice(items, size=12)):
+            pipe.xadd(EVENTS_STREAM, {"user_id": f"bot{bot}", "item_id": str(item),
+                                      "timestamp": str(start + bot * 0.01 + k * 1e-4)})  # fmt: skip
+    pipe.execute()
+    crippled = replace(cfg, train=replace(cfg.train, lr=0.0), tolerance=0.05)
+
+    report = run_nightly(crippled)
+
+    comparison = report["metrics"]["comparison"]
+    overall = comparison["current"] - comparison["new"]  # measured 0.008
+    assert overall < crippled.tolerance, "the case must pass the overall gate"
+    established = comparison["established_users"]  # measured 0.23 -> 0.12 on 56 users
+    assert established["current"] - established["new"] > crippled.tolerance
+    assert report["decision"] == "rejected"
+    assert "held-out users of the base data" in report["reason"]
 
 
 @pytest.mark.integration

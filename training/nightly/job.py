@@ -90,6 +90,7 @@ class NightlyData:
     event_interactions: int
     key: dict[str, Any]  # what identifies this training input (compared in step 4)
     new_items: list[str] | None  # items the published bundle does not know
+    base_users: frozenset[str]  # users of the base data (not only brought by tonight's events)
 
     def report(self) -> dict[str, Any]:
         out = {
@@ -280,7 +281,13 @@ def _run_steps(run: NightlyRun) -> None:
             run.trained = train_model(cfg, run.data.dataset, run.run_id)
         with run.timer.stage("evaluate_current"):
             new = run.trained.metrics()
-            run.comparison = publish.compare(cfg, new, run.published.version, run.data.dataset)
+            run.comparison = publish.compare(
+                cfg,
+                new,
+                run.published.version,
+                run.data.dataset,
+                established=(run.trained.run_dir, run.data.base_users),
+            )
         with run.timer.stage("publish"):
             run.outcome = publish.publish(run)
         if run.outcome.decision == "published" and cfg.reload_url:
@@ -320,6 +327,7 @@ def build_data(cfg: NightlyConfig, events: EventBatch | None, published: Publish
     """Step 3: base data + accumulated events, preprocessed and split by user-id hash."""
     frame = read_interactions(cfg.data)
     base_count = len(frame)
+    base_users = frozenset(frame["user"].astype(str))
     event_count = 0
     if events is not None and len(events.accumulated):
         event_count = len(events.accumulated)
@@ -340,7 +348,7 @@ def build_data(cfg: NightlyConfig, events: EventBatch | None, published: Publish
     new_items = None
     if published.manifest is not None and published.item_ids is not None:
         new_items = [i for i in dataset.item_ids[1:] if i not in published.item_ids]
-    return NightlyData(dataset, base_count, event_count, key, new_items)
+    return NightlyData(dataset, base_count, event_count, key, new_items, base_users)
 
 
 def unchanged(cfg: NightlyConfig, data: NightlyData, published: Published) -> bool:
