@@ -599,7 +599,8 @@ def faiss_merged_topk(
     rows = np.where(own & (labels >= 0), labels + row_offset, 0).reshape(batch, k * depth)
     found = merge_candidates(interests, rows, item_embeddings, int(ns.max(initial=0)), exclude)
     # What each user can have: its n, or every indexed item its history leaves.
-    short = np.flatnonzero(found.counts < np.minimum(ns, index.ntotal - extra))
+    want = np.minimum(ns, index.ntotal - extra)  # (B,)
+    short = np.flatnonzero(found.counts < want)
     if len(short):
         wide_index = index if wide_index is None else wide_index
         for b in short:
@@ -619,7 +620,7 @@ def faiss_merged_topk(
                     found.scores[b, :count] = alone.scores[0, :count]
                     found.interests[b, :count] = alone.interests[0, :count]
                     found.counts[b] = count
-                if found.counts[b] >= min(ns[b], index.ntotal - extra[b]):
+                if found.counts[b] >= want[b]:
                     break
     return found
 
