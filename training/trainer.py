@@ -392,14 +392,20 @@ def load_run(
 ) -> tuple[MultiInterestEncoder, SequenceDataset, TrainConfig]:
     """Rebuild a trained encoder, its dataset and its settings from a run directory alone."""
     run = RunDir(run_dir)
-    cfg = run.train_config()
     dataset = run.load_dataset()
-    model = build_encoder(cfg.encoder_config(dataset.num_items))
+    return load_encoder(run_dir, dataset.num_items, which), dataset, run.train_config()
+
+
+def load_encoder(run_dir: Path, num_items: int, which: str = "best") -> MultiInterestEncoder:
+    """A run's trained encoder, for a caller that holds its dataset (`load_run` reads the
+    dataset from the run directory too); `num_items` counts the dataset's catalogue rows."""
+    run = RunDir(run_dir)
+    model = build_encoder(run.train_config().encoder_config(num_items))
     weights = run.weights(which)
     if not weights.is_file():
         raise RunError(f"{weights} does not exist (has the run validated yet?)")
     model.load_state_dict(load_file(str(weights)))
-    return model.eval(), dataset, cfg
+    return model.eval()
 
 
 def _save_last(path: Path, session: _Session) -> None:

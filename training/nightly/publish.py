@@ -26,7 +26,7 @@ from training.data import SequenceDataset
 from training.evaluate import bundle_eval_set, evaluate_bundle, evaluate_model, make_eval_set
 from training.export import ExportConfig, export_run
 from training.nightly.config import NightlyConfig
-from training.trainer import load_run
+from training.trainer import load_encoder
 
 if TYPE_CHECKING:
     from training.nightly.job import NightlyRun
@@ -166,7 +166,7 @@ def _on_established_users(
     users = np.array([u for u in test if dataset.user_ids[u] in base_users], dtype=np.int64)
     if not 0 < len(users) < len(test):
         return True, reason
-    model = load_run(run_dir)[0]
+    model = load_encoder(run_dir, dataset.num_items)  # tonight's dataset is at hand
     new = evaluate_model(model, make_eval_set(dataset, users, model.cfg.seq_len))
     current = evaluate_model(bundle.encoder, bundle_eval_set(bundle, dataset, COMPARE_SPLIT, users))
     metric = cfg.compare_metric
