@@ -211,6 +211,7 @@ def test_events_posted_to_the_api_become_recommendable_after_nightly(nightly_env
         assert report["status"] == "ok"
         assert report["decision"] == "published", report["reason"]
         assert report["events"]["read"] == 48 and report["events"]["accumulated"] == 48
+        assert report["events"]["lost_before_read"] == 0
         assert report["data"]["new_items"] == {"count": 1, "sample": [NEW_ITEM]}
         assert report["metrics"]["current"] is not None  # the old bundle was evaluated too
         assert set(report["durations_s"]) >= {"events", "data", "train", "publish", "total"}

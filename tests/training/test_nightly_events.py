@@ -11,7 +11,14 @@ from typer.testing import CliRunner
 from tests.helpers import REPO
 from training.cli import app
 from training.data import DataError
-from training.nightly.event_log import collect, events_frame, load_events, next_id, save_events
+from training.nightly.event_log import (
+    advance_position,
+    collect,
+    events_frame,
+    load_events,
+    next_id,
+    save_events,
+)
 from training.nightly.job import _redis_client
 
 
@@ -55,6 +62,42 @@ def test_an_entry_that_is_not_utf8_is_skipped_not_fatal(redis_server, tmp_path: 
     batch = collect(_redis_client(redis_server.url), "remi:events", "remi:pos", tmp_path)
     assert batch.read == 3 and batch.malformed == 2
     assert batch.accumulated["item"].tolist() == ["i1"]
+
+
+def test_events_trimmed_before_a_run_read_them_are_counted(redis_server, tmp_path: Path) -> None:
+    # A stream capped on the API side (REMI_STREAM_MAXLEN) drops events no run has read: the
+    # job must say how many, not train on the rest as if nothing happened.
+    client = _redis_client(redis_server.url)
+    client.delete("remi:events", "remi:pos", "remi:pos:entries-added")
+
+    def add(count: int, maxlen: int | None = None) -> None:
+        for i in range(count):
+            event = {"user_id": f"u{i % 3}", "item_id": f"i{i}", "timestamp": 1_700_000_000 + i}
+            client.xadd("remi:events", event, maxlen=maxlen, approximate=False)
+
+    def night() -> tuple[int, int | None]:
+        batch = collect(client, "remi:events", "remi:pos", tmp_path)
+        if batch.has_new:
+            advance_position(client, "remi:events", "remi:pos", batch)
+        return batch.read, batch.lost
+
+    add(20, maxlen=5)  # 15 gone before the first run
+    assert night() == (5, 15)
+    add(10)
+    assert night() == (10, 0)  # our own trim of what was read is no loss
+    add(10)
+    client.xtrim("remi:events", maxlen=3, approximate=False)
+    assert night() == (3, 7)
+    assert night() == (0, 0)
+    # A position saved without the count (an older version's) cannot tell.
+    client.delete("remi:pos:entries-added")
+    add(4)
+    assert night() == (4, None)
+    assert night() == (0, 0)  # ... and the next run can again
+    # The stream deleted and made again: its count restarts below the saved one.
+    client.delete("remi:events")
+    add(2)
+    assert night() == (2, None)
 
 
 def test_stream_ids_past_int64_are_read_and_ordered(tmp_path: Path) -> None:

@@ -33,7 +33,8 @@ class NightlyConfig:
     stream_key: str = EVENTS_STREAM
     """Stream the service appends events to."""
     position_key: str = "remi:nightly:position"
-    """Redis key holding the last stream id this job consumed."""
+    """Redis key holding the last stream id this job consumed (and, at
+    `<position_key>:entries-added`, how many entries the stream had ever received up to it)."""
     lock_key: str = "remi:nightly:lock"
     """Redis key of the lock that refuses overlapping runs."""
     lock_ttl_s: float = 300.0

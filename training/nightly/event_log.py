@@ -6,6 +6,11 @@ the stream's end *now* and appends them to state_dir/events/ before anything els
 entries from the stream. Every later night reads all saved files again (`load_events`), so the
 accumulated events keep counting whether or not a night's model is published; a damaged file
 stops the job with a DataError naming it (exit 2), never silently.
+
+Events removed from the stream before any run read them (a `REMI_STREAM_MAXLEN` cap on the API,
+an operator's XTRIM or XDEL) are counted, not silently missed: Redis counts every entry ever
+added to a stream (`entries-added`), and the position is saved with that count as of its read,
+so tonight's count less the saved one is what arrived since, of which `read` reached this run.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from redis.exceptions import ResponseError
 
 from remi_core.atomic import atomic_file
 from remi_core.redis_keys import EARLIEST_TIMESTAMP, latest_timestamp
@@ -37,6 +43,10 @@ class EventBatch:
     saved_to: Path | None  # the file they were saved to (None: nothing new)
     accumulated: pd.DataFrame  # all saved events, deduplicated, oldest first
     duplicates_dropped: int
+    # Entries added after position_before, up to stream_end, that were gone before this run
+    # read them (None: not known, e.g. the position was saved by a version without the count).
+    lost: int | None = None
+    entries_added: int | None = None  # Redis's count of entries ever added, as of stream_end
 
     def report(self) -> dict[str, Any]:
         return {
@@ -47,6 +57,7 @@ class EventBatch:
             "saved_to": str(self.saved_to) if self.saved_to else None,
             "accumulated": len(self.accumulated),
             "duplicates_dropped": self.duplicates_dropped,
+            "lost_before_read": self.lost,
         }
 
     @property
@@ -72,18 +83,54 @@ def next_id(stream_id: str) -> str:
     return f"{ms + 1}-0" if seq == _ID_PART_MAX else f"{ms}-{seq + 1}"
 
 
+def added_key(position_key: str) -> str:
+    """Where the stream's entries-added count is saved beside the position."""
+    return f"{position_key}:entries-added"
+
+
 def collect(client: Any, stream_key: str, position_key: str, state_dir: Path) -> EventBatch:
     """Step 2: read (saved position, stream end] and save it to the event log."""
     position = client.get(position_key) or "0-0"
-    last = client.xrevrange(stream_key, count=1)
-    end = last[0][0] if last else None
+    end, added = stream_end(client, stream_key)
     entries = []
     if end is not None and parse_id(end) > parse_id(position):
         entries = list(read_stream(client, stream_key, position, end))
+    lost = lost_before_read(client.get(added_key(position_key)), position, added, len(entries))
     frame, malformed = events_frame(entries)
     saved = save_events(state_dir, frame)
     events, duplicates = load_events(state_dir)
-    return EventBatch(position, end, len(entries), malformed, saved, events, duplicates)
+    return EventBatch(
+        position, end, len(entries), malformed, saved, events, duplicates, lost, added
+    )
+
+
+def stream_end(client: Any, stream_key: str) -> tuple[str | None, int | None]:
+    """The stream's last id now and how many entries were ever added up to it (one XINFO, so
+    the two agree); (None, None) for a stream that does not exist."""
+    try:
+        info = client.xinfo_stream(stream_key)
+    except ResponseError as exc:
+        if "no such key" in str(exc).lower():
+            return None, None
+        raise
+    last = info.get("last-entry")
+    added = info.get("entries-added")  # Redis 7+; older servers do not count
+    return (last[0] if last else None), (int(added) if added is not None else None)
+
+
+def lost_before_read(saved: str | None, position: str, added: int | None, read: int) -> int | None:
+    """Entries added after the saved position that this run did not read: gone before it did.
+
+    `saved` is the entries-added count saved with the position (None before the first run
+    that saved one: then only a run from the stream's start, position 0-0, can tell)."""
+    if added is None:
+        return None
+    if saved is None and position != "0-0":
+        return None
+    before = int(saved) if saved is not None else 0
+    lost = added - before - read
+    # Negative: the stream was deleted and made again (its count restarted); not knowable.
+    return lost if lost >= 0 else None
 
 
 def advance_position(
@@ -91,7 +138,13 @@ def advance_position(
 ) -> dict[str, Any]:
     """Step 8: save the stream end as the position, then trim the consumed (saved) entries."""
     assert batch.stream_end is not None and batch.has_new
-    client.set(position_key, batch.stream_end)
+    with client.pipeline(transaction=True) as pipe:  # the position and its count together
+        pipe.set(position_key, batch.stream_end)
+        if batch.entries_added is not None:
+            pipe.set(added_key(position_key), batch.entries_added)
+        else:
+            pipe.delete(added_key(position_key))
+        pipe.execute()
     # XTRIM MINID drops ids < minid: exactly the consumed (and saved) entries.
     trimmed = client.xtrim(stream_key, minid=next_id(batch.stream_end), approximate=False)
     return {"position_after": batch.stream_end, "trimmed": trimmed}

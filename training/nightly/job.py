@@ -10,6 +10,8 @@ steps, which `_run_steps` below takes in this order (and docs/operations.md link
    up to it, and save them in the state directory as one CSV named by its stream-id range
    (written atomically; event_log.py). Every later night reads all of these files again,
    deduplicated, so accumulated events keep counting whether or not tonight's model is published.
+   Events that left the stream before any run read them (a stream cap, a hand-made XTRIM) are
+   counted in the report and a warning, from Redis's count of entries ever added.
 3. **Build the dataset.** Base data + accumulated events. Items first seen in events enter the
    catalogue under the same k-core rule as the base data (at least `min_count` interactions).
    Users are split by a hash of their id (`stable_split` in training/data.py), so tonight's
@@ -272,6 +274,13 @@ def _run_steps(run: NightlyRun) -> None:
     if run.kind == "nightly":
         with run.timer.stage("events"):
             run.events = collect(run.client, cfg.stream_key, cfg.position_key, cfg.state_dir)
+        if run.events.lost:
+            log.warning(
+                "%d events left the stream %s before a nightly run read them (trimmed by "
+                "REMI_STREAM_MAXLEN or removed by hand); they are missing from training",
+                run.events.lost,
+                cfg.stream_key,
+            )
     with run.timer.stage("data"):
         run.data = build_data(cfg, run.events, run.published)
     if unchanged(cfg, run.data, run.published):
