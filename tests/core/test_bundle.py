@@ -221,3 +221,42 @@ def test_a_model_with_nan_weights_is_neither_written_nor_served(tmp_path):
             popularity=np.arange(1, 5), metadata={},
         )  # fmt: skip
     assert not (tmp_path / "other").exists() or not list((tmp_path / "other").iterdir())
+
+
+def test_the_item_table_is_held_once_and_its_checks_cover_every_block(tmp_path, monkeypatch):
+    """load_bundle keeps one (N, d) table for the encoder and the search, checks it in blocks
+    (small temporaries at 10M items), and a difference or a NaN in any block is still found."""
+    path = write_tiny_bundle(tmp_path / "bundles")
+    loaded = load_bundle(path)
+    table = loaded.encoder.item_table()
+    assert table.data_ptr() == loaded.item_embeddings.ctypes.data
+    assert np.array_equal(table.detach().numpy(), np.load(path / "item_embeddings.npy"))
+
+    dim = table.shape[1]
+    monkeypatch.setattr(bundle, "CHECK_BLOCK_ELEMENTS", 2 * dim)  # two rows per block
+    assert load_bundle(path, verify=False).version == loaded.version
+    embeddings = np.load(path / "item_embeddings.npy")
+    embeddings[-1, -1] += 1.0  # the last block only
+    np.save(path / "item_embeddings.npy", embeddings)
+    with pytest.raises(BundleError, match="item_embeddings differ from the encoder's item table"):
+        load_bundle(path, verify=False)
+
+    path = write_tiny_bundle(tmp_path / "other")
+    state = load_file(str(path / "encoder.safetensors"))
+    state["item_embedding.weight"][-1, -1] = float("inf")
+    save_file(state, str(path / "encoder.safetensors"))
+    np.save(path / "item_embeddings.npy", state["item_embedding.weight"].numpy())  # still equal
+    with pytest.raises(BundleError, match="NaN or infinite weights in item_embedding.weight"):
+        load_bundle(path, verify=False)
+
+
+def test_an_encoder_file_without_a_weight_is_a_bundle_error(tmp_path):
+    """The encoder is built without storage and takes the file's tensors: a weight missing
+    from the file must be a clear error, not a model left holding no data."""
+    path = write_tiny_bundle(tmp_path / "bundles")
+    state = load_file(str(path / "encoder.safetensors"))
+    name = next(k for k in sorted(state) if k != "item_embedding.weight")
+    del state[name]
+    save_file(state, str(path / "encoder.safetensors"))
+    with pytest.raises(BundleError, match=f"Missing key.*{name}"):
+        load_bundle(path, verify=False)
