@@ -2,16 +2,20 @@
 
     python bench/bench_serve_load.py --data-root ../shared/data            # ~12 minutes, 2 cores
     python bench/bench_serve_load.py --data-root ../shared/data --quick    # mechanics, ~3 min
+    python bench/bench_serve_load.py --data-root ../shared/data --sizes 100000,1000000,10000000
+                                        # and 10M items too: ~40 min, 12 GB of memory
 
 What it does, in one run:
 1. Trains a quick REMI model on Amazon Sports with `remi-train train` (cached in --work-dir, so
    reruns skip it) and exports it with `remi-train export`.
-2. Grows the trained item table into catalogues of 100k and 1M items (see `grow_table`):
+2. Grows the trained item table into catalogues of 100k and 1M items (and a third size when
+   --sizes names one; see `grow_table`):
    the 18,357 real items stay, every synthetic item is a random mix of two real items plus
    Gaussian noise, so the catalogue keeps the trained table's clusters and norms.
 3. Writes a bundle for each with `write_bundle` and no index named: the index is chosen from
    the catalogue size (exact below remi_core.index.EXACT_MAX_ITEMS, IVF above) and its nprobe
-   tuned to recall@50 >= 0.95 on real Sports histories, as `remi-train export` does.
+   tuned to recall@50 >= 0.95 on real Sports histories, as `remi-train export` does. Times the
+   export and a load with checksums (a server start or reload).
 4. Measures the in-process bound (recommend_batch at batch 256: encode + search + merge,
    users/s), for the exact bundle the same in the batches 16 clients form over 2 workers (no
    HTTP), and for the ANN bundle recall@50 against exact Eq. 7 on other real histories.
@@ -389,7 +393,12 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "artifacts" / "bench-serve-load")
     parser.add_argument("--train-iters", type=int, default=2000)
-    parser.add_argument("--sizes", default="100000,1000000", help="Catalogue sizes (2 values).")
+    parser.add_argument(
+        "--sizes",
+        default="100000,1000000",
+        help="Catalogue sizes: the exact one, the ANN one, and optionally a larger third (e.g. "
+        "10000000) served with the defaults and with workers, besides the two.",
+    )
     parser.add_argument("--exact-max-items", type=int, default=EXACT_MAX_ITEMS,
                         help="Largest catalogue searched exactly (default: export's).")  # fmt: skip
     parser.add_argument("--duration", type=float, default=6.0, help="Seconds per load run.")
@@ -415,7 +424,9 @@ def main() -> None:
     held_out = [histories[i] for i in order[2000:4000]]  # recall, the bound and the load
     bodies = request_bodies(held_out)
     sizes = [int(s) for s in args.sizes.split(",")]
-    labels = {sizes[0]: _size_label(sizes[0]), sizes[1]: _size_label(sizes[1])}
+    if len(sizes) not in (2, 3):
+        sys.exit(f"error: --sizes: 2 or 3 catalogue sizes, not {args.sizes!r}")
+    labels = {size: _size_label(size) for size in sizes}
 
     rows = {}
     thread_counts = sorted({1, args.threads})
@@ -432,6 +443,7 @@ def main() -> None:
                 "factory": index["factory"],
                 "params": index["search_params"] or "-",
                 "build_s": time.perf_counter() - t0,
+                "load_s": _load_seconds(path),
                 "bound": {},
                 # What REMI_EXACT_SEARCH=auto (the server's default) picks here, timed as it loads.
                 "auto": load_model(path, verify=False).search_backend if exact else "faiss",
@@ -461,7 +473,10 @@ def main() -> None:
             bounds = ", ".join(f"{k}: {v:.0f}" for k, v in info["bound"].items())
             if "no_http" in info:
                 bounds += f"; batches of {info['served_batch']}: {info['no_http']:.0f}"
-            built = f"{info['factory']} {info['params']} built in {info['build_s']:.0f}s"
+            built = (
+                f"{info['factory']} {info['params']} built in {info['build_s']:.0f}s, "
+                f"loaded in {info['load_s']:.1f}s"
+            )
             print(f"{labels[size]}: {built}; users/s {bounds}; recall@50 {info['recall']:.4f}")
 
         small, large = labels[sizes[0]], labels[sizes[1]]
@@ -489,13 +504,18 @@ def main() -> None:
             Variant(large, f"{args.threads} compute threads",
                     {"REMI_COMPUTE_THREADS": str(args.threads)}, (16,)),
         ]  # fmt: skip
+        for size in sizes[2:]:
+            variants += [
+                Variant(labels[size], "defaults", {}, conc),
+                Variant(labels[size], f"{args.threads} workers", {}, (16,), workers=args.threads),
+            ]
         if args.quick:
             variants = [
                 v for v in variants if not any(w in v.label for w in ("wait", "thread", "worker"))
             ]
         results = []
         for variant in variants:
-            size = sizes[0] if variant.catalogue == small else sizes[1]
+            size = next(s for s in sizes if labels[s] == variant.catalogue)
             root = rows[size]["path"].parent
             with Server(root, variant.env, work / "server.log", variant.workers) as server:
                 for c in variant.concurrency:
@@ -512,6 +532,14 @@ def main() -> None:
         print(f"wrote {args.out}")
 
 
+def _load_seconds(path: Path) -> float:
+    """What a server start or a reload takes to load this bundle: checksums verified, as
+    `remi-serve` does by default (the benchmark's own servers skip them)."""
+    start = time.perf_counter()
+    load_model(path)
+    return time.perf_counter() - start
+
+
 def _size_label(size: int) -> str:
     return f"{size // 1_000_000}M" if size % 1_000_000 == 0 else f"{size // 1000}k"
 
@@ -526,9 +554,9 @@ def markdown(header, rows, labels, results, args, seconds) -> str:
         "below):",
         "",
         "| catalogue | index (chosen by size) | search params (tuned) | recall@50 vs exact "
-        "| in-process bound, batch 256, users/s "
+        "| export, s | load, s | in-process bound, batch 256, users/s "
         f"| the same in the batches of {SERVED_CLIENTS} clients |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for size, info in rows.items():
         bound = "; ".join(f"{k}: {v:.0f}" for k, v in info["bound"].items())
@@ -541,7 +569,7 @@ def markdown(header, rows, labels, results, args, seconds) -> str:
             )
         lines.append(
             f"| {labels[size]} | {info['factory']} | {info['params']} | {info['recall']:.4f} "
-            f"| {bound} | {served} |"
+            f"| {info['build_s']:.0f} | {info['load_s']:.1f} | {bound} | {served} |"
         )
     lines += [
         "",
@@ -558,6 +586,8 @@ def markdown(header, rows, labels, results, args, seconds) -> str:
         )
     lines += [
         "",
+        "`export`: `write_bundle` choosing, building and tuning the index (and writing the "
+        "files); `load`: `load_model` with checksums, as a server start or reload does. "
         "`req/s / bound`: HTTP throughput over the best in-process bound of that catalogue (any "
         "backend, any thread count). Server defaults: 1 worker, REMI_BATCH_WAIT_MS=0, "
         "REMI_BATCH_BALANCE_MS=2, REMI_BATCH_MAX_USERS=128, REMI_TORCH_THREADS=1, "

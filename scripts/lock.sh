@@ -5,7 +5,8 @@
 #   bash scripts/lock.sh            # after changing dependencies in pyproject.toml
 #
 # Local version labels are dropped (torch 2.13.0+cpu -> torch==2.13.0), so the same pin fits the
-# CPU and the CUDA wheel of torch. pip, setuptools and the project itself are left out.
+# CPU and the CUDA wheel of torch. pip and the project itself are left out; setuptools stays
+# pinned, as torch requires it at run time (a fresh venv's is too old, and pip would take the newest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 {
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
     echo "# .venv ($(.venv/bin/python -c 'import platform; print("Python", platform.python_version())')). Do not edit by hand."
     .venv/bin/python -m pip list --format=freeze --exclude-editable 2>/dev/null \
         | sed -E 's/\+[A-Za-z0-9.]+$//' \
-        | grep -v -i -E '^(pip|setuptools|wheel|remi-retrieval)==' \
+        | grep -v -i -E '^(pip|wheel|remi-retrieval)==' \
         | LC_ALL=C sort -f
 } > docker/constraints.txt
 echo "wrote docker/constraints.txt ($(grep -c '==' docker/constraints.txt) pins)"

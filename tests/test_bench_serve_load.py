@@ -36,7 +36,7 @@ def test_the_benchmark_runs_and_writes_its_section(tmp_path: Path) -> None:
     out.write_text("# Benchmarks\n\nkept\n")
     args = [
         "--data-root", str(DATA), "--work-dir", str(tmp_path / "work"), "--train-iters", "30",
-        "--sizes", "20000,40000", "--exact-max-items", "30000", "--quick", "--duration", "1",
+        "--sizes", "20000,40000,50000", "--exact-max-items", "30000", "--quick", "--duration", "1",
         "--out", str(out),
     ]  # fmt: skip
     run = bench(*args)
@@ -50,6 +50,7 @@ def test_the_benchmark_runs_and_writes_its_section(tmp_path: Path) -> None:
         r"batches of \d+, \d+ compute threads: \d+ \(\d\.\d\d x the bound\) \|$", exact_row
     )
     assert "| 40k | defaults | 16 |" in section
+    assert "| 50k | IVF512,SQ8 |" in section and "| 50k | defaults | 16 |" in section
     # Rerunning replaces the section instead of appending another.
     run = bench(*args)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -158,7 +158,10 @@ def compose() -> dict[str, Any]:
 def test_compose_parses_with_the_expected_services(compose) -> None:
     assert set(compose["services"]) == {"redis", "bootstrap", "api", "scheduler"}
     assert compose["services"]["redis"]["image"].startswith("redis:7")
-    assert compose["services"]["api"]["ports"] == ["8000:8000"]
+    # This host only by default: the data routes are open until API keys are set.
+    assert compose["services"]["api"]["ports"] == ["127.0.0.1:8000:8000"]
+    exposed = load_compose(env={"REMI_API_BIND": "0.0.0.0", "REMI_API_PORT": "9000"})
+    assert exposed["services"]["api"]["ports"] == ["0.0.0.0:9000:8000"]
     # Interpolated defaults look right.
     assert "configs/demo.yaml" in compose["services"]["bootstrap"]["command"]
 
@@ -241,6 +244,17 @@ def test_healthchecks_use_available_commands(compose) -> None:
     assert "/healthz" in api_check[-1]
     compile(api_check[-1], "<healthcheck>", "exec")  # the python -c code is valid Python
     assert services["scheduler"]["healthcheck"]["test"][1] == 'kill -0 "$(cat /var/run/crond.pid)"'
+    # redis-cli exits 0 on an error reply (LOADING): only PONG is healthy.
+    assert services["redis"]["healthcheck"]["test"] == [
+        "CMD-SHELL",
+        "redis-cli ping | grep -q PONG",
+    ]
+
+
+def test_python_processes_are_not_pid_1(compose) -> None:
+    """PID 1 ignores SIGTERM until it installs a handler: tini passes it on instead."""
+    for name in ("bootstrap", "api", "scheduler"):
+        assert compose["services"][name]["init"] is True, name
 
 
 def test_environment_names_are_settings_the_programs_read(compose) -> None:
@@ -464,3 +478,6 @@ def test_nightly_job_has_a_cpu_budget_that_leaves_the_api_cores(compose) -> None
     custom = load_compose(env={"REMI_NIGHTLY_CPUS": "2.5"})["services"]["scheduler"]
     assert float(custom["cpus"]) == 2.5
     assert "cpus" not in services["api"] and "cpuset" not in services["api"]
+    # nice ranks threads within one container's cgroup only; between containers the weights do
+    # (1024 when unset, as the API's is).
+    assert "cpu_shares" not in services["api"] and int(services["scheduler"]["cpu_shares"]) < 1024
