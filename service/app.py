@@ -31,8 +31,10 @@ from service import openapi
 from service.auth import AccessDep, key_digest, require_data_access
 from service.batcher import MicroBatcher
 from service.body import (
+    MAX_LISTED_ERRORS,
     BatchBody,
     DecodedBody,
+    EventsBody,
     RecommendBody,
     limit_error,
     limit_errors,
@@ -139,6 +141,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: {
         "model": ErrorResponse,
         "description": "The body is over REMI_MAX_BODY_BYTES; refused before it is read in full.",
+    },
+    415: {
+        "model": ErrorResponse,
+        "description": "The body is compressed (Content-Encoding): send it uncompressed.",
     },
     422: {
         "model": ErrorResponse,
@@ -315,11 +321,13 @@ async def recommend_many(
     "/events",
     response_model=EventsResponse,
     responses=STORE_ERRORS,
+    # The key before the body: a client without one is refused before its body is decoded.
     dependencies=[Depends(require_data_access)],
     tags=["events"],
+    openapi_extra=request_body(EventsRequest),
 )
 async def post_events(
-    body: EventsRequest, settings: SettingsDep, store: StoreDep, metrics: MetricsDep
+    _: DecodedBody, settings: SettingsDep, store: StoreDep, metrics: MetricsDep, body: EventsBody
 ) -> EventsResponse:
     """Append interactions to the users' capped histories and to the nightly job's stream."""
     if len(body.events) > settings.max_events:
@@ -343,9 +351,8 @@ async def admin_reload(registry: RegistryDep) -> ReloadResponse:
     """Load the bundle `current` points at now, if it is not the one serving."""
     outcome = await registry.reload(force=True)
     if outcome.error is not None:
-        raise ReloadFailed(
-            f"bundle {outcome.target} rejected, still serving {outcome.version}: {outcome.error}"
-        )
+        what = f"bundle {outcome.target} rejected" if outcome.target else "nothing to load"
+        raise ReloadFailed(f"{what}, still serving {outcome.version}: {outcome.error}")
     return ReloadResponse(
         reloaded=outcome.reloaded,
         version=outcome.version,
@@ -365,7 +372,8 @@ def _validation_summary(errors: Sequence[Any]) -> tuple[str, list[dict[str, Any]
         if err.get("type") == "json_invalid":
             # Here loc holds the character offset of the syntax error, not a field name.
             at = f" (at character {loc[0]})" if loc else ""
-            clean[-1]["msg"] = f"request body is not valid JSON{at}: {err['msg']}"
+            reason = (err.get("ctx") or {}).get("error") or err["msg"]  # e.g. "Expecting ','"
+            clean[-1]["msg"] = f"request body is not valid JSON{at}: {reason}"
             clean[-1]["field"] = None
             continue
         if not loc and err.get("type") == "missing":
@@ -381,7 +389,11 @@ def _validation_summary(errors: Sequence[Any]) -> tuple[str, list[dict[str, Any]
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    detail, errors = _validation_summary(exc.errors())
+    listed = exc.errors()[:MAX_LISTED_ERRORS]
+    detail, errors = _validation_summary(listed)
+    total = getattr(exc, "total", len(exc.errors()))
+    if total > len(listed):
+        detail += f"; and {total - len(listed)} more errors (the first {len(listed)} listed)"
     return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
 
 
@@ -572,6 +584,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Multi-interest candidate retrieval over a versioned REMI bundle.",
         version="0.1.0",
         lifespan=lifespan,
+        # /recommend/ is not /recommend: a 404, not a 307 whose Location (built from the Host
+        # header, always http://) would send a client behind a TLS proxy to plain HTTP.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.metrics = Metrics(settings.coverage_window_s)

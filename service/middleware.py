@@ -90,22 +90,21 @@ class AnswerCancelledRequests:
             if started:
                 raise
             await send_error_and_close(
-                send, 503, "the service is shutting down; send the request again"
+                send, 503, "the service is shutting down; send the request again", retry_after=1
             )
 
 
-async def send_error_and_close(send: Send, status: int, detail: str) -> None:
+async def send_error_and_close(
+    send: Send, status: int, detail: str, retry_after: int | None = None
+) -> None:
     """An answer in the service's error shape, closing the connection after it."""
     body = json.dumps({"detail": detail, "errors": None}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

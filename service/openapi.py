@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
 from remi_core.redis_keys import latest_timestamp
-from service.schemas import BatchRequest, RecommendRequest
+from service.schemas import BatchRequest, EventIn, EventsRequest, RecommendRequest
 from service.settings import Settings
 
 # Routes whose API key is needed only for the entries that read a stored history (user_id).
@@ -51,16 +51,17 @@ def apply_settings(schema: dict[str, Any], settings: Settings, keys_on: bool) ->
 
 
 def add_body_models(schema: dict[str, Any]) -> dict[str, Any]:
-    """The recommend routes read their bodies themselves (service/body.py), so FastAPI does not
+    """The routes with JSON bodies read them themselves (service/body.py), so FastAPI does not
     see their models: add them to the components their requestBody refers to."""
 
-    def takes_a_batch(body: BatchRequest) -> None:
-        """Only its signature is read: FastAPI's schemas for a body parameter of this model."""
+    def takes_bodies(batch: BatchRequest, events: EventsRequest) -> None:
+        """Only its signature is read: FastAPI's schemas for body parameters of these models."""
 
-    route = APIRoute("/", takes_a_batch, methods=["POST"])
+    route = APIRoute("/", takes_bodies, methods=["POST"])
     models = get_openapi(title="", version="", routes=[route])["components"]["schemas"]
     schema["components"]["schemas"].update(
-        (name, models[name]) for name in (BatchRequest.__name__, RecommendRequest.__name__)
+        (model.__name__, models[model.__name__])
+        for model in (BatchRequest, RecommendRequest, EventsRequest, EventIn)
     )
     return schema
 

@@ -13,6 +13,14 @@ from service.redact import redact_url
 ExactSearch = Literal["auto", "screened-int8", "screened", "dense", "faiss"]
 """REMI_EXACT_SEARCH's choices (service.recommender.EXACT_SEARCH lists them for code)."""
 
+# Clients send keys and tokens in HTTP headers, which servers read as latin-1: a key with other
+# characters (UTF-8 "é" arrives as "Ã©") could never match, so such a key is refused at start.
+HEADER_SAFE = "must be printable ASCII (HTTP headers carry nothing else reliably)"
+
+
+def _header_safe(value: str) -> bool:
+    return all(" " <= char <= "~" for char in value)
+
 
 class Settings(BaseSettings):
     """Everything the service reads from its environment.
@@ -212,8 +220,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _admin_token_not_blank(self) -> Settings:
-        if self.admin_token is not None and not self.admin_token.get_secret_value().strip():
-            raise ValueError("admin_token must not be blank; leave it unset to disable admin")
+        if self.admin_token is not None:
+            token = self.admin_token.get_secret_value()
+            if not token.strip():
+                raise ValueError("admin_token must not be blank; leave it unset to disable admin")
+            if not _header_safe(token):
+                raise ValueError(f"admin_token {HEADER_SAFE}")
         return self
 
     @model_validator(mode="after")
@@ -225,6 +237,8 @@ class Settings(BaseSettings):
                 self.api_key_list()
             except OSError as exc:
                 raise ValueError(f"api_keys_file cannot be read: {exc}") from None
+        if not all(_header_safe(key) for key in self.api_key_list()):
+            raise ValueError(f"every API key {HEADER_SAFE}")
         return self
 
     def api_key_list(self) -> list[str]:

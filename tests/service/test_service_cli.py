@@ -113,7 +113,7 @@ def test_sigterm_ends_remi_serve_despite_a_client_still_sending(
     assert "Traceback" not in text
     # The stalled client learns why: a 503, not uvicorn's 500 for a cancelled request.
     assert answer.startswith(b"HTTP/1.1 503"), answer
-    assert b"shutting down" in answer
+    assert b"shutting down" in answer and b"retry-after: 1" in answer.lower()
 
 
 def log_text(log) -> str:

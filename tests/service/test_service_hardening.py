@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import signal
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from remi_core.redis_keys import EVENTS_STREAM, history_key, latest_timestamp
 from service.app import StartupError, create_app
+from service.body import MAX_LISTED_ERRORS
 from service.cli import app as cli_app
 from service.redact import redact_url, scrub_secrets
 from service.settings import Settings
@@ -323,6 +325,53 @@ def test_unknown_routes_and_methods_use_the_error_shape(client: TestClient) -> N
     assert client.get("/nope").json() == {"detail": "Not Found", "errors": None}
     r = client.post("/healthz")
     assert r.status_code == 405 and r.json()["errors"] is None
+    # No redirect to the slash-less path: its Location would be built from the Host header.
+    r = client.post("/recommend/", json={"history": ["books-0001"]}, follow_redirects=False)
+    assert r.status_code == 404 and r.json()["errors"] is None
+
+
+@pytest.mark.parametrize("path", ["/recommend", "/recommend/batch", "/events"])
+def test_body_problems_are_422_that_say_what_is_wrong(client: TestClient, path: str) -> None:
+    json_headers = {"content-type": "application/json"}
+    # Nested past the decoder's recursion limit: was FastAPI's bare 400.
+    deep = b'{"history": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    r = client.post(path, content=deep, headers=json_headers)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == (
+        "request body is not valid JSON: arrays or objects are nested too deeply"
+    )
+    # A syntax error names its reason, not only where it is.
+    r = client.post(path, content=b'{"history": ["a" "b"]}', headers=json_headers)
+    assert r.status_code == 422
+    assert r.json()["detail"] == (
+        "request body is not valid JSON (at character 17): Expecting ',' delimiter"
+    )
+    # A compressed body is refused as such, not decoded as if it were UTF-8.
+    r = client.post(
+        path, content=gzip.compress(b"{}"), headers={**json_headers, "content-encoding": "gzip"}
+    )
+    assert r.status_code == 415 and "send the body uncompressed" in r.json()["detail"]
+
+
+def test_an_invalid_body_lists_its_first_errors_and_counts_the_rest(client: TestClient) -> None:
+    """256 entries of 1,000 wrong ids are 256,000 errors: listed in full, a 0.5 MB body made a
+    50 MB answer built on the event loop."""
+    batch = {"requests": [{"history": list(range(1000))} for _ in range(256)]}
+    r = client.post("/recommend/batch", json=batch)
+    assert r.status_code == 422 and len(r.content) < 10_000
+    body = r.json()
+    assert len(body["errors"]) == MAX_LISTED_ERRORS
+    assert body["errors"][0]["field"] == "requests.0.history.0"
+    assert body["detail"].endswith(
+        f"; and {256_000 - MAX_LISTED_ERRORS} more errors (the first 20 listed)"
+    )
+    events = {"events": [{"user_id": 1, "item_id": 2, "timestamp": "x"}] * 5000}
+    r = client.post("/events", json=events)
+    assert r.status_code == 422 and len(r.json()["errors"]) == MAX_LISTED_ERRORS
+    assert "; and 14980 more errors" in r.json()["detail"]
+    # A few errors are all listed, with no count.
+    r = client.post("/recommend", json={"history": [1, 2]})
+    assert len(r.json()["errors"]) == 2 and "more errors" not in r.json()["detail"]
 
 
 # --- 5: event timestamps are bounded ------------------------------------------------------------
@@ -395,6 +444,10 @@ def test_data_routes_need_an_api_key_when_keys_are_set(keyed_client: TestClient)
         for key in ("key-one", "key-two", "file-key-2"):
             r = keyed_client.post(path, json=body, headers={"X-API-Key": key})
             assert r.status_code == 200, (path, key, r.text)
+    # The key comes first: a client without one is refused before its body is even decoded.
+    headers = {"content-type": "application/json"}
+    r = keyed_client.post("/events", content=b'{"events": [' + b"[" * 5000, headers=headers)
+    assert r.status_code == 401, r.text
     # Without a stored history nothing private is read: history requests stay open.
     assert keyed_client.post("/recommend", json={"history": ["books-0001"]}).status_code == 200
     batch = {"requests": [{"history": ["books-0001"]}]}
@@ -413,6 +466,10 @@ def test_data_routes_are_open_without_keys(slow_client: TestClient) -> None:
     [
         ({"api_keys": " , "}, "holds no key"),
         ({"api_keys_file": "/nonexistent/keys"}, "api_keys_file cannot be read"),
+        # Headers arrive as latin-1: a key sent as UTF-8 "é" would arrive as "Ã©", never match.
+        ({"api_keys": "key-one, clé-2"}, "every API key must be printable ASCII"),
+        ({"admin_token": "jeton-\u00e9"}, "admin_token must be printable ASCII"),
+        ({"admin_token": "tab\there"}, "admin_token must be printable ASCII"),
     ],
 )
 def test_bad_api_key_settings_are_refused(tiny_bundle_root: Path, values: dict, says: str) -> None:

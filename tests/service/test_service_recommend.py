@@ -386,7 +386,7 @@ def test_malformed_json_detail_names_the_position_not_a_field(client: TestClient
     )
     assert r.status_code == 422
     body = r.json()
-    assert body["detail"] == "request body is not valid JSON (at character 13): JSON decode error"
+    assert body["detail"] == "request body is not valid JSON (at character 13): Expecting value"
     assert [e["field"] for e in body["errors"]] == [None]
     assert body["errors"][0]["type"] == "json_invalid"
 

@@ -165,6 +165,15 @@ def test_a_rejected_bundle_is_freed(
         assert [ref for ref in built if ref() not in (None, serving)] == []
 
 
+def test_a_reload_with_no_current_says_so(client: TestClient, tiny_bundle_root: Path) -> None:
+    old_version = current_version(tiny_bundle_root)
+    (tiny_bundle_root / "current").unlink()
+    r = client.post("/admin/reload", headers=AUTH)
+    assert r.status_code == 409
+    detail = r.json()["detail"]
+    assert detail.startswith(f"nothing to load, still serving {old_version}: no published bundle")
+
+
 def test_corrupt_bundle_is_rejected_and_old_model_keeps_serving(
     client: TestClient, tiny_bundle_root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
