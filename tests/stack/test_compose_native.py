@@ -137,8 +137,11 @@ def wait_for(check, what: str, timeout_s: float, proc: subprocess.Popen | None =
 
 
 def healthcheck(stack: NativeStack, service: str) -> bool:
-    """Run the service's compose healthcheck (its CMD form), pointed at the native ports."""
+    """Run the service's compose healthcheck, pointed at the native ports."""
     test = stack.services[service]["healthcheck"]["test"]
+    if test[0] == "CMD-SHELL":  # as Docker runs it: sh -c, healthy on exit 0
+        script = test[1].replace("redis-cli", f"redis-cli -p {stack.redis_port}")
+        return subprocess.run(["sh", "-c", script], capture_output=True, timeout=10).returncode == 0
     assert test[0] == "CMD"
     argv = [a.replace("127.0.0.1:8000", f"127.0.0.1:{stack.api_port}") for a in test[1:]]
     if argv[0] == "redis-cli":
