@@ -437,16 +437,18 @@ def main() -> None:
             path = write_catalogue(base, work / f"b{size}", size, tune, args.exact_max_items)
             index = json.loads((path / "manifest.json").read_text())["index"]
             exact = index["factory"] == "Flat"
+            build_s = time.perf_counter() - t0
             torch.set_num_threads(1)  # as a server with REMI_TORCH_THREADS=1 (its default) loads
+            load_s, backend = _timed_load(path)
             info = {
                 "path": path,
                 "factory": index["factory"],
                 "params": index["search_params"] or "-",
-                "build_s": time.perf_counter() - t0,
-                "load_s": _load_seconds(path),
+                "build_s": build_s,
+                "load_s": load_s,
                 "bound": {},
                 # What REMI_EXACT_SEARCH=auto (the server's default) picks here, timed as it loads.
-                "auto": load_model(path, verify=False).search_backend if exact else "faiss",
+                "auto": backend if exact else "faiss",
             }
             for threads in thread_counts:
                 torch.set_num_threads(threads)
@@ -532,12 +534,13 @@ def main() -> None:
         print(f"wrote {args.out}")
 
 
-def _load_seconds(path: Path) -> float:
-    """What a server start or a reload takes to load this bundle: checksums verified, as
-    `remi-serve` does by default (the benchmark's own servers skip them)."""
+def _timed_load(path: Path) -> tuple[float, str]:
+    """What a server start or a reload takes to load this bundle (checksums verified, as
+    `remi-serve` does by default; the benchmark's own servers skip them), in seconds, and the
+    search backend it chose."""
     start = time.perf_counter()
-    load_model(path)
-    return time.perf_counter() - start
+    backend = load_model(path).search_backend
+    return time.perf_counter() - start, backend
 
 
 def _size_label(size: int) -> str:

@@ -389,9 +389,10 @@ def _validation_summary(errors: Sequence[Any]) -> tuple[str, list[dict[str, Any]
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    listed = exc.errors()[:MAX_LISTED_ERRORS]
+    every = exc.errors()
+    listed = every[:MAX_LISTED_ERRORS]
     detail, errors = _validation_summary(listed)
-    total = getattr(exc, "total", len(exc.errors()))
+    total = getattr(exc, "total", len(every))  # BodyErrors cut its list and counted the rest
     if total > len(listed):
         detail += f"; and {total - len(listed)} more errors (the first {len(listed)} listed)"
     return JSONResponse({"detail": detail, "errors": errors}, status_code=422)

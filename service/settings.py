@@ -230,14 +230,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _api_keys_readable(self) -> Settings:
-        if self.api_keys is not None and not self.api_key_list():
+        try:
+            keys = self.api_key_list()  # reads the keys file, once
+        except OSError as exc:
+            raise ValueError(f"api_keys_file cannot be read: {exc}") from None
+        if self.api_keys is not None and not keys:
             raise ValueError("api_keys holds no key; leave it unset to keep the data routes open")
-        if self.api_keys_file is not None:
-            try:
-                self.api_key_list()
-            except OSError as exc:
-                raise ValueError(f"api_keys_file cannot be read: {exc}") from None
-        if not all(_header_safe(key) for key in self.api_key_list()):
+        if not all(_header_safe(key) for key in keys):
             raise ValueError(f"every API key {HEADER_SAFE}")
         return self
 
