@@ -135,6 +135,9 @@ BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 # --- routes -------------------------------------------------------------------------------------
 
 router = APIRouter()
+# The GET routes also answer HEAD (the same status and headers, no body: uvicorn drops it), which
+# load balancers' health checks and uptime monitors may use. Out of the schema: FastAPI would give
+# the two methods of one handler the same operation id.
 RETRY_AFTER = {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
 # Every route that takes a JSON body.
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -190,12 +193,14 @@ ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+@router.head("/healthz", include_in_schema=False)
 @router.get("/healthz", tags=["ops"])
 async def healthz() -> dict[str, str]:
     """Liveness: the process answers."""
     return {"status": "ok"}
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get(
     "/readyz",
     response_model=ReadinessResponse,
@@ -227,6 +232,7 @@ async def readyz(registry: RegistryDep, store: StoreDep, batcher: BatcherDep) ->
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
+@router.head("/v1/model", include_in_schema=False)
 @router.get("/v1/model", responses=NOT_LOADED, tags=["ops"])
 async def model_manifest(model: ModelDep, batcher: BatcherDep) -> dict[str, Any]:
     """The served bundle's manifest (its "index" section holds the measured recall and the
@@ -242,6 +248,7 @@ async def model_manifest(model: ModelDep, batcher: BatcherDep) -> dict[str, Any]
     }
 
 
+@router.head("/metrics", include_in_schema=False)
 @router.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
 async def metrics_endpoint(metrics: MetricsDep) -> Response:
     """Prometheus metrics, in Prometheus's text format."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -73,6 +74,17 @@ def test_remi_serve_answers_over_http(
         assert r.status_code == 200, r.text
         assert httpx.post(f"{base}/recommend", json={"user_id": "u"}).status_code == 200
         assert httpx.get(f"{base}/readyz").json()["redis"]["ok"] is True
+        # Health checks may use HEAD: the GET's status and headers, no body, and the connection
+        # stays usable (a body sent anyway would be read as the next response).
+        conn = http.client.HTTPConnection("127.0.0.1", int(base.rpartition(":")[2]), timeout=10)
+        for path in ("/healthz", "/readyz", "/metrics", "/v1/model"):
+            conn.request("HEAD", path)
+            head = conn.getresponse()
+            assert (head.status, head.read()) == (200, b""), path
+            assert int(head.headers["content-length"]) > 0, path
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read() == b'{"status":"ok"}'
+        conn.close()
     finally:
         proc.terminate()
         proc.wait(15)
