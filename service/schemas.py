@@ -7,6 +7,7 @@ states exactly what is accepted.
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -32,6 +33,7 @@ HistoryItem = Annotated[str, StringConstraints(max_length=MAX_ID_LENGTH)]
 # A response names at most this many unknown ids per user, so a history of unknown ids cannot
 # blow the response up (unknown_count still gives the total).
 UNKNOWN_IDS_SHOWN = 100
+_FLOAT_MAX = sys.float_info.max
 
 
 class RecommendRequest(BaseModel):
@@ -156,6 +158,15 @@ class EventIn(BaseModel):
             "before the end of tomorrow (UTC, by the server's clock)."
         )
     )
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _saturate_huge_integers(cls, ts: object) -> object:
+        # A JSON integer beyond a float's range would get pydantic's "Input should be a valid
+        # number", which hides why; as the largest float it gets the range check's message.
+        if type(ts) is int and abs(ts) > _FLOAT_MAX:
+            return _FLOAT_MAX if ts > 0 else -_FLOAT_MAX
+        return ts
 
     @field_validator("timestamp")
     @classmethod

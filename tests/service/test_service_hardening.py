@@ -386,6 +386,9 @@ def test_an_invalid_body_lists_its_first_errors_and_counts_the_rest(client: Test
         (-1.0, "greater than or equal to 946684800"),
         (1.0, "greater than or equal to 946684800"),
         (946_684_799.5, "greater than or equal to 946684800"),
+        # JSON integers have no bound; these are beyond a float's range.
+        (int("9" * 400), "the end of tomorrow, UTC"),
+        (-int("9" * 400), "greater than or equal to 946684800"),
     ],
 )
 def test_event_timestamps_out_of_range_are_422(
