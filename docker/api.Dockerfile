@@ -16,11 +16,14 @@ COPY docker/constraints.txt /tmp/constraints.txt
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install -c /tmp/constraints.txt --no-deps --index-url "${TORCH_INDEX_URL}" torch
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml README.md ./
 COPY remi_core ./remi_core
 COPY training ./training
 COPY service ./service
-RUN pip install -c /tmp/constraints.txt ".[serve,cpu]"
+# The build backend pinned as well: pip's isolated build environment would take the newest
+# setuptools, outside the constraints.
+RUN pip install -c /tmp/constraints.txt setuptools \
+    && pip install -c /tmp/constraints.txt --no-build-isolation ".[serve,cpu]"
 
 FROM ${PYTHON_IMAGE}
 # OMP_WAIT_POLICY: OpenMP threads sleep instead of spinning when they wait (the service sets it

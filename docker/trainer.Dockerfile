@@ -20,11 +20,14 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install -c /tmp/constraints.txt --no-deps --index-url "${TORCH_INDEX_URL}" torch
 ARG FAISS_PACKAGE=faiss-cpu
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml README.md ./
 COPY remi_core ./remi_core
 COPY training ./training
 COPY service ./service
-RUN pip install -c /tmp/constraints.txt "${FAISS_PACKAGE}" ".[train]"
+# The build backend pinned as well: pip's isolated build environment would take the newest
+# setuptools, outside the constraints.
+RUN pip install -c /tmp/constraints.txt setuptools \
+    && pip install -c /tmp/constraints.txt --no-build-isolation "${FAISS_PACKAGE}" ".[train]"
 
 FROM ${PYTHON_IMAGE}
 # No OMP_WAIT_POLICY here: remi-train keeps OpenMP's spinning wait (fast on idle cores) and

@@ -408,6 +408,25 @@ def test_images_build_from_pinned_inputs(dockerfile: str) -> None:
     assert ("OMP_WAIT_POLICY=PASSIVE" in env) == (dockerfile == "api.Dockerfile")
 
 
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_the_project_builds_with_the_pinned_backend_and_its_readme(dockerfile: str) -> None:
+    instructions = dockerfile_instructions(REPO / "docker" / dockerfile)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    builds = [args for ins, args in instructions if ins == "RUN" and re.search(r'"\.\[', args)]
+    assert builds, f"{dockerfile}: the project is not installed"
+    for args in builds:
+        # pip's isolated build environment ignores -c: it would take the newest setuptools.
+        assert "--no-build-isolation" in args, f"{dockerfile}: `{args}`"
+        assert "-c /tmp/constraints.txt setuptools" in args, f"{dockerfile}: `{args}`"
+    [backend] = project["build-system"]["requires"]
+    assert backend.startswith("setuptools>=")
+    pinned = constraint_pins()["setuptools"]
+    assert int(pinned.split(".")[0]) >= int(backend.removeprefix("setuptools>=").split(".")[0])
+    # pyproject's readme is read at build time; the image's build context must hold it.
+    copied = [args.split()[:-1] for ins, args in instructions if ins == "COPY"]
+    assert any(project["project"]["readme"] in sources for sources in copied), dockerfile
+
+
 def test_both_images_run_the_same_python() -> None:
     bases = {
         re.search(r"^ARG PYTHON_IMAGE=(\S+)$", (REPO / "docker" / d).read_text(), re.M).group(1)
