@@ -76,8 +76,9 @@ def serve(
     check: Annotated[
         bool,
         typer.Option(
-            help="Load and verify the bundle before starting the workers, so a bad bundle stops "
-            "start-up with one clear message (instead of every worker failing)."
+            help="Load and verify the bundle before starting the workers, so that start-up "
+            "stops with one clear message when none can serve (instead of every worker failing). "
+            "When `current` cannot, the workers serve the newest published version that can."
         ),
     ] = True,
 ) -> None:
@@ -107,13 +108,21 @@ def serve(
         )
     if check:
         from remi_core.bundle import BundleError
-        from service.recommender import load_model
+        from service.registry import load_servable
 
         try:
-            model = load_model(settings.bundle_root, "cpu", settings.verify_checksums)
+            model, _, rejected = load_servable(
+                settings.bundle_root, "cpu", settings.verify_checksums
+            )
         except (BundleError, OSError) as exc:
             typer.echo(f"error: cannot start: no usable bundle: {exc}", err=True)
             raise typer.Exit(1) from None
+        if rejected is not None:
+            typer.echo(
+                f"warning: `current` cannot serve, so the workers start on {model.version}, the "
+                f"newest published version that can: {rejected}",
+                err=True,
+            )
         typer.echo(f"bundle {model.version} verified ({model.num_items} items)", err=True)
         del model
 

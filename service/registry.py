@@ -5,18 +5,23 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio.to_thread
 
-from remi_core.bundle import BundleError, current_version, resolve_current
+from remi_core.bundle import BundleError, current_version, published_versions, resolve_current
 from service.errors import ModelNotLoaded
 from service.metrics import Metrics
 from service.recommender import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
+
+# `current`'s target and a stamp of that version's files (name, size, mtime of each; None when
+# the directory cannot be listed): what a check saw.
+LinkState = tuple[str | None, tuple[tuple[str, int, int], ...] | None]
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,36 @@ class ReloadOutcome:
     previous: str | None
     target: str | None  # what `current` pointed at
     error: str | None = None
+
+
+def load_servable(
+    root: Path, device: str, verify: bool, exact_search: str = "auto"
+) -> tuple[LoadedModel, Path, str | None]:
+    """(model, its version directory, why `current` was rejected or None): `current`'s bundle,
+    or, if it cannot serve, the newest version published before it that can. A worker that the
+    supervisor restarts while `current` names a rejected bundle so serves what the other workers
+    still serve, instead of failing to start (which makes uvicorn stop them all), and so does a
+    restarted container. Raises BundleError (or OSError) when no version can serve."""
+    try:
+        path = resolve_current(root)
+        return load_model(path, device, verify, exact_search), path, None
+    except (BundleError, OSError) as exc:
+        rejected, error = current_version(root), exc
+    try:
+        versions = published_versions(root)
+    except OSError:
+        raise error from None
+    for version in reversed(versions):
+        if version == rejected:
+            continue
+        path = Path(root) / version
+        try:
+            model = load_model(path, device, verify, exact_search)
+        except (BundleError, OSError) as exc:
+            log.error("bundle %s cannot serve either: %s", version, exc)
+            continue
+        return model, path, str(error)
+    raise error
 
 
 class ModelRegistry:
@@ -45,7 +80,8 @@ class ModelRegistry:
         self.metrics = metrics
         self._model: LoadedModel | None = None
         self._name: str | None = None  # `current`'s target when the served model was loaded
-        self._checked: str | None = None  # `current`'s target at the last full check
+        self._checked: LinkState | None = None  # what the last full check saw
+        self._failed_state: LinkState | None = None  # what the last failed load saw
         self._lock = asyncio.Lock()  # one load at a time (poller and admin endpoint)
         self.last_error: str | None = None
         self.failed_target: str | None = None
@@ -63,38 +99,44 @@ class ModelRegistry:
         return self._model is not None
 
     def load_initial(self) -> LoadedModel:
-        """Load `current` at start-up; a BundleError here must stop the service."""
-        path = resolve_current(self.root)
-        model = load_model(path, self.device, self.verify, self.exact_search)
+        """Load what `load_servable` finds at start-up, a rejected `current` reported as a
+        failed reload would be. Raises BundleError (or OSError) when no version can serve."""
+        state = self._state()
+        model, path, rejected = load_servable(
+            self.root, self.device, self.verify, self.exact_search
+        )
         self._swap(model, path.name)
-        self._checked = path.name
+        if rejected is not None:
+            self._failed(model.version, state[0], rejected, state)
+        self._checked = state
         return model
 
     async def reload(self, force: bool = False) -> ReloadOutcome:
         """Load `current` if it moved. Without `force`, a target that already failed is skipped
-        (versions are immutable, so retrying it every poll would only repeat the error)."""
+        while its files stay as they were (retrying would only repeat the error); one that was
+        missing or half-copied is tried again once its files change."""
         async with self._lock:
-            self._checked = self._link_target()
+            state = self._checked = self._state()
             self.last_check_at = time.time()
             previous = self._model.version if self._model else None
             try:
                 path = resolve_current(self.root)  # read the link once: target and path agree
             except (BundleError, OSError) as exc:
-                return self._failed(previous, None, str(exc))
+                return self._failed(previous, None, str(exc), state)
             target = path.name
             if target == self._name:
                 # `current` is back on the served bundle (e.g. rolled back after a rejected
                 # one): nothing is pending, so an earlier failure no longer applies.
                 self._clear_failure()
                 return ReloadOutcome(False, previous, previous, target)
-            if target == self.failed_target and not force:
+            if state == self._failed_state and not force:
                 return ReloadOutcome(False, previous, previous, target, self.last_error)
             log.info("loading bundle %s (serving %s)", path, previous)
             # Loading verifies checksums and runs a test query: seconds for big catalogues, so
             # it runs in a thread while the old model keeps answering.
             model = await anyio.to_thread.run_sync(self._load, path)
             if isinstance(model, str):
-                return self._failed(previous, target, model)
+                return self._failed(previous, target, model, state)
             self._swap(model, target)
             self.metrics.reloads.labels(result="success").inc()
             log.info("now serving bundle %s (was %s)", model.version, previous)
@@ -130,30 +172,47 @@ class ModelRegistry:
     def _clear_failure(self) -> None:
         self.last_error = None
         self.failed_target = None
+        self._failed_state = None
         self.metrics.reload_failing.set(0)
 
-    def _failed(self, previous: str | None, target: str | None, error: str) -> ReloadOutcome:
+    def _failed(
+        self, previous: str | None, target: str | None, error: str, state: LinkState
+    ) -> ReloadOutcome:
         if error != self.last_error:  # a poller hitting the same problem logs it once
             log.error("bundle %s rejected, still serving %s: %s", target, previous, error)
         self.last_error = error
         self.failed_target = target
+        self._failed_state = state
         self.metrics.reloads.labels(result="failure").inc()
         self.metrics.reload_failing.set(1)
         return ReloadOutcome(False, previous, previous, target, error)
 
-    def _link_target(self) -> str | None:
+    def _state(self) -> LinkState:
+        """What `current` names now, and a stamp of that version's files. A published version
+        never changes, but one that was missing or still being copied when a load failed does
+        as it arrives: the stamp tells the poller to try it again (and only then)."""
         try:
-            return current_version(self.root)
+            target = current_version(self.root)
         except OSError:
-            return None
+            return None, None
+        if target is None:
+            return None, None
+        try:
+            with os.scandir(self.root / target) as entries:
+                files = [(entry.name, entry.stat()) for entry in entries]
+            stamp = tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in files))
+        except OSError:
+            stamp = None
+        return target, stamp
 
     def settled(self) -> bool:
-        """Whether `current` still names what the last full check found: one readlink, cheap
-        enough for every worker to run several times a second. A target that failed stays
-        settled until `current` moves (or /admin/reload), as before: versions are immutable."""
-        target = self._link_target()
+        """Whether `current` and its version's files are as the last full check found them: a
+        readlink and a directory listing, cheap enough for every worker to run several times a
+        second. A target that failed stays settled until `current` moves, its files change, or
+        /admin/reload forces a retry."""
+        state = self._state()
         self.last_check_at = time.time()
-        return self.loaded and target == self._checked
+        return self.loaded and state == self._checked
 
     async def poll(self, interval_s: float) -> None:
         """Background task: check `current` every interval_s seconds until cancelled, and load

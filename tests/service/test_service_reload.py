@@ -297,3 +297,63 @@ def test_pointing_current_back_at_the_served_bundle_clears_the_failure(
     metrics = client.get("/metrics").text
     assert "remi_model_reload_failing 0.0" in metrics
     assert 'remi_model_reloads_total{result="failure"} 1.0' in metrics  # history is kept
+
+
+def test_a_worker_starting_while_current_is_rejected_serves_the_last_good_version(
+    tiny_bundle_root: Path,
+) -> None:
+    # A worker restarted (OOM, a crash) while `current` names a rejected bundle: failing to
+    # start would make uvicorn's supervisor stop every worker. It serves what the others do.
+    good = current_version(tiny_bundle_root)
+    bad = write_tiny_bundle(tiny_bundle_root, seed=2)  # published, then damaged in place
+    index = bad / "index.faiss"
+    index.write_bytes(index.read_bytes()[:-64])
+    with make_client(tiny_bundle_root) as client:
+        assert client.get("/v1/model").json()["version"] == good
+        ready = client.get("/readyz").json()
+        assert ready["ready"] is True and ready["model_version"] == good
+        assert ready["reload"]["rejected_target"] == bad.name
+        assert "checksum mismatch" in ready["reload"]["error"]
+        assert "remi_model_reload_failing 1.0" in client.get("/metrics").text
+        assert client.post("/recommend", json={"history": HISTORY}).status_code == 200
+    # With no version that can serve, start-up still fails.
+    (tiny_bundle_root / good / "index.faiss").write_bytes(b"")
+    with pytest.raises(Exception, match="no usable bundle"), make_client(tiny_bundle_root):
+        pass
+
+
+def test_a_version_that_arrives_after_current_named_it_is_loaded(tiny_bundle_root: Path) -> None:
+    # An operator's `cp -r`: `current` switched before the copy is complete (or before the
+    # directory exists). The failed check is retried when the version's files change.
+    source = write_tiny_bundle(tiny_bundle_root, seed=7, publish=False)
+    staged = tiny_bundle_root.parent / "staged"
+    source.rename(staged)
+    with make_client(tiny_bundle_root, reload_interval_s=0.05) as client:
+        old = client.get("/v1/model").json()["version"]
+
+        def wait_for(check, what: str) -> None:
+            deadline = time.monotonic() + 10
+            while not check():
+                assert time.monotonic() < deadline, what
+                time.sleep(0.05)
+
+        link = tiny_bundle_root / ".link"
+        link.symlink_to(source.name)  # dangling for now (set_current would refuse it)
+        link.replace(tiny_bundle_root / "current")
+        wait_for(lambda: not client.get("/readyz").json()["reload"]["ok"], "never noticed")
+        source.mkdir()
+        for name in ("manifest.json", "encoder.safetensors"):  # half of the copy
+            (source / name).write_bytes((staged / name).read_bytes())
+        wait_for(
+            lambda: "item_embeddings" in (client.get("/readyz").json()["reload"]["error"] or ""),
+            "the half-copied version was not tried again",
+        )
+        assert client.get("/v1/model").json()["version"] == old
+        for path in staged.iterdir():  # the rest of the copy
+            if not (source / path.name).exists():
+                (source / path.name).write_bytes(path.read_bytes())
+        wait_for(
+            lambda: client.get("/v1/model").json()["version"] == source.name,
+            "the completed version was never loaded",
+        )
+        assert client.get("/readyz").json()["reload"]["ok"] is True

@@ -105,11 +105,26 @@ def test_every_worker_serves_a_publish_within_a_second(tiny_bundle_root: Path, t
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("current_rejected", [False, True])
 def test_a_worker_that_dies_is_replaced_on_a_socket_of_its_own(
-    tiny_bundle_root: Path, tmp_path: Path
+    tiny_bundle_root: Path, tmp_path: Path, current_rejected: bool
 ) -> None:
     log_path = tmp_path / "serve.log"
-    with two_workers(tiny_bundle_root, log_path) as (_, port, pids):
+    served = current_version(tiny_bundle_root)
+    with two_workers(tiny_bundle_root, log_path) as (base, port, pids):
+        if current_rejected:
+            # Dying while `current` names a rejected bundle: the new worker failing to start
+            # made uvicorn's supervisor stop the survivor too, and the whole service was gone.
+            bad = write_tiny_bundle(tiny_bundle_root, seed=2)
+            (bad / "item_ids.json").write_text('[null, "oops"]')  # fails its checksum
+            with httpx.Client(timeout=5) as client:
+                wait_for(
+                    lambda: all(
+                        client.get(f"{base}/readyz").json()["reload"]["rejected_target"]
+                        == bad.name
+                        for _ in range(8)
+                    )
+                )
         victim = min(pids)
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 60
@@ -125,6 +140,7 @@ def test_a_worker_that_dies_is_replaced_on_a_socket_of_its_own(
             time.sleep(0.2)
         assert len(answering - pids) == 1  # the survivor and the new worker
         assert set(pids_answering_at_once(port, 32)) == answering
+        assert {readyz(base)[1] for _ in range(8)} == {served}
 
 
 def wait_for(condition, timeout_s: float = 20.0) -> None:
