@@ -120,8 +120,7 @@ def test_a_worker_that_dies_is_replaced_on_a_socket_of_its_own(
             with httpx.Client(timeout=5) as client:
                 wait_for(
                     lambda: all(
-                        client.get(f"{base}/readyz").json()["reload"]["rejected_target"]
-                        == bad.name
+                        client.get(f"{base}/readyz").json()["reload"]["rejected_target"] == bad.name
                         for _ in range(8)
                     )
                 )
