@@ -150,9 +150,11 @@ class HistoryStore:
         Nothing is written when a key has the wrong type (HistoryConflict), or when Redis does
         not answer within the timeout (RedisUnavailable): the script carries a deadline on
         Redis's own clock, set well before the client gives up, and refuses to write when it
-        starts after it. A reply lost to a broken connection is retried once, and the request's
-        token makes that retry find the batch written rather than write it twice; only when the
-        retry fails too is the outcome unknown, and the 503 says so (docs/serving.md).
+        starts after it. When the reply is what is late, the request's token, set by the write,
+        tells whether it ran. A reply lost to a broken connection is retried once, and the token
+        makes that retry find the batch written rather than write it twice; only when the retry
+        fails too, or Redis does not answer the token's lookup, is the outcome unknown, and the
+        503 says so (docs/serving.md).
         """
         if not events:
             return
@@ -186,12 +188,20 @@ class HistoryStore:
                 keys = [EVENTS_STREAM, token, *user_of]
                 wrong = await self._append_script(keys=keys, args=args)
         except (RedisError, OSError) as exc:  # asyncio's TimeoutError is an OSError
-            # Only a connection that broke after the script was sent leaves it unknown whether
-            # Redis ran it; a timeout means it started after its deadline, or never.
-            if sent and not isinstance(exc, TimeoutError | RedisTimeoutError):
+            outcome = "nothing was stored"
+            if sent and isinstance(exc, TimeoutError | RedisTimeoutError):
+                # The script may have run in time with its reply still on the way (a slow
+                # network, a Redis that holds replies for an fsync): its token says. Our budget
+                # is past the script's deadline on Redis's clock, so one that has not run yet
+                # will not write.
+                written = await self._token_set(token)
+                if written:
+                    log.info("a late reply: the events were stored (token found)")
+                    return
+                if written is None:
+                    outcome = "the events may or may not have been stored"
+            elif sent:  # the connection broke after the script was sent (and on the retry)
                 outcome = "the events may or may not have been stored"
-            else:
-                outcome = "nothing was stored"
             raise self._unavailable("store events", exc, outcome) from None
         if wrong == "expired":
             raise self._unavailable(
@@ -260,6 +270,15 @@ class HistoryStore:
         # Someone else's data in our key space needs an operator, not just the client, to see it.
         log.warning("redis key conflict: %s", message)
         return HistoryConflict(message)
+
+    async def _token_set(self, token: str) -> bool | None:
+        """Whether an /events write's token is set (its batch was written); None if Redis does
+        not say within the timeout."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return bool(await self._client.exists(token))
+        except (RedisError, OSError):
+            return None
 
     def _unavailable(
         self, action: str, exc: BaseException, outcome: str | None = None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -348,3 +351,71 @@ def test_redis_password_in_query_string_does_not_leak(
         assert "password=***" in r.json()["detail"]
         assert "s3cret" not in r.text
         assert "s3cret" not in client.get("/readyz").text
+
+
+class ReplyDelayingProxy:
+    """A TCP proxy in front of Redis that holds, while `delay_s` > 0, every reply to a
+    connection whose last command was a script (EVAL/EVALSHA): the write runs at once, its
+    answer arrives late."""
+
+    def __init__(self, port: int) -> None:
+        self.target = ("127.0.0.1", port)
+        self.delay_s = 0.0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.server.getsockname()[1]}/0"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            last = {"script": False}
+            threading.Thread(
+                target=self._pump, args=(client, upstream, last, True), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(upstream, client, last, False), daemon=True
+            ).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, last: dict, requests: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if requests:
+                    last["script"] = b"EVAL" in data.upper()
+                elif last["script"] and self.delay_s:
+                    time.sleep(self.delay_s)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_events_whose_reply_is_late_are_stored_once_and_answered_200(
+    tiny_bundle_root: Path, redis_server: RedisServer
+) -> None:
+    # The write runs in time but its reply comes after the budget (0.5 s): that was a 503
+    # "nothing was stored" with the events stored, and a client's retry stored them twice.
+    proxy = ReplyDelayingProxy(redis_server.port)
+    settings = redis_settings(tiny_bundle_root, redis_server)
+    settings = settings.model_copy(update={"redis_url": proxy.url})
+    try:
+        with TestClient(create_app(settings)) as client:
+            assert client.post("/events", json=events("late", ["books-0001"])).status_code == 200
+            proxy.delay_s = 0.8
+            r = client.post("/events", json=events("late", ["books-0002"], start=1_700_000_100))
+            assert r.status_code == 200, r.text
+            proxy.delay_s = 0.0
+        redis = redis_server.client()
+        assert redis.lrange(history_key("late"), 0, -1) == ["books-0001", "books-0002"]
+        assert redis.xlen(EVENTS_STREAM) == 2
+    finally:
+        proxy.close()
