@@ -209,7 +209,10 @@ def write_bundle(
                     index, search_params, interests, table, recall_n, recall_target, exclude
                 )
             recall = tuning.to_manifest()
-        faiss.write_index(index, str(tmp / FILES["index"]))
+        try:
+            faiss.write_index(index, str(tmp / FILES["index"]))
+        except RuntimeError as exc:  # faiss's own error for a failed write (a full disk)
+            raise OSError(f"cannot write {FILES['index']}: {exc}") from None
         if categories is not None:
             np.save(tmp / OPTIONAL_FILES["item_categories"], category_rows, allow_pickle=False)
             (tmp / OPTIONAL_FILES["category_names"]).write_text(json.dumps(list(categories[1])))

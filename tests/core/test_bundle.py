@@ -174,10 +174,18 @@ def test_publish_or_discard(tmp_path, monkeypatch):
 FULL_DISK = """
 import resource, signal, sys
 from pathlib import Path
+import faiss
 from remi_core.bundle import BundleError
 from tests.helpers import write_tiny_bundle
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))
+if sys.argv[2] == "index":  # the disk fills up as the index is written
+    write_index = faiss.write_index
+    def capped(*args):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+        write_index(*args)
+    faiss.write_index = capped
+else:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))
 try:
     write_tiny_bundle(Path(sys.argv[1]), version="v2")
 except BundleError as exc:
@@ -185,13 +193,15 @@ except BundleError as exc:
 """
 
 
-def test_a_write_that_fails_midway_is_a_bundle_error_and_leaves_nothing(tmp_path):
-    """A real failed write (files capped below the encoder's size, as on a full disk): one
-    error naming the version and the root, no temporary directory left, `current` unchanged."""
+@pytest.mark.parametrize("failing", ["encoder", "index"])
+def test_a_write_that_fails_midway_is_a_bundle_error_and_leaves_nothing(tmp_path, failing):
+    """A real failed write (files capped below the encoder's size, or the index's, as on a full
+    disk): one error naming the version and the root, no temporary directory left, `current`
+    unchanged. faiss reports its failed write as a RuntimeError of its own."""
     root = tmp_path / "bundles"
     write_tiny_bundle(root, version="v1")
     out = subprocess.run(
-        [sys.executable, "-c", FULL_DISK, str(root)],
+        [sys.executable, "-c", FULL_DISK, str(root), failing],
         capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
