@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
+import multiprocessing
 import os
 import secrets
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -72,6 +75,7 @@ log = logging.getLogger(__name__)
 
 # New tracked objects (net) before the garbage collector's youngest generation is collected.
 GC_GEN0_THRESHOLD = 50_000
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class StartupError(RuntimeError):
@@ -479,8 +483,24 @@ class MetricsMiddleware:
 
 
 @contextlib.asynccontextmanager
+def _stop_with_the_supervisor() -> None:
+    """Have the kernel send this worker SIGTERM when its parent, the supervisor of `remi-serve
+    --workers N`, dies, even by SIGKILL: else the workers would keep serving unsupervised (none
+    restarted) and keep the port, so a new `remi-serve` could not start. Linux only; a no-op in
+    a process that is not a multiprocessing child (one worker, tests)."""
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        log.warning("cannot ask to stop with the supervisor: errno %d", ctypes.get_errno())
+        return
+    if os.getppid() != parent.pid:  # it died before the request above: nothing will come
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    _stop_with_the_supervisor()
     # Each compute thread encodes (torch) then searches (faiss), so both pools get
     # REMI_TORCH_THREADS (0: the worker's share of the CPUs, REMI_THREADS). Wider pools spin
     # against each other and against the event loop on small hosts (docs/serving.md).

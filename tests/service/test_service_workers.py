@@ -142,6 +142,32 @@ def test_a_worker_that_dies_is_replaced_on_a_socket_of_its_own(
         assert {readyz(base)[1] for _ in range(8)} == {served}
 
 
+@pytest.mark.integration
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and /proc are Linux's")
+def test_workers_stop_when_the_supervisor_is_killed(tiny_bundle_root: Path, tmp_path: Path):
+    # SIGKILL leaves the supervisor no time to stop its workers: they used to keep serving,
+    # unsupervised, and hold the port, so a new remi-serve could not start.
+    with two_workers(tiny_bundle_root, tmp_path / "serve.log") as (base, port, pids):
+        [supervisor] = parents(pids)
+        os.kill(supervisor, signal.SIGKILL)
+        wait_for(lambda: not any(running(pid) for pid in pids))
+        with socket.socket() as probe:  # the port is free again
+            probe.bind(("127.0.0.1", port))
+
+
+def parents(pids: set[int]) -> set[int]:
+    """The parent pid of each of `pids` (from /proc)."""
+    return {int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in pids}
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (the reaper of an orphan may be slow)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def wait_for(condition, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
