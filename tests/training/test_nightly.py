@@ -126,6 +126,27 @@ def test_events_saved_atomically_and_deduplicated(tmp_path: Path) -> None:
     assert not list((tmp_path / "events").glob(".*tmp"))
 
 
+def test_a_re_read_range_that_lost_entries_keeps_the_saved_file(tmp_path) -> None:
+    # Redis restarted from an older snapshot: a crashed run had saved 100-0..100-3, the stream
+    # now holds only 100-0 and 100-1 of them, plus new entries. The new file's name covers the
+    # old one's range; deleting the old file by its name lost 100-2 and 100-3 for good.
+    def entries(ids: list[str]) -> list[tuple[str, dict[str, str]]]:
+        return [
+            (i, {"user_id": "u", "item_id": f"item-{i}", "timestamp": str(1_700_000_000 + n)})
+            for n, i in enumerate(ids)
+        ]
+
+    saved = save_events(tmp_path, events_frame(entries(["100-0", "100-1", "100-2", "100-3"]))[0])
+    save_events(tmp_path, events_frame(entries(["100-0", "100-1", "200-0", "200-1"]))[0])
+    assert saved.is_file()
+    events, dropped = load_events(tmp_path)
+    assert sorted(events["stream_id"]) == ["100-0", "100-1", "100-2", "100-3", "200-0", "200-1"]
+    assert dropped == 2  # 100-0 and 100-1, in both files
+    # A re-read that holds everything the old file did still replaces it.
+    save_events(tmp_path, events_frame(entries(["100-0", "100-1", "100-2", "100-3", "200-0"]))[0])
+    assert not saved.exists()
+
+
 def test_lock_refuses_second_holder_and_releases_only_its_own(redis_server) -> None:
     client = redis_server.client()
     first = RedisLock(client, "remi:nightly:lock", ttl_s=5)

@@ -189,7 +189,10 @@ def save_events(state_dir: Path, frame: pd.DataFrame) -> Path | None:
 
     A range read again after a crash (the position did not move) starts where the saved file
     starts and may reach further: the new file is written first, then every file whose range it
-    covers is deleted, so the log keeps each event once without ever holding it in no file.
+    covers, and whose every event it holds, is deleted, so the log keeps each event once without
+    ever holding it in no file. A file whose events the re-read range lacks stays: Redis lost
+    them (restarted from an older snapshot, a failover to a lagging replica, an XDEL), and
+    saved events are kept (`load_events` drops what two files both hold).
     """
     if frame.empty:
         return None
@@ -199,9 +202,16 @@ def save_events(state_dir: Path, frame: pd.DataFrame) -> Path | None:
     path = directory / f"events-{first}--{last}.csv"
     with atomic_file(path) as tmp:
         frame.to_csv(tmp, index=False, columns=list(EVENT_COLUMNS), quoting=csv.QUOTE_NONNUMERIC)
+    saved = set(frame["stream_id"])
     for old in event_files(state_dir):
         old_first, old_last = file_range(old)
-        if old != path and parse_id(first) <= old_first and old_last <= parse_id(last):
+        if old == path or not parse_id(first) <= old_first or not old_last <= parse_id(last):
+            continue
+        try:
+            covered = set(_read_events_file(old)["stream_id"]) <= saved
+        except DataError:
+            continue  # not this function's to judge: load_events stops on it, naming it
+        if covered:
             old.unlink(missing_ok=True)
     return path
 
