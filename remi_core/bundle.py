@@ -299,10 +299,13 @@ def set_current(root: Path, version: str) -> None:
     version = version.rstrip("/")  # shell completion adds one
     if version not in list_versions(root):
         raise BundleError(f"no bundle version {version!r} in {root}")
+    # Logged before the switch: a log write that fails (a full disk) then leaves `current` as
+    # it was, while after it a served version missing from the log would count as never
+    # published, and retention would delete it (the rollback target) an hour later.
+    _record_published(root, version)
     link = root / f".{CURRENT}.{uuid.uuid4().hex[:8]}"
     os.symlink(version, link)  # relative, so the root can be mounted anywhere
     os.replace(link, root / CURRENT)
-    _record_published(root, version)
     fsync_dir(root)
 
 

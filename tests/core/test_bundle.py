@@ -171,6 +171,20 @@ def test_publish_or_discard(tmp_path, monkeypatch):
     assert current_version(root) == "v3" and load_bundle(root).version == "v3"
 
 
+def test_a_publish_whose_log_cannot_be_written_leaves_current_as_it_was(tmp_path):
+    # The log of published versions is what retention keeps: a version `current` named but the
+    # log lacked was pruned as never published an hour later, though it had served.
+    root = tmp_path / "bundles"
+    write_tiny_bundle(root, version="v1")
+    write_tiny_bundle(root, version="v2", publish=False)
+    log = root / "published.log"
+    log.rename(root / "published.bak")
+    log.mkdir()  # a real failed write: opening it for appending is an error
+    with pytest.raises(OSError):
+        publish_or_discard(root, "v2", lambda: None)
+    assert current_version(root) == "v1" and list_versions(root) == ["v1"]
+
+
 FULL_DISK = """
 import resource, signal, sys
 from pathlib import Path
