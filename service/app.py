@@ -145,6 +145,11 @@ router = APIRouter()
 RETRY_AFTER = {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
 # Every route that takes a JSON body.
 ERRORS: dict[int | str, dict[str, Any]] = {
+    408: {
+        "model": ErrorResponse,
+        "description": "The body was still arriving REMI_BODY_TIMEOUT_S after the headers; the "
+        "connection is closed.",
+    },
     413: {
         "model": ErrorResponse,
         "description": "The body is over REMI_MAX_BODY_BYTES; refused before it is read in full.",
@@ -628,7 +633,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.fast_lane:
         route = next(r for r in router.routes if getattr(r, "endpoint", None) is recommend)
         app.add_middleware(RecommendFastLane, service=app, route=route)  # inside the two below
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
     app.add_middleware(AnswerCancelledRequests)
     # Added last, so outermost: refused bodies are counted too.
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

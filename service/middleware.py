@@ -20,17 +20,21 @@ def replaying(held: list[Message], receive: Receive) -> Receive:
 
 
 class BodyLimitMiddleware:
-    """Refuses request bodies over `max_bytes` with 413, without reading them in full.
+    """Refuses request bodies over `max_bytes` with 413, without reading them in full, and
+    bodies still arriving `timeout_s` after the headers with 408.
 
     A declared Content-Length over the limit is refused before a byte of the body is read;
     otherwise (chunked bodies, or a client sending more than it declared) the bytes are counted
     as they arrive and the request is refused as soon as the count passes the limit. A body
     within the limit is held here and handed on unchanged: the JSON routes read it whole anyway.
+    Without the deadline a client that stops sending mid-body held its connection for good
+    (uvicorn has no read timeout), and enough of them exhaust the worker's file descriptors.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,17 +46,26 @@ class BodyLimitMiddleware:
             return
         held: list[Message] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away while sending: nobody to answer
-            size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self._refuse(send, "request body is")
-                return
-            held.append(message)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # the client went away while sending: nobody to answer
+                    size += len(message.get("body", b""))
+                    if size > self.max_bytes:
+                        await self._refuse(send, "request body is")
+                        return
+                    held.append(message)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            detail = (
+                f"the request body did not arrive within {self.timeout_s:g} s "
+                f"(REMI_BODY_TIMEOUT_S; {size} bytes received)"
+            )
+            await send_error_and_close(send, 408, detail)
+            return
 
         await self.app(scope, replaying(held, receive), send)
 

@@ -97,6 +97,13 @@ class Settings(BaseSettings):
         "read in full. The default (16 MiB) fits a full batch (REMI_MAX_BATCH entries of "
         "REMI_MAX_HISTORY ids) with ids of up to about 60 characters.",
     )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest a request body may take to arrive, in seconds, from when its "
+        "headers are read; a client still sending then gets 408 and its connection is closed, "
+        "so stalled clients cannot hold connections (and file descriptors) for good.",
+    )
     batch_wait_ms: float = Field(
         0.0,
         ge=0,

@@ -91,6 +91,33 @@ def test_remi_serve_answers_over_http(
     assert "serving bundle" in log_text(log)  # the service's own logs reach uvicorn's output
 
 
+def test_a_client_that_stalls_mid_body_gets_408_and_its_connection_closed(
+    tiny_bundle_root: Path, tmp_path: Path
+) -> None:
+    # uvicorn has no read timeout: a stalled client held its connection (a file descriptor)
+    # for good, and enough of them left the worker refusing everyone.
+    log = (tmp_path / "serve.log").open("w+")
+    env = child_env(REMI_REDIS_URL="redis://127.0.0.1:1/0", REMI_BODY_TIMEOUT_S="1")
+    proc, base = start_remi_serve(["--bundle-root", str(tiny_bundle_root)], env, log)
+    port = int(base.rpartition(":")[2])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
+            stalled.sendall(
+                b"POST /recommend HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n" + b'{"history": ['
+            )
+            sent_at = time.monotonic()
+            answer = b"".join(iter(lambda: stalled.recv(65536), b""))  # until the server closes
+            took = time.monotonic() - sent_at
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"did not arrive within 1 s" in answer and b"13 bytes received" in answer
+        assert 0.9 < took < 5, took
+        assert httpx.get(f"{base}/healthz").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_ends_remi_serve_despite_a_client_still_sending(
     tiny_bundle_root: Path, tmp_path: Path, workers: int

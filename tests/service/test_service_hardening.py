@@ -512,7 +512,7 @@ def test_openapi_states_limits_rules_and_answers(tiny_bundle_root: Path) -> None
 
     paths = schema["paths"]
     for path in ("/recommend", "/recommend/batch", "/events"):
-        assert {"401", "409", "413", "422", "503"} <= set(paths[path]["post"]["responses"])
+        assert {"401", "408", "409", "413", "422", "503"} <= set(paths[path]["post"]["responses"])
         error = paths[path]["post"]["responses"]["413"]["content"]["application/json"]
         assert error["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
     assert {"401", "403", "409"} <= set(paths["/admin/reload"]["post"]["responses"])
