@@ -261,6 +261,13 @@ def test_events_posted_to_the_api_become_recommendable_after_nightly(nightly_env
     assert current_version(cfg.bundle_root) == new_version
     # Later nights keep the accumulated events even though the stream was trimmed.
     assert again["events"]["accumulated"] == 48
+    # Damaged where it is (a disk error, a truncated copy): replaced, though nothing is new.
+    index = Path(cfg.bundle_root) / new_version / "index.faiss"
+    index.write_bytes(index.read_bytes()[:100])
+    repaired = run_nightly(cfg)
+    assert repaired["decision"] == "published", repaired["reason"]
+    assert "checksum mismatch" in repaired["current_unusable"]
+    assert current_version(cfg.bundle_root) == repaired["published_version"] != new_version
 
 
 @pytest.mark.integration

@@ -56,7 +56,14 @@ from typing import Any
 import pandas as pd
 
 from remi_core.atomic import write_json_atomic
-from remi_core.bundle import FILES, BundleError, current_version, read_manifest, resolve_current
+from remi_core.bundle import (
+    FILES,
+    BundleError,
+    current_version,
+    read_manifest,
+    resolve_current,
+    verify_files,
+)
 from remi_core.threads import setup_threads
 from training.data import DataError, SequenceDataset, preprocess, read_interactions, stable_split
 from training.nightly import publish
@@ -361,10 +368,20 @@ def build_data(cfg: NightlyConfig, events: EventBatch | None, published: Publish
 
 
 def unchanged(cfg: NightlyConfig, data: NightlyData, published: Published) -> bool:
-    """Step 4: the current bundle was trained on this very data with these settings."""
+    """Step 4: the current bundle was trained on this very data with these settings, and its
+    files are intact: a damaged one (a restarted API could not load it) is replaced, however
+    many nights pass without new events."""
     if cfg.force or published.manifest is None:
         return False
-    return published.manifest.get("nightly", {}).get("key") == data.key
+    if published.manifest.get("nightly", {}).get("key") != data.key:
+        return False
+    try:
+        verify_files(resolve_current(Path(cfg.bundle_root)), published.manifest)
+    except (BundleError, OSError) as exc:
+        log.warning("the current bundle %s is damaged; retraining to replace it: %s",
+                    published.version, exc)  # fmt: skip
+        return False
+    return True
 
 
 def _skipped(published: Published) -> Outcome:
