@@ -98,6 +98,13 @@ def test_events_trimmed_before_a_run_read_them_are_counted(redis_server, tmp_pat
     client.delete("remi:events")
     add(2)
     assert night() == (2, None)
+    # A run that saved 10 entries and died before committing; 7 of them trimmed since. The
+    # next run reads the 3 left and 2 new ones: the 7 are in the saved file, not lost.
+    add(10)
+    collect(client, "remi:events", "remi:pos", tmp_path)  # no advance_position: it died
+    client.xtrim("remi:events", maxlen=3, approximate=False)
+    add(2)
+    assert night() == (5, 0)
 
 
 def test_stream_ids_past_int64_are_read_and_ordered(tmp_path: Path) -> None:

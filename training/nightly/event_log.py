@@ -95,7 +95,14 @@ def collect(client: Any, stream_key: str, position_key: str, state_dir: Path) ->
     entries = []
     if end is not None and parse_id(end) > parse_id(position):
         entries = list(read_stream(client, stream_key, position, end))
-    lost = lost_before_read(client.get(added_key(position_key)), position, added, len(entries))
+    # Entries a run that died before committing saved, and that left the stream since (a trim),
+    # were read all the same: not lost.
+    read_before = 0
+    if end is not None:
+        read_before = len(saved_ids(state_dir, position, end) - {sid for sid, _ in entries})
+    lost = lost_before_read(
+        client.get(added_key(position_key)), position, added, len(entries) + read_before
+    )
     frame, malformed = events_frame(entries)
     saved = save_events(state_dir, frame)
     events, duplicates = load_events(state_dir)
@@ -214,6 +221,18 @@ def save_events(state_dir: Path, frame: pd.DataFrame) -> Path | None:
         if covered:
             old.unlink(missing_ok=True)
     return path
+
+
+def saved_ids(state_dir: Path, after: str, end: str) -> set[str]:
+    """Stream ids in the saved files with after < id <= end."""
+    low, high = parse_id(after), parse_id(end)
+    ids: set[str] = set()
+    for path in event_files(state_dir):
+        first, last = file_range(path)
+        if last <= low or first > high:
+            continue
+        ids.update(i for i in _read_events_file(path)["stream_id"] if low < parse_id(i) <= high)
+    return ids
 
 
 def event_files(state_dir: Path) -> list[Path]:
