@@ -6,6 +6,7 @@ config (configs/nightly-test.yaml, a few seconds per training run) against a rea
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+import remi_core.bundle
 from remi_core.bundle import (
     current_version,
     list_versions,
@@ -358,6 +360,29 @@ def test_users_that_tonights_events_brought_cannot_dilute_a_loss(nightly_env) ->
     assert established["current"] - established["new"] > crippled.tolerance
     assert report["decision"] == "rejected"
     assert "held-out users of the base data" in report["reason"]
+
+
+@pytest.mark.integration
+def test_a_publish_that_fails_after_the_switch_is_reported(nightly_env, monkeypatch) -> None:
+    # The switch's last step (syncing the root) fails: the new version is published and
+    # serves, and the failed run's report must say so rather than leave it out.
+    cfg, client = nightly_env
+    xadd_events(client, new_item_events())
+    previous = current_version(cfg.bundle_root)
+    real_fsync_dir = remi_core.bundle.fsync_dir
+
+    def failing(path: Path) -> None:
+        if Path(path) == Path(cfg.bundle_root):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(remi_core.bundle, "fsync_dir", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        run_nightly(cfg)
+    [path] = (cfg.state_dir / "reports").glob("*.json")
+    report = json.loads(path.read_text())
+    assert report["status"] == "failed" and report["previous_version"] == previous
+    assert report["current_version"] == current_version(cfg.bundle_root) != previous
 
 
 @pytest.mark.integration

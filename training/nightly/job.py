@@ -181,6 +181,11 @@ class NightlyRun:
         if self.outcome is not None:
             out.update(decision=self.outcome.decision, reason=self.outcome.reason)
             out.update(current_version=self.outcome.current_version, **self.outcome.details)
+        elif self.published is not None:
+            # A failure after `current` moved (the publish's last step, syncing the root) has
+            # no outcome: what `current` names now tells whether tonight's model serves.
+            with suppress(OSError):
+                out["current_version"] = current_version(Path(self.cfg.bundle_root))
         if error is not None:
             out["error"] = error
         out["finished_at"] = _now()
