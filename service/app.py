@@ -487,7 +487,6 @@ class MetricsMiddleware:
 # --- app ----------------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
 def _stop_with_the_supervisor() -> None:
     """Have the kernel send this worker SIGTERM when its parent, the supervisor of `remi-serve
     --workers N`, dies, even by SIGKILL: else the workers would keep serving unsupervised (none
@@ -503,6 +502,7 @@ def _stop_with_the_supervisor() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+@contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     _stop_with_the_supervisor()

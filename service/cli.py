@@ -78,7 +78,7 @@ def serve(
         typer.Option(
             help="Load and verify the bundle before starting the workers, so that start-up "
             "stops with one clear message when none can serve (instead of every worker failing). "
-            "When `current` cannot, the workers serve the newest published version that can."
+            "When `current` cannot, the workers serve an older published version that can."
         ),
     ] = True,
 ) -> None:
@@ -119,8 +119,8 @@ def serve(
             raise typer.Exit(1) from None
         if rejected is not None:
             typer.echo(
-                f"warning: `current` cannot serve, so the workers start on {model.version}, the "
-                f"newest published version that can: {rejected}",
+                f"warning: `current` cannot serve, so the workers start on {model.version}, an "
+                f"older published version that can: {rejected}",
                 err=True,
             )
         typer.echo(f"bundle {model.version} verified ({model.num_items} items)", err=True)

@@ -12,16 +12,28 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from remi_core.bundle import BundleError, current_version, published_versions, resolve_current
+from remi_core.bundle import (
+    PUBLISHED,
+    BundleError,
+    current_version,
+    list_versions,
+    published_versions,
+    resolve_current,
+)
 from service.errors import ModelNotLoaded
 from service.metrics import Metrics
 from service.recommender import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
-# `current`'s target and a stamp of that version's files (name, size, mtime of each; None when
-# the directory cannot be listed): what a check saw.
-LinkState = tuple[str | None, tuple[tuple[str, int, int], ...] | None]
+# `current`'s target and a stamp of that version's files (name, size, mtime and ctime of each;
+# None when the directory cannot be listed): what a check saw.
+LinkState = tuple[str | None, tuple[tuple[str, int, int, int], ...] | None]
+# A rejected target whose files do not change is tried again after this many seconds, then
+# twice as long each time up to RETRY_MAX_S: a failure may pass (memory short just after an OOM
+# kill, a network filesystem), and each try of a large bundle costs seconds of hashing.
+RETRY_FIRST_S = 30.0
+RETRY_MAX_S = 1800.0
 
 
 @dataclass(frozen=True)
@@ -37,30 +49,41 @@ def load_servable(
     root: Path, device: str, verify: bool, exact_search: str = "auto"
 ) -> tuple[LoadedModel, Path, str | None]:
     """(model, its version directory, why `current` was rejected or None): `current`'s bundle,
-    or, if it cannot serve, the newest version published before it that can. A worker that the
-    supervisor restarts while `current` names a rejected bundle so serves what the other workers
-    still serve, instead of failing to start (which makes uvicorn stop them all), and so does a
-    restarted container. Raises BundleError (or OSError) when no version can serve."""
+    or, if it cannot serve, the best of `_fallbacks` that can. A worker that the supervisor
+    restarts while `current` names a rejected bundle so serves what the other workers still
+    serve, instead of failing to start (which makes uvicorn stop them all), and so does a
+    restarted container. Raises BundleError when no version can serve."""
+    root = Path(root)
     try:
         path = resolve_current(root)
         return load_model(path, device, verify, exact_search), path, None
     except (BundleError, OSError) as exc:
-        rejected, error = current_version(root), exc
-    try:
-        versions = published_versions(root)
-    except OSError:
-        raise error from None
-    for version in reversed(versions):
-        if version == rejected:
-            continue
-        path = Path(root) / version
+        # The message only: the exception's frames hold what was loaded before it failed.
+        error = str(exc)
+    for version in _fallbacks(root, current_version(root)):
+        path = root / version
         try:
             model = load_model(path, device, verify, exact_search)
         except (BundleError, OSError) as exc:
             log.error("bundle %s cannot serve either: %s", version, exc)
             continue
-        return model, path, str(error)
-    raise error
+        return model, path, error
+    raise BundleError(error)
+
+
+def _fallbacks(root: Path, rejected: str | None) -> list[str]:
+    """What may serve when `current`, naming `rejected`, cannot: versions published before it
+    (in published.log) and created before it, most recently published first. Older only, so
+    that a version rolled back from is never served again; none without a `current` link or a
+    log, since then nothing says which versions were ever meant to serve."""
+    if rejected is None or not (root / PUBLISHED).is_file():
+        return []
+    try:
+        by_age, published = list_versions(root), published_versions(root)
+    except OSError:
+        return []
+    older = set(by_age[: by_age.index(rejected)] if rejected in by_age else by_age)
+    return [v for v in reversed(published) if v in older]
 
 
 class ModelRegistry:
@@ -81,7 +104,10 @@ class ModelRegistry:
         self._model: LoadedModel | None = None
         self._name: str | None = None  # `current`'s target when the served model was loaded
         self._checked: LinkState | None = None  # what the last full check saw
+        self._seen: LinkState | None = None  # what the last poll saw
         self._failed_state: LinkState | None = None  # what the last failed load saw
+        self._retry_wait = 0.0  # seconds from the last failed load to the next try of it
+        self._retry_at: float | None = None  # time.monotonic() of that try
         self._lock = asyncio.Lock()  # one load at a time (poller and admin endpoint)
         self.last_error: str | None = None
         self.failed_target: str | None = None
@@ -129,7 +155,7 @@ class ModelRegistry:
                 # one): nothing is pending, so an earlier failure no longer applies.
                 self._clear_failure()
                 return ReloadOutcome(False, previous, previous, target)
-            if state == self._failed_state and not force:
+            if state == self._failed_state and not force and not self._retry_due():
                 return ReloadOutcome(False, previous, previous, target, self.last_error)
             log.info("loading bundle %s (serving %s)", path, previous)
             # Loading verifies checksums and runs a test query: seconds for big catalogues, so
@@ -173,13 +199,21 @@ class ModelRegistry:
         self.last_error = None
         self.failed_target = None
         self._failed_state = None
+        self._retry_wait, self._retry_at = 0.0, None
         self.metrics.reload_failing.set(0)
+
+    def _retry_due(self) -> bool:
+        return self._retry_at is not None and time.monotonic() >= self._retry_at
 
     def _failed(
         self, previous: str | None, target: str | None, error: str, state: LinkState
     ) -> ReloadOutcome:
         if error != self.last_error:  # a poller hitting the same problem logs it once
             log.error("bundle %s rejected, still serving %s: %s", target, previous, error)
+        # The same target failing again, unchanged: wait twice as long before the next try.
+        again = state == self._failed_state
+        self._retry_wait = min(2 * self._retry_wait, RETRY_MAX_S) if again else RETRY_FIRST_S
+        self._retry_at = time.monotonic() + self._retry_wait
         self.last_error = error
         self.failed_target = target
         self._failed_state = state
@@ -200,7 +234,9 @@ class ModelRegistry:
         try:
             with os.scandir(self.root / target) as entries:
                 files = [(entry.name, entry.stat()) for entry in entries]
-            stamp = tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in files))
+            stamp = tuple(
+                sorted((name, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for name, st in files)
+            )
         except OSError:
             stamp = None
         return target, stamp
@@ -208,11 +244,20 @@ class ModelRegistry:
     def settled(self) -> bool:
         """Whether `current` and its version's files are as the last full check found them: a
         readlink and a directory listing, cheap enough for every worker to run several times a
-        second. A target that failed stays settled until `current` moves, its files change, or
-        /admin/reload forces a retry."""
+        second. A target that failed stays settled until `current` moves, its files change, its
+        retry is due (RETRY_FIRST_S, doubling), or /admin/reload forces a retry."""
         state = self._state()
         self.last_check_at = time.time()
-        return self.loaded and state == self._checked
+        held_still = state == self._seen
+        self._seen = state
+        if not self.loaded or self._checked is None or state[0] != self._checked[0]:
+            return False  # `current` moved: check now
+        if self._retry_due():
+            return False
+        # The same target with its files changed (a version still arriving): tried again once
+        # they have held still for one polling interval, not at every poll of a long copy,
+        # where each try would hash the files copied so far.
+        return state == self._checked or not held_still
 
     async def poll(self, interval_s: float) -> None:
         """Background task: check `current` every interval_s seconds until cancelled, and load

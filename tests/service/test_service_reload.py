@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import threading
 import time
 import weakref
@@ -16,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import remi_core.bundle
+import service.registry
 from remi_core.bundle import current_version, resolve_current, set_current
 from service.app import create_app
 from service.recommender import load_model, recommend_batch
@@ -357,3 +359,46 @@ def test_a_version_that_arrives_after_current_named_it_is_loaded(tiny_bundle_roo
             "the completed version was never loaded",
         )
         assert client.get("/readyz").json()["reload"]["ok"] is True
+
+
+def test_the_start_up_fallback_is_never_a_version_rolled_back_from(tiny_bundle_root: Path):
+    # v1 serves; v2 is published, found bad and rolled back from; then v1 is damaged. A worker
+    # starting now must not bring v2 back: only versions older than `current` may stand in.
+    good = current_version(tiny_bundle_root)
+    rolled_back_from = write_tiny_bundle(tiny_bundle_root, seed=2).name
+    set_current(tiny_bundle_root, good)
+    (tiny_bundle_root / good / "index.faiss").write_bytes(b"")
+    with pytest.raises(Exception, match="no usable bundle"), make_client(tiny_bundle_root):
+        pass
+    assert rolled_back_from in remi_core.bundle.list_versions(tiny_bundle_root)
+    # Nor without published.log: nothing then says which versions were meant to serve.
+    older = write_tiny_bundle(tiny_bundle_root.parent / "other", seed=3, version="v0").parent
+    write_tiny_bundle(older, seed=4, version="v1")
+    (older / "published.log").unlink()
+    (older / "v1" / "index.faiss").write_bytes(b"")
+    with pytest.raises(Exception, match="no usable bundle"), make_client(older):
+        pass
+
+
+def test_a_rejected_bundle_is_tried_again_on_a_growing_interval(
+    tiny_bundle_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A load may fail for a passing reason (memory short after an OOM kill, a network
+    # filesystem) with the files unchanged: the poller tries again, less often each time.
+    monkeypatch.setattr(service.registry, "RETRY_FIRST_S", 0.2)
+    with make_client(tiny_bundle_root, reload_interval_s=0.02) as client:
+        bad = write_tiny_bundle(tiny_bundle_root, seed=6)
+        (bad / "popularity.json").write_text("[1, 2, 3]")
+
+        def failures() -> float:
+            found = re.search(r'remi_model_reloads_total\{result="failure"\} (\S+)',
+                              client.get("/metrics").text)  # fmt: skip
+            return float(found.group(1)) if found else 0.0
+
+        deadline = time.monotonic() + 10
+        while failures() < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(1.7)  # tries at about 0.2, 0.6 and 1.4 s after the first
+        assert 3 <= failures() <= 5
+        assert client.get("/readyz").json()["reload"]["rejected_target"] == bad.name
