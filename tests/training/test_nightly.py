@@ -147,6 +147,12 @@ def test_a_re_read_range_that_lost_entries_keeps_the_saved_file(tmp_path) -> Non
     # A re-read that holds everything the old file did still replaces it.
     save_events(tmp_path, events_frame(entries(["100-0", "100-1", "100-2", "100-3", "200-0"]))[0])
     assert not saved.exists()
+    # The same range read again with an entry gone from its middle (XDEL): the file keeps it.
+    other = tmp_path / "xdel"
+    save_events(other, events_frame(entries(["300-0", "300-1", "300-2"]))[0])
+    again = save_events(other, events_frame(entries(["300-0", "300-2"]))[0])
+    assert again.name == "events-300-0--300-2.csv"
+    assert load_events(other)[0]["stream_id"].tolist() == ["300-0", "300-1", "300-2"]
 
 
 def test_lock_refuses_second_holder_and_releases_only_its_own(redis_server) -> None:

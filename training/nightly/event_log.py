@@ -95,6 +95,8 @@ def collect(client: Any, stream_key: str, position_key: str, state_dir: Path) ->
     entries = []
     if end is not None and parse_id(end) > parse_id(position):
         entries = list(read_stream(client, stream_key, position, end))
+    frame, malformed = events_frame(entries)
+    saved = save_events(state_dir, frame)  # first of all: the stream may lose them any time
     # Entries a run that died before committing saved, and that left the stream since (a trim),
     # were read all the same: not lost.
     read_before = 0
@@ -103,8 +105,6 @@ def collect(client: Any, stream_key: str, position_key: str, state_dir: Path) ->
     lost = lost_before_read(
         client.get(added_key(position_key)), position, added, len(entries) + read_before
     )
-    frame, malformed = events_frame(entries)
-    saved = save_events(state_dir, frame)
     events, duplicates = load_events(state_dir)
     return EventBatch(
         position, end, len(entries), malformed, saved, events, duplicates, lost, added
@@ -207,6 +207,13 @@ def save_events(state_dir: Path, frame: pd.DataFrame) -> Path | None:
     directory.mkdir(parents=True, exist_ok=True)
     first, last = frame["stream_id"].iloc[0], frame["stream_id"].iloc[-1]
     path = directory / f"events-{first}--{last}.csv"
+    if path.exists():  # the same range read again: keep what only the saved file still holds
+        old = _read_events_file(path)
+        only_saved = old[~old["stream_id"].isin(frame["stream_id"])]
+        if len(only_saved):
+            frame = pd.concat([frame, only_saved], ignore_index=True)
+            ids = frame["stream_id"].tolist()
+            frame = frame.iloc[sorted(range(len(ids)), key=lambda r: parse_id(ids[r]))]
     with atomic_file(path) as tmp:
         frame.to_csv(tmp, index=False, columns=list(EVENT_COLUMNS), quoting=csv.QUOTE_NONNUMERIC)
     saved = set(frame["stream_id"])
