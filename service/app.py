@@ -147,7 +147,7 @@ RETRY_AFTER = {"description": "Seconds to wait before retrying.", "schema": {"ty
 ERRORS: dict[int | str, dict[str, Any]] = {
     408: {
         "model": ErrorResponse,
-        "description": "The body was still arriving REMI_BODY_TIMEOUT_S after the headers; the "
+        "description": "Nothing more of the body arrived for REMI_BODY_TIMEOUT_S; the "
         "connection is closed.",
     },
     413: {

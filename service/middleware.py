@@ -20,8 +20,9 @@ def replaying(held: list[Message], receive: Receive) -> Receive:
 
 
 class BodyLimitMiddleware:
-    """Refuses request bodies over `max_bytes` with 413, without reading them in full, and
-    bodies still arriving `timeout_s` after the headers with 408.
+    """Refuses request bodies over `max_bytes` with 413, without reading them in full, and with
+    408 a body of which nothing more arrived for `timeout_s` (nginx's client_body_timeout: a
+    slow upload that keeps sending is not cut off).
 
     A declared Content-Length over the limit is refused before a byte of the body is read;
     otherwise (chunked bodies, or a client sending more than it declared) the bytes are counted
@@ -46,26 +47,26 @@ class BodyLimitMiddleware:
             return
         held: list[Message] = []
         size = 0
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                while True:
+        while True:
+            try:
+                async with asyncio.timeout(self.timeout_s):
                     message = await receive()
-                    if message["type"] != "http.request":
-                        return  # the client went away while sending: nobody to answer
-                    size += len(message.get("body", b""))
-                    if size > self.max_bytes:
-                        await self._refuse(send, "request body is")
-                        return
-                    held.append(message)
-                    if not message.get("more_body", False):
-                        break
-        except TimeoutError:
-            detail = (
-                f"the request body did not arrive within {self.timeout_s:g} s "
-                f"(REMI_BODY_TIMEOUT_S; {size} bytes received)"
-            )
-            await send_error_and_close(send, 408, detail)
-            return
+            except TimeoutError:
+                detail = (
+                    f"no more of the request body arrived for {self.timeout_s:g} s "
+                    f"(REMI_BODY_TIMEOUT_S; {size} bytes received)"
+                )
+                await send_error_and_close(send, 408, detail)
+                return
+            if message["type"] != "http.request":
+                return  # the client went away while sending: nobody to answer
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._refuse(send, "request body is")
+                return
+            held.append(message)
+            if not message.get("more_body", False):
+                break
 
         await self.app(scope, replaying(held, receive), send)
 

@@ -100,9 +100,10 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         30.0,
         gt=0,
-        description="Longest a request body may take to arrive, in seconds, from when its "
-        "headers are read; a client still sending then gets 408 and its connection is closed, "
-        "so stalled clients cannot hold connections (and file descriptors) for good.",
+        description="Longest wait for more of a request body, in seconds (from the headers, "
+        "then from each part received); a client that sent nothing for that long gets 408 and "
+        "its connection is closed, so stalled clients cannot hold connections (and file "
+        "descriptors) for good. A slow upload that keeps sending is not cut off.",
     )
     batch_wait_ms: float = Field(
         0.0,
