@@ -24,10 +24,9 @@ COPY pyproject.toml README.md ./
 COPY remi_core ./remi_core
 COPY training ./training
 COPY service ./service
-# The build backend pinned as well: pip's isolated build environment would take the newest
-# setuptools, outside the constraints.
-RUN pip install -c /tmp/constraints.txt setuptools \
-    && pip install -c /tmp/constraints.txt --no-build-isolation "${FAISS_PACKAGE}" ".[train]"
+# PIP_CONSTRAINT pins the build backend too: pip's isolated build environment ignores -c and
+# would take the newest setuptools.
+RUN PIP_CONSTRAINT=/tmp/constraints.txt pip install -c /tmp/constraints.txt "${FAISS_PACKAGE}" ".[train]"
 
 FROM ${PYTHON_IMAGE}
 # No OMP_WAIT_POLICY here: remi-train keeps OpenMP's spinning wait (fast on idle cores) and

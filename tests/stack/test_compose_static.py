@@ -416,8 +416,7 @@ def test_the_project_builds_with_the_pinned_backend_and_its_readme(dockerfile: s
     assert builds, f"{dockerfile}: the project is not installed"
     for args in builds:
         # pip's isolated build environment ignores -c: it would take the newest setuptools.
-        assert "--no-build-isolation" in args, f"{dockerfile}: `{args}`"
-        assert "-c /tmp/constraints.txt setuptools" in args, f"{dockerfile}: `{args}`"
+        assert args.startswith("PIP_CONSTRAINT=/tmp/constraints.txt pip install"), args
     [backend] = project["build-system"]["requires"]
     assert backend.startswith("setuptools>=")
     pinned = constraint_pins()["setuptools"]
