@@ -84,6 +84,8 @@ end
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return false
 """
+# The end of a 503's detail when an /events write may have happened (docs/serving.md).
+UNKNOWN_OUTCOME = "the events may or may not have been stored"
 # Where the tokens of recent /events writes live (a few seconds each).
 _TOKEN_PREFIX = "remi:append-token:"
 
@@ -188,7 +190,7 @@ class HistoryStore:
                 keys = [EVENTS_STREAM, token, *user_of]
                 wrong = await self._append_script(keys=keys, args=args)
         except (RedisError, OSError) as exc:  # asyncio's TimeoutError is an OSError
-            outcome = "nothing was stored"
+            written: bool | None = False  # whether the batch was written; None: unknown
             if sent and isinstance(exc, TimeoutError | RedisTimeoutError):
                 # The script may have run in time with its reply still on the way (a slow
                 # network, a Redis that holds replies for an fsync): its token says. Our budget
@@ -198,10 +200,9 @@ class HistoryStore:
                 if written:
                     log.info("a late reply: the events were stored (token found)")
                     return
-                if written is None:
-                    outcome = "the events may or may not have been stored"
             elif sent:  # the connection broke after the script was sent (and on the retry)
-                outcome = "the events may or may not have been stored"
+                written = None
+            outcome = "nothing was stored" if written is False else UNKNOWN_OUTCOME
             raise self._unavailable("store events", exc, outcome) from None
         if wrong == "expired":
             raise self._unavailable(
