@@ -126,7 +126,7 @@ class ModelRegistry:
 
     def load_initial(self) -> LoadedModel:
         """Load what `load_servable` finds at start-up, a rejected `current` reported as a
-        failed reload would be. Raises BundleError (or OSError) when no version can serve."""
+        failed reload would be. Raises BundleError when no version can serve."""
         state = self._state()
         model, path, rejected = load_servable(
             self.root, self.device, self.verify, self.exact_search

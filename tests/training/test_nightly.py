@@ -153,6 +153,10 @@ def test_a_re_read_range_that_lost_entries_keeps_the_saved_file(tmp_path) -> Non
     again = save_events(other, events_frame(entries(["300-0", "300-2"]))[0])
     assert again.name == "events-300-0--300-2.csv"
     assert load_events(other)[0]["stream_id"].tolist() == ["300-0", "300-1", "300-2"]
+    # A damaged file of the same range is replaced by the read, as before (not a stop).
+    again.write_text("not,a,csv\n")
+    save_events(other, events_frame(entries(["300-0", "300-2"]))[0])
+    assert load_events(other)[0]["stream_id"].tolist() == ["300-0", "300-2"]
 
 
 def test_lock_refuses_second_holder_and_releases_only_its_own(redis_server) -> None:

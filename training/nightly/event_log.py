@@ -208,7 +208,10 @@ def save_events(state_dir: Path, frame: pd.DataFrame) -> Path | None:
     first, last = frame["stream_id"].iloc[0], frame["stream_id"].iloc[-1]
     path = directory / f"events-{first}--{last}.csv"
     if path.exists():  # the same range read again: keep what only the saved file still holds
-        old = _read_events_file(path)
+        try:
+            old = _read_events_file(path)
+        except DataError:  # damaged: tonight's read of its whole range replaces it, as before
+            old = frame.iloc[:0]
         only_saved = old[~old["stream_id"].isin(frame["stream_id"])]
         if len(only_saved):
             frame = pd.concat([frame, only_saved], ignore_index=True)
