@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from remi_core.bundle import current_version, resolve_current
 from service.cli import app
-from tests.helpers import REPO, RedisServer, free_port
+from tests.helpers import REPO, RedisServer, free_port, write_tiny_bundle
 
 
 def serve_command(*args: str) -> list[str]:
@@ -185,6 +185,28 @@ def test_remi_serve_refuses_a_corrupt_bundle(tiny_bundle_root: Path) -> None:
     assert "cannot start: no usable bundle" in result.stderr
     assert "checksum mismatch" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_remi_serve_starts_on_an_older_version_when_current_is_corrupt(
+    tiny_bundle_root: Path, tmp_path: Path
+) -> None:
+    # A restarted container with a damaged `current`: its check (and then its worker) fall
+    # back to the older published version instead of refusing to start.
+    older = current_version(tiny_bundle_root)
+    bad = write_tiny_bundle(tiny_bundle_root, seed=2)
+    (bad / "item_ids.json").write_text('[null, "oops"]')
+    log = (tmp_path / "serve.log").open("w+")
+    env = child_env(REMI_REDIS_URL="redis://127.0.0.1:1/0")
+    proc, base = start_remi_serve(["--bundle-root", str(tiny_bundle_root)], env, log)
+    try:
+        ready = httpx.get(f"{base}/readyz").json()
+        assert ready["model_version"] == older and ready["reload"]["rejected_target"] == bad.name
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    text = log_text(log)
+    assert f"workers start on {older}, an older published version" in text
+    assert "checksum mismatch" in text and "Traceback" not in text
 
 
 def test_remi_serve_help_lists_the_options() -> None:
