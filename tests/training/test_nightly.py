@@ -310,6 +310,17 @@ def test_worse_model_is_not_published_and_retention_keeps_current(nightly_env) -
     # The events still count: consumed and kept for the next night.
     assert report["events"]["accumulated"] == 12
     assert client.get(cfg.position_key) == report["events"]["stream_end"]
+    # Nothing new the next night: the same model would be rejected again, so it is not trained.
+    again = run_nightly(crippled)
+    assert again["decision"] == "skipped" and "train" not in again["durations_s"]
+    assert f"run {report['run_id']}, whose model was rejected" in again["reason"]
+    assert run_nightly(replace(crippled, force=True))["decision"] == "rejected"
+    # ... unless the current bundle is damaged meanwhile: then it is replaced.
+    index = Path(cfg.bundle_root) / good / "index.faiss"
+    index.write_bytes(index.read_bytes()[:100])
+    repaired = run_nightly(crippled)
+    assert repaired["decision"] == "published"
+    assert "checksum mismatch" in repaired["current_unusable"]
 
 
 def test_a_lock_lost_after_publishing_says_what_was_published(nightly_env) -> None:

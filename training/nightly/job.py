@@ -75,6 +75,8 @@ from training.trainer import TrainResult, train
 
 log = logging.getLogger(__name__)
 
+# In the state directory: what the last rejected night was trained on and compared against.
+REJECTED = "rejected.json"
 SPLIT = "stable"  # recorded in reports and bundle keys: the held-out users are hash-chosen
 
 
@@ -295,8 +297,9 @@ def _run_steps(run: NightlyRun) -> None:
             )
     with run.timer.stage("data"):
         run.data = build_data(cfg, run.events, run.published)
-    if unchanged(cfg, run.data, run.published):
-        run.outcome = _skipped(run.published)
+    skip = skip_reason(cfg, run.data, run.published)
+    if skip is not None and current_intact(cfg, run.published):
+        run.outcome = Outcome("skipped", skip, run.published.version)
     else:
         with run.timer.stage("train"):
             run.trained = train_model(cfg, run.data.dataset, run.run_id)
@@ -311,6 +314,9 @@ def _run_steps(run: NightlyRun) -> None:
             )
         with run.timer.stage("publish"):
             run.outcome = publish.publish(run)
+        if run.outcome.decision == "rejected":
+            record = {"run_id": run.run_id, "key": run.data.key, "current": run.published.version}
+            write_json_atomic(Path(cfg.state_dir) / REJECTED, record)
         if run.outcome.decision == "published" and cfg.reload_url:
             run.outcome.details["reload"] = publish.notify_reload(cfg.reload_url, cfg.admin_token)
     commit(run)
@@ -372,14 +378,34 @@ def build_data(cfg: NightlyConfig, events: EventBatch | None, published: Publish
     return NightlyData(dataset, base_count, event_count, key, new_items, base_users)
 
 
-def unchanged(cfg: NightlyConfig, data: NightlyData, published: Published) -> bool:
-    """Step 4: the current bundle was trained on this very data with these settings, and its
-    files are intact: a damaged one (a restarted API could not load it) is replaced, however
-    many nights pass without new events."""
+def skip_reason(cfg: NightlyConfig, data: NightlyData, published: Published) -> str | None:
+    """Step 4: why retraining would be wasted, or None. The current bundle was trained on this
+    very data with these settings; or the last night was, and its model was rejected against the
+    same current bundle (training is seeded: the same model, the same verdict)."""
     if cfg.force or published.manifest is None:
-        return False
-    if published.manifest.get("nightly", {}).get("key") != data.key:
-        return False
+        return None
+    again = "nothing to retrain (use --force to retrain anyway)"
+    if published.manifest.get("nightly", {}).get("key") == data.key:
+        return (
+            f"data and training settings equal those of the current bundle {published.version}; "
+            + again
+        )
+    try:
+        rejected = json.loads((Path(cfg.state_dir) / REJECTED).read_text())
+    except (OSError, ValueError):
+        return None
+    if rejected.get("key") == data.key and rejected.get("current") == published.version:
+        return (
+            f"data and training settings equal those of run {rejected.get('run_id')}, whose "
+            f"model was rejected against the same current bundle {published.version}; " + again
+        )
+    return None
+
+
+def current_intact(cfg: NightlyConfig, published: Published) -> bool:
+    """Whether the current bundle's files match their checksums: a damaged one (a restarted API
+    could not load it) is replaced, however many nights pass without new events."""
+    assert published.manifest is not None
     try:
         verify_files(resolve_current(Path(cfg.bundle_root)), published.manifest)
     except (BundleError, OSError) as exc:
@@ -387,14 +413,6 @@ def unchanged(cfg: NightlyConfig, data: NightlyData, published: Published) -> bo
                     published.version, exc)  # fmt: skip
         return False
     return True
-
-
-def _skipped(published: Published) -> Outcome:
-    reason = (
-        f"data and training settings equal those of the current bundle {published.version}; "
-        "nothing to retrain (use --force to retrain anyway)"
-    )
-    return Outcome("skipped", reason, published.version)
 
 
 def train_model(cfg: NightlyConfig, dataset: SequenceDataset, run_id: str) -> Trained:
