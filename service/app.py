@@ -516,7 +516,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise StartupError(str(exc)) from None
     # The compute thread runs Python too (batch assembly, response rendering); the loop thread
     # waits for the GIL up to one switch interval each time it wakes. 5 ms (the default) made
-    # /healthz p99 exceed 20 ms beside the heaviest batches; 1 ms keeps the loop responsive.
+    # /healthz p99 exceed 20 ms beside the heaviest batches; 0.5 ms cut the loop's lag p99
+    # there by a fifth against 1 ms, at the same req/s for small requests (docs/serving.md).
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     # The garbage collector runs in whichever thread allocates, holding the GIL. With the default
     # first threshold (700 live new objects), rendering a batch of 256 users with n=1000 started

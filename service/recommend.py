@@ -44,11 +44,12 @@ from service.settings import Settings
 
 async def _histories(
     entries: Sequence[RecommendRequest], store: HistoryStore, settings: Settings
-) -> list[list[str]]:
-    """Histories from the bodies, and from Redis (one round trip) for user_id entries."""
+) -> list[Sequence[str]]:
+    """Histories from the bodies (the lists themselves: the batcher copies them in its compute
+    thread), and from Redis (one round trip) for user_id entries."""
     users = [e.user_id for e in entries if e.history is None]
     stored = iter(await store.histories(users, settings.max_history) if users else [])
-    return [list(e.history) if e.history is not None else next(stored) for e in entries]
+    return [e.history if e.history is not None else next(stored) for e in entries]
 
 
 async def run_recommend(

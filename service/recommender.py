@@ -25,7 +25,6 @@ from remi_core.diversity import pool_size, rerank
 from remi_core.index import GPU_MAX_K, ROW_OFFSET, to_best_device
 from remi_core.models import MultiInterestEncoder, pad_histories
 from remi_core.retrieval import (
-    Retrieved,
     RetrievedBatch,
     ScreenTable,
     exact_merged_topk,
@@ -53,7 +52,6 @@ class LoadedModel:
     item_embeddings: np.ndarray  # (N, d) float32, read-only
     item_table: torch.Tensor  # (N, d) the same memory as item_embeddings, never written
     item_ids: tuple[str | None, ...]  # row -> external id
-    id_array: np.ndarray  # (N,) object: row -> external id, for vectorised lookups
     row_of: Mapping[str, int]  # external id -> row
     popularity: np.ndarray  # rows, most popular first, read-only
     index: faiss.Index
@@ -199,7 +197,6 @@ def model_from_bundle(
         item_embeddings=embeddings,
         item_table=item_table,
         item_ids=tuple(bundle.item_ids),
-        id_array=np.array(bundle.item_ids, dtype=object),
         row_of=MappingProxyType(bundle.row_of()),
         popularity=popularity,
         index=index,
@@ -338,7 +335,8 @@ def recommend_batch(
         unknown.append(list(dict.fromkeys(missing)))
 
     encoded = [b for b in range(size) if len(known_rows[b])]
-    retrieved: dict[int, Retrieved] = {}
+    # user -> (item ids, scores, interests, rows) of the merged list, cut to the user's n
+    hits: dict[int, tuple[list[str], list[float], list[int], np.ndarray]] = {}
     peaks: dict[int, float | None] = {}
     explanations: dict[int, Explanation] = {}
     if encoded:
@@ -354,8 +352,16 @@ def recommend_batch(
         found = _diversify(found, [ns[b] for b in encoded], [lambdas[b] for b in encoded],
                            model.categories)  # fmt: skip
         peaks = dict(zip(encoded, _routing_peaks(routing, [len(w) for w in windows]), strict=True))
+        # Per user, only calls that keep the GIL (slices, tolist, a map over the id tuple):
+        # numpy's gather of object ids lets go of the GIL for a moment and takes it back, and
+        # a run of such short releases kept the event loop waiting for the GIL for tens of ms
+        # (a waiting thread starts its switch interval over at each release it does not win);
+        # one gather for the whole batch instead held the GIL for milliseconds in one call.
+        counts = found.counts.tolist()
         for i, b in enumerate(encoded):
-            retrieved[b] = found[i]
+            rows = found.rows[i, : min(ns[b], counts[i])]
+            scores, chosen = found.scores[i, : len(rows)], found.interests[i, : len(rows)]
+            hits[b] = (_ids(model, rows), scores.tolist(), chosen.tolist(), rows)
             if explains[b]:
                 width = len(windows[i])
                 explanations[b] = Explanation(
@@ -366,27 +372,33 @@ def recommend_batch(
 
     results = []
     for b in range(size):
-        if b in retrieved:
-            hit, top = retrieved[b], ns[b]
+        if b in hits:
+            item_ids, item_scores, item_interests, rows = hits[b]
             results.append(
                 Result(
-                    model.id_array[hit.rows[:top]].tolist(),
-                    hit.scores[:top].tolist(),
-                    hit.interests[:top].tolist(),
+                    item_ids,
+                    item_scores,
+                    item_interests,
                     unknown[b],
                     len(known_rows[b]),
                     False,
                     explanations.get(b),
-                    hit.rows[:top],
+                    rows,
                     peaks[b],
                 )
             )
         else:
             # Nothing known to exclude, so the popularity list answers as is.
             top_rows = model.popularity[: ns[b]]
-            ids = model.id_array[top_rows].tolist()
-            results.append(Result(ids, None, None, unknown[b], 0, True, None, top_rows))
+            results.append(
+                Result(_ids(model, top_rows), None, None, unknown[b], 0, True, None, top_rows)
+            )
     return results
+
+
+def _ids(model: LoadedModel, rows: np.ndarray) -> list[str]:
+    """The external ids of catalogue rows."""
+    return list(map(model.item_ids.__getitem__, rows.tolist()))
 
 
 def _diversify(

@@ -160,7 +160,7 @@ class Settings(BaseSettings):
         "goes to the FastAPI route as before. See docs/serving.md.",
     )
     gil_switch_interval_ms: float = Field(
-        1.0,
+        0.5,
         gt=0,
         le=100,
         description="Python's thread switch interval (sys.setswitchinterval) in ms: how long the "
