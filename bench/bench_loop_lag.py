@@ -2,6 +2,8 @@
 
     python bench/bench_loop_lag.py                 # ~1 minute, idle cores
     python bench/bench_loop_lag.py --seconds 8 --items 20000
+    python bench/bench_loop_lag.py --items 20000 --index-factory IVF128,Flat \
+         --search-params nprobe=8
 
 One thread runs the service's heaviest legal batch back to back: 256 users with histories of
 1,000 ids and n=1000 through `recommend_batch` and `batch_json`, as a compute thread does. The
@@ -84,6 +86,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="per variant and round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--intervals", default="0.5,1,5", help="switch intervals in ms")
+    parser.add_argument(
+        "--index-factory", default="Flat", help="the bundle's Faiss index, e.g. IVF128,Flat"
+    )
+    parser.add_argument("--search-params", help="for an ANN index, e.g. nprobe=8")
     args = parser.parse_args()
     print("threads: " + describe(setup_threads(None, 1)))
 
@@ -95,7 +101,9 @@ def main() -> None:
     entries = [RecommendRequest(history=h, n=N) for h in histories]
     with tempfile.TemporaryDirectory() as tmp:
         path = write_bundle(Path(tmp), encoder=build_encoder(cfg), item_ids=ids,
-                            popularity=np.arange(1, 101), metadata={}, publish=False)  # fmt: skip
+                            popularity=np.arange(1, 101), metadata={}, publish=False,
+                            index_factory=args.index_factory,
+                            search_params=args.search_params)  # fmt: skip
         model = load_model(path)
     gen0, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(max(gen0, 50_000), gen1, gen2)  # as service/app.py sets it
@@ -117,7 +125,8 @@ def main() -> None:
     for gather, name in ((False, "search, ids as served"), (True, "search, numpy gather per user")):
         work = functools.partial(search_then_ids, model, interests, rows, gather)
         variants[f"{name}, 0.5 ms"] = (work, 0.5)
-    print(f"catalogue {args.items} items, d=32, K=4, {BATCH} users x {HISTORY} ids, n={N}; "
+    print(f"catalogue {args.items} items, {args.index_factory} ({model.search_backend}), d=32, "
+          f"K=4, {BATCH} users x {HISTORY} ids, n={N}; "
           f"{args.rounds} rounds of {args.seconds:g} s per variant")  # fmt: skip
     late: dict[str, list[np.ndarray]] = {name: [] for name in variants}
     default_interval = sys.getswitchinterval()
