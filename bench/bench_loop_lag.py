@@ -18,7 +18,7 @@ machine slows all alike:
   back: a waiting thread then starts its switch interval over (docs/serving.md, "Large
   request bodies").
 
-The garbage collector is set as the service sets it (first threshold 50,000, the model frozen).
+The garbage collector is set as the service sets it (GC_GEN0_THRESHOLD, the model frozen).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import torch
 
 from remi_core.bundle import write_bundle
 from remi_core.models import EncoderConfig, build_encoder, pad_histories
+from service.app import GC_GEN0_THRESHOLD
 from service.recommender import LoadedModel, _ids, load_model, recommend_batch
 from service.responses import batch_json
 from service.schemas import RecommendRequest
@@ -106,7 +107,7 @@ def main() -> None:
                             search_params=args.search_params)  # fmt: skip
         model = load_model(path)
     gen0, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(max(gen0, 50_000), gen1, gen2)  # as service/app.py sets it
+    gc.set_threshold(max(gen0, GC_GEN0_THRESHOLD), gen1, gen2)  # as the service's lifespan does
     gc.collect()
     gc.freeze()
 
