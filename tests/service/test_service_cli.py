@@ -52,6 +52,7 @@ def start_remi_serve(args: list[str], env: dict[str, str], log, cwd: Path | None
         time.sleep(0.1)
 
 
+@pytest.mark.integration
 def test_remi_serve_answers_over_http(
     tiny_bundle_root: Path, redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -91,6 +92,7 @@ def test_remi_serve_answers_over_http(
     assert "serving bundle" in log_text(log)  # the service's own logs reach uvicorn's output
 
 
+@pytest.mark.integration
 def test_a_client_that_stalls_mid_body_gets_408_and_its_connection_closed(
     tiny_bundle_root: Path, tmp_path: Path
 ) -> None:
@@ -129,6 +131,7 @@ def test_a_client_that_stalls_mid_body_gets_408_and_its_connection_closed(
         proc.wait(15)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_ends_remi_serve_despite_a_client_still_sending(
     tiny_bundle_root: Path, tmp_path: Path, workers: int
@@ -172,6 +175,7 @@ def log_text(log) -> str:
     return log.read()
 
 
+@pytest.mark.integration
 def test_remi_serve_refuses_a_corrupt_bundle(tiny_bundle_root: Path) -> None:
     (resolve_current(tiny_bundle_root) / "item_ids.json").write_text('[null, "oops"]')
     result = subprocess.run(
@@ -187,6 +191,7 @@ def test_remi_serve_refuses_a_corrupt_bundle(tiny_bundle_root: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_remi_serve_starts_on_an_older_version_when_current_is_corrupt(
     tiny_bundle_root: Path, tmp_path: Path
 ) -> None:

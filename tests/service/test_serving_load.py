@@ -20,6 +20,7 @@ import pytest
 from tests.helpers import free_port, same_response, tiny_item_ids, write_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration  # real servers in subprocesses
 ITEMS = 5001  # enough for n=1000 after excluding a history
 # Ids of 60 characters: 256 histories of 1000 of them nearly fill the default body limit
 # (REMI_MAX_BODY_BYTES, 16 MiB), so the heavy test sends the largest body the service accepts.

@@ -33,12 +33,14 @@ def run_pytest(*args: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.integration
 def test_without_redis_a_plain_pytest_run_skips_the_redis_tests() -> None:
     done = run_pytest(REDIS_TEST)
     assert done.returncode == 0, done.stdout[-2000:]
     assert "1 skipped" in done.stdout
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("target", [REDIS_TEST, "tests/stack/test_compose_native.py"])
 def test_under_the_test_command_a_missing_redis_fails(target: str) -> None:
     # A fixture's skip and a module-level skipif marker alike.
