@@ -25,6 +25,7 @@ from remi_core.diversity import pool_size, rerank
 from remi_core.index import GPU_MAX_K, ROW_OFFSET, to_best_device
 from remi_core.models import MultiInterestEncoder, pad_histories
 from remi_core.retrieval import (
+    Retrieved,
     RetrievedBatch,
     ScreenTable,
     exact_merged_topk,
@@ -335,8 +336,7 @@ def recommend_batch(
         unknown.append(list(dict.fromkeys(missing)))
 
     encoded = [b for b in range(size) if len(known_rows[b])]
-    # user -> (item ids, scores, interests, rows) of the merged list, cut to the user's n
-    hits: dict[int, tuple[list[str], list[float], list[int], np.ndarray]] = {}
+    retrieved: dict[int, Retrieved] = {}
     peaks: dict[int, float | None] = {}
     explanations: dict[int, Explanation] = {}
     if encoded:
@@ -352,16 +352,8 @@ def recommend_batch(
         found = _diversify(found, [ns[b] for b in encoded], [lambdas[b] for b in encoded],
                            model.categories)  # fmt: skip
         peaks = dict(zip(encoded, _routing_peaks(routing, [len(w) for w in windows]), strict=True))
-        # Per user, only calls that keep the GIL (slices, tolist, a map over the id tuple):
-        # numpy's gather of object ids lets go of the GIL for a moment and takes it back, and
-        # a run of such short releases kept the event loop waiting for the GIL for tens of ms
-        # (a waiting thread starts its switch interval over at each release it does not win);
-        # one gather for the whole batch instead held the GIL for milliseconds in one call.
-        counts = found.counts.tolist()
         for i, b in enumerate(encoded):
-            rows = found.rows[i, : min(ns[b], counts[i])]
-            scores, chosen = found.scores[i, : len(rows)], found.interests[i, : len(rows)]
-            hits[b] = (_ids(model, rows), scores.tolist(), chosen.tolist(), rows)
+            retrieved[b] = found[i]
             if explains[b]:
                 width = len(windows[i])
                 explanations[b] = Explanation(
@@ -372,18 +364,18 @@ def recommend_batch(
 
     results = []
     for b in range(size):
-        if b in hits:
-            item_ids, item_scores, item_interests, rows = hits[b]
+        if b in retrieved:
+            hit, top = retrieved[b], ns[b]
             results.append(
                 Result(
-                    item_ids,
-                    item_scores,
-                    item_interests,
+                    _ids(model, hit.rows[:top]),
+                    hit.scores[:top].tolist(),
+                    hit.interests[:top].tolist(),
                     unknown[b],
                     len(known_rows[b]),
                     False,
                     explanations.get(b),
-                    rows,
+                    hit.rows[:top],
                     peaks[b],
                 )
             )
@@ -397,7 +389,11 @@ def recommend_batch(
 
 
 def _ids(model: LoadedModel, rows: np.ndarray) -> list[str]:
-    """The external ids of catalogue rows."""
+    """The external ids of catalogue rows, with calls that keep the GIL (tolist, a map over the
+    id tuple): numpy's gather of object ids lets go of the GIL for a moment and takes it back,
+    and a run of such short releases, one per user of a batch, kept the event loop waiting for
+    the GIL for tens of ms (a waiting thread starts its switch interval over at each release it
+    does not win)."""
     return list(map(model.item_ids.__getitem__, rows.tolist()))
 
 
