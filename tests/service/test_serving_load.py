@@ -173,7 +173,10 @@ def test_batched_and_unbatched_servers_answer_the_same(
 ) -> None:
     """The same seeded requests, sent concurrently to a micro-batching server and one by one to
     a server with batching off, get the same answers; on a worker with one CPU, plain requests
-    (no explain), two rounds of them, so that the loop computes the second itself."""
+    (no explain), two rounds of them, so that the loop computes the second itself. Batches hold
+    at most 4 users: a user costs ~1 ms here (0.7-1.2 ms measured on an idle 2-core VM), and a
+    batch of 12 came within 15 ms, the loop's largest budget, so a slower host sent every batch
+    to the thread."""
     entries = random_entries(24, seed=2, n=30)
     for i, entry in enumerate(entries):
         entry["exclude_history"] = bool(i % 2)
@@ -184,7 +187,8 @@ def test_batched_and_unbatched_servers_answer_the_same(
         alone = [json.loads(request(port, "POST", "/recommend", b)[1]) for b in bodies]
 
     env = cpus_env(one_cpu)
-    with serving(bundle_root, tmp_path / "on.log", REMI_BATCH_WAIT_MS="20", **env) as port:
+    batching = {"REMI_BATCH_WAIT_MS": "20", "REMI_BATCH_MAX_USERS": "4"}
+    with serving(bundle_root, tmp_path / "on.log", **batching, **env) as port:
         together: list = [None] * len(bodies)
 
         def send(i: int) -> None:
