@@ -355,15 +355,18 @@ def test_requests_whose_client_went_away_leave_the_queue(model: LoadedModel) -> 
     sizes: list[int] = []
     batcher = MicroBatcher(0, 64, on_batch=lambda users, results, on_loop: sizes.append(users))
 
-    def slow(results):  # the first batch's render holds the compute thread
-        time.sleep(0.3)
+    started, release = threading.Event(), threading.Event()
+
+    def slow(results):  # the first batch's render holds the compute thread until released
+        started.set()
+        release.wait(10)
         return results
 
     async def run() -> list:
         async with batcher:
             loop = asyncio.get_running_loop()
             first = asyncio.ensure_future(batcher.submit(model, render=slow, **one_user(0)))
-            await asyncio.sleep(0.05)  # the first batch is computing
+            assert await loop.run_in_executor(None, started.wait, 10)  # the first batch computes
             gone = [loop.create_future() for _ in range(3)]
             waiting = [
                 asyncio.ensure_future(
@@ -375,6 +378,8 @@ def test_requests_whose_client_went_away_leave_the_queue(model: LoadedModel) -> 
             gone[0].set_result(None)
             gone[1].set_result(None)
             gone[2].cancel()  # a watch that ended without seeing a disconnect
+            await asyncio.sleep(0.01)
+            release.set()
             answers = await asyncio.gather(*waiting, return_exceptions=True)
             await first
             return answers

@@ -52,6 +52,9 @@ def fuzz_settings(bundle_root: Path, redis_url: str) -> Settings:
         max_events=5,
         admin_token="fuzz-admin",
         api_keys=API_KEY,
+        # The fuzzer shares this process's GIL with the server: a stall must not read as Redis
+        # timing out (a 503). Redis down is its own mode, refused at once.
+        redis_timeout_s=5.0,
     )
 
 

@@ -121,8 +121,8 @@ def test_a_client_that_stalls_mid_body_gets_408_and_its_connection_closed(
                 b"POST /recommend HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                 b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
             )
-            for start in range(0, len(body), 10):  # about 2 s in all
-                time.sleep(0.4)
+            for start in range(0, len(body), 10):  # 1.25 s in all, past the 1 s per part
+                time.sleep(0.25)
                 slow.sendall(body[start : start + 10])
             answer = b"".join(iter(lambda: slow.recv(65536), b""))
         assert answer.startswith(b"HTTP/1.1 200"), answer
@@ -144,7 +144,14 @@ def test_sigterm_ends_remi_serve_despite_a_client_still_sending(
     proc, base = start_remi_serve(args, env, log)
     port = int(base.rpartition(":")[2])
     try:
-        time.sleep(0.5 * (workers - 1))  # the second worker's bundle load
+        # Every worker up (a new connection each, so either may answer): a worker still loading
+        # its bundle when SIGTERM comes would be a different shutdown from the one tested here.
+        pids: set[int] = set()
+        deadline = time.monotonic() + 60
+        while len(pids) < workers:
+            assert time.monotonic() < deadline, f"saw workers {pids}:\n{log_text(log)}"
+            with httpx.Client(timeout=5) as client:
+                pids.add(client.get(f"{base}/readyz").json()["worker_pid"])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
             stalled.sendall(
                 b"POST /recommend HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"

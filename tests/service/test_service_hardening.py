@@ -132,7 +132,8 @@ def test_hung_redis_answers_503_after_one_timeout_and_stores_nothing(
             r = slow_client.post(path, json=body)
             elapsed = time.monotonic() - start
             assert r.status_code == 503, r.text
-            assert 0.9 < elapsed < 1.6, f"{path}: {elapsed:.2f} s for a 1 s timeout"
+            # Under 1.9 s: a second timeout on the way (2 s) is what this guards against.
+            assert 0.9 < elapsed < 1.9, f"{path}: {elapsed:.2f} s for a 1 s timeout"
     finally:
         redis_server.proc.send_signal(signal.SIGCONT)
     time.sleep(0.3)  # whatever Redis had queued runs now
@@ -152,7 +153,7 @@ def test_events_script_refuses_to_write_after_its_deadline(
     start = time.monotonic()
     r = slow_client.post("/events", json=events_body("bob", ["books-0001", "books-0002"]))
     assert r.status_code == 503, r.text
-    assert time.monotonic() - start < 1.6
+    assert time.monotonic() - start < 1.9  # not held until the pause ends (2 s)
     assert "nothing was stored" in r.json()["detail"]
     time.sleep(max(0.0, 2.3 - (time.monotonic() - start)))  # the pause is over: the script ran
     assert stored(redis_server, "bob") == ([], 1)
@@ -260,7 +261,7 @@ def test_a_client_that_leaves_while_queued_is_not_computed(
     with TestClient(create_app(settings)) as client:
         took = client.portal.call(request)
         metrics = client.get("/metrics").text
-    assert took < 0.8  # gone after 0.1 s, not answered after the 1 s wait
+    assert took < 0.95  # gone after 0.1 s, not answered after the 1 s wait
     assert sent[0]["status"] == 499
     assert 'remi_http_requests_total{endpoint="/recommend",method="POST",status="499"} 1.0' in (
         metrics

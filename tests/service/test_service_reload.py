@@ -387,8 +387,10 @@ def test_a_rejected_bundle_is_tried_again_on_a_growing_interval(
     # filesystem) with the files unchanged: the poller tries again, less often each time.
     monkeypatch.setattr(service.registry, "RETRY_FIRST_S", 0.2)
     with make_client(tiny_bundle_root, reload_interval_s=0.02) as client:
-        bad = write_tiny_bundle(tiny_bundle_root, seed=6)
+        # Damaged before it is published: the poller must never see it whole.
+        bad = write_tiny_bundle(tiny_bundle_root, seed=6, publish=False)
         (bad / "popularity.json").write_text("[1, 2, 3]")
+        set_current(tiny_bundle_root, bad.name)
 
         def failures() -> float:
             found = re.search(r'remi_model_reloads_total\{result="failure"\} (\S+)',

@@ -23,7 +23,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from remi_core.bundle import current_version, resolve_current
+from remi_core.bundle import current_version, resolve_current, set_current
 from service.app import create_app
 from service.cli import _run_workers, _shared_metrics, _WorkerSocket
 from service.cli import app as cli_app
@@ -86,6 +86,7 @@ def test_every_worker_serves_a_publish_within_a_second(tiny_bundle_root: Path, t
             pid, version = readyz(base)
             if sent - published > 1.0:
                 late[pid].append(version)
+            time.sleep(0.02)  # leave the two cores to the workers' reloads
         assert {pid: set(versions) for pid, versions in late.items()} == {
             pid: {new} for pid in pids
         }
@@ -115,8 +116,10 @@ def test_a_worker_that_dies_is_replaced_on_a_socket_of_its_own(
         if current_rejected:
             # Dying while `current` names a rejected bundle: the new worker failing to start
             # made uvicorn's supervisor stop the survivor too, and the whole service was gone.
-            bad = write_tiny_bundle(tiny_bundle_root, seed=2)
+            # Damaged before it is published: the pollers must never see it whole.
+            bad = write_tiny_bundle(tiny_bundle_root, seed=2, publish=False)
             (bad / "item_ids.json").write_text('[null, "oops"]')  # fails its checksum
+            set_current(tiny_bundle_root, bad.name)
             with httpx.Client(timeout=5) as client:
                 wait_for(
                     lambda: all(
@@ -182,8 +185,9 @@ def test_poller_reloads_on_a_move_and_tries_a_rejected_bundle_once(tiny_bundle_r
     with TestClient(create_app(settings)) as client:
         good = write_tiny_bundle(tiny_bundle_root, seed=1).name
         wait_for(lambda: client.get("/readyz").json()["model_version"] == good)
-        bad = write_tiny_bundle(tiny_bundle_root, seed=2)
+        bad = write_tiny_bundle(tiny_bundle_root, seed=2, publish=False)
         (bad / "item_ids.json").write_text('[null, "oops"]')  # fails its checksum
+        set_current(tiny_bundle_root, bad.name)  # damaged first: never seen whole
         wait_for(lambda: client.get("/readyz").json()["reload"]["rejected_target"] == bad.name)
         time.sleep(0.5)  # about ten more polls, none of which may load it again
         assert client.get("/readyz").json()["model_version"] == good

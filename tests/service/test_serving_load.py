@@ -140,13 +140,13 @@ def test_healthz_stays_fast_under_the_largest_batches(
         try:
             time.sleep(1.5)  # the clients are sending
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            # Two rounds of 400 samples (the 99th percentile is the 4th slowest of a round), and
-            # the better round counts: a loop that the batches block is slow in both, while a
+            # Three rounds of 400 samples (the 99th percentile is the 4th slowest of a round), and
+            # the best round counts: a loop that the batches block is slow in every one, while a
             # VM scheduling hiccup hits one (full-suite runs measured 23 and 29 ms where runs of
             # this test alone measured 9-19; 7-11 since the compute thread no longer keeps the
             # loop from the GIL, see "Large request bodies" in docs/serving.md).
             rounds = []
-            for _ in range(2):
+            for _ in range(3):
                 latencies = []
                 for _ in range(400):
                     start = time.perf_counter()
@@ -163,7 +163,7 @@ def test_healthz_stays_fast_under_the_largest_batches(
     statuses = [log.read_text().split() for log in logs]
     assert len(statuses[0] + statuses[1]) >= 4, "the heavy requests did not run meanwhile"
     assert {status for sent in statuses for status in sent} == {"200"}, statuses
-    assert min(rounds) < 20, f"/healthz p99 {rounds} ms under load (two rounds)"
+    assert min(rounds) < 20, f"/healthz p99 {rounds} ms under load (three rounds)"
     assert (on_loop > 0) is one_cpu, on_loop
 
 
@@ -174,9 +174,9 @@ def test_batched_and_unbatched_servers_answer_the_same(
     """The same seeded requests, sent concurrently to a micro-batching server and one by one to
     a server with batching off, get the same answers; on a worker with one CPU, plain requests
     (no explain), two rounds of them, so that the loop computes the second itself. Batches hold
-    at most 4 users: a user costs ~1 ms here (0.7-1.2 ms measured on an idle 2-core VM), and a
-    batch of 12 came within 15 ms, the loop's largest budget, so a slower host sent every batch
-    to the thread."""
+    at most 2 users: a user costs ~1 ms here (0.7-1.2 ms measured on an idle 2-core VM, more in
+    a batch of one), and a batch of 12 came within 15 ms, the loop's largest budget, so a slower
+    host sent every batch to the thread."""
     entries = random_entries(24, seed=2, n=30)
     for i, entry in enumerate(entries):
         entry["exclude_history"] = bool(i % 2)
@@ -187,7 +187,7 @@ def test_batched_and_unbatched_servers_answer_the_same(
         alone = [json.loads(request(port, "POST", "/recommend", b)[1]) for b in bodies]
 
     env = cpus_env(one_cpu)
-    batching = {"REMI_BATCH_WAIT_MS": "20", "REMI_BATCH_MAX_USERS": "4"}
+    batching = {"REMI_BATCH_WAIT_MS": "20", "REMI_BATCH_MAX_USERS": "2"}
     with serving(bundle_root, tmp_path / "on.log", **batching, **env) as port:
         together: list = [None] * len(bodies)
 

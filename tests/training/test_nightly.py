@@ -175,14 +175,14 @@ def test_lock_refuses_second_holder_and_releases_only_its_own(redis_server) -> N
 
 def test_lock_heartbeat_extends_and_expiry_frees_a_dead_holder(redis_server) -> None:
     client = redis_server.client()
-    lock = RedisLock(client, "k", ttl_s=0.6)
+    lock = RedisLock(client, "k", ttl_s=1.0)  # a heartbeat every 1/3 s: 2/3 s of slack
     lock.acquire()
-    time.sleep(1.5)  # > 2 TTLs: only the heartbeat keeps it
+    time.sleep(2.5)  # > 2 TTLs: only the heartbeat keeps it
     lock.check()
     # Simulate the holder dying: stop the heartbeat without releasing.
     lock._stop.set()
     lock._thread.join()
-    time.sleep(0.8)
+    time.sleep(1.2)
     assert client.get("k") is None
     with pytest.raises(LockLost):
         lock.check()
