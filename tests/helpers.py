@@ -12,9 +12,11 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import torch
 import yaml
@@ -144,6 +146,25 @@ def _find_redis_server() -> str | None:
 
 
 REDIS_SERVER = _find_redis_server()
+
+
+def answering_workers(
+    base: str, count: int, proc: subprocess.Popen, log: Callable[[], str], timeout_s: float = 120
+) -> set[int]:
+    """The pids of a real `remi-serve`'s workers once `count` of them have answered /readyz, a
+    new connection per request so that the kernel may hand it to any of them. `log` gives the
+    server's output for the failure message."""
+    pids: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(pids) < count:
+        assert proc.poll() is None, f"remi-serve exited:\n{log()}"
+        assert time.monotonic() < deadline, f"saw workers {pids}:\n{log()}"
+        try:
+            with httpx.Client(timeout=5) as client:
+                pids.add(client.get(f"{base}/readyz").json()["worker_pid"])
+        except httpx.TransportError:
+            time.sleep(0.2)
+    return pids
 
 
 def free_port() -> int:

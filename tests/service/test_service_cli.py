@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from remi_core.bundle import current_version, resolve_current
 from service.cli import app
-from tests.helpers import REPO, RedisServer, free_port, write_tiny_bundle
+from tests.helpers import REPO, RedisServer, answering_workers, free_port, write_tiny_bundle
 
 
 def serve_command(*args: str) -> list[str]:
@@ -144,14 +144,9 @@ def test_sigterm_ends_remi_serve_despite_a_client_still_sending(
     proc, base = start_remi_serve(args, env, log)
     port = int(base.rpartition(":")[2])
     try:
-        # Every worker up (a new connection each, so either may answer): a worker still loading
-        # its bundle when SIGTERM comes would be a different shutdown from the one tested here.
-        pids: set[int] = set()
-        deadline = time.monotonic() + 60
-        while len(pids) < workers:
-            assert time.monotonic() < deadline, f"saw workers {pids}:\n{log_text(log)}"
-            with httpx.Client(timeout=5) as client:
-                pids.add(client.get(f"{base}/readyz").json()["worker_pid"])
+        # Every worker up: one still loading its bundle when SIGTERM comes would be a different
+        # shutdown from the one tested here.
+        answering_workers(base, workers, proc, lambda: log_text(log))
         with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
             stalled.sendall(
                 b"POST /recommend HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"

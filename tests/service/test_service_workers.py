@@ -29,7 +29,13 @@ from service.cli import _run_workers, _shared_metrics, _WorkerSocket
 from service.cli import app as cli_app
 from service.metrics import MULTIPROC_ENV, Metrics
 from service.settings import Settings
-from tests.helpers import dead_redis_url, free_port, tiny_item_ids, write_tiny_bundle
+from tests.helpers import (
+    answering_workers,
+    dead_redis_url,
+    free_port,
+    tiny_item_ids,
+    write_tiny_bundle,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,16 +60,8 @@ def two_workers(bundle_root: Path, log_path: Path) -> Iterator[tuple[str, int, s
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        pids: set[int] = set()  # both up (each answers on its own) when two pids have answered
-        deadline = time.monotonic() + 120
-        while len(pids) < 2:
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, f"saw workers {pids}:\n{log_path.read_text()}"
-            try:
-                pids.add(readyz(base)[0])
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield base, port, pids
+        # Both up (each answers on its own) when two pids have answered.
+        yield base, port, answering_workers(base, 2, proc, log_path.read_text)
     finally:
         proc.terminate()
         proc.wait(30)
