@@ -366,16 +366,17 @@ def recommend_batch(
     for b in range(size):
         if b in retrieved:
             hit, top = retrieved[b], ns[b]
+            rows = hit.rows[:top]
             results.append(
                 Result(
-                    _ids(model, hit.rows[:top]),
+                    _ids(model, rows),
                     hit.scores[:top].tolist(),
                     hit.interests[:top].tolist(),
                     unknown[b],
                     len(known_rows[b]),
                     False,
                     explanations.get(b),
-                    hit.rows[:top],
+                    rows,
                     peaks[b],
                 )
             )
