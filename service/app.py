@@ -461,27 +461,37 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         status: int | None = None
-        failed = True
+        counted = False
         start = time.perf_counter()
+
+        def count(code: int) -> None:
+            nonlocal counted
+            counted = True
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint, scope["method"], str(code)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # Counted before the last byte goes out: a client that scrapes /metrics once it
+                # has its answer finds it counted, whichever worker answers the scrape.
+                count(status or 500)
             await send(message)
 
+        failed = True
         try:
             await self.app(scope, receive, send_wrapper)
             failed = False
         finally:
-            if status is None:
+            if not counted:
                 # No answer: an error, or the client went away before its request was whole
-                # (499, as nginx counts it), which is not the server's failure.
-                status = 500 if failed else 499
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+                # (499, as nginx counts it), which is not the server's failure. An answer cut
+                # off mid-body counts with the status it started with.
+                count(status or (500 if failed else 499))
 
 
 # --- app ----------------------------------------------------------------------------------------

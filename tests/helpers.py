@@ -3,6 +3,7 @@ from here; nothing here imports a test module or conftest)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -11,8 +12,9 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,22 +150,89 @@ def _find_redis_server() -> str | None:
 REDIS_SERVER = _find_redis_server()
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess running this checkout: ours without any REMI_* setting
+    (the test says which ones it wants), this checkout first on the import path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMI_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return {**env, **extra}
+
+
+def serve_command(*args: str) -> list[str]:
+    # `python -m service.cli` is what the `remi-serve` console script calls (service.cli:main).
+    return [sys.executable, "-m", "service.cli", *args]
+
+
+@dataclasses.dataclass
+class ServeProcess:
+    """A `remi-serve` running in a subprocess (see `remi_serve`)."""
+
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    pids: set[int]  # its workers' pids, each having answered GET /readyz
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@contextlib.contextmanager
+def remi_serve(
+    args: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    workers: int = 1,
+    cwd: Path | None = None,
+) -> Iterator[ServeProcess]:
+    """A real `remi-serve` (as docker runs it) on a free port, its output in `log_path`; yields
+    once each of its `workers` is ready, and stops it on exit (a test may stop it first).
+    `env`: the child's environment (default: `child_env()`)."""
+    port = free_port()
+    command = serve_command("--host", "127.0.0.1", "--port", str(port), *args)
+    if workers != 1:
+        command += ["--workers", str(workers)]
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            command, env=env or child_env(), stdout=log, stderr=subprocess.STDOUT, cwd=cwd
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        pids = answering_workers(base, workers, proc, log_path.read_text)
+        yield ServeProcess(proc, port, log_path, pids)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def answering_workers(
     base: str, count: int, proc: subprocess.Popen, log: Callable[[], str], timeout_s: float = 120
 ) -> set[int]:
-    """The pids of a real `remi-serve`'s workers once `count` of them have answered /readyz, a
-    new connection per request so that the kernel may hand it to any of them. `log` gives the
-    server's output for the failure message."""
+    """The pids of a real `remi-serve`'s workers once `count` of them have answered /readyz
+    ready, a new connection per request so that the kernel may hand it to any of them. `log`
+    gives the server's output for the failure message."""
     pids: set[int] = set()
     deadline = time.monotonic() + timeout_s
     while len(pids) < count:
         assert proc.poll() is None, f"remi-serve exited:\n{log()}"
-        assert time.monotonic() < deadline, f"saw workers {pids}:\n{log()}"
+        assert time.monotonic() < deadline, f"saw ready workers {pids}:\n{log()}"
         try:
             with httpx.Client(timeout=5) as client:
-                pids.add(client.get(f"{base}/readyz").json()["worker_pid"])
+                response = client.get(f"{base}/readyz")
+            if response.status_code == 200:
+                pids.add(response.json()["worker_pid"])
+                continue
         except httpx.TransportError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.1)
     return pids
 
 

@@ -23,7 +23,7 @@ from remi_core.threads import (
     cgroup_cpu_limit,
     resolve_threads,
 )
-from tests.helpers import dead_redis_url, free_port
+from tests.helpers import child_env, dead_redis_url, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CPUS = len(os.sched_getaffinity(0))
@@ -178,14 +178,10 @@ def console_script(name: str, module: str) -> list[str]:
     return [found] if found else [sys.executable, "-m", module]
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    # A clean slate: no inherited REMI_*/OMP_* settings (this test process has its own).
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("REMI_", "OMP_", "MKL_", "OPENBLAS_"))
-    }
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+def clean_env(**extra: str) -> dict[str, str]:
+    # No inherited OMP_*/MKL_* settings either: this test process has its own.
+    inherited = child_env().items()
+    env = {k: v for k, v in inherited if not k.startswith(("OMP_", "MKL_", "OPENBLAS_"))}
     return {**env, "REMI_DEBUG_THREADS": "1", **extra}
 
 
@@ -204,7 +200,7 @@ def reports(output: str) -> list[dict]:
 def run_train(args: list[str], one_cpu: bool = False, **env: str) -> dict:
     done = subprocess.run(
         console_script("remi-train", "training.cli") + args,
-        env=child_env(**env),
+        env=clean_env(**env),
         capture_output=True,
         text=True,
         timeout=120,
@@ -244,7 +240,7 @@ def test_remi_train_threads_flag_and_environment_override(tmp_path: Path) -> Non
     assert_set_up(run_train(args, REMI_THREADS="3"), 3, follows_load=False)
     bad = subprocess.run(
         console_script("remi-train", "training.cli") + args,
-        env=child_env(REMI_THREADS="lots"),
+        env=clean_env(REMI_THREADS="lots"),
         capture_output=True,
         text=True,
         timeout=60,
@@ -276,7 +272,7 @@ def test_training_shrinks_its_pool_when_other_processes_take_the_cores(tmp_path:
         with log_path.open("w") as log:
             proc = subprocess.Popen(
                 console_script("remi-train", "training.cli") + args,
-                env=child_env(),
+                env=clean_env(),
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
@@ -310,7 +306,7 @@ def serve_reports(
             console_script("remi-serve", "service.cli")
             + ["--port", str(free_port()), "--workers", str(workers)]
             + ["--bundle-root", str(bundle_root), "--no-check"],
-            env=child_env(REMI_REDIS_URL=dead_redis_url(), REMI_RELOAD_INTERVAL_S="0", **env),
+            env=clean_env(REMI_REDIS_URL=dead_redis_url(), REMI_RELOAD_INTERVAL_S="0", **env),
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=pin_to_one_cpu if one_cpu else None,
@@ -352,7 +348,7 @@ def test_benchmark_scripts_set_up_threads() -> None:
         [sys.executable, "bench/bench_service.py", "--items", "500", "--rounds", "2"]
         + ["--indexes", "Flat"],
         cwd=REPO,
-        env=child_env(),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -370,7 +366,7 @@ def test_threads_benchmark_compares_the_set_ups_under_load() -> None:
     done = subprocess.run(
         [sys.executable, "bench/bench_threads.py", "--steps", "10", "--busy", "1", "--cap", "120"],
         cwd=REPO,
-        env=child_env(REMI_DEBUG_THREADS="0"),
+        env=clean_env(REMI_DEBUG_THREADS="0"),
         capture_output=True,
         text=True,
         timeout=300,

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import http.client
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,53 +15,27 @@ from typer.testing import CliRunner
 
 from remi_core.bundle import current_version, resolve_current
 from service.cli import app
-from tests.helpers import REPO, RedisServer, answering_workers, free_port, write_tiny_bundle
-
-
-def serve_command(*args: str) -> list[str]:
-    # `python -m service.cli` is what the `remi-serve` console script calls (service.cli:main).
-    return [sys.executable, "-m", "service.cli", *args]
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REMI_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return {**env, **extra}
-
-
-def start_remi_serve(args: list[str], env: dict[str, str], log, cwd: Path | None = None):
-    """A real `remi-serve` on a free port, once it answers /healthz -> (process, base URL)."""
-    port = free_port()
-    command = serve_command("--host", "127.0.0.1", "--port", str(port), *args)
-    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError("remi-serve exited:\n" + log_text(log))
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("remi-serve never answered:\n" + log_text(log))
-        time.sleep(0.1)
+from tests.helpers import (
+    RedisServer,
+    child_env,
+    free_port,
+    remi_serve,
+    serve_command,
+    write_tiny_bundle,
+)
 
 
 @pytest.mark.integration
 def test_remi_serve_answers_over_http(
     tiny_bundle_root: Path, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    log = (tmp_path / "serve.log").open("w+")
-    proc, base = start_remi_serve(
+    with remi_serve(
         ["--bundle-root", str(tiny_bundle_root), "--log-level", "info"],
+        tmp_path / "serve.log",
         child_env(REMI_REDIS_URL=redis_server.url, REMI_BUNDLE_ROOT="/flag/overrides/this"),
-        log,
         cwd=tmp_path,
-    )
-    try:
+    ) as served:
+        base = served.base
         r = httpx.post(f"{base}/recommend", json={"history": ["books-0001", "books-0002"], "n": 5})
         assert r.status_code == 200, r.text
         assert r.json()["model_version"] == current_version(tiny_bundle_root)
@@ -77,7 +49,7 @@ def test_remi_serve_answers_over_http(
         assert httpx.get(f"{base}/readyz").json()["redis"]["ok"] is True
         # Health checks may use HEAD: the GET's status and headers, no body, and the connection
         # stays usable (a body sent anyway would be read as the next response).
-        conn = http.client.HTTPConnection("127.0.0.1", int(base.rpartition(":")[2]), timeout=10)
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
         for path in ("/healthz", "/readyz", "/metrics", "/v1/model"):
             conn.request("HEAD", path)
             head = conn.getresponse()
@@ -86,10 +58,7 @@ def test_remi_serve_answers_over_http(
         conn.request("GET", "/healthz")
         assert conn.getresponse().read() == b'{"status":"ok"}'
         conn.close()
-    finally:
-        proc.terminate()
-        proc.wait(15)
-    assert "serving bundle" in log_text(log)  # the service's own logs reach uvicorn's output
+    assert "serving bundle" in served.log()  # the service's own logs reach uvicorn's output
 
 
 @pytest.mark.integration
@@ -98,11 +67,10 @@ def test_a_client_that_stalls_mid_body_gets_408_and_its_connection_closed(
 ) -> None:
     # uvicorn has no read timeout: a stalled client held its connection (a file descriptor)
     # for good, and enough of them left the worker refusing everyone.
-    log = (tmp_path / "serve.log").open("w+")
     env = child_env(REMI_REDIS_URL="redis://127.0.0.1:1/0", REMI_BODY_TIMEOUT_S="1")
-    proc, base = start_remi_serve(["--bundle-root", str(tiny_bundle_root)], env, log)
-    port = int(base.rpartition(":")[2])
-    try:
+    args = ["--bundle-root", str(tiny_bundle_root)]
+    with remi_serve(args, tmp_path / "serve.log", env) as served:
+        port = served.port
         with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
             stalled.sendall(
                 b"POST /recommend HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
@@ -126,9 +94,6 @@ def test_a_client_that_stalls_mid_body_gets_408_and_its_connection_closed(
                 slow.sendall(body[start : start + 10])
             answer = b"".join(iter(lambda: slow.recv(65536), b""))
         assert answer.startswith(b"HTTP/1.1 200"), answer
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 @pytest.mark.integration
@@ -138,43 +103,31 @@ def test_sigterm_ends_remi_serve_despite_a_client_still_sending(
 ) -> None:
     # A client that sent half its body and stalls held the shutdown forever (uvicorn waits for
     # every connection unless told how long, REMI_GRACEFUL_SHUTDOWN_S).
-    log = (tmp_path / "serve.log").open("w+")
-    args = ["--bundle-root", str(tiny_bundle_root), "--workers", str(workers)]
+    args = ["--bundle-root", str(tiny_bundle_root)]
     env = child_env(REMI_REDIS_URL="redis://127.0.0.1:1/0", REMI_GRACEFUL_SHUTDOWN_S="1")
-    proc, base = start_remi_serve(args, env, log)
-    port = int(base.rpartition(":")[2])
-    try:
-        # Every worker up: one still loading its bundle when SIGTERM comes would be a different
-        # shutdown from the one tested here.
-        answering_workers(base, workers, proc, lambda: log_text(log))
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
-            stalled.sendall(
-                b"POST /recommend HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 100\r\n\r\n" + b'{"history": ['
-            )
-            time.sleep(0.3)
-            sent_at = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(20)
-            took = time.monotonic() - sent_at
-            answer = b"".join(iter(lambda: stalled.recv(65536), b""))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    text = log_text(log)
+    # Every worker up (the helper waits for each): one still loading its bundle when SIGTERM
+    # comes would be a different shutdown from the one tested here.
+    with (
+        remi_serve(args, tmp_path / "serve.log", env, workers=workers) as served,
+        socket.create_connection(("127.0.0.1", served.port), timeout=10) as stalled,
+    ):
+        stalled.sendall(
+            b"POST /recommend HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n" + b'{"history": ['
+        )
+        time.sleep(0.3)
+        sent_at = time.monotonic()
+        served.proc.send_signal(signal.SIGTERM)
+        served.proc.wait(20)
+        took = time.monotonic() - sent_at
+        answer = b"".join(iter(lambda: stalled.recv(65536), b""))
+    text = served.log()
     assert took < 10, text
     assert "Application shutdown complete" in text  # the app's own shutdown ran
     assert "Traceback" not in text
     # The stalled client learns why: a 503, not uvicorn's 500 for a cancelled request.
     assert answer.startswith(b"HTTP/1.1 503"), answer
     assert b"shutting down" in answer and b"retry-after: 1" in answer.lower()
-
-
-def log_text(log) -> str:
-    log.flush()
-    log.seek(0)
-    return log.read()
 
 
 @pytest.mark.integration
@@ -202,16 +155,12 @@ def test_remi_serve_starts_on_an_older_version_when_current_is_corrupt(
     older = current_version(tiny_bundle_root)
     bad = write_tiny_bundle(tiny_bundle_root, seed=2)
     (bad / "item_ids.json").write_text('[null, "oops"]')
-    log = (tmp_path / "serve.log").open("w+")
     env = child_env(REMI_REDIS_URL="redis://127.0.0.1:1/0")
-    proc, base = start_remi_serve(["--bundle-root", str(tiny_bundle_root)], env, log)
-    try:
-        ready = httpx.get(f"{base}/readyz").json()
+    args = ["--bundle-root", str(tiny_bundle_root)]
+    with remi_serve(args, tmp_path / "serve.log", env) as served:
+        ready = httpx.get(f"{served.base}/readyz").json()
         assert ready["model_version"] == older and ready["reload"]["rejected_target"] == bad.name
-    finally:
-        proc.terminate()
-        proc.wait(15)
-    text = log_text(log)
+    text = served.log()
     assert f"workers start on {older}, an older published version" in text
     assert "checksum mismatch" in text and "Traceback" not in text
 

@@ -14,9 +14,10 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from remi_core.redis_keys import EVENTS_STREAM, history_key, latest_timestamp
-from service.app import StartupError, create_app
+from service.app import MetricsMiddleware, StartupError, create_app
 from service.body import MAX_LISTED_ERRORS
 from service.cli import app as cli_app
+from service.metrics import Metrics
 from service.redact import redact_url, scrub_secrets
 from service.settings import Settings
 from tests.helpers import RedisServer, dead_redis_url
@@ -221,6 +222,30 @@ def test_a_client_gone_mid_body_counts_as_499_not_500(tiny_bundle_root: Path) ->
     text = app.state.metrics.exposition().decode()
     assert 'status="499"' in text
     assert 'status="500"' not in text
+
+
+def test_a_request_is_counted_before_its_last_byte_is_sent() -> None:
+    # Under --workers N a client that scrapes /metrics as soon as it has its answer may reach
+    # another worker while this one is still sending: the count must be in before the end.
+    import asyncio
+
+    metrics = Metrics()
+    counted = 'remi_http_requests_total{endpoint="unmatched",method="GET",status="200"} 1.0'
+    seen: list[tuple[bool, bool]] = []  # (more body to come, counted yet) per body part
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"[1,", "more_body": True})
+        await send({"type": "http.response.body", "body": b"2]"})
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            seen.append((message.get("more_body", False), counted in metrics.exposition().decode()))
+
+    scope = {"type": "http", "method": "GET", "path": "/somewhere"}
+    asyncio.run(MetricsMiddleware(app, metrics)(scope, None, send))
+    assert seen == [(True, False), (False, True)]
+    assert metrics.exposition().decode().count('status="200"} 1.0') == 1  # counted once
 
 
 @pytest.mark.parametrize("fast_lane", [True, False])

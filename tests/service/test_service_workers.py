@@ -30,14 +30,12 @@ from service.cli import app as cli_app
 from service.metrics import MULTIPROC_ENV, Metrics
 from service.settings import Settings
 from tests.helpers import (
-    answering_workers,
+    child_env,
     dead_redis_url,
-    free_port,
+    remi_serve,
     tiny_item_ids,
     write_tiny_bundle,
 )
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def readyz(base: str) -> tuple[int, str]:
@@ -50,21 +48,10 @@ def readyz(base: str) -> tuple[int, str]:
 @contextlib.contextmanager
 def two_workers(bundle_root: Path, log_path: Path) -> Iterator[tuple[str, int, set[int]]]:
     """A real `remi-serve --workers 2` -> (base URL, port, the two worker pids once both answer)."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REMI_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["REMI_REDIS_URL"] = dead_redis_url()  # history-free: Redis plays no part here
-    command = [sys.executable, "-m", "service.cli", "--port", str(port), "--workers", "2",
-               "--bundle-root", str(bundle_root), "--log-level", "warning"]  # fmt: skip
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        # Both up (each answers on its own) when two pids have answered.
-        yield base, port, answering_workers(base, 2, proc, log_path.read_text)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    args = ["--bundle-root", str(bundle_root), "--log-level", "warning"]
+    env = child_env(REMI_REDIS_URL=dead_redis_url())  # history-free: Redis plays no part here
+    with remi_serve(args, log_path, env, workers=2) as served:
+        yield served.base, served.port, served.pids
 
 
 @pytest.mark.integration
@@ -220,8 +207,7 @@ def test_a_dead_workers_gauges_leave_the_metrics(tmp_path: Path, monkeypatch) ->
         "import os; from service.metrics import Metrics; m = Metrics(); "
         "m.set_model('v-of-the-dead', 1.0, 10, 4); m.recommendations.inc(7); os._exit(0)"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-c", dead_worker], env=env, check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", dead_worker], env=child_env(), check=True, timeout=60)
     assert list(tmp_path.glob("gauge_livemax_*.db"))
     text = Metrics().exposition().decode()
     assert "v-of-the-dead" not in text

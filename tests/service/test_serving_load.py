@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -17,9 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import free_port, same_response, tiny_item_ids, write_tiny_bundle
+from tests.helpers import (
+    child_env,
+    dead_redis_url,
+    remi_serve,
+    same_response,
+    tiny_item_ids,
+    write_tiny_bundle,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration  # real servers in subprocesses
 ITEMS = 5001  # enough for n=1000 after excluding a history
 # Ids of 60 characters: 256 histories of 1000 of them nearly fill the default body limit
@@ -29,35 +34,15 @@ ID_PREFIX = "catalogue-item-with-a-long-identifier-as-some-shops-use-"
 
 @contextmanager
 def serving(bundle_root: Path, log: Path, **env: str) -> Iterator[int]:
-    """`remi-serve` in a subprocess on a free port; yields the port once /readyz says ready."""
-    port = free_port()
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("REMI_")}
-    child_env.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    """`remi-serve` in a subprocess; yields its port once it is ready."""
+    settings = child_env(
         REMI_BUNDLE_ROOT=str(bundle_root),
-        REMI_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",  # histories come in the body
+        REMI_REDIS_URL=dead_redis_url(),  # histories come in the body
         REMI_RELOAD_INTERVAL_S="0",
         **env,
     )
-    cmd = [sys.executable, "-m", "service.cli", "--port", str(port), "--log-level", "warning"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "remi-serve exited:\n" + log.read_text()
-            try:
-                status, _ = request(port, "GET", "/readyz")
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "remi-serve never got ready:\n" + log.read_text()
-            time.sleep(0.1)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(20)
+    with remi_serve(["--log-level", "warning"], log, settings) as served:
+        yield served.port
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None, conn=None):
