@@ -62,7 +62,7 @@ class NativeStack:
         self.services = self.compose["services"]
         self.tmp = tmp
         self.redis_port = free_port()
-        self.api_port = free_port()
+        self.api_port = 0  # chosen when the api starts, not left free through the training
         self.volumes = {name: tmp / "volumes" / name for name in self.compose["volumes"]}
         for path in self.volumes.values():
             path.mkdir(parents=True)
@@ -194,6 +194,7 @@ def test_compose_stack_natively(stack: NativeStack) -> None:
     assert again.returncode == 0 and json.loads(again.stdout)["decision"] == "exists"
 
     # api (depends on redis healthy + bootstrap completed): up when its healthcheck passes.
+    stack.api_port = free_port()
     api = stack.start(stack.command("api"), stack.env("api"), "api")
     wait_for(lambda: healthcheck(stack, "api"), "api healthcheck", 60, api)
     url = f"http://127.0.0.1:{stack.api_port}"
