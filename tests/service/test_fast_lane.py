@@ -43,6 +43,7 @@ CASES: list[tuple[str, dict[str, str], bytes, bool | None]] = [
     ("charset", {"content-type": "application/json; charset=utf-8"},
      body({"history": HISTORY}), True),
     ("+json", {"content-type": "application/vnd.x+json"}, body({"history": HISTORY}), True),
+    ("identity", {**JSON, "content-encoding": " Identity"}, body({"history": HISTORY}), True),
     ("stored history", KEYED, body({"user_id": "alice", "n": 4}), True),
     ("unknown user", KEYED, body({"user_id": "nobody"}), True),
     ("key holds no list", KEYED, body({"user_id": "not-a-list"}), True),  # 409 from Redis
@@ -69,6 +70,8 @@ CASES: list[tuple[str, dict[str, str], bytes, bool | None]] = [
     ("empty body", JSON, b"", False),
     ("text/plain", {"content-type": "text/plain"}, body({"history": HISTORY}), False),
     ("no content type", {}, body({"history": HISTORY}), False),
+    # The route's 415, though this body (labelled compressed, sent plain) reads as JSON.
+    ("gzip", {**JSON, "content-encoding": "gzip"}, body({"history": HISTORY}), False),
     ("over the inline size", JSON, body({"history": HISTORY, "pad": "x" * 70_000}), False),
     ("over REMI_MAX_BODY_BYTES", JSON, body({"history": ["y" * 200] * 600}), None),  # 413
 ]
