@@ -86,6 +86,11 @@ def serve(
     if log_level.lower() not in LOG_LEVELS:
         typer.secho(f"error: --log-level must be one of {', '.join(LOG_LEVELS)}", err=True)
         raise typer.Exit(code=2)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:  # uvicorn would log "Name or service not known" alone
+        typer.secho(f"error: --host {host}: no such address ({exc.strerror})", err=True)
+        raise typer.Exit(code=2) from None
     if bundle_root is not None:
         os.environ["REMI_BUNDLE_ROOT"] = str(bundle_root)
     _share_threads(threads, workers)
@@ -158,9 +163,13 @@ def _shared_metrics(workers: int) -> Iterator[None]:
         return
     if given:
         path = Path(given)
-        path.mkdir(parents=True, exist_ok=True)
-        for stale in path.glob("*.db"):
-            stale.unlink()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            for stale in path.glob("*.db"):
+                stale.unlink()
+        except OSError as exc:
+            typer.echo(f"error: {MULTIPROC_ENV}={given} is not a usable directory: {exc}", err=True)
+            raise typer.Exit(2) from None
         yield
         return
     with tempfile.TemporaryDirectory(prefix="remi-metrics-") as tmp:

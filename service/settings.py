@@ -42,8 +42,9 @@ class Settings(BaseSettings):
     )
     device: str = Field(
         "cpu",
-        description="Torch device for the user encoder (e.g. cpu, cuda). The Faiss index goes "
-        "to the GPU on its own when the installed faiss has GPU support and a GPU is present.",
+        description="Torch device for the user encoder (cpu, cuda, cuda:1, ...); a device this "
+        "host lacks stops remi-serve at start with one line. The Faiss index goes to the GPU on "
+        "its own when the installed faiss has GPU support and a GPU is present.",
     )
     verify_checksums: bool = Field(
         True, description="Check every bundle file against the manifest's sha256 when loading."
@@ -226,6 +227,25 @@ class Settings(BaseSettings):
             )
         return url
 
+    @field_validator("device")
+    @classmethod
+    def _device_usable(cls, value: str) -> str:
+        # Checked here, so that `remi-serve --check` (which loads on the CPU) and every worker
+        # fail on the setting, not as a bundle that "cannot load".
+        import torch
+
+        try:
+            device = torch.device(value)
+        except RuntimeError:
+            raise ValueError(f"{value!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{value!r}: the service runs on cpu or cuda[:N]")
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if (device.index or 0) >= count:
+                raise ValueError(f"{value!r}: this host has {count} CUDA device(s)")
+        return value
+
     @model_validator(mode="after")
     def _admin_token_not_blank(self) -> Settings:
         if self.admin_token is not None:
@@ -242,6 +262,8 @@ class Settings(BaseSettings):
             keys = self.api_key_list()  # reads the keys file, once
         except OSError as exc:
             raise ValueError(f"api_keys_file cannot be read: {exc}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"api_keys_file {self.api_keys_file}: not UTF-8 text") from None
         if self.api_keys is not None and not keys:
             raise ValueError("api_keys holds no key; leave it unset to keep the data routes open")
         if not all(_header_safe(key) for key in keys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -60,8 +61,9 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         for name in ("beta", "rr_lambda", "num_negatives", "lr", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:  # NaN trains to NaN weights, "finishing"
+                raise ValueError(f"{name} must be a finite number >= 0, not {value}")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, not {self.model_type!r}")
         self.encoder_config(num_items=2)  # architecture checks (routing_grad) fail here, early

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import random
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,25 +136,27 @@ class SequenceDataset:
         directory = Path(directory)
         try:
             meta = json.loads((directory / "dataset.json").read_text())
-            arrays = np.load(directory / "sequences.npz", allow_pickle=False)
+            with np.load(directory / "sequences.npz", allow_pickle=False) as npz:
+                arrays = {key: npz[key] for key in ("items", "lengths", "train", "valid", "test")}
+            described = ("name", "item_ids", "user_ids", "fingerprint", "source", "extra")
+            meta = {key: meta[key] for key in described}
         except FileNotFoundError as exc:
             raise DataError(
                 f"{directory} is not a prepared dataset: {exc.filename} missing"
             ) from None
+        except (KeyError, TypeError, ValueError, OSError, zipfile.BadZipFile) as exc:
+            # Truncated, hand-edited or from another program: one line, not a traceback.
+            what = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+            raise DataError(f"{directory}: damaged prepared dataset ({what})") from None
         offsets = np.concatenate([[0], np.cumsum(arrays["lengths"])])
         items = arrays["items"]
         sequences = [items[offsets[i] : offsets[i + 1]] for i in range(len(arrays["lengths"]))]
         return cls(
-            name=meta["name"],
-            item_ids=meta["item_ids"],
-            user_ids=meta["user_ids"],
             sequences=sequences,
             train=arrays["train"],
             valid=arrays["valid"],
             test=arrays["test"],
-            fingerprint=meta["fingerprint"],
-            source=meta["source"],
-            extra=meta["extra"],
+            **meta,
         )
 
 
@@ -172,7 +175,10 @@ def read_interactions(cfg: DataConfig) -> pd.DataFrame:
     readers = {"csv": _read_table, "parquet": _read_table, "seq": _read_seq, "inter": _read_inter}
     if fmt not in readers:
         raise DataError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    frame = readers[fmt](path, cfg, fmt)
+    try:
+        frame = readers[fmt](path, cfg, fmt)
+    except (UnicodeDecodeError, EOFError, OSError) as exc:  # not UTF-8; a broken .gz
+        raise DataError(f"{path}: cannot read as {fmt}: {exc}") from None
     if frame.empty:
         raise DataError(f"{path}: no interactions found (empty file?)")
     return frame

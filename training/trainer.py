@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import sys
 import time
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from remi_core.atomic import atomic_file, write_json_atomic
 from remi_core.models import MultiInterestEncoder, build_encoder, cpu_state_dict
 from remi_core.threads import follow_load
 from training.config import TrainConfig
-from training.data import SequenceDataset
+from training.data import DataError, SequenceDataset
 from training.evaluate import (
     EvalSet,
     evaluate_model,
@@ -233,14 +234,21 @@ def train(
     same early-stopping decision without extra communication, and rank 0 writes the files.
     """
     run = RunDir(run_dir)
+    splits = {"training": dataset.train, "validation": dataset.valid, "test": dataset.test}
+    if empty := [name for name, users in splits.items() if len(users) == 0]:
+        counts = ", ".join(f"{len(users)} {name}" for name, users in splits.items())
+        raise DataError(
+            f"{dataset.name}: no {' or '.join(empty)} users ({counts}): too few users to "
+            "train and validate on (more data, or a lower min_count)"
+        )
     ddp, device = Distributed.setup(resolve_device(cfg.device))
     if device.type == "cpu":
         keep_freed_memory()
     if resume and not run.last.is_file():
         raise FileNotFoundError(f"cannot resume: {run.last} does not exist")
+    session = _start_session(dataset, cfg, device, ddp)  # settings fail here, before any file
     if ddp.is_main:
         _write_run_files(run, dataset, cfg, resume)
-    session = _start_session(dataset, cfg, device, ddp)
     if resume:
         session.progress = _load_last(run.last, session)
         log.info("resumed %s at iteration %d", run.path, session.progress.iteration)
@@ -254,6 +262,12 @@ def train(
 def _write_run_files(run: RunDir, dataset: SequenceDataset, cfg: TrainConfig, resume: bool) -> None:
     run.path.mkdir(parents=True, exist_ok=True)
     if not resume:
+        # A new run in an old run's directory: the old weights and results go first, so that
+        # the directory never pairs this run's settings with another run's checkpoint.
+        for stale in (run.result, run.best, run.weights("best"), run.last, run.metrics):
+            if stale.is_file():
+                log.warning("a new run in %s: removing the previous run's %s", run.path, stale.name)
+                stale.unlink()
         dataset.save(run.dataset)
     # Rewritten on resume too, so the file names the max_iters the run now goes to.
     write_json_atomic(run.config, {"train": asdict(cfg), "data": dataset.summary()})
@@ -404,8 +418,21 @@ def load_encoder(run_dir: Path, num_items: int, which: str = "best") -> MultiInt
     weights = run.weights(which)
     if not weights.is_file():
         raise RunError(f"{weights} does not exist (has the run validated yet?)")
-    model.load_state_dict(load_file(str(weights)))
+    with _reading(weights, f"with the settings in {run.config}"):
+        model.load_state_dict(load_file(str(weights)))
     return model.eval()
+
+
+@contextlib.contextmanager
+def _reading(path: Path, fit: str) -> Iterator[None]:
+    """A damaged checkpoint, or one of another shape than its run's settings, as one RunError
+    naming the file (torch's own message lists every mismatched tensor)."""
+    try:
+        yield
+    except (RuntimeError, SafetensorError, EOFError, KeyError, pickle.UnpicklingError) as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:2])[:300]
+        raise RunError(f"{path}: cannot be read {fit}: {detail}") from None
 
 
 def _save_last(path: Path, session: _Session) -> None:
@@ -436,9 +463,10 @@ def _writing(path: Path) -> Iterator[None]:
 
 
 def _load_last(path: Path, session: _Session) -> _Progress:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    session.model.load_state_dict(checkpoint["model"])
-    session.optimizer.load_state_dict(checkpoint["optimizer"])
+    with _reading(path, "to resume the run"):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        session.model.load_state_dict(checkpoint["model"])
+        session.optimizer.load_state_dict(checkpoint["optimizer"])
     generator, rank = session.generator, session.ddp.rank
     state = _Progress(**checkpoint["state"])
     if rank == 0:  # other ranks' streams are not saved; they restart from a rank-salted seed

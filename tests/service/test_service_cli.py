@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from remi_core.bundle import current_version, resolve_current
@@ -176,3 +177,27 @@ def test_remi_serve_help_lists_the_options() -> None:
 def test_remi_serve_rejects_bad_options(bad: list[str]) -> None:
     result = CliRunner().invoke(app, bad)
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["--host", "999.1.1.1"], {}, "--host 999.1.1.1: no such address"),
+        # --check loads on the CPU, so a bad device failed in every worker, blamed on the bundle.
+        ([], {"REMI_DEVICE": "bogus"}, "'bogus' is not a torch device"),
+        ([], {"REMI_DEVICE": "meta"}, "'meta': the service runs on cpu or cuda[:N]"),
+        ([], {"REMI_DEVICE": "cuda:7"}, "'cuda:7': this host has"),
+        (["--workers", "2"], {"PROMETHEUS_MULTIPROC_DIR": "FILE"}, "is not a usable directory"),
+    ],
+)
+def test_remi_serve_names_a_bad_address_device_or_metrics_directory(
+    tmp_path: Path, args: list[str], env: dict[str, str], says: str
+) -> None:
+    if env.get("REMI_DEVICE") == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this host has a cuda:7")
+    (tmp_path / "a-file").write_text("")
+    env = {k: v.replace("FILE", str(tmp_path / "a-file")) for k, v in env.items()}
+    args = [*args, "--bundle-root", str(tmp_path), "--no-check", "--port", "0"]
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 2, result.output
+    assert says in result.output and "Traceback" not in result.output

@@ -501,6 +501,7 @@ def test_data_routes_are_open_without_keys(slow_client: TestClient) -> None:
     [
         ({"api_keys": " , "}, "holds no key"),
         ({"api_keys_file": "/nonexistent/keys"}, "api_keys_file cannot be read"),
+        ({"api_keys_file": "/proc/self/exe"}, "api_keys_file /proc/self/exe: not UTF-8 text"),
         # Headers arrive as latin-1: a key sent as UTF-8 "é" would arrive as "Ã©", never match.
         ({"api_keys": "key-one, clé-2"}, "every API key must be printable ASCII"),
         ({"admin_token": "jeton-\u00e9"}, "admin_token must be printable ASCII"),

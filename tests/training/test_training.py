@@ -2,6 +2,7 @@
 
 import json
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +22,11 @@ from remi_core.bundle import (
 from remi_core.models import pad_histories
 from remi_core.retrieval import dense_merged_topk
 from training.cli import app
+from training.commands.options import read_config, settings
 from training.data import DataConfig, load_dataset
 from training.evaluate import evaluate_bundle
 from training.export import export_run
+from training.run_dir import RunDir
 from training.trainer import BatchSampler, TrainConfig, load_run, train
 
 SMALL = TrainConfig(dim=16, num_interests=3, seq_len=10, batch_size=64, max_iters=1200,
@@ -157,13 +160,24 @@ def test_cli_trains_exports_and_evaluates_with_a_config_file(tmp_path):
         (["train", "--run-dir", "R", "--device", "cuda:3", "--synthetic-users", "50"], "CUDA"),
         (["evaluate", "R", "--split", "train"], "--split"),
         (["train", "--run-dir", "R", "--eval-every", "0"], "eval_every must be at least 1"),
-        (["train", "--run-dir", "R", "--beta", "-1"], "beta must not be negative"),
+        (["train", "--run-dir", "R", "--beta", "-1"], "beta must be a finite number >= 0"),
+        # NaN slips past `< 0`: the run "finished" with NaN weights, the nightly job published.
+        (["train", "--run-dir", "R", "--beta", "nan"], "beta (--beta, or `train: beta` in"),
+        (["train", "--run-dir", "R", "--rr-lambda", "inf"], "must be a finite number, not inf"),
+        (["nightly", "--bundle-root", "B", "--tolerance", "nan"], "tolerance (--tolerance, or"),
+        (["nightly", "--bundle-root", "B", "--lock-ttl", "nan"], "lock_ttl_s (--lock-ttl, or"),
+        (["train", "--run-dir", "R", "-c", "."], "--config: . is a directory"),
+        (["prepare", "--data", "latin1.txt", "--out", "D"], "latin1.txt: cannot read as seq"),
+        (["prepare", "--data", "plain.txt.gz", "--out", "D"], "plain.txt.gz: cannot read as seq"),
+        (["versions", "--bundle-root", "nowhere"], "--bundle-root: nowhere is not a directory"),
         (["train", "--run-dir", "R", "--routing-grad"], "routing_grad applies to comirec-dr, mind"),
         (["evaluate", "R", "--dataset-dir", "nowhere"], "R/manifest.json is missing"),
     ],
 )
 def test_cli_errors_name_the_flag_or_file(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
+    Path("latin1.txt").write_bytes("user-1 caf\xe9 th\xe9\n".encode("latin-1"))
+    Path("plain.txt.gz").write_text("user-1 a b\n")  # named .gz, not compressed
     if torch.cuda.is_available() and "cuda:3" in args:
         pytest.skip("a CUDA host may have that device")
     result = runner.invoke(app, args)
@@ -177,6 +191,113 @@ def test_cli_rejects_unknown_config_keys(tmp_path):
     config.write_text(json.dumps({"train": {"dimension": 8}}))
     result = runner.invoke(app, ["train", "-c", str(config), "--run-dir", str(tmp_path / "r")])
     assert result.exit_code == 2 and "dimension" in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train: 5\n", "the train: section must be a mapping of settings, not 5"),
+        ("train: [1, 2]\n", "the train: section must be a mapping"),
+        ("train:\n  dim: 8.5\n", "dim (--dim, or `train: dim` in --config) must be a whole number"),
+        ("train:\n  amp: 'no'\n", "amp (--amp, or `train: amp` in --config) must be true or false"),
+        ("train:\n  device: 3\n", "device (--device, or `train: device` in --config) must be a"),
+        ("data:\n  min_count: five\n", "min_count (--min-count, or `data: min_count`"),
+        ("train:\n  lr: .nan\n", "lr (--lr, or `train: lr` in --config) must be a finite number"),
+        (b"train:\n  dim: \xff\n", "cannot parse"),
+    ],
+)
+def test_config_values_of_the_wrong_type_name_their_setting(tmp_path, text, message):
+    config = tmp_path / "c.yaml"
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    result = runner.invoke(app, ["train", "-c", str(config), "--run-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_config_sections_left_empty_and_yaml_floats_without_a_dot_are_read(tmp_path):
+    config = tmp_path / "c.yaml"
+    # `1e-3` (YAML 1.1 reads it as a string), a whole float for an int, sections left empty.
+    config.write_text("data:\ntrain:\n  lr: 1e-3\n  max_iters: 2.0e+3\nexport:  # later\n")
+    file = read_config(config)
+    assert "data" not in file and "export" not in file
+    cfg = settings(TrainConfig, file, "train")
+    assert cfg.lr == 0.001 and cfg.max_iters == 2000 and isinstance(cfg.max_iters, int)
+    assert settings(DataConfig, file, "data") == DataConfig()
+
+
+def test_a_new_run_with_bad_settings_leaves_the_old_run_in_its_directory(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained.run_dir, run_dir)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    # AdamW refused the rate after config.json was rewritten (dim 32 now), which left the old
+    # checkpoint unloadable under the new settings; the settings are checked first now.
+    result = runner.invoke(app, ["train", "--run-dir", str(run_dir), "--synthetic-users", "300",
+                                 "--dim", "32", "--lr", "nan", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 2 and "lr (--lr, or" in result.output, result.output
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert after == before, result.output
+    result = runner.invoke(app, ["export", "--run-dir", str(run_dir),
+                                 "--bundle-root", str(tmp_path / "b")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+
+def test_a_new_run_in_an_old_runs_directory_replaces_all_of_it(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained.run_dir, run_dir)
+    result = runner.invoke(app, ["train", "--run-dir", str(run_dir), "--synthetic-users", "300",
+                                 "--dim", "8", "--seq-len", "8", "--batch-size", "32",
+                                 "--max-iters", "20", "--eval-every", "10", "--device", "cpu",
+                                 "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    model, dataset, cfg = load_run(run_dir)
+    assert cfg.dim == 8 and model.item_table().shape == (dataset.num_items, 8)
+    assert len(RunDir(run_dir).read_metrics()) == 2  # its own validations only
+
+
+@pytest.mark.parametrize(
+    ("damage", "command", "message"),
+    [
+        ("dim", "export", "best.safetensors: cannot be read with the settings in"),
+        ("weights", "export", "best.safetensors: cannot be read"),
+        ("weights", "evaluate", "best.safetensors: cannot be read"),
+        ("last", "resume", "last.pt: cannot be read to resume the run"),
+        ("dataset.json", "evaluate", "damaged prepared dataset (no 'name')"),
+        ("sequences.npz", "evaluate", "damaged prepared dataset (BadZipFile"),
+        ("sequences.npz", "train", "damaged prepared dataset (BadZipFile"),
+    ],
+)
+def test_a_damaged_run_directory_is_one_line_naming_the_file(
+    trained, tmp_path, damage, command, message
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained.run_dir, run_dir)
+    if damage == "dim":  # a checkpoint of another shape than the run's settings
+        config = json.loads((run_dir / "config.json").read_text())
+        config["train"]["dim"] = 2 * config["train"]["dim"]
+        (run_dir / "config.json").write_text(json.dumps(config))
+    else:
+        path = {"weights": run_dir / "best.safetensors", "last": run_dir / "last.pt"}.get(
+            damage, run_dir / "dataset" / damage
+        )
+        path.write_bytes(b"{}" if damage == "dataset.json" else path.read_bytes()[:300])
+    args = {
+        "export": ["export", "--run-dir", str(run_dir), "--bundle-root", str(tmp_path / "b")],
+        "evaluate": ["evaluate", str(run_dir)],
+        "resume": ["train", "--run-dir", str(run_dir), "--resume", "--no-progress"],
+        "train": ["train", "--run-dir", str(tmp_path / "r2"), "--dataset-dir",
+                  str(run_dir / "dataset"), "--no-progress"],
+    }[command]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_too_few_users_to_validate_on_is_said_so(tmp_path):
+    result = runner.invoke(app, ["train", "--run-dir", str(tmp_path / "r"), "--synthetic-users",
+                                 "5", "--min-count", "1", "--no-progress"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "no validation users" in result.output and "too few users" in result.output
 
 
 def test_a_full_disk_while_training_is_one_line_and_exit_2(tmp_path):

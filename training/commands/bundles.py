@@ -40,6 +40,8 @@ def versions(
     Each version's own test Recall@50 was measured on the users of its own night, which change
     with the data; with --dataset-dir every version is also scored on the same users.
     """
+    if not bundle_root.is_dir():
+        raise CliError(f"--bundle-root: {bundle_root} is not a directory")
     current = current_version(bundle_root)
     rows = [_version_row(bundle_root / v, v == current) for v in list_versions(bundle_root)]
     if dataset_dir is not None:

@@ -16,6 +16,7 @@ from remi_core.threads import lower_priority
 from training.commands.options import (
     CliError,
     DeviceOpt,
+    checked,
     echo_json,
     read_config,
     setting,
@@ -23,6 +24,7 @@ from training.commands.options import (
 )
 from training.config import TrainConfig
 from training.data import DataConfig
+from training.export import ExportConfig
 from training.nightly.config import NightlyConfig, NightlyError
 from training.nightly.job import run_bootstrap, run_nightly
 
@@ -52,14 +54,16 @@ def nightly_config(
     unknown = sorted(set(nightly) - NightlyConfig.scalar_fields())
     if unknown:
         raise CliError(f"--config: unknown nightly setting(s) {unknown}")
-    for key, value in file.get("export", {}).items():  # published bundles' index, unless set
+    # Published bundles' index as the export: section says, unless nightly: says otherwise.
+    for key, value in checked(ExportConfig, file.get("export", {}), "export").items():
         nightly.setdefault(key, value)
     given = {"bundle_root": bundle_root, "state_dir": state_dir, "redis_url": redis_url, **flags}
     nightly.update({k: v for k, v in given.items() if v is not None})
+    device = nightly.pop("device", None)
+    nightly = checked(NightlyConfig, nightly, "nightly")
     for key in ("bundle_root", "state_dir"):
         if key in nightly:
             nightly[key] = Path(nightly[key])
-    device = nightly.pop("device", None)
     try:
         return NightlyConfig(
             data=settings(DataConfig, file, "data"),

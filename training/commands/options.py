@@ -10,10 +10,12 @@ defaults to None, meaning "not given": the config file's value, else the datacla
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import functools
 import inspect
 import json
+import math
 import textwrap
 import tomllib
 import typing
@@ -128,24 +130,38 @@ ConfigOpt = Annotated[
 DeviceOpt = Annotated[str | None, setting(TrainConfig, "device")]
 
 
+SECTIONS = ("data", "train", "export", "nightly")
+
+
 def read_config(path: Path | None) -> dict[str, Any]:
-    """A config file's sections (data:, train:, export:, nightly:); {} without a file."""
+    """A config file's sections (data:, train:, export:, nightly:), each a mapping ({} for a
+    section left empty); {} without a file."""
     if path is None:
         return {}
     if not path.is_file():
-        raise CliError(f"--config: {path} does not exist")
-    text = path.read_text()
+        raise CliError(
+            f"--config: {path} " + ("is a directory" if path.is_dir() else "does not exist")
+        )
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
             data = yaml.safe_load(text) or {}
         else:
             data = json.loads(text)
-    except (ValueError, yaml.YAMLError) as exc:
+    except (ValueError, yaml.YAMLError) as exc:  # UnicodeDecodeError is a ValueError
         raise CliError(f"--config: cannot parse {path}: {exc}") from None
     if not isinstance(data, dict):
         raise CliError(f"--config: {path} must hold a mapping")
+    for section in SECTIONS:
+        if data.get(section) is None:
+            data.pop(section, None)  # `export:` with every line commented out
+        elif not isinstance(data[section], dict):
+            raise CliError(
+                f"--config: {path}: the {section}: section must be a mapping of settings, "
+                f"not {data[section]!r}"
+            )
     return data
 
 
@@ -158,9 +174,62 @@ def settings(cls: type[T], config: dict[str, Any], section: str, **flags: Any) -
     if unknown:
         raise CliError(f"--config: unknown {section} setting(s) {unknown}; known: {sorted(known)}")
     try:
-        return cls(**values)
+        return cls(**checked(cls, values, section))
     except (TypeError, ValueError) as exc:
         raise CliError(f"invalid {section} settings: {exc}") from None
+
+
+def checked(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
+    """`values` for fields of the dataclass `cls`, each checked against its field's type: a
+    config file can hold anything (`dim: 8.5`, `amp: "no"`), and typer lets NaN and inf through
+    float flags. Numbers must be finite; `1e-3`, which YAML reads as a string, is a float, and
+    a whole float (`1.0e+6`) may stand for an int."""
+    hints = typing.get_type_hints(cls)
+    return {
+        name: _checked(hints[name], value, cls, name, section) for name, value in values.items()
+    }
+
+
+def _checked(kind: Any, value: Any, cls: type, name: str, section: str) -> Any:
+    def bad(expected: str) -> CliError:
+        flag = FLAGS.get((cls, name), ("",))[0].split("/")[0]
+        where = f"{flag}, or " if flag else ""
+        return CliError(
+            f"{name} ({where}`{section}: {name}` in --config) must be {expected}, not {value!r}"
+        )
+
+    options = typing.get_args(kind)
+    if type(None) in options:
+        if value is None:
+            return None
+        kind = next(t for t in options if t is not type(None))
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if kind is Path:
+        if not isinstance(value, str | Path):
+            raise bad("a path")
+        return value
+    if kind not in (int, float):
+        return value
+    number = value
+    if isinstance(number, str):
+        with contextlib.suppress(ValueError):
+            number = float(number)
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        raise bad("a whole number" if kind is int else "a number")
+    if not math.isfinite(number):
+        raise bad("a finite number")
+    if kind is float:
+        return float(number)
+    if isinstance(number, float) and not number.is_integer():
+        raise bad("a whole number")
+    return int(number)
 
 
 def echo_json(data: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -83,12 +84,13 @@ class NightlyConfig:
     def __post_init__(self) -> None:
         if self.retention < 1:
             raise NightlyError("retention must be at least 1")
-        if self.lock_ttl_s <= 0:
-            raise NightlyError("lock_ttl_s must be positive")
+        if not (math.isfinite(self.lock_ttl_s) and self.lock_ttl_s > 0):
+            raise NightlyError(f"lock_ttl_s must be a positive number, not {self.lock_ttl_s}")
         if self.baseline_versions < 0:
             raise NightlyError("baseline_versions must not be negative")
-        if self.tolerance < 0:
-            raise NightlyError("tolerance must not be negative")
+        # NaN would pass `new >= current - tolerance`'s negation: every model published.
+        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise NightlyError(f"tolerance must be a finite number >= 0, not {self.tolerance}")
         if not 0 <= self.nice <= 19:
             raise NightlyError(f"nice must be between 0 and 19, not {self.nice}")
         if self.categories and not Path(self.categories).is_file():  # fail before training

@@ -88,7 +88,7 @@ def decide(
     new_value = new[metric]
     for name, metrics in others:
         old_value = metrics[metric]
-        if new_value < old_value - tolerance:
+        if not new_value >= old_value - tolerance:  # so that a NaN anywhere keeps the current
             return False, (
                 f"new {metric} {new_value:.4f} is worse than {name} {old_value:.4f} by "
                 f"{old_value - new_value:.4f}, more than the tolerance {tolerance:.4f}: keeping "
