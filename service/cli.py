@@ -91,6 +91,7 @@ def serve(
     except socket.gaierror as exc:  # uvicorn would log "Name or service not known" alone
         typer.secho(f"error: --host {host}: no such address ({exc.strerror})", err=True)
         raise typer.Exit(code=2) from None
+    _bind_once(host, port)  # before the bundle check, which takes seconds
     if bundle_root is not None:
         os.environ["REMI_BUNDLE_ROOT"] = str(bundle_root)
     _share_threads(threads, workers)
@@ -209,19 +210,33 @@ def _bind_reusing_port(
     return sock
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _bind_once(host: str, port: int) -> tuple:
+    """Bind the address plainly and let it go: the address bound, or exit 1 saying why it
+    cannot be (uvicorn alone says so only after the bundle has loaded, in its own words)."""
+    try:
+        with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+            return probe.getsockname()
+    except OSError as exc:
+        typer.echo(f"error: cannot listen on {host}:{port}: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 def _run_workers(config: uvicorn.Config) -> None:
     """uvicorn's supervisor (restarts a worker that dies, stops them all on SIGINT/SIGTERM) over
     one listening socket per worker (`_WorkerSocket`)."""
     from uvicorn.supervisors import Multiprocess
 
-    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    family = _family(config.host)
+    # A plain bind first: with SO_REUSEPORT alone this server would join one already listening
+    # on the port with it (a remi-serve still running) and share its traffic.
+    address = _bind_once(config.host, config.port)  # the port chosen, for --port 0
     try:
-        # A plain bind first: with SO_REUSEPORT alone this server would join one already
-        # listening on the port with it (a remi-serve still running) and share its traffic.
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((config.host, config.port))
-            address = probe.getsockname()  # the port chosen, for --port 0
         reserved = _bind_reusing_port(family, address, _WorkerSocket)
     except OSError as exc:
         typer.echo(f"error: cannot listen on {config.host}:{config.port}: {exc}", err=True)

@@ -252,6 +252,21 @@ def test_several_workers_refuse_a_port_in_use(capsys) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_remi_serve_refuses_a_port_in_use_before_loading_anything(
+    tmp_path: Path, workers: int
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["--port", str(port), "--workers", str(workers), "--bundle-root", str(tmp_path)]
+        result = CliRunner().invoke(cli_app, args, env={"REMI_REDIS_URL": dead_redis_url()})
+    assert result.exit_code == 1, result.output
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output
+    assert "no usable bundle" not in result.output  # refused before the bundle check
+
+
 def test_remi_serve_warns_when_workers_cannot_follow_a_reload(tmp_path: Path) -> None:
     env = {"REMI_RELOAD_INTERVAL_S": "0"}
     args = ["--workers", "2", "--bundle-root", str(tmp_path / "none")]
