@@ -164,7 +164,12 @@ def write_bundle(
         raise BundleError(f"bundle version {version} already exists in {root}")
     if len(item_ids) != encoder.cfg.num_items:
         raise ValueError(f"{len(item_ids)} item ids for {encoder.cfg.num_items} catalogue rows")
-    problem = _item_ids_problem(item_ids) or _nonfinite_problem(encoder)
+    num_items = encoder.cfg.num_items
+    problem = (
+        _item_ids_problem(item_ids)
+        or _nonfinite_problem(encoder)
+        or _popularity_problem(np.asarray(popularity, dtype=np.int64), num_items)
+    )
     if problem:
         raise ValueError(problem)
     files = dict(FILES)
@@ -469,6 +474,12 @@ def load_bundle(path: Path, device: str | torch.device = "cpu", verify: bool = T
         path = resolve_current(path)
     path = path.resolve()
     manifest = read_manifest(path)
+    if manifest.get("version") != path.name:
+        # Served, reported and rolled back by this name; the manifest is not checksummed.
+        raise BundleError(
+            f"{path / MANIFEST}: version {manifest.get('version')!r} is not its directory's "
+            f"name {path.name!r}"
+        )
     if verify:
         verify_files(path, manifest)
     try:
@@ -552,8 +563,11 @@ def _check_shapes(path, cfg, encoder, embeddings, item_ids, popularity, index) -
             f"{path}: index holds {index.ntotal} vectors of size {index.d}, expected "
             f"{cfg.num_items - ROW_OFFSET} of size {cfg.dim}"
         )
-    if len(popularity) and (popularity.min() < 1 or popularity.max() >= cfg.num_items):
-        raise BundleError(f"{path}: popularity lists rows outside 1..{cfg.num_items - 1}")
+    problem = _popularity_problem(popularity, cfg.num_items)
+    if problem:
+        raise BundleError(f"{path}: {problem}")
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise BundleError(f"{path}: the index does not rank by inner product (Eq. 7)")
     table = encoder.item_table().detach().cpu().numpy()
     # In blocks of rows: a whole-table comparison allocates a mask of N x d (640 MB at 10M).
     block = CHECK_BLOCK_ELEMENTS // max(cfg.dim, 1)
@@ -580,6 +594,17 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     """In blocks: isfinite() over a whole 10M-item table allocates 3.7 GB of temporaries."""
     flat, block = tensor.reshape(-1), CHECK_BLOCK_ELEMENTS
     return all(bool(flat[i : i + block].isfinite().all()) for i in range(0, flat.numel(), block))
+
+
+def _popularity_problem(popularity: np.ndarray, num_items: int) -> str | None:
+    """Distinct catalogue rows, most popular first: the list a user with no known item gets."""
+    if popularity.ndim != 1:
+        return "popularity must be a list of catalogue rows"
+    if len(popularity) and (popularity.min() < 1 or popularity.max() >= num_items):
+        return f"popularity lists rows outside 1..{num_items - 1}"
+    if len(np.unique(popularity)) != len(popularity):
+        return "popularity lists a row twice"
+    return None
 
 
 def _item_ids_problem(item_ids: list) -> str | None:

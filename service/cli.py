@@ -117,8 +117,10 @@ def serve(
         from service.registry import load_servable
 
         try:
+            # As a worker loads it (REMI_EXACT_SEARCH may pick a search the bundle fails),
+            # but on the CPU: the check's copy of the model is let go before the workers start.
             model, _, rejected = load_servable(
-                settings.bundle_root, "cpu", settings.verify_checksums
+                settings.bundle_root, "cpu", settings.verify_checksums, settings.exact_search
             )
         except (BundleError, OSError) as exc:
             typer.echo(f"error: cannot start: no usable bundle: {exc}", err=True)

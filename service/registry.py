@@ -80,9 +80,15 @@ def _fallbacks(root: Path, rejected: str | None) -> list[str]:
         return []
     try:
         by_age, published = list_versions(root), published_versions(root)
+        if rejected in by_age:
+            older = set(by_age[: by_age.index(rejected)])
+        else:
+            # Its manifest (or directory) is gone, and with it its age: the versions published
+            # before it first was; none if the log never named it.
+            named = (root / PUBLISHED).read_text().split()
+            older = set(named[: named.index(rejected)] if rejected in named else [])
     except OSError:
         return []
-    older = set(by_age[: by_age.index(rejected)] if rejected in by_age else by_age)
     return [v for v in reversed(published) if v in older]
 
 
@@ -147,8 +153,8 @@ class ModelRegistry:
             previous = self._model.version if self._model else None
             try:
                 path = resolve_current(self.root)  # read the link once: target and path agree
-            except (BundleError, OSError) as exc:
-                return self._failed(previous, None, str(exc), state)
+            except (BundleError, OSError) as exc:  # e.g. it names a version that is gone
+                return self._failed(previous, state[0], str(exc), state)
             target = path.name
             if target == self._name:
                 # `current` is back on the served bundle (e.g. rolled back after a rejected

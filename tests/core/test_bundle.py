@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
@@ -25,7 +26,7 @@ from remi_core.bundle import (
     write_bundle,
 )
 from remi_core.models import EncoderConfig, build_encoder
-from tests.helpers import write_tiny_bundle
+from tests.helpers import TINY, tiny_item_ids, write_tiny_bundle
 
 
 @pytest.mark.parametrize("role", ["encoder", "item_embeddings", "index", "item_ids"])
@@ -190,7 +191,7 @@ import resource, signal, sys
 from pathlib import Path
 import faiss
 from remi_core.bundle import BundleError
-from tests.helpers import write_tiny_bundle
+from tests.helpers import TINY, tiny_item_ids, write_tiny_bundle
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
 if sys.argv[2] == "index":  # the disk fills up as the index is written
     write_index = faiss.write_index
@@ -245,6 +246,34 @@ def test_a_model_with_nan_weights_is_neither_written_nor_served(tmp_path):
             popularity=np.arange(1, 5), metadata={},
         )  # fmt: skip
     assert not (tmp_path / "other").exists() or not list((tmp_path / "other").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("popularity", "says"),
+    [([[3, 4], [5, 6]], "must be a list of catalogue rows"), ([5, 5, 7], "lists a row twice")],
+)
+def test_a_bad_popularity_list_is_neither_written_nor_served(tmp_path, popularity, says):
+    # The list a user with no known item gets: served as it is, a row twice is an item twice,
+    # and a nested list failed every such request (500) after the bundle had loaded.
+    path = write_tiny_bundle(tmp_path / "bundles")
+    (path / "popularity.json").write_text(json.dumps(popularity))
+    with pytest.raises(BundleError, match=says):
+        load_bundle(path, verify=False)
+    with pytest.raises(ValueError, match=says):
+        write_bundle(
+            tmp_path / "other", encoder=build_encoder(EncoderConfig(**TINY)),
+            item_ids=tiny_item_ids(), popularity=np.array(popularity), metadata={},
+        )  # fmt: skip
+
+
+def test_an_index_that_does_not_rank_by_inner_product_is_refused(tmp_path):
+    path = write_tiny_bundle(tmp_path / "bundles")
+    embeddings = np.load(path / "item_embeddings.npy")
+    l2 = faiss.IndexFlatL2(embeddings.shape[1])  # the same vectors, nearest by distance
+    l2.add(embeddings[1:])
+    faiss.write_index(l2, str(path / "index.faiss"))
+    with pytest.raises(BundleError, match="does not rank by inner product"):
+        load_bundle(path, verify=False)
 
 
 def test_the_item_table_is_held_once_and_its_checks_cover_every_block(tmp_path, monkeypatch):

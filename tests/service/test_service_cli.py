@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import http.client
+import json
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
+import faiss
 import httpx
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from remi_core.bundle import current_version, resolve_current
+from remi_core.bundle import current_version, resolve_current, sha256_of
 from service.cli import app
 from tests.helpers import (
     RedisServer,
@@ -164,6 +167,26 @@ def test_remi_serve_starts_on_an_older_version_when_current_is_corrupt(
     text = served.log()
     assert f"workers start on {older}, an older published version" in text
     assert "checksum mismatch" in text and "Traceback" not in text
+
+
+def test_remi_serve_checks_the_bundle_with_the_search_its_workers_use(
+    tiny_bundle_root: Path,
+) -> None:
+    # A Faiss index of the right shape whose vectors are NaN: the torch searches never read it,
+    # so a check that ignored REMI_EXACT_SEARCH passed, and then every worker failed to start.
+    version = resolve_current(tiny_bundle_root)
+    embeddings = np.load(version / "item_embeddings.npy")
+    index = faiss.IndexFlatIP(embeddings.shape[1])
+    index.add(np.full_like(embeddings[1:], np.nan))
+    faiss.write_index(index, str(version / "index.faiss"))
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["files"]["index"]["sha256"] = sha256_of(version / "index.faiss")
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    env = {"REMI_EXACT_SEARCH": "faiss", "REMI_REDIS_URL": "redis://127.0.0.1:1/0"}
+    args = ["--bundle-root", str(tiny_bundle_root), "--port", "0"]
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 1, result.output
+    assert "cannot start: no usable bundle" in result.output and "finite" in result.output
 
 
 def test_remi_serve_help_lists_the_options() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import shutil
 import threading
 import time
 import weakref
@@ -165,6 +166,37 @@ def test_a_rejected_bundle_is_freed(
         serving = client.app.state.registry.model.encoder
         assert len(built) == 3  # start-up, rejected, good
         assert [ref for ref in built if ref() not in (None, serving)] == []
+
+
+def test_a_current_naming_a_missing_version_is_reported_as_rejected(
+    client: TestClient, tiny_bundle_root: Path
+) -> None:
+    old_version = current_version(tiny_bundle_root)
+    gone = write_tiny_bundle(tiny_bundle_root, seed=3, publish=False)
+    set_current(tiny_bundle_root, gone.name)
+    shutil.rmtree(gone)
+    r = client.post("/admin/reload", headers=AUTH)
+    assert r.status_code == 409
+    detail = r.json()["detail"]
+    assert detail.startswith(f"bundle {gone.name} rejected, still serving {old_version}")
+    assert client.get("/readyz").json()["reload"]["rejected_target"] == gone.name
+
+
+def test_a_manifest_naming_another_version_is_rejected(
+    client: TestClient, tiny_bundle_root: Path
+) -> None:
+    # /v1/model, /readyz and the metrics report the manifest's version: a copy of another
+    # version's manifest (or none at all) would misreport what serves, or answer 500.
+    old_version = current_version(tiny_bundle_root)
+    for version in (old_version, 7, None):
+        bad = write_tiny_bundle(tiny_bundle_root, seed=4, publish=False)
+        manifest = json.loads((bad / "manifest.json").read_text())
+        (bad / "manifest.json").write_text(json.dumps({**manifest, "version": version}))
+        set_current(tiny_bundle_root, bad.name)
+        r = client.post("/admin/reload", headers=AUTH)
+        assert r.status_code == 409, r.text
+        assert f"version {version!r} is not its directory's name" in r.json()["detail"]
+        assert client.get("/v1/model").json()["version"] == old_version
 
 
 def test_a_reload_with_no_current_says_so(client: TestClient, tiny_bundle_root: Path) -> None:
@@ -361,13 +393,20 @@ def test_a_version_that_arrives_after_current_named_it_is_loaded(tiny_bundle_roo
         assert client.get("/readyz").json()["reload"]["ok"] is True
 
 
-def test_the_start_up_fallback_is_never_a_version_rolled_back_from(tiny_bundle_root: Path):
-    # v1 serves; v2 is published, found bad and rolled back from; then v1 is damaged. A worker
-    # starting now must not bring v2 back: only versions older than `current` may stand in.
+@pytest.mark.parametrize("damaged", ["index.faiss", "manifest.json"])
+def test_the_start_up_fallback_is_never_a_version_rolled_back_from(
+    tiny_bundle_root: Path, damaged: str
+):
+    # v1 serves; v2 is published, found bad and rolled back from; then v1 is damaged (without
+    # its manifest, v1's age is unknown: every version counted as older). A worker starting
+    # now must not bring v2 back: only versions older than `current` may stand in.
     good = current_version(tiny_bundle_root)
     rolled_back_from = write_tiny_bundle(tiny_bundle_root, seed=2).name
     set_current(tiny_bundle_root, good)
-    (tiny_bundle_root / good / "index.faiss").write_bytes(b"")
+    if damaged == "manifest.json":
+        (tiny_bundle_root / good / damaged).unlink()
+    else:
+        (tiny_bundle_root / good / damaged).write_bytes(b"")
     with pytest.raises(Exception, match="no usable bundle"), make_client(tiny_bundle_root):
         pass
     assert rolled_back_from in remi_core.bundle.list_versions(tiny_bundle_root)
