@@ -315,7 +315,8 @@ def _run_steps(run: NightlyRun) -> None:
         with run.timer.stage("publish"):
             run.outcome = publish.publish(run)
         if run.outcome.decision == "rejected":
-            record = {"run_id": run.run_id, "key": run.data.key, "current": run.published.version}
+            record = {"run_id": run.run_id, "key": run.data.key, "current": run.published.version,
+                      "rule": verdict_rule(cfg)}  # fmt: skip
             write_json_atomic(Path(cfg.state_dir) / REJECTED, record)
         if run.outcome.decision == "published" and cfg.reload_url:
             run.outcome.details["reload"] = publish.notify_reload(cfg.reload_url, cfg.admin_token)
@@ -394,12 +395,27 @@ def skip_reason(cfg: NightlyConfig, data: NightlyData, published: Published) -> 
         rejected = json.loads((Path(cfg.state_dir) / REJECTED).read_text())
     except (OSError, ValueError):
         return None
-    if rejected.get("key") == data.key and rejected.get("current") == published.version:
+    if (
+        rejected.get("key") == data.key
+        and rejected.get("current") == published.version
+        and rejected.get("rule") == verdict_rule(cfg)
+    ):
         return (
             f"data and training settings equal those of run {rejected.get('run_id')}, whose "
-            f"model was rejected against the same current bundle {published.version}; " + again
+            f"model was rejected against the same current bundle {published.version} by the "
+            "same rule; " + again
         )
     return None
+
+
+def verdict_rule(cfg: NightlyConfig) -> dict[str, Any]:
+    """The settings besides the model that decide publish or reject: a rejected night is tried
+    again under a different rule (e.g. a tolerance raised to let it through)."""
+    return {
+        "compare_metric": cfg.compare_metric,
+        "tolerance": cfg.tolerance,
+        "baseline_versions": cfg.baseline_versions,
+    }
 
 
 def current_intact(cfg: NightlyConfig, published: Published) -> bool:
