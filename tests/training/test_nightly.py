@@ -560,6 +560,14 @@ def test_versions_and_rollback_commands(tmp_path: Path) -> None:
     missing = runner.invoke(app, ["rollback", "v-nope", "--bundle-root", str(root)])
     assert missing.exit_code == 2 and "no bundle version" in missing.output
     assert current_version(root) == old
+    # A version the API would refuse: rolled back to, it left nothing a restarted API could
+    # start on (the start-up fallback serves only versions older than `current`).
+    index = root / new / "index.faiss"
+    index.write_bytes(index.read_bytes()[:-64])
+    damaged = runner.invoke(app, ["rollback", new + "/", "--bundle-root", str(root)])
+    assert damaged.exit_code == 2, damaged.output
+    assert f"{new} cannot serve, so `current` stays {old}: checksum mismatch" in damaged.output
+    assert current_version(root) == old
 
 
 def test_bootstrap_does_nothing_when_a_bundle_exists(tmp_path: Path) -> None:

@@ -92,12 +92,20 @@ def rollback(
     version: Annotated[str, typer.Argument(help="Version to make current (see `versions`).")],
     bundle_root: BundleRootOpt,
 ) -> None:
-    """Point `current` at an earlier (or any existing) version; the service hot-reloads it.
+    """Point `current` at an earlier (or any existing) version, once its files check out; the
+    service hot-reloads it.
 
     The next nightly run compares its model against this version, so it may publish again;
     stop the scheduler first to pin a version.
     """
     previous = current_version(bundle_root)
+    version = version.rstrip("/")  # shell completion adds one
+    if version in list_versions(bundle_root):
+        try:  # a version the API would refuse (and a restarted API could not start on)
+            load_bundle(bundle_root / version)
+        except BundleError as exc:
+            stays = f"so `current` stays {previous}"
+            raise CliError(f"{version} cannot serve, {stays}: {exc}") from None
     try:
         set_current(bundle_root, version)
     except BundleError as exc:
