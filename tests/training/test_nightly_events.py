@@ -105,6 +105,18 @@ def test_events_trimmed_before_a_run_read_them_are_counted(redis_server, tmp_pat
     client.xtrim("remi:events", maxlen=3, approximate=False)
     add(2)
     assert night() == (5, 0)
+    # Trimmed to nothing: the stream's last entry is gone, but not its last id. The loss is
+    # counted once, and the position moves past it.
+    add(6)
+    client.xtrim("remi:events", maxlen=0, approximate=False)
+    assert night() == (0, 6)
+    add(1)
+    assert night() == (1, 0)
+    # ... and what a run that died had saved is no loss either, when all of it is trimmed.
+    add(8)
+    collect(client, "remi:events", "remi:pos", tmp_path)
+    client.xtrim("remi:events", maxlen=0, approximate=False)
+    assert night() == (0, 0)
 
 
 def test_stream_ids_past_int64_are_read_and_ordered(tmp_path: Path) -> None:

@@ -112,17 +112,22 @@ def collect(client: Any, stream_key: str, position_key: str, state_dir: Path) ->
 
 
 def stream_end(client: Any, stream_key: str) -> tuple[str | None, int | None]:
-    """The stream's last id now and how many entries were ever added up to it (one XINFO, so
-    the two agree); (None, None) for a stream that does not exist."""
+    """The id of the last entry ever added to the stream and how many entries were ever added
+    up to it (one XINFO, so the two agree); (None, None) for a stream that does not exist or
+    never had an entry. The last id ever added, not the last one still there: a stream trimmed
+    empty since the last run still ends past its position, so the loss is counted once and the
+    position (with its count) moves on."""
     try:
         info = client.xinfo_stream(stream_key)
     except ResponseError as exc:
         if "no such key" in str(exc).lower():
             return None, None
         raise
-    last = info.get("last-entry")
+    last = info.get("last-generated-id")
     added = info.get("entries-added")  # Redis 7+; older servers do not count
-    return (last[0] if last else None), (int(added) if added is not None else None)
+    if not last or parse_id(last) == (0, 0):
+        return None, None
+    return last, (int(added) if added is not None else None)
 
 
 def lost_before_read(saved: str | None, position: str, added: int | None, read: int) -> int | None:
