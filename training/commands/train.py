@@ -199,7 +199,13 @@ def export(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Training run to export.")],
     bundle_root: Annotated[Path, typer.Option("--bundle-root", help="Bundle root directory.")],
     config: ConfigOpt = None,
-    publish: Annotated[bool, typer.Option(help="Point `current` at the new version.")] = True,
+    publish: Annotated[
+        bool,
+        typer.Option(
+            help="Point `current` at the new version. Unpublished, it is removed by the next "
+            "nightly run's pruning once an hour old."
+        ),
+    ] = True,
     *,
     export_flags: dict[str, Any],
 ) -> None:
