@@ -91,7 +91,6 @@ def serve(
     except socket.gaierror as exc:  # uvicorn would log "Name or service not known" alone
         typer.secho(f"error: --host {host}: no such address ({exc.strerror})", err=True)
         raise typer.Exit(code=2) from None
-    _bind_once(host, port)  # before the bundle check, which takes seconds
     if bundle_root is not None:
         os.environ["REMI_BUNDLE_ROOT"] = str(bundle_root)
     _share_threads(threads, workers)
@@ -112,6 +111,7 @@ def serve(
             "that answers it; the other workers keep serving the old bundle",
             err=True,
         )
+    _bind_once(host, port)  # before the bundle check, which takes seconds
     if check:
         from remi_core.bundle import BundleError
         from service.registry import load_servable

@@ -269,7 +269,7 @@ def test_remi_serve_refuses_a_port_in_use_before_loading_anything(
 
 def test_remi_serve_warns_when_workers_cannot_follow_a_reload(tmp_path: Path) -> None:
     env = {"REMI_RELOAD_INTERVAL_S": "0"}
-    args = ["--workers", "2", "--bundle-root", str(tmp_path / "none")]
+    args = ["--workers", "2", "--bundle-root", str(tmp_path / "none"), "--port", "0"]
     result = CliRunner().invoke(cli_app, args, env=env)
     assert result.exit_code == 1  # no bundle there; the warning comes first
     assert "reloads only the worker that answers it" in result.output
