@@ -25,6 +25,7 @@ import yaml
 from typer.testing import CliRunner
 
 import remi_core.bundle
+import training.nightly.publish as nightly_publish
 from remi_core.bundle import (
     current_version,
     list_versions,
@@ -359,6 +360,28 @@ def test_a_lock_lost_after_publishing_says_what_was_published(nightly_env) -> No
     published = current_version(cfg.bundle_root)
     assert f"{published} was published, but the stream position was not advanced" in str(lost.value)
     assert client.get(cfg.position_key) is None
+
+
+def test_a_lock_lost_before_a_rejection_changes_nothing(nightly_env, monkeypatch) -> None:
+    # The lock taken over while this run evaluated a worse model: it must neither prune
+    # versions nor record the rejection (which would skip the next nights), only stop.
+    cfg, client = nightly_env
+    write_tiny_bundle(cfg.bundle_root, seed=1, publish=False)  # stale: pruning would remove it
+    versions = list_versions(cfg.bundle_root)
+    monkeypatch.setattr(remi_core.bundle, "STALE_AFTER_S", 0)
+    compare = nightly_publish.compare
+
+    def compare_then_lose_the_lock(*args, **kwargs):
+        client.set(cfg.lock_key, "another-run")
+        return compare(*args, **kwargs)
+
+    monkeypatch.setattr(nightly_publish, "compare", compare_then_lose_the_lock)
+    xadd_events(client, new_item_events(users=2))
+    crippled = replace(cfg, train=replace(cfg.train, lr=0.0))
+    with pytest.raises(LockLost, match="nothing was published"):
+        run_nightly(crippled)
+    assert list_versions(cfg.bundle_root) == versions
+    assert not (Path(cfg.state_dir) / "rejected.json").exists()
 
 
 def test_users_that_tonights_events_brought_cannot_dilute_a_loss(nightly_env) -> None:

@@ -205,6 +205,8 @@ def publish(run: NightlyRun) -> Outcome:
     details: dict[str, Any] = {}
     if comparison.publish:
         details["published_version"] = _swap_in(run)
+    else:
+        run.check_lock()  # pruning, and then rejected.json, are changes too: not without it
     version = current_version(root)
     # Best effort: housekeeping that fails must not block consuming the events (step 8).
     try:
