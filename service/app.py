@@ -120,6 +120,7 @@ async def require_admin(
     if settings.admin_token is None:
         raise AdminDisabled("admin endpoints are disabled: set REMI_ADMIN_TOKEN to enable them")
     scheme, _, token = (authorization or "").partition(" ")
+    token = token.lstrip(" ")  # RFC 9110: one or more spaces after the scheme
     expected = settings.admin_token.get_secret_value()
     if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), expected.encode()):
         raise Unauthorized("missing or wrong admin token (send 'Authorization: Bearer <token>')")
