@@ -47,6 +47,10 @@ def _format_timestamp(ts: float) -> str:
 # The request's random token, set only when the batch is written, makes the client's one retry
 # after a lost reply (the connection broke) find the batch written instead of writing it twice;
 # it is looked up before the deadline, since a retry may well start after it.
+# The stream is written first: a script stops at a failing command without undoing the ones
+# before it, and the one write that can fail past the type checks is the first XADD (a stream
+# whose ids are used up, a read-only replica, a write refused for memory), so an error reply
+# means nothing was written.
 # KEYS[1]: the stream; KEYS[2]: the request's token; KEYS[3..]: the users' lists, each once, in
 # first-seen order. ARGV: deadline, token lifetime in ms, history cap, stream maxlen ("" =
 # untrimmed), then per event: its list's index in KEYS, user_id, item_id, timestamp.
@@ -69,7 +73,6 @@ end
 local cap = tonumber(ARGV[3])
 local maxlen = ARGV[4]
 for j = 5, #ARGV, 4 do
-  redis.call('RPUSH', KEYS[tonumber(ARGV[j])], ARGV[j + 2])
   if maxlen == '' then
     redis.call('XADD', KEYS[1], '*',
       'user_id', ARGV[j + 1], 'item_id', ARGV[j + 2], 'timestamp', ARGV[j + 3])
@@ -77,6 +80,9 @@ for j = 5, #ARGV, 4 do
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*',
       'user_id', ARGV[j + 1], 'item_id', ARGV[j + 2], 'timestamp', ARGV[j + 3])
   end
+end
+for j = 5, #ARGV, 4 do
+  redis.call('RPUSH', KEYS[tonumber(ARGV[j])], ARGV[j + 2])
 end
 for i = 3, #KEYS do  -- trim once per user, after all of its appends
   redis.call('LTRIM', KEYS[i], -cap, -1)
@@ -200,6 +206,8 @@ class HistoryStore:
                 if written:
                     log.info("a late reply: the events were stored (token found)")
                     return
+            elif sent and isinstance(exc, ResponseError):
+                pass  # refused (ACL, read-only replica), or stopped at its first write: see above
             elif sent:  # the connection broke after the script was sent (and on the retry)
                 written = None
             outcome = "nothing was stored" if written is False else UNKNOWN_OUTCOME

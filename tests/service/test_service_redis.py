@@ -23,10 +23,9 @@ from tests.helpers import RedisServer, same_response
 
 
 def redis_settings(bundle_root: Path, redis_server: RedisServer, **overrides: Any) -> Settings:
-    defaults = {"redis_timeout_s": 0.5, "history_cap": 5, "max_events": 10, "reload_interval_s": 0}
-    return Settings(
-        bundle_root=bundle_root, redis_url=redis_server.url, **{**defaults, **overrides}
-    )
+    defaults = {"redis_url": redis_server.url, "redis_timeout_s": 0.5, "history_cap": 5,
+                "max_events": 10, "reload_interval_s": 0}  # fmt: skip
+    return Settings(bundle_root=bundle_root, **{**defaults, **overrides})
 
 
 @pytest.fixture
@@ -300,6 +299,39 @@ def test_wrong_type_stream_key_is_409_and_nothing_is_written(
     assert f"'{EVENTS_STREAM}'" in r.json()["detail"] and "not a stream" in r.json()["detail"]
     assert redis.exists(history_key("amy")) == 0
     assert redis.lrange(EVENTS_STREAM, 0, -1) == ["not-a-stream"]
+
+
+def test_a_write_redis_refuses_stores_nothing_and_says_so(
+    tiny_bundle_root: Path, redis_server: RedisServer
+) -> None:
+    # A refusal is an answer: nothing was stored (the 503 said "may or may not have been").
+    redis = redis_server.client()
+    redis.execute_command("ACL", "SETUSER", "no-scripts", "on", ">pw", "~*", "&*", "+@all",
+                          "-evalsha", "-eval")  # fmt: skip
+    # Every key the docs named then, but not the request tokens.
+    redis.execute_command("ACL", "SETUSER", "no-tokens", "on", ">pw", "~remi:history:*",
+                          "~remi:events", "&*", "+@all")  # fmt: skip
+    two_users = {"events": events("amy", ["books-0001"])["events"]
+                 + events("bob", ["books-0002"])["events"]}  # fmt: skip
+
+    def post(url: str | None = None) -> None:
+        settings = redis_settings(tiny_bundle_root, redis_server, redis_url=url or redis_server.url)
+        with TestClient(create_app(settings)) as client:
+            r = client.post("/events", json=two_users)
+        assert r.status_code == 503, r.text
+        assert r.json()["detail"].endswith("nothing was stored"), r.text
+
+    for user in ("no-scripts", "no-tokens"):
+        post(redis_server.url.replace("redis://", f"redis://{user}:pw@"))
+    redis.execute_command("REPLICAOF", "127.0.0.1", "1")  # read-only, as after a failover
+    post()
+    redis.execute_command("REPLICAOF", "NO", "ONE")
+    # A stream whose ids are used up: the script stops at its first write, the stream's, so no
+    # history holds an event the stream lacks (it wrote amy's before, and a retry duplicated it).
+    redis.xadd(EVENTS_STREAM, {"x": "1"}, id="18446744073709551615-18446744073709551615")
+    post()
+    assert redis.exists(history_key("amy"), history_key("bob")) == 0
+    assert redis.xlen(EVENTS_STREAM) == 1
 
 
 def test_stream_maxlen_trims_the_stream_approximately(
