@@ -340,16 +340,19 @@ def _table2(rows: list[dict]) -> list[str]:
                     continue
                 gains = ["", ""]
                 if scheme != "plain" and plain is not None:
-                    gains = [
-                        f"{r[f'test/{m}'] / plain[f'test/{m}'] - 1:+.1%}"
-                        for m in ("recall@50", "hitrate@50")
-                    ]
+                    metrics = ("recall@50", "hitrate@50")
+                    gains = [_gain(r[f"test/{m}"], plain[f"test/{m}"]) for m in metrics]
                 cells = " | ".join(f"{r[f'test/{m}']:.4f}" for m in COMPARED_METRICS)
                 lines.append(
                     f"| {ds} | {model} | {scheme} | {cells} | {' | '.join(gains)} | "
                     f"{r['iterations']} | {r['seconds']:.0f} |"
                 )
     return lines + [""]
+
+
+def _gain(value: float, plain: float) -> str:
+    """Relative change over the plain row; "n/a" when that scored 0 (a smoke run)."""
+    return f"{value / plain - 1:+.1%}" if plain else "n/a"
 
 
 def _headline(rows: list[dict]) -> list[str]:

@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,15 @@ def test_cli_diversity_errors_name_the_flag(tmp_path, monkeypatch, args, message
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_plot_without_matplotlib_is_refused_before_the_evaluation(tmp_path, monkeypatch):
+    # matplotlib is in the dev extra only (not in `.[train]`, the trainer image's install).
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "R"), "--diversity", "0,1",
+                                 "--plot", str(tmp_path / "p.png")])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "--plot needs matplotlib" in result.output and "Traceback" not in result.output
 
 
 def test_nightly_bundles_keep_their_categories(tmp_path):

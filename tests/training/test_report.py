@@ -111,3 +111,13 @@ def test_table2_shows_the_gain_and_sweeps_are_plotted(tmp_path):
         in table2
     )
     assert (tmp_path / "out" / "figures" / "beauty-sweeps.png").stat().st_size > 0
+
+
+def test_a_plain_row_that_scored_zero_has_no_gain(tmp_path):
+    # A smoke run's plain model at 0: the gain over it divided by zero, and no report.md.
+    rows = [
+        _row(tmp_path, "table2/comirec-sa", "comirec-sa", 0.0, 0.0),
+        _row(tmp_path, "table2/comirec-sa+REMI", "comirec-sa", 0.05, 0.10),
+    ]
+    report = write_report(rows, tmp_path / "out", machine="m").read_text()
+    assert "| 0.0500 | 0.1000 | n/a | n/a |" in report

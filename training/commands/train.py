@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -147,6 +148,9 @@ def evaluate(
     lambdas = _lambdas(diversity)
     if (categories or plot) and lambdas is None:
         raise CliError("--categories and --plot go with --diversity")
+    if plot is not None and importlib.util.find_spec("matplotlib") is None:
+        # Checked before the evaluation, whose minutes the missing plot would otherwise waste.
+        raise CliError("--plot needs matplotlib (pip install matplotlib, or the dev extra)")
     item_categories = None
     if RunDir(path).exists():
         if dataset_dir is not None:
