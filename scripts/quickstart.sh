@@ -25,12 +25,23 @@ echo "== serving on http://127.0.0.1:$PORT =="
 REMI_BUNDLE_ROOT="$BUNDLES" remi-serve --host 127.0.0.1 --port "$PORT" &
 SERVER_PID=$!
 trap 'kill $SERVER_PID ${REDIS_PID} 2>/dev/null || true' EXIT
+ready=0
 for _ in $(seq 1 120); do
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        # Its own message (e.g. "cannot listen on ...: Address already in use") is just above.
+        echo "error: remi-serve stopped before it was ready (PORT=$PORT picks another port)" >&2
+        exit 1
+    fi
     if python -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/readyz').status_code != 200)" 2>/dev/null; then
+        ready=1
         break
     fi
     sleep 0.5
 done
+if [ "$ready" != 1 ]; then
+    echo "error: remi-serve did not get ready on port $PORT within a minute" >&2
+    exit 1
+fi
 
 echo "== POST /recommend =="
 python - "$PORT" <<'PY'

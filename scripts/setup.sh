@@ -3,8 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv
+# A venv without pip is one whose creation was interrupted (Ctrl-C during ensurepip): made anew.
+if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/pip ]; then
+    "$PYTHON" -m venv --clear .venv
 fi
 # Local package mirrors that lack a package make pip print one warning per package; hide those.
 quiet_pip() {
