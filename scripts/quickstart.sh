@@ -39,7 +39,7 @@ for _ in $(seq 1 120); do
     sleep 0.5
 done
 if [ "$ready" != 1 ]; then
-    echo "error: remi-serve did not get ready on port $PORT within a minute" >&2
+    echo "error: remi-serve did not get ready on port $PORT (120 tries, 0.5 s apart)" >&2
     exit 1
 fi
 
