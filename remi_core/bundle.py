@@ -324,13 +324,19 @@ def _record_published(root: Path, version: str) -> None:
         os.fsync(out.fileno())
 
 
+def published_log(root: Path) -> list[str]:
+    """Every version `current` was pointed at, oldest first, repeats included (published.log);
+    FileNotFoundError for a root from before the log."""
+    return (Path(root) / PUBLISHED).read_text().split()
+
+
 def published_versions(root: Path) -> list[str]:
     """The versions on disk that `current` has named, least recently named first (a rollback
     makes a version recent again). A root from before the log: every version, oldest first."""
     root = Path(root)
     versions = list_versions(root)
     try:
-        named = (root / PUBLISHED).read_text().split()
+        named = published_log(root)
     except FileNotFoundError:
         return versions
     last = {version: i for i, version in enumerate(named)}

@@ -17,6 +17,7 @@ from remi_core.bundle import (
     BundleError,
     current_version,
     list_versions,
+    published_log,
     published_versions,
     resolve_current,
 )
@@ -85,7 +86,7 @@ def _fallbacks(root: Path, rejected: str | None) -> list[str]:
         else:
             # Its manifest (or directory) is gone, and with it its age: the versions published
             # before it first was; none if the log never named it.
-            named = (root / PUBLISHED).read_text().split()
+            named = published_log(root)
             older = set(named[: named.index(rejected)] if rejected in named else [])
     except OSError:
         return []
