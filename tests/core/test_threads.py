@@ -23,7 +23,7 @@ from remi_core.threads import (
     cgroup_cpu_limit,
     resolve_threads,
 )
-from tests.helpers import child_env, dead_redis_url, free_port
+from tests.helpers import child_env, dead_redis_url, free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 CPUS = len(os.sched_getaffinity(0))
@@ -318,8 +318,7 @@ def serve_reports(
                 assert time.monotonic() < deadline, log_path.read_text()[-3000:]
                 time.sleep(0.2)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            stop_process(proc, 30)
     return reports(log_path.read_text())
 
 

@@ -33,6 +33,7 @@ from tests.helpers import (
     new_item_events,
     parse_crontab,
     render_crontab,
+    stop_process,
 )
 
 # The console scripts of the environment running the tests (e.g. .venv/bin, which CI does not
@@ -113,13 +114,7 @@ class NativeStack:
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            stop_process(proc, 10)
 
 
 def wait_for(check, what: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
