@@ -22,7 +22,8 @@ class ExportConfig:
     size (Flat up to remi_core.index.EXACT_MAX_ITEMS items, IVF with SQ8 codes above)."""
     search_params: str | None = None
     """Faiss search parameters, e.g. nprobe=16 or efSearch=64; unset: the smallest nprobe or
-    efSearch whose merged Eq. 7 recall on validation users reaches recall_target."""
+    efSearch whose merged Eq. 7 recall on validation users reaches recall_target (on half of them,
+    then confirmed on the other half)."""
     recall_target: float = RECALL_TARGET
     """Recall@n of the merged Eq. 7 list against exact search that tuning must reach."""
     categories: str = ""

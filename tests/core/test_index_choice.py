@@ -21,8 +21,10 @@ from remi_core.bundle import (
 from remi_core.index import (
     GPU_MAX_K,
     MIN_TUNING_USERS,
+    assess,
     build_index,
     choose_factory,
+    halves,
     measure_recall,
     tune_search_params,
 )
@@ -108,13 +110,14 @@ def test_export_picks_ann_above_the_threshold_and_reaches_the_target(ann_bundle:
     assert index["chosen_by"] == "size"
     recall = index["recall"]
     assert recall["reached"] and recall["recall"] >= 0.95 and recall["n"] == 50
-    assert recall["queries"] == 400
+    assert recall["queries"] == 200  # the half that confirmed the value, not the half that chose it
     nprobe = int(index["search_params"].removeprefix("nprobe="))
     assert 1 <= nprobe < 128  # tuned, not simply "search every list"
     # Loading applies the tuned parameter, and an independent brute force agrees on the recall.
     assert faiss.extract_index_ivf(bundle.index).nprobe == nprobe
-    tuned = brute_force_recall(bundle, histories(400, seed=1))
-    assert tuned == pytest.approx(recall["recall"], abs=1e-3)
+    users = histories(400, seed=1)
+    confirmed = brute_force_recall(bundle, [users[u] for u in halves(len(users))[1]])
+    assert confirmed == pytest.approx(recall["recall"], abs=1e-3)
     assert brute_force_recall(bundle, histories(400, seed=2)) >= 0.9  # unseen users
 
 
@@ -178,8 +181,43 @@ def test_a_few_users_never_reach_the_target() -> None:
     one = rng.standard_normal((1, 2, 8)).astype(np.float32)
     tuning = tune_search_params(index, one, torch.from_numpy(items), 10, 0.5)
     assert not tuning.reached and tuning.search_params == "nprobe=16"
-    many = rng.standard_normal((MIN_TUNING_USERS, 2, 8)).astype(np.float32)
+    # Each half (one chooses, the other confirms) needs MIN_TUNING_USERS users of its own.
+    few = rng.standard_normal((2 * MIN_TUNING_USERS - 1, 2, 8)).astype(np.float32)
+    assert not tune_search_params(index, few, torch.from_numpy(items), 10, 0.5).reached
+    many = rng.standard_normal((2 * MIN_TUNING_USERS, 2, 8)).astype(np.float32)
     assert tune_search_params(index, many, torch.from_numpy(items), 10, 0.5).reached
+
+
+def test_a_value_chosen_by_lucky_users_is_not_kept_unless_others_confirm_it() -> None:
+    # Tuning that stops at the first value whose measured recall clears the bar keeps values
+    # measured high by chance. Here the choosing half are easier users (all K interests on one
+    # cluster's centre) than the confirming half (K random directions): the value that suffices
+    # for the easy half must not be kept.
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((64, 8)).astype(np.float32) * 8
+    items = centres[rng.integers(0, 64, 8001)] + rng.standard_normal((8001, 8)).astype(np.float32)
+    table = torch.from_numpy(items)
+    index = build_index(items, "IVF64,Flat")
+    users = 2 * MIN_TUNING_USERS * 4
+    choose, confirm = halves(users)
+    interests = np.empty((users, 4, 8), dtype=np.float32)
+    interests[choose] = centres[rng.integers(0, 64, len(choose))][:, None, :]
+    interests[confirm] = rng.standard_normal((len(confirm), 4, 8)).astype(np.float32) * 8
+    tuning = tune_search_params(index, interests, table, 10, 0.88)
+    assert tuning.reached and tuning.queries == len(confirm)
+    kept = int(tuning.search_params.removeprefix("nprobe="))
+    # What is reported is the confirming half's recall at the kept value.
+    assert tuning.recall == pytest.approx(
+        measure_recall(index, interests[confirm], table, 10), abs=1e-9
+    )
+    enough_for_the_easy = min(
+        v
+        for v in (1, 2, 4, 8)
+        if assess(index, f"nprobe={v}", interests[choose], table, 10, 0.88).reached
+    )
+    assert enough_for_the_easy < kept
+    # Measured on all users at once, that value would have passed too.
+    assert assess(index, f"nprobe={enough_for_the_easy}", interests, table, 10, 0.88).reached
 
 
 def test_an_index_with_nothing_to_tune_on_says_what_to_give(tmp_path: Path) -> None:
