@@ -3,7 +3,7 @@
     python bench/bench_serve_load.py --data-root ../shared/data            # ~12 minutes, 2 cores
     python bench/bench_serve_load.py --data-root ../shared/data --quick    # mechanics, ~3 min
     python bench/bench_serve_load.py --data-root ../shared/data --sizes 100000,1000000,10000000
-                                        # and 10M items too: ~40 min, 12 GB of memory
+                                        # and 10M items too: 40-80 min, 12 GB of memory
 
 What it does, in one run:
 1. Trains a quick REMI model on Amazon Sports with `remi-train train` (cached in --work-dir, so
