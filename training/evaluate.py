@@ -84,9 +84,18 @@ def ranked_metrics(
 
 @torch.inference_mode()
 def evaluate_model(
-    model: MultiInterestEncoder, eval_set: EvalSet, batch_size: int = 1024
+    model: MultiInterestEncoder,
+    eval_set: EvalSet,
+    batch_size: int = 1024,
+    popularity: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Recall/HitRate/NDCG@20,50 of a multi-interest encoder on an evaluation set."""
+    """Recall/HitRate/NDCG@20,50 of a multi-interest encoder on an evaluation set.
+
+    With `popularity` (the model's rows, most popular first), a user whose input holds no item
+    the model knows (an older bundle on tonight's data) is ranked that list, as the service
+    answers such a user; without it, such a user's list is whatever order the exact search
+    gives interests computed from nothing.
+    """
     was_training = model.training
     model.eval()
     device = model.item_table().device
@@ -97,11 +106,28 @@ def evaluate_model(
         chunk_items = eval_set.items[start : start + batch_size].to(device)
         chunk_mask = eval_set.mask[start : start + batch_size].to(device)
         interests, _ = model(chunk_items, chunk_mask)
-        _, rows = dense_merged_topk(interests, items, max(CUTOFFS))
+        _, rows = dense_merged_topk(interests, items, max(CUTOFFS))  # (b, N)
+        if popularity is not None:
+            rows = _popular_when_unknown(rows, chunk_mask, popularity)
         ranked.append(rows)
     model.train(was_training)
     num_truth = None if eval_set.num_truth is None else eval_set.num_truth.to(device)
     return ranked_metrics(torch.cat(ranked), eval_set.truth.to(device), num_truth)
+
+
+def _popular_when_unknown(
+    rows: torch.Tensor, mask: torch.Tensor, popularity: np.ndarray
+) -> torch.Tensor:
+    """rows (b, N) with the users whose mask (b, L) is empty given the popularity list instead,
+    padded with row 0 (never a hit) when it is shorter than N."""
+    empty = ~mask.any(dim=1)  # (b,)
+    if not bool(empty.any()):
+        return rows
+    head = torch.as_tensor(popularity[: rows.shape[1]], dtype=rows.dtype, device=rows.device)
+    rows = rows.clone()
+    rows[empty] = 0
+    rows[empty, : len(head)] = head
+    return rows
 
 
 @torch.inference_mode()
@@ -191,9 +217,12 @@ def evaluate_bundle(
     """Metrics of a bundle's encoder on a dataset's held-out users, matching items by external id.
 
     The dataset may have a different catalogue (e.g. tonight's, with new items): its items are
-    translated to the bundle's rows, and items the bundle does not know cannot be hit.
+    translated to the bundle's rows, and items the bundle does not know cannot be hit; a user
+    with no item the bundle knows gets its popularity list, as the service answers them.
     """
-    return evaluate_model(bundle.encoder, bundle_eval_set(bundle, dataset, split))
+    return evaluate_model(
+        bundle.encoder, bundle_eval_set(bundle, dataset, split), popularity=bundle.popularity
+    )
 
 
 def bundle_eval_set(

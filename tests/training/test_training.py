@@ -117,6 +117,28 @@ def test_bundle_round_trip_gives_the_same_scores(trained, tmp_path):
     assert all(bundle.item_ids[r] for r in rows.flatten().tolist())
 
 
+def test_a_user_the_bundle_knows_nothing_of_is_ranked_by_popularity(trained, tmp_path):
+    # Tonight's data may hold a user whose history is all new items: the service answers them
+    # from the bundle's popularity list, so evaluating that bundle must rank them the same way.
+    bundle = load_bundle(export_run(trained.run_dir, tmp_path / "bundles").parent)
+    _, dataset, _ = load_run(trained.run_dir)
+    favourite = dataset.item_ids.index(bundle.item_ids[bundle.popularity[0]])
+    new_items = [f"never-seen-{i}" for i in range(4)]
+    new_rows = np.arange(len(dataset.item_ids), len(dataset.item_ids) + 4)
+    user = int(dataset.test[0])
+    sequences = list(dataset.sequences)
+    sequences[user] = np.array([*new_rows, favourite], dtype=np.int64)  # input: the 4 new items
+    tonight = replace(
+        dataset,
+        item_ids=dataset.item_ids + new_items,
+        sequences=sequences,
+        test=np.array([user]),
+    )
+    metrics = evaluate_bundle(bundle, tonight)
+    assert metrics["hitrate@20"] == 1.0 and metrics["recall@20"] == 1.0
+    assert metrics["ndcg@20"] == 1.0  # the most popular item, ranked first
+
+
 runner = CliRunner()
 
 

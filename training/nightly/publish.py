@@ -167,8 +167,14 @@ def _on_established_users(
     if not 0 < len(users) < len(test):
         return True, reason
     model = load_encoder(run_dir, dataset.num_items)  # tonight's dataset is at hand
-    new = evaluate_model(model, make_eval_set(dataset, users, model.cfg.seq_len))
-    current = evaluate_model(bundle.encoder, bundle_eval_set(bundle, dataset, COMPARE_SPLIT, users))
+    new = evaluate_model(
+        model, make_eval_set(dataset, users, model.cfg.seq_len), popularity=dataset.popularity()
+    )
+    current = evaluate_model(
+        bundle.encoder,
+        bundle_eval_set(bundle, dataset, COMPARE_SPLIT, users),
+        popularity=bundle.popularity,
+    )
     metric = cfg.compare_metric
     summary["established_users"] = {
         "users": len(users),
