@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from remi_core.bundle import TUNE_USERS, encode_histories, load_bundle, write_bundle  # noqa: E402
-from remi_core.index import EXACT_MAX_ITEMS, recall_per_user  # noqa: E402
+from remi_core.index import EXACT_MAX_ITEMS, mean_and_error, recall_per_user  # noqa: E402
 from remi_core.models import EncoderConfig, build_encoder, cpu_state_dict  # noqa: E402
 from service.recommender import SCREENS, load_model, recommend_batch  # noqa: E402
 
@@ -203,8 +203,7 @@ def recall_at_50(path: Path, histories: list[list[str]]) -> tuple[float, float]:
     rows = [np.array([row_of[i] for i in h if i in row_of], dtype=np.int64) for h in histories]
     interests, exclude = encode_histories(bundle.encoder, rows)
     table = torch.from_numpy(bundle.item_embeddings)
-    recalls = recall_per_user(bundle.index, interests, table, 50, exclude)
-    return float(recalls.mean()), float(recalls.std(ddof=1) / np.sqrt(len(recalls)))
+    return mean_and_error(recall_per_user(bundle.index, interests, table, 50, exclude))
 
 
 # --- the server and the load generator ----------------------------------------------------------

@@ -203,6 +203,13 @@ def measure_recall(
     return float(recall_per_user(index, interests, items, n, exclude).mean())
 
 
+def mean_and_error(recalls: np.ndarray) -> tuple[float, float]:
+    """Mean of per-user recalls and its standard error (0 for a single user)."""
+    mean = float(recalls.mean())
+    spread = float(recalls.std(ddof=1)) if len(recalls) > 1 else 0.0
+    return mean, spread / math.sqrt(len(recalls))
+
+
 def assess(
     index: faiss.Index,
     params: str,
@@ -226,9 +233,8 @@ def assess(
         raise ValueError(f"recall target must be in (0, 1], not {target}")
     apply_search_params(index, params)
     recalls = recall_per_user(index, interests, items, n, exclude, exact)
-    mean = float(recalls.mean())
-    spread = float(recalls.std(ddof=1)) if len(recalls) > 1 else 0.0
-    lower = mean - RECALL_MARGIN_SE * spread / math.sqrt(len(recalls))
+    mean, error = mean_and_error(recalls)
+    lower = mean - RECALL_MARGIN_SE * error
     reached = len(recalls) >= MIN_TUNING_USERS and (lower >= target or mean == 1.0)
     return Tuning(params, mean, lower, n, target, len(recalls), reached)
 
