@@ -2,7 +2,8 @@
 
 For each validation/test user, the first 80% of the sequence (its last seq_len items) is the
 input and the remaining 20% is the ground truth. Candidates come from Eq. 7 with exact search
-(`dense_merged_topk`, equal to K exact top-N searches merged by max score).
+(`dense_merged_topk`, equal to K exact top-N searches merged by max score); a user with no known
+input item gets the popularity list, as the service answers them.
 """
 
 from __future__ import annotations
@@ -212,17 +213,17 @@ def routing_concentration(
 
 
 def evaluate_bundle(
-    bundle: Bundle, dataset: SequenceDataset, split: str = "test"
+    bundle: Bundle, dataset: SequenceDataset, split: str = "test", users: np.ndarray | None = None
 ) -> dict[str, float]:
-    """Metrics of a bundle's encoder on a dataset's held-out users, matching items by external id.
+    """Metrics of a bundle's encoder on a dataset's held-out users (those of `split`, or `users`),
+    matching items by external id.
 
     The dataset may have a different catalogue (e.g. tonight's, with new items): its items are
     translated to the bundle's rows, and items the bundle does not know cannot be hit; a user
     with no item the bundle knows gets its popularity list, as the service answers them.
     """
-    return evaluate_model(
-        bundle.encoder, bundle_eval_set(bundle, dataset, split), popularity=bundle.popularity
-    )
+    eval_set = bundle_eval_set(bundle, dataset, split, users)
+    return evaluate_model(bundle.encoder, eval_set, popularity=bundle.popularity)
 
 
 def bundle_eval_set(

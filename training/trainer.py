@@ -212,6 +212,9 @@ class _Session:
     generator: torch.Generator
     step: TrainStep
     valid_set: EvalSet
+    # Rows, most popular first: what the exported bundle answers a user with no known item, so
+    # evaluation ranks such users by it too (as `evaluate_bundle` does).
+    popularity: np.ndarray
     device: torch.device
     ddp: Distributed
     progress: _Progress = field(default_factory=_Progress)
@@ -290,7 +293,7 @@ def _start_session(
     if cfg.compile:
         objective = torch.compile(objective)
     step = TrainStep(objective, optimizer, sampler, generator, cfg, dataset.num_items)
-    return _Session(model, optimizer, generator, step, valid_set, device, ddp)
+    return _Session(model, optimizer, generator, step, valid_set, dataset.popularity(), device, ddp)
 
 
 def _train_loop(
@@ -332,7 +335,7 @@ def _validate(
 ) -> dict[str, float]:
     """Validate, keep the best checkpoint, log the metrics and save last.pt."""
     state, model = session.progress, session.model
-    valid = evaluate_model(model, session.valid_set)
+    valid = evaluate_model(model, session.valid_set, popularity=session.popularity)
     if valid[SELECT_METRIC] > state.best:
         state.best, state.best_iteration, state.stale = valid[SELECT_METRIC], state.iteration, 0
         if session.ddp.is_main:
@@ -369,9 +372,9 @@ def _finish(
         raise RuntimeError("training ended before the first validation; raise max_iters")
     model.load_state_dict(load_file(str(run.weights("best"))))
     test_set = make_eval_set(dataset, dataset.test, cfg.seq_len)
-    valid = evaluate_model(model, session.valid_set)
-    test = evaluate_model(model, test_set.to(session.device))
-    pop_test = evaluate_popularity(dataset.popularity(), test_set)
+    valid = evaluate_model(model, session.valid_set, popularity=session.popularity)
+    test = evaluate_model(model, test_set.to(session.device), popularity=session.popularity)
+    pop_test = evaluate_popularity(session.popularity, test_set)
     summary = {
         "best_iteration": state.best_iteration,
         "iterations": state.iteration,

@@ -139,6 +139,22 @@ def test_a_user_the_bundle_knows_nothing_of_is_ranked_by_popularity(trained, tmp
     assert metrics["ndcg@20"] == 1.0  # the most popular item, ranked first
 
 
+def test_training_metrics_rank_a_user_with_no_input_by_popularity(dataset, tmp_path):
+    # A one-item sequence leaves nothing to encode (its only item is the truth). The exported
+    # bundle answers such a user from popularity, and `evaluate_bundle` ranks them so: the run's
+    # own test metrics, which the nightly gate compares with it, must do the same.
+    user = int(dataset.test[0])
+    sequences = list(dataset.sequences)
+    sequences[user] = dataset.popularity()[:1].copy()
+    one = replace(dataset, sequences=sequences, test=np.array([user]))
+    result = train(
+        one, replace(SMALL, max_iters=20, eval_every=20), tmp_path / "run", progress=False
+    )
+    assert result.test["hitrate@20"] == 1.0 and result.test["ndcg@20"] == 1.0
+    bundle = load_bundle(export_run(result.run_dir, tmp_path / "bundles").parent)
+    assert evaluate_bundle(bundle, one) == pytest.approx(result.test)
+
+
 runner = CliRunner()
 
 

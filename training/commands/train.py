@@ -157,7 +157,7 @@ def evaluate(
             raise CliError("--dataset-dir applies to bundles; a run is evaluated on its own data")
         model, dataset, cfg = load_run(path)
         eval_set = make_eval_set(dataset, dataset.users(split), cfg.seq_len)
-        model_set, item_ids = eval_set, dataset.item_ids
+        model_set, item_ids, popularity = eval_set, dataset.item_ids, dataset.popularity()
     else:
         if dataset_dir is None:
             raise CliError("--dataset-dir is required to evaluate a bundle")
@@ -166,10 +166,11 @@ def evaluate(
         model, item_ids, item_categories = bundle.encoder, bundle.item_ids, bundle.categories
         eval_set = make_eval_set(dataset, dataset.users(split), bundle.config.seq_len)
         model_set = bundle_eval_set(bundle, dataset, split)  # the same users in bundle rows
+        popularity = bundle.popularity
     report: dict[str, Any] = {
         "split": split,
         "users": len(eval_set),
-        "model": evaluate_model(model, model_set),
+        "model": evaluate_model(model, model_set, popularity=popularity),
         "most_popular": evaluate_popularity(dataset.popularity(), eval_set),
     }
     if lambdas is not None:

@@ -23,7 +23,7 @@ from remi_core.bundle import (
     published_versions,
 )
 from training.data import SequenceDataset
-from training.evaluate import bundle_eval_set, evaluate_bundle, evaluate_model, make_eval_set
+from training.evaluate import evaluate_bundle, evaluate_model, make_eval_set
 from training.export import ExportConfig, export_run
 from training.nightly.config import NightlyConfig
 from training.trainer import load_encoder
@@ -170,11 +170,7 @@ def _on_established_users(
     new = evaluate_model(
         model, make_eval_set(dataset, users, model.cfg.seq_len), popularity=dataset.popularity()
     )
-    current = evaluate_model(
-        bundle.encoder,
-        bundle_eval_set(bundle, dataset, COMPARE_SPLIT, users),
-        popularity=bundle.popularity,
-    )
+    current = evaluate_bundle(bundle, dataset, COMPARE_SPLIT, users)
     metric = cfg.compare_metric
     summary["established_users"] = {
         "users": len(users),
