@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 import weakref
@@ -65,6 +66,8 @@ Render = Callable[[list[Result]], Any]
 INLINE_MAX_N = 100
 # Weight of the newest batch in the estimated time per user.
 _COST_WEIGHT = 0.2
+# A metrics fault repeats on every batch: its traceback once a minute is enough to act on.
+_METRICS_LOG_EVERY_S = 60.0
 
 
 def _abandon(future: asyncio.Future, client_gone: asyncio.Future) -> None:
@@ -145,6 +148,7 @@ class MicroBatcher:
         # model by weak reference: after a reload the old one goes as soon as requests let go.
         self._cost: tuple[weakref.ref[LoadedModel], float] | None = None
         self.on_batch = on_batch  # called with (users, results, on the loop) after each batch
+        self._metrics_logged_at = -math.inf  # time.monotonic() of the last on_batch failure logged
         self.stats = BatchStats()
         self._queue: deque[_Job] = deque()
         self._queued_users = 0
@@ -412,5 +416,18 @@ class MicroBatcher:
         with self._stats_lock:
             self.stats.record(users)
         if self.on_batch is not None:
-            self.on_batch(users, results, on_loop)
+            try:
+                self.on_batch(users, results, on_loop)
+            except Exception:
+                # The answers stand: raising here would retry the batch one request at a time
+                # (each failing the same way) and count its users again, so a metrics fault (a
+                # multiprocess metrics file that cannot be opened, say) would fail every request.
+                self._metrics_failed()
         return results
+
+    def _metrics_failed(self) -> None:
+        """Log a failed `on_batch`, with its traceback, at most once a minute."""
+        now = time.monotonic()
+        if now - self._metrics_logged_at >= _METRICS_LOG_EVERY_S:
+            self._metrics_logged_at = now
+            log.exception("recording a batch's metrics failed; its answers are sent anyway")

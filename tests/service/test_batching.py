@@ -165,6 +165,37 @@ def test_a_failing_render_fails_only_its_request(model: LoadedModel) -> None:
     assert all(isinstance(a, list) for i, a in enumerate(answers) if i != 1)
 
 
+def test_a_failing_metrics_callback_fails_no_request(
+    model: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Metrics are best effort: a callback that raises (say, a full metrics directory) leaves
+    every answer as it was, counts each user once, and is logged once, not once a batch."""
+    requests = seeded_requests(6, seed=5)
+    calls = []
+
+    def broken(users, results, on_loop):
+        calls.append(users)
+        raise OSError("no space left on device")
+
+    async def run():
+        async with MicroBatcher(max_wait_ms=50, max_users=64, on_batch=broken) as batcher:
+            first = await asyncio.gather(
+                *[batcher.submit(model, render=lambda r: r, **request) for request in requests]
+            )
+            again = await batcher.submit(model, render=lambda r: r, **requests[0])
+            return first, again, batcher.stats
+
+    with caplog.at_level("ERROR", logger="service.batcher"):
+        answers, again, stats = asyncio.run(run())
+    for request, answer in zip(requests, answers, strict=True):
+        assert same_response(answer, recommend_batch(model, **request))
+    assert same_response(again, recommend_batch(model, **requests[0]))
+    users = sum(len(r["histories"]) for r in requests) + len(requests[0]["histories"])
+    assert stats.users == sum(calls) == users
+    failures = [r for r in caplog.records if "metrics failed" in r.getMessage()]
+    assert len(calls) >= 2 and len(failures) == 1 and "no space left" in caplog.text
+
+
 def test_a_request_after_shutdown_is_a_503_not_a_500(model: LoadedModel) -> None:
     request = seeded_requests(1, seed=4)[0]
 
