@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
+
 from remi_core.models import MODEL_TYPES, EncoderConfig
 
 
@@ -66,6 +68,14 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, not {value}")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, not {self.model_type!r}")
+        if self.device != "auto":
+            try:  # the name only: whether the device is there is known when training starts
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(
+                    f"device must be 'auto' or a torch device such as 'cpu', 'cuda' or "
+                    f"'cuda:1', not {self.device!r}"
+                ) from None
         self.encoder_config(num_items=2)  # architecture checks (routing_grad) fail here, early
 
     def encoder_config(self, num_items: int) -> EncoderConfig:

@@ -94,6 +94,9 @@ def test_config_validation() -> None:
         NightlyConfig(compare_metric="auc")
     with pytest.raises(NightlyError, match="nice must be between 0 and 19, not 20"):
         NightlyConfig(nice=20)
+    # Named as the config key; setting up the threads named a --threads flag nobody gave.
+    with pytest.raises(NightlyError, match="torch_threads must be at least 1, not 0"):
+        NightlyConfig(torch_threads=0)
     with pytest.raises(TypeError):  # removed options are not silently accepted
         NightlyConfig(split="official")  # type: ignore[call-arg]
 

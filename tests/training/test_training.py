@@ -210,12 +210,17 @@ def test_cli_trains_exports_and_evaluates_with_a_config_file(tmp_path):
         (["versions", "--bundle-root", "nowhere"], "--bundle-root: nowhere is not a directory"),
         (["train", "--run-dir", "R", "--routing-grad"], "routing_grad applies to comirec-dr, mind"),
         (["evaluate", "R", "--dataset-dir", "nowhere"], "R/manifest.json is missing"),
+        (["train", "--run-dir", "R", "--device", "cuda:x"], "device must be 'auto' or a torch"),
+        # The nightly jobs read the export: section too; a misspelled key was a KeyError there.
+        (["bootstrap", "-c", "typo.yaml", "--bundle-root", "B"], "unknown export setting(s)"),
+        (["nightly", "-c", "typo.yaml", "--bundle-root", "B"], "['index_factroy']; known:"),
     ],
 )
 def test_cli_errors_name_the_flag_or_file(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     Path("latin1.txt").write_bytes("user-1 caf\xe9 th\xe9\n".encode("latin-1"))
     Path("plain.txt.gz").write_text("user-1 a b\n")  # named .gz, not compressed
+    Path("typo.yaml").write_text("export:\n  index_factroy: Flat\n")
     if torch.cuda.is_available() and "cuda:3" in args:
         pytest.skip("a CUDA host may have that device")
     result = runner.invoke(app, args)

@@ -169,10 +169,6 @@ def settings(cls: type[T], config: dict[str, Any], section: str, **flags: Any) -
     """Dataclass from a config section, overridden by the flags that were given (not None)."""
     values = dict(config.get(section, {}))
     values.update({k: v for k, v in flags.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise CliError(f"--config: unknown {section} setting(s) {unknown}; known: {sorted(known)}")
     try:
         return cls(**checked(cls, values, section))
     except (TypeError, ValueError) as exc:
@@ -183,7 +179,11 @@ def checked(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
     """`values` for fields of the dataclass `cls`, each checked against its field's type: a
     config file can hold anything (`dim: 8.5`, `amp: "no"`), and typer lets NaN and inf through
     float flags. Numbers must be finite; `1e-3`, which YAML reads as a string, is a float, and
-    a whole float (`1.0e+6`) may stand for an int."""
+    a whole float (`1.0e+6`) may stand for an int. A name that is no field is an error too."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CliError(f"--config: unknown {section} setting(s) {unknown}; known: {sorted(known)}")
     hints = typing.get_type_hints(cls)
     return {
         name: _checked(hints[name], value, cls, name, section) for name, value in values.items()

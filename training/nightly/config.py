@@ -93,6 +93,8 @@ class NightlyConfig:
             raise NightlyError(f"tolerance must be a finite number >= 0, not {self.tolerance}")
         if not 0 <= self.nice <= 19:
             raise NightlyError(f"nice must be between 0 and 19, not {self.nice}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise NightlyError(f"torch_threads must be at least 1, not {self.torch_threads}")
         if self.categories and not Path(self.categories).is_file():  # fail before training
             raise NightlyError(f"categories: {self.categories}: file not found")
         metrics = [f"{m}@{n}" for m in ("recall", "hitrate", "ndcg") for n in CUTOFFS]
