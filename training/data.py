@@ -221,12 +221,14 @@ def _read_table(path: Path, cfg: DataConfig, fmt: str) -> pd.DataFrame:
     if times is None:
         raise DataError(f"{path}: column {cfg.time_col!r} holds unparseable timestamps")
     return pd.DataFrame(
-        {
-            "user": frame[cfg.user_col].astype(str),
-            "item": frame[cfg.item_col].astype(str),
-            "time": times,
-        }
+        {"user": _ids(frame[cfg.user_col]), "item": _ids(frame[cfg.item_col]), "time": times}
     )
+
+
+def _ids(column: pd.Series) -> pd.Series:
+    """Ids as strings; a missing one (a parquet null) becomes "", which `build_dataset` refuses,
+    instead of the id "None"."""
+    return column.astype(str).where(column.notna(), "")
 
 
 def _unix_seconds(column: pd.Series) -> pd.Series | None:
@@ -249,7 +251,10 @@ def _unix_seconds(column: pd.Series) -> pd.Series | None:
 
 
 def _read_seq(path: Path, cfg: DataConfig, fmt: str) -> pd.DataFrame:
+    """A user on several lines gets them joined in file order (each line's positions continue
+    the last's: restarting at 0 made the time sort interleave them)."""
     users, items, times = [], [], []
+    seen: dict[str, int] = {}  # user -> items read so far
     with _open_text(path) as f:
         for line_no, line in enumerate(f, 1):
             parts = line.split()
@@ -257,10 +262,12 @@ def _read_seq(path: Path, cfg: DataConfig, fmt: str) -> pd.DataFrame:
                 continue
             if len(parts) < 2:
                 raise DataError(f"{path}:{line_no}: expected `user item item ...`, got {line!r}")
-            user = parts[0]
-            users.extend([user] * (len(parts) - 1))
+            user, count = parts[0], len(parts) - 1
+            first = seen.get(user, 0)
+            seen[user] = first + count
+            users.extend([user] * count)
             items.extend(parts[1:])
-            times.extend(range(len(parts) - 1))  # no timestamps: the position is the time
+            times.extend(range(first, first + count))  # no timestamps: the position is the time
     return pd.DataFrame({"user": users, "item": items, "time": times})
 
 
@@ -355,6 +362,14 @@ def build_dataset(
     if frame["time"].isna().any():
         bad = int(frame["time"].isna().sum())
         raise DataError(f"{where}: {bad} interaction(s) have a missing or non-numeric timestamp")
+    for column in ("user", "item"):
+        # Caught here, not at export: a blank id would train as an item and fail every export.
+        blank = frame[column].isna() | (frame[column].astype(str) == "")
+        if blank.any():
+            raise DataError(
+                f"{where}: {int(blank.sum())} interaction(s) have an empty {column} id (the first "
+                f"is data row {int(np.flatnonzero(blank.to_numpy())[0]) + 1})"
+            )
     item_count = frame["item"].value_counts()
     kept = frame[frame["item"].map(item_count) >= min_count]
     user_count = kept["user"].value_counts()

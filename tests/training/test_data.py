@@ -174,6 +174,30 @@ def test_clear_errors_name_the_file_and_problem(tmp_path):
         load_dataset(DataConfig(source=str(bad_time)))
 
 
+def test_blank_ids_are_refused_when_read_not_at_export(tmp_path):
+    rows = [(f"u{u}", f"i{(u + k) % 4}", 1000 + k) for u in range(8) for k in range(6)]
+    rows[9] = ("u1", "", 1003)  # data row 10
+    csv = tmp_path / "log.csv"
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(csv, index=False)
+    with pytest.raises(DataError, match=r"log.csv: 1 interaction\(s\) have an empty item id "):
+        load_dataset(DataConfig(source=str(csv), min_count=1))
+    # A parquet null was read as the item "None".
+    nulls = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).astype(object)
+    nulls.loc[[3, 20], "user_id"] = None
+    parquet = tmp_path / "log.parquet"
+    nulls.to_parquet(parquet)
+    with pytest.raises(DataError, match=r"2 interaction\(s\) have an empty user id .*data row 4"):
+        load_dataset(DataConfig(source=str(parquet), min_count=1))
+
+
+def test_a_user_on_several_lines_of_a_sequence_file_reads_in_file_order(tmp_path):
+    seq = tmp_path / "log.txt"
+    seq.write_text("u1 a b c d e\nu2 a b c d e\nu1 f g h i j\n")
+    data = load_dataset(DataConfig(source=str(seq), min_count=1))
+    read = {data.user_ids[u]: [data.item_ids[r] for r in s] for u, s in enumerate(data.sequences)}
+    assert read == {"u1": list("abcdefghij"), "u2": list("abcde")}
+
+
 def test_synthetic_data_is_seeded_readable_and_multi_interest():
     a, b = synthetic_interactions(50, seed=3), synthetic_interactions(50, seed=3)
     pd.testing.assert_frame_equal(a, b)
