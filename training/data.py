@@ -148,9 +148,15 @@ class SequenceDataset:
             # Truncated, hand-edited or from another program: one line, not a traceback.
             what = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
             raise DataError(f"{directory}: damaged prepared dataset ({what})") from None
-        offsets = np.concatenate([[0], np.cumsum(arrays["lengths"])])
-        items = arrays["items"]
-        sequences = [items[offsets[i] : offsets[i + 1]] for i in range(len(arrays["lengths"]))]
+        problem = _arrays_problem(arrays, len(meta["item_ids"]), len(meta["user_ids"]))
+        if problem is None:
+            offsets = np.concatenate([[0], np.cumsum(arrays["lengths"])])
+            items = arrays["items"]
+            sequences = [items[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+            if _fingerprint(meta["item_ids"], meta["user_ids"], sequences) != meta["fingerprint"]:
+                problem = "its sequences or ids do not match its fingerprint"
+        if problem is not None:
+            raise DataError(f"{directory}: damaged prepared dataset ({problem})")
         return cls(
             sequences=sequences,
             train=arrays["train"],
@@ -158,6 +164,24 @@ class SequenceDataset:
             test=arrays["test"],
             **meta,
         )
+
+
+def _arrays_problem(arrays: dict[str, np.ndarray], rows: int, users: int) -> str | None:
+    """What is wrong with a prepared dataset's arrays for `rows` catalogue rows (padding
+    included) and `users` users, or None: a hand edit that leaves the file readable would
+    otherwise index out of range in training or evaluation, or be read silently wrong."""
+    for key, array in arrays.items():
+        if array.ndim != 1 or array.dtype.kind not in "iu":
+            return f"{key} must be a 1-d integer array, not {array.dtype} of shape {array.shape}"
+    lengths, items = arrays["lengths"], arrays["items"]
+    if len(lengths) != users or (lengths < 0).any() or int(lengths.sum()) != len(items):
+        return f"lengths must be {users} counts summing to the {len(items)} items"
+    if len(items) and not (items.min() >= 1 and items.max() < rows):
+        return f"items must be catalogue rows 1..{rows - 1}"
+    for key in ("train", "valid", "test"):
+        if len(arrays[key]) and not (arrays[key].min() >= 0 and arrays[key].max() < users):
+            return f"{key} must hold user indices 0..{users - 1}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------

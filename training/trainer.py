@@ -254,6 +254,10 @@ def train(
         _write_run_files(run, dataset, cfg, resume)
     if resume:
         session.progress = _load_last(run.last, session)
+        best = run.weights("best")
+        if best.is_file():  # the run ends by loading it: a damaged one fails now, not then
+            with _reading(best, "to resume the run"):
+                load_file(str(best))
         log.info("resumed %s at iteration %d", run.path, session.progress.iteration)
     _train_loop(session, cfg, run, resume, show_bar=progress and ddp.is_main)
     checksums = _replica_checksums(session.model, ddp)
@@ -368,9 +372,11 @@ def _finish(
 ) -> TrainResult:
     """Reload the best checkpoint, score it on validation and test users, write result.json."""
     state, model = session.progress, session.model
-    if not run.weights("best").is_file():
+    best = run.weights("best")
+    if not best.is_file():
         raise RuntimeError("training ended before the first validation; raise max_iters")
-    model.load_state_dict(load_file(str(run.weights("best"))))
+    with _reading(best, "as the run's best checkpoint"):
+        model.load_state_dict(load_file(str(best)))
     test_set = make_eval_set(dataset, dataset.test, cfg.seq_len)
     valid = evaluate_model(model, session.valid_set, popularity=session.popularity)
     test = evaluate_model(model, test_set.to(session.device), popularity=session.popularity)

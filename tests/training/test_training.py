@@ -308,6 +308,12 @@ def test_a_new_run_in_an_old_runs_directory_replaces_all_of_it(trained, tmp_path
         ("dataset.json", "evaluate", "damaged prepared dataset (no 'name')"),
         ("sequences.npz", "evaluate", "damaged prepared dataset (BadZipFile"),
         ("sequences.npz", "train", "damaged prepared dataset (BadZipFile"),
+        # Readable files whose contents are wrong: an IndexError traceback, or read silently.
+        ("weights", "resume", "best.safetensors: cannot be read to resume the run"),
+        ("items", "evaluate", "damaged prepared dataset (items must be catalogue rows 1.."),
+        ("test", "export", "damaged prepared dataset (test must hold user indices 0.."),
+        ("lengths", "evaluate", "damaged prepared dataset (lengths must be"),
+        ("swap", "evaluate", "(its sequences or ids do not match its fingerprint)"),
     ],
 )
 def test_a_damaged_run_directory_is_one_line_naming_the_file(
@@ -315,7 +321,20 @@ def test_a_damaged_run_directory_is_one_line_naming_the_file(
 ):
     run_dir = tmp_path / "run"
     shutil.copytree(trained.run_dir, run_dir)
-    if damage == "dim":  # a checkpoint of another shape than the run's settings
+    npz = run_dir / "dataset" / "sequences.npz"
+    if damage in ("items", "test", "lengths", "swap"):
+        arrays = dict(np.load(npz))
+        if damage == "items":
+            arrays["items"][5] = 10**6
+        elif damage == "test":
+            arrays["test"][0] = 99_999
+        elif damage == "lengths":
+            arrays["lengths"][0] += 1
+        else:  # two items of the first user swapped: every array still in range
+            arrays["items"][[0, 1]] = arrays["items"][[1, 0]]
+            assert arrays["items"][0] != arrays["items"][1]
+        np.savez(npz, **arrays)
+    elif damage == "dim":  # a checkpoint of another shape than the run's settings
         config = json.loads((run_dir / "config.json").read_text())
         config["train"]["dim"] = 2 * config["train"]["dim"]
         (run_dir / "config.json").write_text(json.dumps(config))
