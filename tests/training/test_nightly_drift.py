@@ -73,3 +73,14 @@ def test_drift_after_a_weak_publish_is_caught_by_the_recent_versions(
     assert set(rows) == set(list_versions(cfg.bundle_root))
     same = report["metrics"]["recent_versions"][good]["recall@50"]
     assert rows[good]["same_users_recall@50"] == pytest.approx(same)
+    # One damaged version is marked in its row; it stopped the whole listing.
+    weights = cfg.bundle_root / good / "encoder.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    result = CliRunner().invoke(
+        app, ["versions", "--bundle-root", str(cfg.bundle_root), "--dataset-dir", str(dataset),
+              "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = {r["version"]: r for r in json.loads(result.output)["versions"]}
+    assert "encoder.safetensors" in rows[good]["error"]
+    assert all("same_users_recall@50" in r for v, r in rows.items() if v != good)

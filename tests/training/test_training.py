@@ -209,7 +209,9 @@ def test_cli_trains_exports_and_evaluates_with_a_config_file(tmp_path):
         (["prepare", "--data", "plain.txt.gz", "--out", "D"], "plain.txt.gz: cannot read as seq"),
         (["versions", "--bundle-root", "nowhere"], "--bundle-root: nowhere is not a directory"),
         (["train", "--run-dir", "R", "--routing-grad"], "routing_grad applies to comirec-dr, mind"),
-        (["evaluate", "R", "--dataset-dir", "nowhere"], "R/manifest.json is missing"),
+        (["evaluate", "R", "--dataset-dir", "nowhere"], "R does not exist (a run directory"),
+        # A misspelled run directory was told that --dataset-dir is required for a bundle.
+        (["evaluate", "runs/typo"], "runs/typo does not exist"),
         (["train", "--run-dir", "R", "--device", "cuda:x"], "device must be 'auto' or a torch"),
         # The nightly jobs read the export: section too; a misspelled key was a KeyError there.
         (["bootstrap", "-c", "typo.yaml", "--bundle-root", "B"], "unknown export setting(s)"),

@@ -48,7 +48,11 @@ def versions(
         dataset = SequenceDataset.load(dataset_dir)
         for row in rows:
             if "error" not in row:
-                bundle = load_bundle(bundle_root / row["version"])
+                try:  # one damaged version is marked, as an unreadable manifest is
+                    bundle = load_bundle(bundle_root / row["version"])
+                except BundleError as exc:
+                    row["error"] = str(exc)
+                    continue
                 row[SAME_USERS] = evaluate_bundle(bundle, dataset, "test")["recall@50"]
     if as_json:
         echo_json({"bundle_root": str(bundle_root), "current": current, "versions": rows})

@@ -152,6 +152,8 @@ def evaluate(
         # Checked before the evaluation, whose minutes the missing plot would otherwise waste.
         raise CliError("--plot needs matplotlib (pip install matplotlib, or the dev extra)")
     item_categories = None
+    if not path.exists():
+        raise CliError(f"{path} does not exist (a run directory, a bundle version or a root)")
     if RunDir(path).exists():
         if dataset_dir is not None:
             raise CliError("--dataset-dir applies to bundles; a run is evaluated on its own data")
