@@ -97,12 +97,12 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
     # faiss announces at INFO which CPU build it tried; that is noise in service logs.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    from service.settings import Settings
+    from service.settings import Settings, describe_error
 
     try:
         settings = Settings()
     except ValidationError as exc:
-        typer.echo(f"error: invalid REMI_* settings:\n{exc}", err=True)
+        typer.echo(f"error: invalid settings:\n{describe_error(exc)}", err=True)
         raise typer.Exit(2) from None
 
     if workers > 1 and settings.reload_interval_s == 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.redact import redact_url
@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(
         0.5,
         gt=0,
+        le=60,
         description="Connect and socket timeout for Redis, in seconds. Short, so a dead Redis "
         "yields a fast 503 instead of hanging requests. One budget for all of a request's "
         "round trips: waiting for a pooled connection, and reading a whole batch's histories.",
@@ -66,11 +67,15 @@ class Settings(BaseSettings):
         "for one within REMI_REDIS_TIMEOUT_S instead of failing.",
     )
     history_cap: int = Field(
-        200, ge=1, description="Items kept per user in remi:history:<user_id> (oldest trimmed)."
+        200,
+        ge=1,
+        le=1_000_000,
+        description="Items kept per user in remi:history:<user_id> (oldest trimmed).",
     )
     stream_maxlen: int | None = Field(
         None,
         ge=1,
+        le=2**63 - 1,  # Redis's limit: a larger one would fail every POST /events
         description="Approximate cap on the remi:events stream; unset keeps every event until "
         "the nightly job trims it (it must see everything since its last run).",
     )
@@ -85,6 +90,7 @@ class Settings(BaseSettings):
     coverage_window_s: float = Field(
         600.0,
         gt=0,
+        le=86_400,
         description="Window of the catalogue-coverage metric: distinct items served per this "
         "many seconds.",
     )
@@ -101,6 +107,7 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         30.0,
         gt=0,
+        le=3600,
         description="Longest wait for more of a request body, in seconds (from the headers, "
         "then from each part received); a client that sent nothing for that long gets 408 and "
         "its connection is closed, so stalled clients cannot hold connections (and file "
@@ -196,6 +203,7 @@ class Settings(BaseSettings):
     graceful_shutdown_s: float = Field(
         5.0,
         gt=0,
+        le=3600,
         description="On SIGTERM, how long a worker waits for open requests and connections "
         "(a client still sending its body, say) before closing them and shutting down, in "
         "seconds. Below Docker's 10 s before SIGKILL, so the shutdown always completes.",
@@ -203,6 +211,7 @@ class Settings(BaseSettings):
     reload_interval_s: float = Field(
         0.5,
         ge=0,
+        le=86_400,
         description="How often each worker checks whether `current` points at a new bundle, in "
         "seconds (one readlink; the bundle is loaded only when it moved), so every worker serves "
         "a publish or an /admin/reload within about this long plus the load time. 0 turns "
@@ -216,6 +225,12 @@ class Settings(BaseSettings):
         "host to the event loop. Faiss's index search in a compute thread uses REMI_THREADS; "
         "see docs/serving.md.",
     )
+
+    @field_validator("stream_maxlen", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `REMI_STREAM_MAXLEN=` (compose's `${VAR:-}`) means unset, its documented default.
+        return None if value == "" else value
 
     @field_validator("redis_url")
     @classmethod
@@ -279,3 +294,14 @@ class Settings(BaseSettings):
             lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
             keys += [line for line in lines if not line.lstrip().startswith("#")]
         return [key.strip() for key in keys if key.strip()]
+
+
+def describe_error(exc: ValidationError) -> str:
+    """A settings error as one line per problem, each naming its environment variable
+    (pydantic names the field: `max_n`, where the operator set REMI_MAX_N)."""
+    lines = []
+    for error in exc.errors():
+        field = "_".join(str(part) for part in error["loc"])
+        name = f"REMI_{field.upper()}" if field else "REMI_* settings"
+        lines.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)

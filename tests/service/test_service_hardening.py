@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from remi_core.redis_keys import EVENTS_STREAM, history_key, latest_timestamp
@@ -19,7 +20,7 @@ from service.body import MAX_LISTED_ERRORS
 from service.cli import app as cli_app
 from service.metrics import Metrics
 from service.redact import redact_url, scrub_secrets
-from service.settings import Settings
+from service.settings import Settings, describe_error
 from tests.helpers import RedisServer, dead_redis_url
 
 NOW = 1_700_000_000
@@ -60,6 +61,44 @@ def test_wrong_redis_scheme_does_not_print_the_password(tiny_bundle_root: Path) 
     assert "must start with redis://" in result.output
     assert "redis2://app:***@redis:6379/0" in result.output
     assert "hunter2" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"REMI_MAX_N": "abc"}, "REMI_MAX_N: Input should be a valid integer"),
+        # inf overflowed the /events token's lifetime: a 500, or a 503 "nothing was stored" for
+        # events Redis had stored (the script's last command failed after its writes).
+        ({"REMI_REDIS_TIMEOUT_S": "inf"}, "REMI_REDIS_TIMEOUT_S: Input should be less than or"),
+        ({"REMI_REDIS_TIMEOUT_S": "1e300"}, "REMI_REDIS_TIMEOUT_S: Input should be less than"),
+        ({"REMI_BODY_TIMEOUT_S": "inf"}, "REMI_BODY_TIMEOUT_S: Input should be less than or"),
+        ({"REMI_GRACEFUL_SHUTDOWN_S": "nan"}, "REMI_GRACEFUL_SHUTDOWN_S: Input should be"),
+        ({"REMI_RELOAD_INTERVAL_S": "inf"}, "REMI_RELOAD_INTERVAL_S: Input should be less than"),
+        ({"REMI_HISTORY_CAP": "100000000000000000000"}, "REMI_HISTORY_CAP: Input should be"),
+    ],
+)
+def test_settings_errors_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, env: dict, says: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert says in describe_error(caught.value)
+
+
+def test_remi_serve_names_the_variable_of_a_bad_setting(tiny_bundle_root: Path) -> None:
+    env = {"REMI_MAX_N": "abc", "REMI_BODY_TIMEOUT_S": "0"}
+    result = CliRunner().invoke(cli_app, ["--bundle-root", str(tiny_bundle_root)], env=env)
+    assert result.exit_code == 2, result.output
+    assert "REMI_MAX_N: Input should be a valid integer" in result.output
+    assert "REMI_BODY_TIMEOUT_S: Input should be greater than 0" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_an_empty_stream_maxlen_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REMI_STREAM_MAXLEN", "")  # compose's `${REMI_STREAM_MAXLEN:-}`
+    assert Settings().stream_maxlen is None
 
 
 def test_unparseable_redis_url_does_not_print_the_password(tiny_bundle_root: Path) -> None:
