@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from remi_core.bundle import BundleError
@@ -453,9 +454,19 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 class MetricsMiddleware:
     """Counts and times every request per route template (never per raw path: unbounded)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes  # the API's routes, for requests answered before routing
+
+    def endpoint(self, scope: Scope) -> str:
+        """The route template that answered, or that the path matches when a middleware answered
+        before routing (the body limit's 408 and 413): counted under "unmatched", those never
+        reached a dashboard of their route."""
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in self.routes if r.matches(scope)[0] != Match.NONE), None)
+        return getattr(route, "path", None) or "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -468,8 +479,7 @@ class MetricsMiddleware:
         def count(code: int) -> None:
             nonlocal counted
             counted = True
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            endpoint = self.endpoint(scope)
             self.metrics.requests.labels(endpoint, scope["method"], str(code)).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
@@ -650,5 +660,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(AnswerCancelledRequests)
     # Added last, so outermost: refused bodies are counted too.
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    # The API's own routes: the app's list holds them behind one included router.
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=router.routes)
     return app

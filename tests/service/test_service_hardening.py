@@ -340,6 +340,14 @@ def test_body_limit_over_http_and_bodies_within_it_still_work(tiny_bundle_root: 
         assert set(r.json()) == {"detail", "errors"}
         r = client.post("/recommend", json={"history": ["books-0001"] * 50, "n": 3})
         assert r.status_code == 200, r.text
+        assert client.post("/recommend/batch", content=b"[" * 4096).status_code == 413
+        assert client.post("/nowhere", json={}).status_code == 404
+        metrics = client.get("/metrics").text
+    # Answered before routing, and still counted under their route (they were "unmatched").
+    for line in ('{endpoint="/recommend",method="POST",status="413"} 1.0',
+                 '{endpoint="/recommend/batch",method="POST",status="413"} 1.0',
+                 '{endpoint="unmatched",method="POST",status="404"} 1.0'):  # fmt: skip
+        assert f"remi_http_requests_total{line}" in metrics
 
 
 def test_unknown_ids_echoed_back_are_capped(client: TestClient) -> None:
