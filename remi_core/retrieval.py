@@ -583,7 +583,8 @@ def faiss_merged_topk(
     (IVF: the probed lists; HNSW: the beam), leaving a user short of its n items although the
     catalogue has them. Such a user is searched again alone, wider each time (`_wider`), until
     its list is full or the search was exhaustive; on `wide_index` if given (the CPU copy of a
-    GPU index: per-call parameters are a CPU feature).
+    GPU index: per-call parameters are a CPU feature). A user still short after the widest
+    search (a graph index can leave items that no beam reaches) gets exact Eq. 7 over the table.
     """
     batch, k, dim = interests.shape
     ns = np.broadcast_to(np.asarray(n, dtype=np.int64), (batch,))
@@ -613,16 +614,27 @@ def faiss_merged_topk(
                 alone = merge_candidates(
                     interests[b : b + 1], rows, item_embeddings, int(ns[b]), user_exclude
                 )
-                if alone.counts[0] > found.counts[b]:
-                    count = int(alone.counts[0])
-                    found.rows[b], found.scores[b], found.interests[b] = 0, -np.inf, 0
-                    found.rows[b, :count] = alone.rows[0, :count]
-                    found.scores[b, :count] = alone.scores[0, :count]
-                    found.interests[b, :count] = alone.interests[0, :count]
-                    found.counts[b] = count
+                _keep_longer(found, b, alone)
                 if found.counts[b] >= want[b]:
                     break
+            if found.counts[b] < want[b]:
+                # The widest search still ran short: a graph (HNSW with a small M) can leave
+                # items that no beam reaches. The exhaustive answer comes from the table.
+                table = torch.as_tensor(item_embeddings)
+                alone = exact_merged_topk(interests[b : b + 1], table, int(ns[b]), user_exclude)
+                _keep_longer(found, b, alone)
     return found
+
+
+def _keep_longer(found: RetrievedBatch, b: int, alone: RetrievedBatch) -> None:
+    """Put user b's list from `alone` (one user) into `found` if it holds more items."""
+    count = int(alone.counts[0])
+    if count > found.counts[b]:
+        found.rows[b], found.scores[b], found.interests[b] = 0, -np.inf, 0
+        found.rows[b, :count] = alone.rows[0, :count]
+        found.scores[b, :count] = alone.scores[0, :count]
+        found.interests[b, :count] = alone.interests[0, :count]
+        found.counts[b] = count
 
 
 def _wider(index) -> Iterator[Any]:
