@@ -168,7 +168,7 @@ def write_bundle(
     problem = (
         _item_ids_problem(item_ids)
         or _nonfinite_problem(encoder)
-        or _popularity_problem(np.asarray(popularity, dtype=np.int64), num_items)
+        or _popularity_problem(np.asarray(popularity), num_items)
     )
     if problem:
         raise ValueError(problem)
@@ -501,7 +501,8 @@ def load_bundle(path: Path, device: str | torch.device = "cpu", verify: bool = T
         # read back from disk mid-request, and a file truncated in place would crash the worker.
         embeddings = np.load(files["item_embeddings"], allow_pickle=False)
         item_ids = json.loads(files["item_ids"].read_text())
-        popularity = np.asarray(json.loads(files["popularity"].read_text()), dtype=np.int64)
+        # No dtype here: floats (or ids) cast to int64 would be other rows, silently.
+        popularity = np.asarray(json.loads(files["popularity"].read_text()))
         index = faiss.read_index(str(files["index"]))
         apply_search_params(index, manifest["index"].get("search_params", ""))
         categories, category_names = _read_categories(files)
@@ -522,7 +523,7 @@ def load_bundle(path: Path, device: str | torch.device = "cpu", verify: bool = T
     table.data = torch.from_numpy(embeddings)
     encoder.to(device).eval()
     return Bundle(
-        path, manifest, encoder, embeddings, item_ids, popularity, index,
+        path, manifest, encoder, embeddings, item_ids, popularity.astype(np.int64), index,
         categories, category_names,
     )  # fmt: skip
 
@@ -605,8 +606,8 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
 def _popularity_problem(popularity: np.ndarray, num_items: int) -> str | None:
     """Distinct catalogue rows, most popular first: the list a user with no known item gets."""
-    if popularity.ndim != 1:
-        return "popularity must be a list of catalogue rows"
+    if popularity.ndim != 1 or (popularity.size and popularity.dtype.kind not in "iu"):
+        return "popularity must be a list of catalogue rows (whole numbers)"
     if len(popularity) and (popularity.min() < 1 or popularity.max() >= num_items):
         return f"popularity lists rows outside 1..{num_items - 1}"
     if len(np.unique(popularity)) != len(popularity):
