@@ -617,9 +617,11 @@ def faiss_merged_topk(
                 _keep_longer(found, b, alone)
                 if found.counts[b] >= want[b]:
                     break
-            if found.counts[b] < want[b]:
+            if found.counts[b] < want[b] and _is_graph(wide_index):
                 # The widest search still ran short: a graph (HNSW with a small M) can leave
-                # items that no beam reaches. The exhaustive answer comes from the table.
+                # items that no beam reaches. The exhaustive answer comes from the table. Only
+                # for a graph: an exhaustive index that finds too little is broken (NaN
+                # vectors, say), and the smoke test at load must see that, not a fallback.
                 table = torch.as_tensor(item_embeddings)
                 alone = exact_merged_topk(interests[b : b + 1], table, int(ns[b]), user_exclude)
                 _keep_longer(found, b, alone)
@@ -635,6 +637,12 @@ def _keep_longer(found: RetrievedBatch, b: int, alone: RetrievedBatch) -> None:
         found.scores[b, :count] = alone.scores[0, :count]
         found.interests[b, :count] = alone.interests[0, :count]
         found.counts[b] = count
+
+
+def _is_graph(index) -> bool:
+    import faiss
+
+    return isinstance(faiss.downcast_index(index), faiss.IndexHNSW)
 
 
 def _wider(index) -> Iterator[Any]:
