@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -167,3 +168,8 @@ def test_the_cli_reports_a_damaged_events_file_without_a_traceback(redis_server,
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "events-1-0--2-0.csv" in result.output and "Traceback" not in result.output
+    # The failed run's report is printed as every run's is, not only written to its file.
+    printed = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
+    [written] = (state / "reports").glob("*.json")
+    assert printed == json.loads(written.read_text())
+    assert printed["status"] == "failed" and "DataError" in printed["error"]

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -118,8 +118,7 @@ def nightly(
         raise CliError("--redis-url: the nightly job needs Redis")
     lower_priority(cfg.nice)
     with sigterm_unwinds():
-        report: dict[str, Any] = run_nightly(cfg)
-    echo_json(report)
+        run_nightly(cfg, emit=echo_json)  # a failed run's report too, before its error
 
 
 def bootstrap(
@@ -141,5 +140,4 @@ def bootstrap(
         cfg = replace(cfg, redis_url=None)
     lower_priority(cfg.nice)
     with sigterm_unwinds():
-        report = run_bootstrap(cfg)
-    echo_json(report)
+        run_bootstrap(cfg, emit=echo_json)

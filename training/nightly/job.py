@@ -47,7 +47,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -220,14 +220,18 @@ def _now() -> str:
 # --- the job -----------------------------------------------------------------------------------
 
 
-def run_nightly(cfg: NightlyConfig) -> dict[str, Any]:
-    """One nightly run; returns the report (also written to state_dir/reports/)."""
+Emit = Callable[[dict[str, Any]], None]
+
+
+def run_nightly(cfg: NightlyConfig, emit: Emit | None = None) -> dict[str, Any]:
+    """One nightly run; returns the report (also written to state_dir/reports/, and given to
+    `emit` however the run ends, so a failed run's report is shown too)."""
     if cfg.redis_url is None:
         raise NightlyError("the nightly job needs a Redis URL (events and the lock live there)")
-    return _run(cfg, "nightly")
+    return _run(cfg, "nightly", emit)
 
 
-def run_bootstrap(cfg: NightlyConfig) -> dict[str, Any]:
+def run_bootstrap(cfg: NightlyConfig, emit: Emit | None = None) -> dict[str, Any]:
     """Train and publish the first bundle on the base data, only if none is published yet.
 
     Idempotent: with a `current` bundle present it does nothing. It never reads or advances the
@@ -236,16 +240,19 @@ def run_bootstrap(cfg: NightlyConfig) -> dict[str, Any]:
     root = Path(cfg.bundle_root)
     existing = current_version(root)
     if existing is not None:
-        return {
+        report = {
             "kind": "bootstrap",
             "decision": "exists",
             "reason": f"{root / 'current'} already points at {existing}; nothing to do",
             "current_version": existing,
         }
-    return _run(cfg, "bootstrap")
+        if emit is not None:
+            emit(report)
+        return report
+    return _run(cfg, "bootstrap", emit)
 
 
-def _run(cfg: NightlyConfig, kind: str) -> dict[str, Any]:
+def _run(cfg: NightlyConfig, kind: str, emit: Emit | None) -> dict[str, Any]:
     """Step 1 (the lock), the other steps under it, and the report whatever happens."""
     if cfg.torch_threads is not None:  # a fixed count, as --threads: no load following
         setup_threads(cfg.torch_threads)
@@ -268,6 +275,8 @@ def _run(cfg: NightlyConfig, kind: str) -> dict[str, Any]:
     finally:
         report = run.report(status, error)
         _write_report(cfg.state_dir, report)
+        if emit is not None:
+            emit(report)
         if run.lock is not None:
             run.lock.release()
         if run.client is not None:
