@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.helpers import REPO
 
@@ -40,6 +41,35 @@ def test_relative_links_resolve():
                 continue
             if not (page.parent / target).exists():
                 broken.append(f"{page.relative_to(REPO)} -> {target}")
+    assert not broken, broken
+
+
+def headings(page: Path) -> set[str]:
+    """GitHub's anchors for the page's headings: lower case, punctuation dropped, spaces as
+    hyphens (headings inside code blocks are not headings)."""
+    anchors, in_code = set(), False
+    for line in page.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_code_blocks_close_and_anchors_name_headings():
+    # One unclosed block in serving.md turned the rest of the page inside out (its headings
+    # into code), and with them 18 links into it.
+    unclosed = [p.name for p in PAGES if sum(
+        line.lstrip().startswith("```") for line in p.read_text().splitlines()) % 2]  # fmt: skip
+    assert not unclosed, unclosed
+    anchors = {page.resolve(): headings(page) for page in PAGES}
+    broken = []
+    for page in PAGES:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", page.read_text()):
+            resolved = (page.parent / target).resolve() if target else page.resolve()
+            if resolved in anchors and anchor not in anchors[resolved]:
+                broken.append(f"{page.relative_to(REPO)} -> {target}#{anchor}")
     assert not broken, broken
 
 
