@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from remi_core.bundle import BundleError
@@ -464,7 +464,7 @@ class MetricsMiddleware:
         before routing (the body limit's 408 and 413): counted under "unmatched", those never
         reached a dashboard of their route."""
         route = scope.get("route")
-        if route is None:
+        if getattr(route, "path", None) is None:  # none, or a router (FastAPI's docs routes)
             route = next((r for r in self.routes if r.matches(scope)[0] != Match.NONE), None)
         return getattr(route, "path", None) or "unmatched"
 
@@ -660,6 +660,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(AnswerCancelledRequests)
     # Added last, so outermost: refused bodies are counted too.
-    # The API's own routes: the app's list holds them behind one included router.
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=router.routes)
+    # The app's list holds the API's routes behind one included router, which names no
+    # template: its own plain routes (/docs, /openapi.json) and the API's, each by its template.
+    routes = [r for r in app.router.routes if isinstance(r, Route)] + router.routes
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=routes)
     return app

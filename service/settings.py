@@ -266,9 +266,11 @@ class Settings(BaseSettings):
         if self.admin_token is not None:
             token = self.admin_token.get_secret_value()
             if not token.strip():
-                raise ValueError("admin_token must not be blank; leave it unset to disable admin")
+                raise ValueError(
+                    "REMI_ADMIN_TOKEN must not be blank; leave it unset to disable admin"
+                )
             if not _header_safe(token):
-                raise ValueError(f"admin_token {HEADER_SAFE}")
+                raise ValueError(f"REMI_ADMIN_TOKEN {HEADER_SAFE}")
         return self
 
     @model_validator(mode="after")
@@ -276,13 +278,15 @@ class Settings(BaseSettings):
         try:
             keys = self.api_key_list()  # reads the keys file, once
         except OSError as exc:
-            raise ValueError(f"api_keys_file cannot be read: {exc}") from None
+            raise ValueError(f"REMI_API_KEYS_FILE cannot be read: {exc}") from None
         except UnicodeDecodeError:
-            raise ValueError(f"api_keys_file {self.api_keys_file}: not UTF-8 text") from None
+            raise ValueError(f"REMI_API_KEYS_FILE {self.api_keys_file}: not UTF-8 text") from None
         if self.api_keys is not None and not keys:
-            raise ValueError("api_keys holds no key; leave it unset to keep the data routes open")
+            raise ValueError(
+                "REMI_API_KEYS holds no key; leave it unset to keep the data routes open"
+            )
         if not all(_header_safe(key) for key in keys):
-            raise ValueError(f"every API key {HEADER_SAFE}")
+            raise ValueError(f"every API key (REMI_API_KEYS, REMI_API_KEYS_FILE) {HEADER_SAFE}")
         return self
 
     def api_key_list(self) -> list[str]:
@@ -302,6 +306,7 @@ def describe_error(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
         field = "_".join(str(part) for part in error["loc"])
-        name = f"REMI_{field.upper()}" if field else "REMI_* settings"
-        lines.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
+        message = error["msg"].removeprefix("Value error, ")
+        # Checks of several settings together name theirs in the message.
+        lines.append(f"REMI_{field.upper()}: {message}" if field else message)
     return "\n".join(lines)

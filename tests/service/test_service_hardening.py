@@ -342,11 +342,13 @@ def test_body_limit_over_http_and_bodies_within_it_still_work(tiny_bundle_root: 
         assert r.status_code == 200, r.text
         assert client.post("/recommend/batch", content=b"[" * 4096).status_code == 413
         assert client.post("/nowhere", json={}).status_code == 404
+        assert client.get("/openapi.json").status_code == 200  # a route FastAPI adds itself
         metrics = client.get("/metrics").text
     # Answered before routing, and still counted under their route (they were "unmatched").
     for line in ('{endpoint="/recommend",method="POST",status="413"} 1.0',
                  '{endpoint="/recommend/batch",method="POST",status="413"} 1.0',
-                 '{endpoint="unmatched",method="POST",status="404"} 1.0'):  # fmt: skip
+                 '{endpoint="unmatched",method="POST",status="404"} 1.0',
+                 '{endpoint="/openapi.json",method="GET",status="200"} 1.0'):  # fmt: skip
         assert f"remi_http_requests_total{line}" in metrics
 
 
@@ -547,12 +549,15 @@ def test_data_routes_are_open_without_keys(slow_client: TestClient) -> None:
     ("values", "says"),
     [
         ({"api_keys": " , "}, "holds no key"),
-        ({"api_keys_file": "/nonexistent/keys"}, "api_keys_file cannot be read"),
-        ({"api_keys_file": "/proc/self/exe"}, "api_keys_file /proc/self/exe: not UTF-8 text"),
+        ({"api_keys_file": "/nonexistent/keys"}, "REMI_API_KEYS_FILE cannot be read"),
+        ({"api_keys_file": "/proc/self/exe"}, "REMI_API_KEYS_FILE /proc/self/exe: not UTF-8"),
         # Headers arrive as latin-1: a key sent as UTF-8 "é" would arrive as "Ã©", never match.
-        ({"api_keys": "key-one, clé-2"}, "every API key must be printable ASCII"),
-        ({"admin_token": "jeton-\u00e9"}, "admin_token must be printable ASCII"),
-        ({"admin_token": "tab\there"}, "admin_token must be printable ASCII"),
+        (
+            {"api_keys": "key-one, clé-2"},
+            r"every API key \(REMI_API_KEYS, REMI_API_KEYS_FILE\) must",
+        ),
+        ({"admin_token": "jeton-\u00e9"}, "REMI_ADMIN_TOKEN must be printable ASCII"),
+        ({"admin_token": "tab\there"}, "REMI_ADMIN_TOKEN must be printable ASCII"),
     ],
 )
 def test_bad_api_key_settings_are_refused(tiny_bundle_root: Path, values: dict, says: str) -> None:
