@@ -79,7 +79,7 @@ def test_events_trimmed_before_a_run_read_them_are_counted(redis_server, tmp_pat
     def night() -> tuple[int, int | None]:
         batch = collect(client, "remi:events", "remi:pos", tmp_path)
         if batch.has_new:
-            advance_position(client, "remi:events", "remi:pos", batch)
+            advance_position(client, "remi:events", "remi:pos", batch, tmp_path)
         return batch.read, batch.lost
 
     add(20, maxlen=5)  # 15 gone before the first run
@@ -118,6 +118,31 @@ def test_events_trimmed_before_a_run_read_them_are_counted(redis_server, tmp_pat
     collect(client, "remi:events", "remi:pos", tmp_path)
     client.xtrim("remi:events", maxlen=0, approximate=False)
     assert night() == (0, 0)
+
+
+def test_a_redis_that_lost_the_position_is_said_so(redis_server, tmp_path: Path) -> None:
+    # Redis restarted without persistence: the position and its count are gone, the stream is
+    # new. Counted from 0-0, the events saved by earlier nights looked read from this stream,
+    # and 6 trimmed events were reported as 3: a confident wrong number. Now: not known, and
+    # the position this state directory committed is named.
+    client = _redis_client(redis_server.url)
+    client.delete("remi:events", "remi:pos", "remi:pos:entries-added")
+    for i in range(3):
+        client.xadd("remi:events", {"user_id": "u", "item_id": f"i{i}", "timestamp": 1_700_000_000})
+    batch = collect(client, "remi:events", "remi:pos", tmp_path)
+    assert (batch.read, batch.lost, batch.redis_behind) == (3, 0, None)
+    advance_position(client, "remi:events", "remi:pos", batch, tmp_path)
+    client.delete("remi:events", "remi:pos", "remi:pos:entries-added")  # the data loss
+    for i in range(10):
+        event = {"user_id": "v", "item_id": f"j{i}", "timestamp": 1_700_000_100}
+        client.xadd("remi:events", event, maxlen=4, approximate=False)
+    after = collect(client, "remi:events", "remi:pos", tmp_path)
+    assert (after.read, after.lost, after.redis_behind) == (4, None, batch.stream_end)
+    assert after.report()["redis_behind"] == batch.stream_end
+    advance_position(client, "remi:events", "remi:pos", after, tmp_path)
+    client.xadd("remi:events", {"user_id": "v", "item_id": "k", "timestamp": 1_700_000_200})
+    again = collect(client, "remi:events", "remi:pos", tmp_path)  # in step again
+    assert (again.read, again.lost, again.redis_behind) == (1, 0, None)
 
 
 def test_stream_ids_past_int64_are_read_and_ordered(tmp_path: Path) -> None:

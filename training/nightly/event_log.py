@@ -16,6 +16,7 @@ so tonight's count less the saved one is what arrived since, of which `read` rea
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,9 @@ class EventBatch:
     # read them (None: not known, e.g. the position was saved by a version without the count).
     lost: int | None = None
     entries_added: int | None = None  # Redis's count of entries ever added, as of stream_end
+    # The position this state directory last committed, when Redis's is behind it: Redis lost
+    # data since (a restart without persistence, an older snapshot, a lagging replica).
+    redis_behind: str | None = None
 
     def report(self) -> dict[str, Any]:
         return {
@@ -58,6 +62,7 @@ class EventBatch:
             "accumulated": len(self.accumulated),
             "duplicates_dropped": self.duplicates_dropped,
             "lost_before_read": self.lost,
+            "redis_behind": self.redis_behind,
         }
 
     @property
@@ -88,9 +93,23 @@ def added_key(position_key: str) -> str:
     return f"{position_key}:entries-added"
 
 
+def committed_path(state_dir: Path) -> Path:
+    """Where step 8 notes the position it committed to Redis, to tell when Redis lost it."""
+    return Path(state_dir) / "events" / "committed.json"
+
+
+def _committed(state_dir: Path) -> str | None:
+    try:
+        return str(json.loads(committed_path(state_dir).read_text())["position"])
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: not known
+        return None
+
+
 def collect(client: Any, stream_key: str, position_key: str, state_dir: Path) -> EventBatch:
     """Step 2: read (saved position, stream end] and save it to the event log."""
     position = client.get(position_key) or "0-0"
+    committed = _committed(state_dir)
+    behind = committed if committed and parse_id(committed) > parse_id(position) else None
     end, added = stream_end(client, stream_key)
     entries = []
     if end is not None and parse_id(end) > parse_id(position):
@@ -102,12 +121,15 @@ def collect(client: Any, stream_key: str, position_key: str, state_dir: Path) ->
     read_before = 0
     if end is not None:
         read_before = len(saved_ids(state_dir, position, end) - {sid for sid, _ in entries})
-    lost = lost_before_read(
-        client.get(added_key(position_key)), position, added, len(entries) + read_before
-    )
+    saved_count = client.get(added_key(position_key))
+    lost = lost_before_read(saved_count, position, added, len(entries) + read_before)
+    if behind is not None and saved_count is None:
+        # Redis lost the position with its count (0-0 again), so its count restarted and the
+        # events saved by earlier runs are not in it: what was lost cannot be told.
+        lost = None
     events, duplicates = load_events(state_dir)
     return EventBatch(
-        position, end, len(entries), malformed, saved, events, duplicates, lost, added
+        position, end, len(entries), malformed, saved, events, duplicates, lost, added, behind
     )
 
 
@@ -146,9 +168,10 @@ def lost_before_read(saved: str | None, position: str, added: int | None, read: 
 
 
 def advance_position(
-    client: Any, stream_key: str, position_key: str, batch: EventBatch
+    client: Any, stream_key: str, position_key: str, batch: EventBatch, state_dir: Path
 ) -> dict[str, Any]:
-    """Step 8: save the stream end as the position, then trim the consumed (saved) entries."""
+    """Step 8: save the stream end as the position (in Redis, then noted in state_dir), then
+    trim the consumed (saved) entries."""
     assert batch.stream_end is not None and batch.has_new
     with client.pipeline(transaction=True) as pipe:  # the position and its count together
         pipe.set(position_key, batch.stream_end)
@@ -157,6 +180,9 @@ def advance_position(
         else:
             pipe.delete(added_key(position_key))
         pipe.execute()
+    committed_path(state_dir).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(committed_path(state_dir)) as tmp:
+        tmp.write_text(json.dumps({"position": batch.stream_end}))
     # XTRIM MINID drops ids < minid: exactly the consumed (and saved) entries.
     trimmed = client.xtrim(stream_key, minid=next_id(batch.stream_end), approximate=False)
     return {"position_after": batch.stream_end, "trimmed": trimmed}

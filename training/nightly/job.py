@@ -297,6 +297,15 @@ def _run_steps(run: NightlyRun) -> None:
     if run.kind == "nightly":
         with run.timer.stage("events"):
             run.events = collect(run.client, cfg.stream_key, cfg.position_key, cfg.state_dir)
+        if run.events.redis_behind is not None:
+            log.warning(
+                "Redis's position in %s is behind %s, which this state directory committed: "
+                "Redis lost data (a restart without persistence, an older snapshot); events "
+                "sent before that may be lost%s",
+                cfg.stream_key,
+                run.events.redis_behind,
+                "" if run.events.lost is not None else ", and how many cannot be told",
+            )
         if run.events.lost:
             log.warning(
                 "%d events left the stream %s before a nightly run read them (trimmed by "
@@ -464,7 +473,7 @@ def commit(run: NightlyRun) -> None:
     with run.timer.stage("commit"):
         run.check_lock()
         run.committed = advance_position(
-            run.client, run.cfg.stream_key, run.cfg.position_key, run.events
+            run.client, run.cfg.stream_key, run.cfg.position_key, run.events, run.cfg.state_dir
         )
 
 
