@@ -11,8 +11,17 @@ HISTORY_PREFIX = "remi:history:"
 """Per-user capped list of item ids, oldest first: HISTORY_PREFIX + user_id."""
 
 
+HISTORY_TIMES_PREFIX = "remi:history-times:"
+"""Per-user list of the timestamps of HISTORY_PREFIX + user_id's entries, index by index: the
+service keeps the history in timestamp order with it."""
+
+
 def history_key(user_id: str) -> str:
     return f"{HISTORY_PREFIX}{user_id}"
+
+
+def history_times_key(user_id: str) -> str:
+    return f"{HISTORY_TIMES_PREFIX}{user_id}"
 
 
 # Event timestamps: unix seconds from 2000-01-01T00:00:00Z to before the end of tomorrow (UTC).

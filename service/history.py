@@ -17,7 +17,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from remi_core.redis_keys import EVENTS_STREAM, history_key
+from remi_core.redis_keys import (
+    EVENTS_STREAM,
+    HISTORY_TIMES_PREFIX,
+    history_key,
+    history_times_key,
+)
 from service.errors import HistoryConflict, RedisUnavailable
 from service.redact import redact_url, scrub_secrets
 from service.schemas import MAX_ID_LENGTH
@@ -51,9 +56,17 @@ def _format_timestamp(ts: float) -> str:
 # before it, and the one write that can fail past the type checks is the first XADD (a stream
 # whose ids are used up, a read-only replica, a write refused for memory), so an error reply
 # means nothing was written.
-# KEYS[1]: the stream; KEYS[2]: the request's token; KEYS[3..]: the users' lists, each once, in
-# first-seen order. ARGV: deadline, token lifetime in ms, history cap, stream maxlen ("" =
-# untrimmed), then per event: its list's index in KEYS, user_id, item_id, timestamp.
+# A user's list stays in timestamp order, oldest first, whatever order events arrive in (a
+# client's offline batch, a request's events out of order): its companion list holds each
+# entry's timestamp, and an event older than the newest entries goes in before them (those are
+# lifted off the tail and put back, so the cost is the number of newer entries; in order it is
+# one LINDEX). A list without a matching companion (written before it existed, or by hand)
+# counts as older than any event. Equal timestamps keep arrival order. The cap then trims the
+# oldest by timestamp.
+# KEYS[1]: the stream; KEYS[2]: the request's token; KEYS[3..]: per user, in first-seen order,
+# its list and then its list of timestamps. ARGV: deadline, token lifetime in ms, history cap,
+# stream maxlen ("" = untrimmed), then per event: its list's index in KEYS, user_id, item_id,
+# timestamp.
 # Returns nil, 'expired', 'done' (already written), or {key, its type} for a key of a wrong type.
 _APPEND_SCRIPT = """
 if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -72,6 +85,11 @@ for i, key in ipairs(KEYS) do
 end
 local cap = tonumber(ARGV[3])
 local maxlen = ARGV[4]
+local function rpush(key, values)  -- in slices: unpack takes a few thousand values at most
+  for s = 1, #values, 1000 do
+    redis.call('RPUSH', key, unpack(values, s, math.min(s + 999, #values)))
+  end
+end
 for j = 5, #ARGV, 4 do
   if maxlen == '' then
     redis.call('XADD', KEYS[1], '*',
@@ -81,11 +99,41 @@ for j = 5, #ARGV, 4 do
       'user_id', ARGV[j + 1], 'item_id', ARGV[j + 2], 'timestamp', ARGV[j + 3])
   end
 end
-for j = 5, #ARGV, 4 do
-  redis.call('RPUSH', KEYS[tonumber(ARGV[j])], ARGV[j + 2])
+for i = 3, #KEYS, 2 do  -- a list without its timestamps: all older than any event
+  local items, times = KEYS[i], KEYS[i + 1]
+  local size = redis.call('LLEN', items)
+  if redis.call('LLEN', times) ~= size then
+    redis.call('DEL', times)
+    local zeros = {}
+    for k = 1, size do
+      zeros[k] = '0'
+    end
+    rpush(times, zeros)
+  end
 end
-for i = 3, #KEYS do  -- trim once per user, after all of its appends
+for j = 5, #ARGV, 4 do
+  local items, times = KEYS[tonumber(ARGV[j])], KEYS[tonumber(ARGV[j]) + 1]
+  local ts = tonumber(ARGV[j + 3])
+  local newer = 0
+  local size = redis.call('LLEN', times)
+  while newer < size and tonumber(redis.call('LINDEX', times, -1 - newer)) > ts do
+    newer = newer + 1
+  end
+  local tail_items, tail_times = {}, {}
+  if newer > 0 then
+    tail_items = redis.call('LRANGE', items, -newer, -1)
+    tail_times = redis.call('LRANGE', times, -newer, -1)
+    redis.call('LTRIM', items, 0, -newer - 1)
+    redis.call('LTRIM', times, 0, -newer - 1)
+  end
+  redis.call('RPUSH', items, ARGV[j + 2])
+  redis.call('RPUSH', times, ARGV[j + 3])
+  rpush(items, tail_items)
+  rpush(times, tail_times)
+end
+for i = 3, #KEYS, 2 do  -- trim once per user, after all of its appends
   redis.call('LTRIM', KEYS[i], -cap, -1)
+  redis.call('LTRIM', KEYS[i + 1], -cap, -1)
 end
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return false
@@ -166,9 +214,10 @@ class HistoryStore:
         """
         if not events:
             return
-        # A dict keeps first-seen order: each user's list is KEYS[slot], listed once.
+        # A dict keeps first-seen order: each user's list is KEYS[slot], listed once, and its
+        # timestamps KEYS[slot + 1].
         user_of = {history_key(event.user_id): event.user_id for event in events}
-        slot = {key: i for i, key in enumerate(user_of, start=3)}  # Lua is 1-based; see above
+        slot = {key: 3 + 2 * i for i, key in enumerate(user_of)}  # Lua is 1-based; see above
         token = f"{_TOKEN_PREFIX}{secrets.token_hex(16)}"
         args: list[str | int] = [
             0,  # the deadline, set once Redis's clock is known
@@ -193,7 +242,9 @@ class HistoryStore:
                 left_us = (self.timeout_s - (time.monotonic() - start)) * 1e6
                 args[0] = seconds * 1_000_000 + micros + max(int(left_us / 2), 0)
                 sent = True
-                keys = [EVENTS_STREAM, token, *user_of]
+                keys = [EVENTS_STREAM, token]
+                for key, user_id in user_of.items():
+                    keys += [key, history_times_key(user_id)]
                 wrong = await self._append_script(keys=keys, args=args)
         except (RedisError, OSError) as exc:  # asyncio's TimeoutError is an OSError
             written: bool | None = False  # whether the batch was written; None: unknown
@@ -220,8 +271,11 @@ class HistoryStore:
             key, found = wrong
             if key == EVENTS_STREAM:
                 what, wanted = "the events stream", "stream"
-            else:
+            elif key in user_of:
                 what, wanted = f"the history of user {user_of[key]!r}", "list"
+            else:
+                user = key.removeprefix(HISTORY_TIMES_PREFIX)
+                what, wanted = f"the history timestamps of user {user!r}", "list"
             raise self._conflict(
                 f"cannot store events: Redis key {key!r} ({what}) holds a {found}, not a "
                 f"{wanted}; nothing was stored. Fix or delete that key, then send the events again"

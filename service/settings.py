@@ -70,7 +70,8 @@ class Settings(BaseSettings):
         200,
         ge=1,
         le=1_000_000,
-        description="Items kept per user in remi:history:<user_id> (oldest trimmed).",
+        description="Items kept per user in remi:history:<user_id> (the oldest by timestamp are "
+        "trimmed).",
     )
     stream_maxlen: int | None = Field(
         None,

@@ -14,7 +14,12 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from remi_core.redis_keys import EVENTS_STREAM, history_key, latest_timestamp
+from remi_core.redis_keys import (
+    EVENTS_STREAM,
+    history_key,
+    history_times_key,
+    latest_timestamp,
+)
 from service.app import MetricsMiddleware, StartupError, create_app
 from service.body import MAX_LISTED_ERRORS
 from service.cli import app as cli_app
@@ -648,7 +653,8 @@ def test_a_retried_events_script_writes_once(redis_server: RedisServer) -> None:
         try:
             seconds, micros = await store._client.time()
             deadline = seconds * 1_000_000 + micros + 5_000_000
-            keys = [EVENTS_STREAM, f"{_TOKEN_PREFIX}same", history_key("erin")]
+            keys = [EVENTS_STREAM, f"{_TOKEN_PREFIX}same", history_key("erin"),
+                    history_times_key("erin")]  # fmt: skip
             args = [deadline, 3000, 5, "", 3, "erin", "books-0001", "1700000000"]
             first = await store._append_script(keys=keys, args=args)
             # The retry may start after the deadline (the reconnect took a while): it must still

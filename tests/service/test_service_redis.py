@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from remi_core.redis_keys import EVENTS_STREAM, history_key
+from remi_core.redis_keys import EVENTS_STREAM, history_key, history_times_key
 from service.app import create_app
 from service.redact import redact_url as _redact
 from service.settings import Settings
@@ -84,12 +84,52 @@ def test_history_is_capped_and_stream_keeps_everything(
 ) -> None:
     items = [f"books-{i:04d}" for i in range(1, 9)]
     assert client.post("/events", json=events("carol", items[:6])).status_code == 200
-    assert client.post("/events", json=events("carol", items[6:])).status_code == 200
+    later = events("carol", items[6:], start=1_700_000_006)
+    assert client.post("/events", json=later).status_code == 200
     redis = redis_server.client()
     assert redis.lrange(history_key("carol"), 0, -1) == items[-5:]  # history_cap=5
     assert redis.xlen(EVENTS_STREAM) == 8
     body = client.post("/recommend", json={"user_id": "carol", "explain": True}).json()
     assert body["explain"]["window"] == items[-5:]
+
+
+def test_a_history_keeps_timestamp_order_whatever_order_events_arrive_in(
+    client: TestClient, redis_server: RedisServer
+) -> None:
+    # A client's offline batch arrives after newer events: it was appended after them (served
+    # as the most recent items), and the cap then dropped the newest events instead.
+    def event(item: str, ts: int) -> dict:
+        return {"user_id": "dora", "item_id": item, "timestamp": 1_700_000_000 + ts}
+
+    first = [event("books-0011", 200), event("books-0012", 300)]
+    assert client.post("/events", json={"events": first}).status_code == 200
+    late = [
+        event("books-0002", 150),
+        event("books-0001", 100),
+        event("books-0005", 250),
+        event("books-0013", 300),
+    ]
+    assert client.post("/events", json={"events": late}).status_code == 200
+    redis = redis_server.client()
+    # history_cap=5: the oldest by timestamp (books-0001) went; equal timestamps keep arrival
+    # order.
+    ordered = ["books-0002", "books-0011", "books-0005", "books-0012", "books-0013"]
+    assert redis.lrange(history_key("dora"), 0, -1) == ordered
+    times = [str(1_700_000_000 + ts) for ts in (150, 200, 250, 300, 300)]
+    assert redis.lrange(history_times_key("dora"), 0, -1) == times
+    body = client.post("/recommend", json={"user_id": "dora", "explain": True}).json()
+    assert body["explain"]["window"] == ordered
+
+
+def test_a_history_written_before_its_timestamps_is_kept_as_the_oldest(
+    client: TestClient, redis_server: RedisServer
+) -> None:
+    redis = redis_server.client()
+    redis.rpush(history_key("emil"), "legacy-1", "legacy-2")  # no timestamps list
+    assert client.post("/events", json=events("emil", ["a", "b"])).status_code == 200
+    assert redis.lrange(history_key("emil"), 0, -1) == ["legacy-1", "legacy-2", "a", "b"]
+    times = ["0", "0", "1700000000", "1700000001"]
+    assert redis.lrange(history_times_key("emil"), 0, -1) == times
 
 
 def test_unknown_user_gets_the_fallback(client: TestClient) -> None:
@@ -284,6 +324,11 @@ def test_wrong_type_history_key_is_409_and_nothing_is_written(
     assert "remi_redis_errors_total 0.0" in client.get("/metrics").text
 
     redis.delete(history_key("bob"))  # once the key is fixed, the same batch goes through
+    redis.set(history_times_key("bob"), "y")  # ... but for its timestamps' key
+    r = client.post("/events", json={"events": both})
+    assert r.status_code == 409 and "the history timestamps of user 'bob'" in r.json()["detail"]
+    assert redis.xlen(EVENTS_STREAM) == 1
+    redis.delete(history_times_key("bob"))
     assert client.post("/events", json={"events": both}).status_code == 200
     assert redis.lrange(history_key("bob"), 0, -1) == ["books-0003"]
     assert redis.xlen(EVENTS_STREAM) == 3
