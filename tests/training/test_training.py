@@ -23,7 +23,7 @@ from remi_core.models import pad_histories
 from remi_core.retrieval import dense_merged_topk
 from training.cli import app
 from training.commands.options import read_config, settings
-from training.data import DataConfig, load_dataset
+from training.data import DataConfig, _fingerprint, load_dataset
 from training.evaluate import evaluate_bundle
 from training.export import export_run
 from training.run_dir import RunDir
@@ -146,7 +146,9 @@ def test_training_metrics_rank_a_user_with_no_input_by_popularity(dataset, tmp_p
     user = int(dataset.test[0])
     sequences = list(dataset.sequences)
     sequences[user] = dataset.popularity()[:1].copy()
-    one = replace(dataset, sequences=sequences, test=np.array([user]))
+    # A dataset states its own fingerprint, which loading it checks.
+    fingerprint = _fingerprint(dataset.item_ids, dataset.user_ids, sequences)
+    one = replace(dataset, sequences=sequences, test=np.array([user]), fingerprint=fingerprint)
     result = train(
         one, replace(SMALL, max_iters=20, eval_every=20), tmp_path / "run", progress=False
     )
