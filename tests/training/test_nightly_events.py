@@ -121,6 +121,8 @@ def test_events_trimmed_before_a_run_read_them_are_counted(redis_server, tmp_pat
 
 
 def test_a_redis_that_lost_the_position_is_said_so(redis_server, tmp_path: Path) -> None:
+    import redis
+
     # Redis restarted without persistence: the position and its count are gone, the stream is
     # new. Counted from 0-0, the events saved by earlier nights looked read from this stream,
     # and 6 trimmed events were reported as 3: a confident wrong number. Now: not known, and
@@ -143,6 +145,22 @@ def test_a_redis_that_lost_the_position_is_said_so(redis_server, tmp_path: Path)
     client.xadd("remi:events", {"user_id": "v", "item_id": "k", "timestamp": 1_700_000_200})
     again = collect(client, "remi:events", "remi:pos", tmp_path)  # in step again
     assert (again.read, again.lost, again.redis_behind) == (1, 0, None)
+    advance_position(client, "remi:events", "remi:pos", again, tmp_path)
+    # Redis back from an older snapshot: the position and its count survive, older. An event
+    # sent between the snapshot and the restore is gone, and that count never saw it.
+    raw = redis.Redis.from_url(redis_server.url)
+    client.xadd("remi:events", {"user_id": "v", "item_id": "l", "timestamp": 1_700_000_300})
+    keys = ("remi:events", "remi:pos", "remi:pos:entries-added")
+    snapshot = {key: raw.dump(key) for key in keys}  # "l" in it, not yet read
+    night = collect(client, "remi:events", "remi:pos", tmp_path)
+    advance_position(client, "remi:events", "remi:pos", night, tmp_path)
+    client.xadd("remi:events", {"user_id": "v", "item_id": "m", "timestamp": 1_700_000_400})
+    for key, dumped in snapshot.items():
+        raw.restore(key, 0, dumped, replace=True)
+    client.xadd("remi:events", {"user_id": "v", "item_id": "n", "timestamp": 1_700_000_500})
+    restored = collect(client, "remi:events", "remi:pos", tmp_path)
+    assert (restored.lost, restored.redis_behind) == (None, night.stream_end)  # "m": untold
+    raw.close()
 
 
 def test_stream_ids_past_int64_are_read_and_ordered(tmp_path: Path) -> None:

@@ -62,3 +62,23 @@ def test_a_read_only_bundle_root_fails_before_training(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "--bundle-root" in result.output and "not writable" in result.output
     assert not (tmp_path / "state" / "runs").exists()
+
+
+def test_a_report_that_cannot_be_printed_keeps_neither_the_lock_nor_the_error(
+    redis_server, tmp_path: Path
+) -> None:
+    # The report is printed after the lock is released: with a closed stdout (`| head`, a dead
+    # log pipe) the print failed first, the lock stayed for its TTL and the run's own error
+    # was replaced by BrokenPipeError.
+    from training.nightly import NightlyConfig, NightlyError, run_nightly
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the bundle root should be")
+    cfg = NightlyConfig(bundle_root=blocker, state_dir=tmp_path / "s", redis_url=redis_server.url)
+
+    def closed_stdout(report: dict) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(NightlyError, match="--bundle-root"):
+        run_nightly(cfg, emit=closed_stdout)
+    assert redis_server.client().get(cfg.lock_key) is None

@@ -123,9 +123,10 @@ def collect(client: Any, stream_key: str, position_key: str, state_dir: Path) ->
         read_before = len(saved_ids(state_dir, position, end) - {sid for sid, _ in entries})
     saved_count = client.get(added_key(position_key))
     lost = lost_before_read(saved_count, position, added, len(entries) + read_before)
-    if behind is not None and saved_count is None:
-        # Redis lost the position with its count (0-0 again), so its count restarted and the
-        # events saved by earlier runs are not in it: what was lost cannot be told.
+    if behind is not None:
+        # Redis lost data since the last commit: its count restarted (a restart without
+        # persistence), or went back to a snapshot's, which never counted what arrived between
+        # the snapshot and the restore. What was lost cannot be told.
         lost = None
     events, duplicates = load_events(state_dir)
     return EventBatch(

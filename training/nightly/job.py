@@ -274,13 +274,20 @@ def _run(cfg: NightlyConfig, kind: str, emit: Emit | None) -> dict[str, Any]:
         raise
     finally:
         report = run.report(status, error)
-        _write_report(cfg.state_dir, report)
+        try:
+            _write_report(cfg.state_dir, report)
+        finally:
+            if run.lock is not None:
+                run.lock.release()
+            if run.client is not None:
+                run.client.close()
         if emit is not None:
-            emit(report)
-        if run.lock is not None:
-            run.lock.release()
-        if run.client is not None:
-            run.client.close()
+            try:
+                emit(report)  # after the release: a closed stdout must not keep the lock
+            except Exception as exc:
+                if status == "ok":
+                    raise
+                log.warning("could not print the report of the failed run: %s", exc)
     return report
 
 
@@ -301,10 +308,9 @@ def _run_steps(run: NightlyRun) -> None:
             log.warning(
                 "Redis's position in %s is behind %s, which this state directory committed: "
                 "Redis lost data (a restart without persistence, an older snapshot); events "
-                "sent before that may be lost%s",
+                "sent before that may be lost, and how many cannot be told",
                 cfg.stream_key,
                 run.events.redis_behind,
-                "" if run.events.lost is not None else ", and how many cannot be told",
             )
         if run.events.lost:
             log.warning(
