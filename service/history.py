@@ -58,11 +58,12 @@ def _format_timestamp(ts: float) -> str:
 # means nothing was written.
 # A user's list stays in timestamp order, oldest first, whatever order events arrive in (a
 # client's offline batch, a request's events out of order): its companion list holds each
-# entry's timestamp, and an event older than the newest entries goes in before them (those are
-# lifted off the tail and put back, so the cost is the number of newer entries; in order it is
-# one LINDEX). A list without a matching companion (written before it existed, or by hand)
-# counts as older than any event. Equal timestamps keep arrival order. The cap then trims the
-# oldest by timestamp.
+# entry's timestamp. A request's events for a user are sorted; when the oldest is older than
+# the newest entry, the entries newer than it come off the tail once and are merged with the
+# events (the cost: the list plus the events, once per user and request; in order, one
+# LINDEX). A list without a matching companion (written before it existed, or by hand) counts
+# as older than any event, as does a companion entry that is no number. Equal timestamps keep
+# arrival order. The cap then trims the oldest by timestamp.
 # KEYS[1]: the stream; KEYS[2]: the request's token; KEYS[3..]: per user, in first-seen order,
 # its list and then its list of timestamps. ARGV: deadline, token lifetime in ms, history cap,
 # stream maxlen ("" = untrimmed), then per event: its list's index in KEYS, user_id, item_id,
@@ -111,29 +112,58 @@ for i = 3, #KEYS, 2 do  -- a list without its timestamps: all older than any eve
     rpush(times, zeros)
   end
 end
+local pending = {}  -- per user (its list's slot): its events, oldest first
 for j = 5, #ARGV, 4 do
-  local items, times = KEYS[tonumber(ARGV[j])], KEYS[tonumber(ARGV[j]) + 1]
-  local ts = tonumber(ARGV[j + 3])
-  local newer = 0
-  local size = redis.call('LLEN', times)
-  while newer < size and tonumber(redis.call('LINDEX', times, -1 - newer)) > ts do
-    newer = newer + 1
-  end
-  local tail_items, tail_times = {}, {}
-  if newer > 0 then
-    tail_items = redis.call('LRANGE', items, -newer, -1)
-    tail_times = redis.call('LRANGE', times, -newer, -1)
-    redis.call('LTRIM', items, 0, -newer - 1)
-    redis.call('LTRIM', times, 0, -newer - 1)
-  end
-  redis.call('RPUSH', items, ARGV[j + 2])
-  redis.call('RPUSH', times, ARGV[j + 3])
-  rpush(items, tail_items)
-  rpush(times, tail_times)
+  local slot = tonumber(ARGV[j])
+  pending[slot] = pending[slot] or {}
+  table.insert(pending[slot], {tonumber(ARGV[j + 3]), j, ARGV[j + 2], ARGV[j + 3]})
 end
-for i = 3, #KEYS, 2 do  -- trim once per user, after all of its appends
-  redis.call('LTRIM', KEYS[i], -cap, -1)
-  redis.call('LTRIM', KEYS[i + 1], -cap, -1)
+local function when(stamp)  -- a foreign entry that is no number counts as oldest
+  return tonumber(stamp) or 0
+end
+for slot, events in pairs(pending) do
+  table.sort(events, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    return a[2] < b[2]  -- equal timestamps: arrival order
+  end)
+  local items, times = KEYS[slot], KEYS[slot + 1]
+  local tail_items, tail_times = {}, {}
+  local newest = redis.call('LINDEX', times, -1)
+  if newest and when(newest) > events[1][1] then
+    -- Entries newer than the oldest event come off once and merge with the events.
+    local all = redis.call('LRANGE', times, 0, -1)
+    local keep = #all
+    while keep > 0 and when(all[keep]) > events[1][1] do
+      keep = keep - 1
+    end
+    tail_items = redis.call('LRANGE', items, keep, -1)
+    for k = keep + 1, #all do
+      tail_times[#tail_times + 1] = all[k]
+    end
+    if keep == 0 then  -- LTRIM 0 -1 would keep everything
+      redis.call('DEL', items, times)
+    else
+      redis.call('LTRIM', items, 0, keep - 1)
+      redis.call('LTRIM', times, 0, keep - 1)
+    end
+  end
+  local merged_items, merged_times = {}, {}
+  local a, b = 1, 1
+  while a <= #tail_items or b <= #events do
+    -- A stored entry goes first on equal timestamps: it arrived first.
+    local n = #merged_items + 1
+    if b > #events or (a <= #tail_items and when(tail_times[a]) <= events[b][1]) then
+      merged_items[n], merged_times[n] = tail_items[a], tail_times[a]
+      a = a + 1
+    else
+      merged_items[n], merged_times[n] = events[b][3], events[b][4]
+      b = b + 1
+    end
+  end
+  rpush(items, merged_items)
+  rpush(times, merged_times)
+  redis.call('LTRIM', items, -cap, -1)
+  redis.call('LTRIM', times, -cap, -1)
 end
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return false

@@ -130,6 +130,13 @@ def test_a_history_written_before_its_timestamps_is_kept_as_the_oldest(
     assert redis.lrange(history_key("emil"), 0, -1) == ["legacy-1", "legacy-2", "a", "b"]
     times = ["0", "0", "1700000000", "1700000001"]
     assert redis.lrange(history_times_key("emil"), 0, -1) == times
+    # A timestamp another writer left that is no number counts as oldest too (the script
+    # failed on it after writing the stream, so every retry added the events again).
+    redis.lset(history_times_key("emil"), 3, "2023-11-14")
+    later = events("emil", ["c"], start=1_700_000_000.5)
+    assert client.post("/events", json=later).status_code == 200
+    assert redis.lrange(history_key("emil"), 0, -1) == ["legacy-1", "legacy-2", "a", "b", "c"]
+    assert redis.xlen(EVENTS_STREAM) == 3
 
 
 def test_unknown_user_gets_the_fallback(client: TestClient) -> None:
@@ -496,3 +503,60 @@ def test_events_whose_reply_is_late_are_stored_once_and_answered_200(
         assert redis.xlen(EVENTS_STREAM) == 2
     finally:
         proxy.close()
+
+
+def test_stored_histories_match_a_stable_sort_by_timestamp(redis_server: RedisServer) -> None:
+    """Seeded requests of several users' events in any order, with equal timestamps, against
+    the reference: each user's events sorted stably by timestamp (arrival order among equals),
+    the newest `cap` kept."""
+    import asyncio
+    import random
+
+    from service.history import Event, HistoryStore
+
+    rng = random.Random(7)
+    redis = redis_server.client()
+    stored: dict[str, list[tuple[float, int, str]]] = {}  # user -> (ts, arrival, item)
+    arrival = 0
+
+    async def run() -> None:
+        nonlocal arrival
+        store = HistoryStore(redis_server.url, 5.0, history_cap=6)
+        try:
+            for _ in range(60):
+                batch = []
+                for _ in range(rng.randint(1, 8)):
+                    user = f"fuzz-{rng.randint(0, 3)}"
+                    ts = 1_700_000_000 + rng.choice([rng.randint(0, 40), 20, 20.5])
+                    item = f"item-{arrival}"
+                    batch.append(Event(user, item, ts))
+                    stored.setdefault(user, []).append((ts, arrival, item))
+                    arrival += 1
+                await store.append(batch)
+        finally:
+            await store.close()
+
+    for user in [f"fuzz-{i}" for i in range(4)]:
+        redis.delete(history_key(user), history_times_key(user))
+    asyncio.run(run())
+    for user, events in stored.items():
+        expected = [item for _, _, item in sorted(events)[-6:]]
+        assert redis.lrange(history_key(user), 0, -1) == expected, user
+
+
+def test_a_long_late_batch_is_stored_in_one_pass(
+    tiny_bundle_root: Path, redis_server: RedisServer
+) -> None:
+    # 1,000 events newest first (the most a request may send): each one was inserted on its
+    # own before the rest, a second of Redis time, so the request timed out (503, "may or may
+    # not have been stored") although every event was stored.
+    settings = redis_settings(tiny_bundle_root, redis_server, max_events=1000, history_cap=200)
+    newest_first = [
+        {"user_id": "fred", "item_id": f"i{k}", "timestamp": 1_700_000_000 + 1000 - k}
+        for k in range(1000)
+    ]
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/events", json={"events": newest_first})
+    assert r.status_code == 200, r.text
+    expected = [f"i{k}" for k in range(199, -1, -1)]  # the 200 newest, oldest first
+    assert redis_server.client().lrange(history_key("fred"), 0, -1) == expected
