@@ -52,7 +52,7 @@ from service.errors import (
     Unauthorized,
 )
 from service.history import Event, HistoryStore
-from service.metrics import Metrics
+from service.metrics import Metrics, shared_across_workers
 from service.middleware import AnswerCancelledRequests, BodyLimitMiddleware
 from service.recommend import RecommendFastLane, run_recommend
 from service.recommender import LoadedModel
@@ -602,16 +602,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # The registry owns the model from here: a local kept across the `yield` would hold the
     # first model (its table, its index) in memory for the worker's whole life after a reload.
     del model
-    poller = None
+    background = []
     if settings.reload_interval_s > 0:
-        poller = asyncio.create_task(registry.poll(settings.reload_interval_s))
+        background.append(asyncio.create_task(registry.poll(settings.reload_interval_s)))
+    if shared_across_workers():  # one worker's gauges are rewritten at each scrape anyway
+        background.append(asyncio.create_task(app.state.metrics.keep_gauges_current()))
     try:
         yield
     finally:
-        if poller is not None:
-            poller.cancel()
+        for task in background:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await poller
+                await task
         await app.state.batcher.aclose()
         await store.close()
         metrics.close()

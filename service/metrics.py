@@ -8,6 +8,7 @@ summed over workers, gauges as the largest value among the running workers.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Sequence
@@ -24,6 +25,9 @@ from prometheus_client import (
 )
 
 from service.signals import InterestSignals
+
+# How often each of several workers rewrites its windowed gauges (see keep_gauges_current).
+GAUGE_REFRESH_S = 1.0
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -140,6 +144,15 @@ class Metrics:
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
         return generate_latest(merged)
+
+    async def keep_gauges_current(self, interval_s: float = GAUGE_REFRESH_S) -> None:
+        """Background task under --workers N: rewrite this worker's windowed gauges (catalogue
+        coverage) every interval_s. A worker writes them when it serves a batch or answers a
+        scrape; one that does neither (no traffic, and the scraper's keep-alive connection on
+        another worker) would show its last window's counts for good."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.interests.refresh()
 
     def close(self) -> None:
         """This worker is stopping: its gauges leave the shared files (counters stay)."""

@@ -124,3 +124,31 @@ def test_coverage_counts_distinct_served_items(tmp_path):
         fresh = {i["item_id"] for i in body["items"]} - {i["item_id"] for i in returned}
         metrics = scrape(client)
         assert metrics["remi_served_items_distinct"][(("window", "current"),)] == 5 + len(fresh)
+
+
+def test_an_idle_workers_coverage_gauges_keep_moving():
+    # Under --workers N a worker writes its gauges when it serves or answers a scrape; one that
+    # does neither showed its last counts for good. Its background task rewrites them.
+    import asyncio
+
+    from service.metrics import Metrics
+
+    metrics = Metrics(coverage_window_s=0.05)
+    metrics.interests.set_model(num_rows=11, num_interests=2)
+    metrics.interests.window.add(np.array([1, 2, 3]))
+    metrics.interests.refresh()
+
+    def gauge(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)  # no refresh, unlike a scrape
+
+    assert gauge("remi_served_items_distinct", window="current") == 3
+
+    async def idle_for(seconds: float) -> None:
+        task = asyncio.create_task(metrics.keep_gauges_current(interval_s=0.02))
+        await asyncio.sleep(seconds)
+        task.cancel()
+
+    asyncio.run(idle_for(0.25))  # five windows with no traffic
+    assert gauge("remi_served_items_distinct", window="current") == 0
+    assert gauge("remi_served_items_distinct", window="last") == 0
+    assert gauge("remi_catalogue_coverage") == 0
