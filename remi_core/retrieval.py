@@ -547,8 +547,18 @@ def _merge_block(
         span = max(int(table.shape[0]), int(excluded.max()) + 1, int(rows.max()) + 1)
         offset = torch.arange(rows.shape[0], dtype=torch.int64).unsqueeze(1) * span
         valid = valid & ~torch.isin(rows + offset, excluded + offset)
-    per_interest = torch.bmm(table[rows], interests.transpose(1, 2))  # (b, M, K)
-    scores, best = per_interest.max(dim=2)  # (b, M)
+    gathered = table[rows]  # (b, M, d)
+    per_interest = torch.bmm(gathered, interests.transpose(1, 2))  # (b, M, K)
+    scores = per_interest.amax(dim=2)  # (b, M)
+    # The interest credited with an item: the first whose score is within float32's rounding
+    # ((d + 2) 2^-22 |v| |e|, as for the screen) of the best. Interests that are one vector up
+    # to rounding (a window of one repeated item) were told apart by rounding noise, which
+    # depends on the batch's shape: the credit, and lists diversified by it, changed with
+    # whoever shared the batch.
+    norms = torch.linalg.vector_norm(interests, dim=2).amax(dim=1)  # (b,)
+    slack = (table.shape[1] + 2) * 2.0**-22 * torch.linalg.vector_norm(gathered, dim=2)
+    slack = slack * norms.unsqueeze(1)  # (b, M)
+    best = (per_interest >= (scores - slack).unsqueeze(2)).int().argmax(dim=2)  # (b, M)
     scores = scores.masked_fill(~valid, float("-inf"))
     # A stable sort keeps equal scores in ascending row order: ties go to the smaller row.
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n]

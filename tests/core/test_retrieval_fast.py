@@ -426,3 +426,21 @@ def test_non_finite_interests_and_n_zero_do_not_crash(screen_type):
     assert_matches([result[1]], reference(interests[1:], items, 10))
     assert result.rows[0].tolist() == exact_merged_topk(interests[:1], table, 10).rows[0].tolist()
     assert exact_merged_topk(interests, table, 0, screen=screen).counts.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("screen_type", [None, *SCREEN_TYPES])
+def test_interests_equal_up_to_rounding_credit_the_first(screen_type):
+    """A window of one repeated item makes the K interests one vector up to rounding, which
+    depends on the batch's shape; the credited interest (and a list diversified by it) must
+    not: the first within float32's rounding of the best is credited."""
+    rng = np.random.default_rng(3)
+    items = rng.standard_normal((2000, 16)).astype(np.float32)
+    v = rng.standard_normal(16).astype(np.float32)
+    up, down = np.nextafter(v, np.float32(np.inf)), np.nextafter(v, np.float32(-np.inf))
+    interests = np.stack([v, up, down, up])[None]  # (1, K, d): one vector, rounded four ways
+    table = torch.from_numpy(items)
+    screen = None if screen_type is None else ScreenTable.of(table, screen_type)
+    found = exact_merged_topk(interests, table, 50, screen=screen)
+    assert found.counts[0] == 50 and (found.interests[0] == 0).all()
+    rows = np.arange(1, 2000)[None]
+    assert (merge_candidates(interests, rows, items, 50).interests[0] == 0).all()
