@@ -52,7 +52,8 @@ class TrainConfig:
     device: str = "auto"
     """'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ..."""
     amp: bool = False
-    """bfloat16 autocast for the forward pass (weights, Adam and the loss stay float32)."""
+    """bfloat16 autocast for the forward pass (weights, Adam, the logits and the loss stay
+    float32)."""
     compile: bool = False
     """torch.compile the training step (a one-off compilation; needs a C++ compiler on CPU)."""
 

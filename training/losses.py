@@ -59,6 +59,19 @@ def routing_regularizer(routing: torch.Tensor, dim: int) -> torch.Tensor:
     return diag.square().sum()
 
 
+def logits(
+    user: torch.Tensor, target_emb: torch.Tensor, negative_emb: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive (B,) and negative (B, L_neg) logits of user (B, d), in float32 even under
+    autocast: bfloat16's 8-bit mantissa would blur IHN's exp(beta s) weights and the logsumexp
+    over 1,280 negatives, and scored apart, an item would score differently as the positive
+    (a float32 sum) than as a negative (a bfloat16 matmul, widened only after rounding)."""
+    with torch.autocast(user.device.type, enabled=False):
+        user = user.float()
+        positive = (user * target_emb.float()).sum(dim=1)
+        return positive, user @ negative_emb.float().T
+
+
 def remi_loss(
     model: MultiInterestEncoder,
     items: torch.Tensor,
@@ -72,10 +85,7 @@ def remi_loss(
     table = model.item_table()
     target_emb = table[target]  # (B, d)
     user = select_interest(interests, target_emb)  # (B, d)
-    # The logits leave autocast in float32: bfloat16's 8-bit mantissa would blur IHN's
-    # exp(beta s) weights and the logsumexp over 1,280 negatives.
-    pos_logits = (user * target_emb).sum(dim=1).float()  # (B,)
-    neg_logits = (user @ table[negatives].T).float()  # (B, L_neg)
+    pos_logits, neg_logits = logits(user, target_emb, table[negatives])  # (B,), (B, L_neg)
     hits = negatives.unsqueeze(0) == target.unsqueeze(1) if cfg.remove_accidental_hits else None
     loss = sampled_softmax_ihn(pos_logits, neg_logits, cfg.beta, hits)
     reg = torch.zeros((), device=loss.device)
