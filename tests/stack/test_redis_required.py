@@ -66,13 +66,17 @@ def run_ensure(bin_dir: Path, tools: list[str]) -> subprocess.CompletedProcess:
             continue
         found = subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True, text=True)
         (bin_dir / tool).symlink_to(found.stdout.strip())
-    argv = ["/bin/sh", str(ENSURE)]
+    # The script on stdin, opened here: the unprivileged user may not read a checkout under a
+    # root-only directory (/root), where CI may clone.
+    argv = ["/bin/sh", "-s"]
     if os.geteuid() == 0:  # drop root, which would install
         drop = ["--reuid=65534", "--regid=65534", "--clear-groups"]
         argv = [shutil.which("setpriv") or "setpriv", *drop, *argv]
-    return subprocess.run(
-        argv, env={"PATH": str(bin_dir)}, capture_output=True, text=True, timeout=30
-    )
+    with ENSURE.open() as script:
+        return subprocess.run(
+            argv, stdin=script, env={"PATH": str(bin_dir)}, capture_output=True, text=True,
+            timeout=30,
+        )  # fmt: skip
 
 
 def test_ensure_redis_is_silent_when_redis_server_is_there(tmp_path: Path) -> None:
