@@ -32,7 +32,9 @@ for _ in $(seq 1 120); do
         echo "error: remi-serve stopped before it was ready (PORT=$PORT picks another port)" >&2
         exit 1
     fi
-    if python -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/readyz').status_code != 200)" 2>/dev/null; then
+    # Ready, and ours: another server on the port (an earlier quickstart, the compose stack)
+    # answers too, until ours finds the port taken and stops.
+    if python -c "import httpx,sys; r = httpx.get('http://127.0.0.1:$PORT/readyz'); sys.exit(r.status_code != 200 or r.json()['worker_pid'] != $SERVER_PID)" 2>/dev/null; then
         ready=1
         break
     fi

@@ -5,14 +5,22 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 # A venv without pip is one whose creation was interrupted (Ctrl-C during ensurepip): made anew.
 if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/pip ]; then
+    if ! "$PYTHON" -c "import ensurepip" 2>/dev/null; then
+        echo "error: $PYTHON cannot make a virtual environment with pip (no ensurepip): install" >&2
+        echo "  python3-venv (Debian/Ubuntu: apt-get install -y python3-venv), or set PYTHON." >&2
+        exit 1
+    fi
     "$PYTHON" -m venv --clear .venv
 fi
 # Local package mirrors that lack a package make pip print one warning per package; hide those.
 quiet_pip() {
     .venv/bin/pip install --quiet "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 }
-if ! .venv/bin/python -c "import torch, faiss, fastapi, hiredis, matplotlib, orjson, schemathesis, training, service" \
-    2>/dev/null
+# The project itself counts only as installed (its metadata and entry points): run from the
+# repository root, `import training` would find the source tree anyway.
+if ! .venv/bin/python -c "import torch, faiss, fastapi, hiredis, matplotlib, orjson, schemathesis
+import importlib.metadata; importlib.metadata.distribution('remi-retrieval')" 2>/dev/null \
+    || [ ! -x .venv/bin/remi-train ] || [ ! -x .venv/bin/remi-serve ]
 then
     # Exact versions from docker/constraints.txt (the images use the same file; regenerate it
     # with scripts/lock.sh). torch first, alone: TORCH_INDEX_URL=https://download.pytorch.org/
