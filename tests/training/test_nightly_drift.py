@@ -64,23 +64,22 @@ def test_drift_after_a_weak_publish_is_caught_by_the_recent_versions(
     assert set(report["metrics"]["recent_versions"]) == {good}
     # `versions` shows numbers measured on the same users for every version.
     dataset = next((cfg.state_dir / "runs").iterdir()) / "dataset"
-    result = CliRunner().invoke(
-        app, ["versions", "--bundle-root", str(cfg.bundle_root), "--dataset-dir", str(dataset),
-              "--json"],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    rows = {r["version"]: r for r in json.loads(result.output)["versions"]}
+
+    def versions() -> dict[str, dict]:
+        result = CliRunner().invoke(
+            app, ["versions", "--bundle-root", str(cfg.bundle_root), "--dataset-dir",
+                  str(dataset), "--json"],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return {r["version"]: r for r in json.loads(result.output)["versions"]}
+
+    rows = versions()
     assert set(rows) == set(list_versions(cfg.bundle_root))
     same = report["metrics"]["recent_versions"][good]["recall@50"]
     assert rows[good]["same_users_recall@50"] == pytest.approx(same)
     # One damaged version is marked in its row; it stopped the whole listing.
     weights = cfg.bundle_root / good / "encoder.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    result = CliRunner().invoke(
-        app, ["versions", "--bundle-root", str(cfg.bundle_root), "--dataset-dir", str(dataset),
-              "--json"],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    rows = {r["version"]: r for r in json.loads(result.output)["versions"]}
+    rows = versions()
     assert "encoder.safetensors" in rows[good]["error"]
     assert all("same_users_recall@50" in r for v, r in rows.items() if v != good)
