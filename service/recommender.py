@@ -247,6 +247,13 @@ def smoke_test(model: LoadedModel) -> None:
         raise BundleError(f"{model.path}: test query failed: {exc}") from exc
     if result.fallback or len(result.item_ids) != 1 or not np.isfinite(result.scores[0]):
         raise BundleError(f"{model.path}: test query returned no finite score")
+    if model.search_backend == "faiss":
+        # The search fills a short list from the table for a graph index (faiss_merged_topk),
+        # which would hide an index that finds nothing (NaN vectors): asked for an item's own
+        # vector, it must find something.
+        query = np.ascontiguousarray(model.item_embeddings[ROW_OFFSET : ROW_OFFSET + 1])
+        if int(model.index.search(query, 1)[1][0, 0]) < 0:
+            raise BundleError(f"{model.path}: the index finds nothing for an item's own vector")
 
 
 @dataclass(frozen=True)

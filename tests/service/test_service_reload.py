@@ -257,6 +257,22 @@ def test_inconsistent_bundle_is_rejected(client: TestClient, tiny_bundle_root: P
     assert client.get("/v1/model").json()["version"] == old_version
 
 
+def test_a_graph_index_that_finds_nothing_is_rejected(tmp_path: Path) -> None:
+    # An HNSW index of NaN vectors finds nothing; the search's exact fallback for users a graph
+    # leaves short answered the test query from the table anyway, so the bundle loaded.
+    import faiss
+
+    from remi_core.bundle import BundleError
+
+    version = write_tiny_bundle(tmp_path, index_factory="HNSW16", search_params="efSearch=16")
+    embeddings = np.load(version / "item_embeddings.npy")
+    index = faiss.index_factory(embeddings.shape[1], "HNSW16", faiss.METRIC_INNER_PRODUCT)
+    index.add(np.full_like(embeddings[1:], np.nan))
+    faiss.write_index(index, str(version / "index.faiss"))
+    with pytest.raises(BundleError, match="the index finds nothing for an item's own vector"):
+        load_model(version, verify=False)
+
+
 def test_periodic_check_picks_up_a_new_bundle(tiny_bundle_root: Path) -> None:
     with make_client(tiny_bundle_root, reload_interval_s=0.05) as client:
         old = client.get("/v1/model").json()["version"]
