@@ -100,18 +100,6 @@ for j = 5, #ARGV, 4 do
       'user_id', ARGV[j + 1], 'item_id', ARGV[j + 2], 'timestamp', ARGV[j + 3])
   end
 end
-for i = 3, #KEYS, 2 do  -- a list without its timestamps: all older than any event
-  local items, times = KEYS[i], KEYS[i + 1]
-  local size = redis.call('LLEN', items)
-  if redis.call('LLEN', times) ~= size then
-    redis.call('DEL', times)
-    local zeros = {}
-    for k = 1, size do
-      zeros[k] = '0'
-    end
-    rpush(times, zeros)
-  end
-end
 local pending = {}  -- per user (its list's slot): its events, oldest first
 for j = 5, #ARGV, 4 do
   local slot = tonumber(ARGV[j])
@@ -127,6 +115,15 @@ for slot, events in pairs(pending) do
     return a[2] < b[2]  -- equal timestamps: arrival order
   end)
   local items, times = KEYS[slot], KEYS[slot + 1]
+  local size = redis.call('LLEN', items)
+  if redis.call('LLEN', times) ~= size then  -- no timestamps: all older than any event
+    redis.call('DEL', times)
+    local zeros = {}
+    for k = 1, size do
+      zeros[k] = '0'
+    end
+    rpush(times, zeros)
+  end
   local tail_items, tail_times = {}, {}
   local newest = redis.call('LINDEX', times, -1)
   if newest and when(newest) > events[1][1] then
