@@ -649,6 +649,19 @@ def _keep_longer(found: RetrievedBatch, b: int, alone: RetrievedBatch) -> None:
         found.counts[b] = count
 
 
+def warm_graph_fallback(index, items: torch.Tensor) -> None:
+    """Compile, for a graph index, the exact search `faiss_merged_topk` falls back to for users
+    the graph leaves short, so that its first use is not a live request's: TorchScript compiles
+    on a function's first call and optimises on its second (about 130 and 40 ms over 100k
+    items, against 6 ms after). items (N, d) is the catalogue table; a slice of it is enough,
+    the compiled code does not depend on the catalogue's size."""
+    if not _is_graph(index):
+        return
+    query = items[1:2, None, :].numpy()  # (1, 1, d): the first item's own vector
+    for _ in range(2):
+        exact_merged_topk(query, items[:65], 1, [np.array([1], dtype=np.int64)])
+
+
 def _is_graph(index) -> bool:
     import faiss
 

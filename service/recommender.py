@@ -30,6 +30,7 @@ from remi_core.retrieval import (
     ScreenTable,
     exact_merged_topk,
     faiss_merged_topk,
+    warm_graph_fallback,
 )
 from service.settings import ExactSearch
 
@@ -254,6 +255,8 @@ def smoke_test(model: LoadedModel) -> None:
         query = np.ascontiguousarray(model.item_embeddings[ROW_OFFSET : ROW_OFFSET + 1])
         if int(model.index.search(query, 1)[1][0, 0]) < 0:
             raise BundleError(f"{model.path}: the index finds nothing for an item's own vector")
+        wide_index = model.index if model.host_index is None else model.host_index
+        warm_graph_fallback(wide_index, model.item_table)
 
 
 @dataclass(frozen=True)

@@ -273,6 +273,19 @@ def test_a_graph_index_that_finds_nothing_is_rejected(tmp_path: Path) -> None:
         load_model(version, verify=False)
 
 
+def test_a_graph_bundle_compiles_its_exact_fallback_at_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first user a graph leaves short would otherwise pay TorchScript's compilation
+    # (about 130 ms, then 40 ms for its optimisation, at 100k items) on a live request.
+    import remi_core.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "_COMPILED", {})
+    version = write_tiny_bundle(tmp_path, index_factory="HNSW16", search_params="efSearch=16")
+    assert load_model(version, verify=False).search_backend == "faiss"
+    assert retrieval._exact_search in retrieval._COMPILED
+
+
 def test_periodic_check_picks_up_a_new_bundle(tiny_bundle_root: Path) -> None:
     with make_client(tiny_bundle_root, reload_interval_s=0.05) as client:
         old = client.get("/v1/model").json()["version"]
