@@ -2,11 +2,12 @@
 
     python bench/bench_diversity.py                    # 100k items, d=64, K=4, exact index
     python bench/bench_diversity.py --items 20000 --ns 50,200 --rounds 10
+    python bench/bench_diversity.py --ns 1000 --categories 10000 --batch 256 --rounds 3
 
 For each n, times recommend_batch on batches of 32 users with diversity 0 (plain Eq. 7) and
 diversity 0.1 (a 4 x n deep search, then the greedy step), alternating the two in every round
 so a busy machine slows both alike, and prints per-call medians and their ratio. The bundle
-has item categories (20, at random), as a bundle exported with --categories does.
+has item categories (20 by default, at random), as a bundle exported with --categories does.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=20, help="timed calls per setting")
     parser.add_argument("--diversity", type=float, default=0.1)
+    parser.add_argument("--categories", type=int, default=20, help="item categories, at random")
     args = parser.parse_args()
     print("threads: " + describe(setup_threads(None, 1)))
 
@@ -42,16 +44,17 @@ def main() -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     ids = [None] + [f"item-{i}" for i in range(1, args.items + 1)]
-    categories = rng.integers(0, 20, size=args.items + 1).astype(np.int32)
+    categories = rng.integers(0, args.categories, size=args.items + 1).astype(np.int32)
     categories[0] = -1
     histories = [[ids[i] for i in rng.integers(1, args.items + 1, size=30)] for _ in range(512)]
+    names = [f"c{c}" for c in range(args.categories)]
     with tempfile.TemporaryDirectory() as tmp:
         path = write_bundle(Path(tmp), encoder=build_encoder(cfg), item_ids=ids,
                             popularity=np.arange(1, 101), metadata={}, publish=False,
-                            categories=(categories, [f"c{c}" for c in range(20)]))  # fmt: skip
+                            categories=(categories, names))  # fmt: skip
         model = load_model(path)
     print(f"catalogue {args.items} items, d=64, K=4, index {type(model.index).__name__}, "
-          f"batch {args.batch}, lambda {args.diversity}")  # fmt: skip
+          f"batch {args.batch}, lambda {args.diversity}, {args.categories} categories")  # fmt: skip
     for n in (int(v) for v in args.ns.split(",")):
         times: dict[float, list[float]] = {0.0: [], args.diversity: []}
         for r in range(args.rounds + 1):

@@ -1,5 +1,6 @@
 """ComiRec's greedy diverse aggregation against Eq. 7, brute force and a plain reference."""
 
+from collections import Counter
 from itertools import combinations
 
 import numpy as np
@@ -105,6 +106,43 @@ def test_ties_unsorted_candidates_and_gaps_match_the_reference(seed):
     picked = greedy_diverse(scores, categories, 15, lambdas)
     for b in range(8):
         expected = reference_greedy(scores[b], categories[b], 15, lambdas[b])
+        assert [int(p) for p in picked[b] if p >= 0] == expected, b
+
+
+def stepwise_greedy(scores, categories, n, diversity):
+    """The greedy step as the implementation's docstring states it, one step at a time: each
+    category's head is its best remaining candidate (then the earliest); the head with the
+    largest f - lambda x (items taken from its category) wins, the earliest on equal gains."""
+    scores = np.where(np.isfinite(scores), scores, -np.inf)
+    left, taken, chosen = set(range(len(scores))), Counter(), []
+    while left and len(chosen) < n:
+        heads = {}
+        for i in sorted(left, key=lambda i: (-scores[i], i)):
+            heads.setdefault(categories[i], i)
+        gain, i = max((scores[i] - diversity * taken[c], -i) for c, i in heads.items())
+        if not np.isfinite(gain):
+            break
+        chosen.append(-i)
+        left.discard(-i)
+        taken[categories[-i]] += 1
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_many_categories_and_rounding_match_the_stepwise_greedy(seed):
+    """Many categories, whole-number ties, scores an ulp apart at huge and tiny magnitudes and
+    lambdas below their rounding: the one-sort list is the stepwise greedy's, bit for bit."""
+    rng = np.random.default_rng(seed)
+    batch, width = 6, 60
+    base = rng.choice([0.0, 1.0, 2.0**54, 1e-300], size=(batch, 1))
+    ulps = rng.integers(0, 8, size=(batch, width)) * np.spacing(np.maximum(base, 1.0))
+    scores = np.where(base == 0, rng.integers(-3, 4, size=(batch, width)), base + ulps)
+    scores[rng.random((batch, width)) < 0.1] = -np.inf
+    categories = rng.integers(-1, rng.choice([2, 10, 60]), size=(batch, width))
+    lambdas = rng.choice([0.0, 1e-17, 0.5, 1.0, 3.0, 2.0**-52, 4.0], size=batch)
+    picked = greedy_diverse(scores, categories, 40, lambdas)
+    for b in range(batch):
+        expected = stepwise_greedy(scores[b], categories[b], 40, lambdas[b])
         assert [int(p) for p in picked[b] if p >= 0] == expected, b
 
 
