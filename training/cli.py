@@ -10,7 +10,6 @@ import logging
 import sys
 from typing import Annotated, Any
 
-import click
 import typer
 from redis.exceptions import RedisError
 from typer.core import TyperGroup
@@ -49,7 +48,7 @@ class _Commands(TyperGroup):
     """Every command runs through here: an expected failure becomes one red line and its exit
     code, whether the app runs as `remi-train` (main) or under typer's CliRunner in tests."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
         except Exception as exc:
