@@ -394,6 +394,8 @@ def _validation_summary(errors: Sequence[Any]) -> tuple[str, list[dict[str, Any]
             clean[-1]["msg"] = f"request body is not valid JSON{at}: {reason}"
             clean[-1]["field"] = None
             continue
+        if err.get("type") == "string_pattern_mismatch":  # ids: the one pattern (NOT_BLANK)
+            clean[-1]["msg"] = "String should have a character that is not whitespace"
         if not loc and err.get("type") == "missing":
             clean[-1]["msg"] = "request body is missing: send a JSON object"
         if not loc and isinstance(err.get("input"), bytes):

@@ -13,6 +13,7 @@ from typing import Annotated
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -26,14 +27,26 @@ from remi_core.redis_keys import EARLIEST_TIMESTAMP, latest_timestamp
 
 # The longest id (item or user) a request may carry.
 MAX_ID_LENGTH = 256
-# Ids are opaque strings; "\S" (searched, not anchored) rejects empty and all-blank ids.
-Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"\S")]
+# Ids are opaque strings; the pattern (searched, not anchored) rejects empty and all-blank ids.
+# Not a bare "\S": clients check it with ECMAScript's \s (OpenAPI's regex dialect), which counts
+# U+FEFF as blank and U+0085 not, the server with Unicode's White_Space, which does the
+# opposite; excluding both here gives one set of blanks in both dialects.
+NOT_BLANK = "[^\\s\u0085\ufeff]"
+Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=NOT_BLANK)]
 # History entries may be anything string-like: ids the catalogue lacks are reported, not refused.
 HistoryItem = Annotated[str, StringConstraints(max_length=MAX_ID_LENGTH)]
 # A response names at most this many unknown ids per user, so a history of unknown ids cannot
 # blow the response up (unknown_count still gives the total).
 UNKNOWN_IDS_SHOWN = 100
 _FLOAT_MAX = sys.float_info.max
+
+
+def _integral_number(value: object) -> object:
+    """5.0 as 5: JSON Schema's "integer" (what OpenAPI publishes) is any number without a
+    fraction, so a client may send either; strict validation then refuses every other type."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
 
 
 class RecommendRequest(BaseModel):
@@ -62,7 +75,9 @@ class RecommendRequest(BaseModel):
     user_id: Id | None = Field(
         None, description="Use this user's stored history (from POST /events) instead."
     )
-    n: int = Field(50, ge=1, description="How many items to return (at most REMI_MAX_N).")
+    n: Annotated[int, BeforeValidator(_integral_number)] = Field(
+        50, ge=1, description="How many items to return (at most REMI_MAX_N)."
+    )
     exclude_history: bool = Field(True, description="Never return items from the history.")
     explain: bool = Field(
         False, description="Also return the interest vectors and their routing weights."

@@ -687,3 +687,15 @@ def test_values_of_another_type_are_refused_not_coerced(
     # Found by the schemathesis run: lax pydantic took `"explain": 0` for false, though the
     # schema says boolean.
     assert client.post(path, json=body).status_code == 422
+
+
+def test_a_whole_number_written_with_a_fraction_is_an_integer(client: TestClient) -> None:
+    # JSON Schema's "integer", which the OpenAPI document gives `n`, is any number without a
+    # fraction: schemathesis sent 5.0 and strict pydantic refused it.
+    history = ["books-0001", "books-0002"]
+    plain = client.post("/recommend", json={"history": history, "n": 5})
+    for body in ({"history": history, "n": 5.0}, {"requests": [{"history": history, "n": 5e0}]}):
+        r = client.post("/recommend/batch" if "requests" in body else "/recommend", json=body)
+        assert r.status_code == 200, r.text
+        answer = r.json()["results"][0] if "requests" in body else r.json()
+        assert answer["items"] == plain.json()["items"]
