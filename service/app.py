@@ -121,7 +121,9 @@ async def require_admin(
     if settings.admin_token is None:
         raise AdminDisabled("admin endpoints are disabled: set REMI_ADMIN_TOKEN to enable them")
     scheme, _, token = (authorization or "").partition(" ")
-    token = token.lstrip(" ")  # RFC 9110: one or more spaces after the scheme
+    # RFC 9110: one or more spaces after the scheme; blanks around a header value are not part
+    # of it, though httptools (what remi-serve runs) keeps trailing ones.
+    token = token.strip(" \t")
     expected = settings.admin_token.get_secret_value()
     if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), expected.encode()):
         raise Unauthorized("missing or wrong admin token (send 'Authorization: Bearer <token>')")
@@ -429,11 +431,30 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
         msg = f"request body is not valid JSON: {exc.__cause__}"
         error = {"type": "json_invalid", "loc": ["body"], "msg": msg, "field": None}
         return JSONResponse({"detail": msg, "errors": [error]}, status_code=422)
+    headers = exc.headers
+    if exc.status_code == 405:
+        # Starlette names the methods of the first route on the path; a GET route's HEAD is a
+        # route of its own here (see `router`), and a 405's Allow must list both (RFC 9110).
+        headers = {**(headers or {}), "Allow": ", ".join(_methods_of(request))}
     return JSONResponse(
-        {"detail": str(exc.detail), "errors": None},
-        status_code=exc.status_code,
-        headers=exc.headers,
+        {"detail": str(exc.detail), "errors": None}, status_code=exc.status_code, headers=headers
     )
+
+
+def _methods_of(request: Request) -> list[str]:
+    """Every method some route answers on the request's path: each asked of the routes, as the
+    router would (FastAPI nests included routers, so routes' own method sets are not at hand)."""
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
+
+
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
 async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse:

@@ -31,7 +31,9 @@ class DataAccess:
 
     def __init__(self, digests: frozenset[bytes], key: str | None) -> None:
         self.digests = digests
-        self.key = key
+        # A header value's surrounding blanks are not part of it (RFC 9110, 5.5): h11 strips
+        # them, httptools (what remi-serve runs) keeps trailing ones.
+        self.key = key.strip(" \t") if key else key
 
     def require(self) -> None:
         if not self.digests:

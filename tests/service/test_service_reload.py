@@ -320,6 +320,8 @@ def test_admin_needs_the_token(client: TestClient, tiny_bundle_root: Path) -> No
     assert basic.status_code == 401
     spaced = client.post("/admin/reload", headers={"Authorization": f"bearer   {TOKEN}"})
     assert spaced.status_code == 200, spaced.text  # the scheme is case-insensitive, 1*SP
+    trailing = client.post("/admin/reload", headers={"Authorization": f"Bearer {TOKEN} \t"})
+    assert trailing.status_code == 200, trailing.text  # blanks after a value are not in it
     with make_client(tiny_bundle_root, admin_token=None) as no_admin:
         r = no_admin.post("/admin/reload", headers=AUTH)
         assert r.status_code == 403
