@@ -10,6 +10,7 @@ import contextlib
 import copy
 import logging
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -170,17 +171,39 @@ def _shared_metrics(workers: int) -> Iterator[None]:
             path.mkdir(parents=True, exist_ok=True)
             for stale in path.glob("*.db"):
                 stale.unlink()
+            # Every worker writes its files here; one that cannot would fail in create_app,
+            # which uvicorn's supervisor restarts for ever.
+            tempfile.TemporaryFile(dir=path).close()
         except OSError as exc:
             typer.echo(f"error: {MULTIPROC_ENV}={given} is not a usable directory: {exc}", err=True)
             raise typer.Exit(2) from None
         yield
         return
-    with tempfile.TemporaryDirectory(prefix="remi-metrics-") as tmp:
+    _remove_orphaned_metrics()
+    with tempfile.TemporaryDirectory(prefix=f"{METRICS_TMP_PREFIX}{os.getpid()}-") as tmp:
         os.environ[MULTIPROC_ENV] = tmp
         try:
             yield
         finally:
             del os.environ[MULTIPROC_ENV]
+
+
+METRICS_TMP_PREFIX = "remi-metrics-"
+
+
+def _remove_orphaned_metrics() -> None:
+    """Delete the metrics directories of earlier remi-serve processes that are gone without
+    removing theirs (SIGKILL, the OOM killer): named after their pid, and ours to delete."""
+    for path in Path(tempfile.gettempdir()).glob(f"{METRICS_TMP_PREFIX}*-*"):
+        pid = path.name.removeprefix(METRICS_TMP_PREFIX).partition("-")[0]
+        try:
+            if not pid.isdigit() or path.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # alive under another user (EPERM), or the path just went
+            continue
 
 
 class _WorkerSocket(socket.socket):
@@ -232,6 +255,7 @@ def _bind_once(host: str, port: int) -> tuple:
 def _run_workers(config: uvicorn.Config) -> None:
     """uvicorn's supervisor (restarts a worker that dies, stops them all on SIGINT/SIGTERM) over
     one listening socket per worker (`_WorkerSocket`)."""
+    from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
 
     family = _family(config.host)
@@ -247,8 +271,29 @@ def _run_workers(config: uvicorn.Config) -> None:
     logging.getLogger("uvicorn.error").info(
         "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", shown, address[1]
     )
+
+    class Supervisor(Multiprocess):
+        """uvicorn's, noting whether a signal told it to stop; else a worker failed to start."""
+
+        told_to_stop = False
+
+        def handle_int(self) -> None:
+            self.told_to_stop = True
+            super().handle_int()
+
+        def handle_term(self) -> None:
+            self.told_to_stop = True
+            super().handle_term()
+
+    supervisor = Supervisor(config, sockets=[reserved])
     with reserved:
-        Multiprocess(config, sockets=[reserved]).run()
+        supervisor.run()
+    if not supervisor.told_to_stop:
+        # uvicorn's supervisor stops every worker when one fails its start-up (a replacement
+        # that finds no usable bundle, say) and returns as it does after SIGTERM; exit 0 would
+        # read as a deliberate stop to a restart policy (`on-failure`): the service stays down.
+        typer.echo("error: a worker failed to start, so all were stopped (see its log)", err=True)
+        raise typer.Exit(STARTUP_FAILURE)
 
 
 def _share_threads(threads: int | None, workers: int) -> None:

@@ -109,7 +109,10 @@ class Metrics:
         )
         self.events = Counter("remi_events", "Interactions stored by POST /events.", registry=r)
         self.reloads = Counter(
-            "remi_model_reloads", "Bundle loads after start-up by result.", ["result"], registry=r
+            "remi_model_reloads",
+            "Bundle loads after start-up by result, and a `current` rejected at start-up.",
+            ["result"],
+            registry=r,
         )
         self.reload_failing = Gauge(
             "remi_model_reload_failing",

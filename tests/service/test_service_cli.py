@@ -151,6 +151,28 @@ def test_remi_serve_refuses_a_corrupt_bundle(tiny_bundle_root: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("workers", [1, 2])
+def test_remi_serve_fails_when_its_workers_fail_to_start(
+    tiny_bundle_root: Path, workers: int
+) -> None:
+    # With --no-check the workers find out. Under --workers 2 uvicorn's supervisor stopped
+    # them all and remi-serve exited 0, which a restart policy (`on-failure`) takes for a stop.
+    (resolve_current(tiny_bundle_root) / "item_ids.json").write_text('[null, "oops"]')
+    args = ["--port", str(free_port()), "--bundle-root", str(tiny_bundle_root), "--no-check"]
+    result = subprocess.run(
+        serve_command(*args, "--workers", str(workers)),
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "cannot start: no usable bundle" in result.stderr
+    if workers > 1:
+        assert "error: a worker failed to start, so all were stopped" in result.stderr
+
+
+@pytest.mark.integration
 def test_remi_serve_starts_on_an_older_version_when_current_is_corrupt(
     tiny_bundle_root: Path, tmp_path: Path
 ) -> None:
@@ -211,6 +233,9 @@ def test_remi_serve_rejects_bad_options(bad: list[str]) -> None:
         ([], {"REMI_DEVICE": "meta"}, "'meta': the service runs on cpu or cuda[:N]"),
         ([], {"REMI_DEVICE": "cuda:7"}, "'cuda:7': this host has"),
         (["--workers", "2"], {"PROMETHEUS_MULTIPROC_DIR": "FILE"}, "is not a usable directory"),
+        # A directory no file can be written to (even by root): the workers failed in
+        # create_app, and uvicorn's supervisor restarted them for ever.
+        (["--workers", "2"], {"PROMETHEUS_MULTIPROC_DIR": "/sys/kernel"}, "not a usable"),
     ],
 )
 def test_remi_serve_names_a_bad_address_device_or_metrics_directory(

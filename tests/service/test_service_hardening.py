@@ -20,7 +20,7 @@ from remi_core.redis_keys import (
     history_times_key,
     latest_timestamp,
 )
-from service.app import MetricsMiddleware, StartupError, create_app
+from service.app import MetricsMiddleware, create_app
 from service.body import MAX_LISTED_ERRORS
 from service.cli import app as cli_app
 from service.metrics import Metrics
@@ -106,13 +106,24 @@ def test_an_empty_stream_maxlen_is_unset(monkeypatch: pytest.MonkeyPatch) -> Non
     assert Settings().stream_maxlen is None
 
 
-def test_unparseable_redis_url_does_not_print_the_password(tiny_bundle_root: Path) -> None:
-    # The unencoded "/" cuts the password: redis-py reads "pa55" as the port and says so.
-    settings = make_settings(tiny_bundle_root, "redis://app:pa55/word@localhost:6379/0")
-    with pytest.raises(StartupError) as caught, TestClient(create_app(settings)):
-        pass
-    assert "invalid Redis URL redis://app:***@localhost:6379/0" in str(caught.value)
-    assert "pa55" not in str(caught.value) and "word" not in str(caught.value)
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        # The unencoded "/" cuts the password: redis-py reads "pa55" as the port and says so.
+        ("redis://app:pa55/word@localhost:6379/0", "Port could not be cast to integer"),
+        ("redis://127.0.0.1:notaport/0", "Port could not be cast to integer value as 'notaport'"),
+        ("redis://127.0.0.1:6379/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+    ],
+)
+def test_an_unparseable_redis_url_is_a_settings_error(
+    tiny_bundle_root: Path, url: str, says: str
+) -> None:
+    # It was found by each worker's start-up: under --workers N a traceback per worker and exit 0.
+    with pytest.raises(ValidationError) as caught:
+        make_settings(tiny_bundle_root, url)
+    message = describe_error(caught.value)
+    assert message.startswith(f"REMI_REDIS_URL: invalid Redis URL {redact_url(url)}: {says}")
+    assert "pa55" not in message and "word" not in message
 
 
 @pytest.mark.parametrize(

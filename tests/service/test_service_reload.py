@@ -381,7 +381,11 @@ def test_a_worker_starting_while_current_is_rejected_serves_the_last_good_versio
         assert ready["ready"] is True and ready["model_version"] == good
         assert ready["reload"]["rejected_target"] == bad.name
         assert "checksum mismatch" in ready["reload"]["error"]
-        assert "remi_model_reload_failing 1.0" in client.get("/metrics").text
+        metrics = client.get("/metrics").text
+        assert "remi_model_reload_failing 1.0" in metrics
+        # Counted as the failed reload it stands for (the metric's HELP says so).
+        assert 'remi_model_reloads_total{result="failure"} 1.0' in metrics
+        assert "a `current` rejected at start-up" in metrics
         assert client.post("/recommend", json={"history": HISTORY}).status_code == 200
     # With no version that can serve, start-up still fails.
     (tiny_bundle_root / good / "index.faiss").write_bytes(b"")

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -197,6 +198,26 @@ def test_workers_share_a_metrics_directory(tmp_path: Path, monkeypatch) -> None:
     with _shared_metrics(2):
         assert os.environ[MULTIPROC_ENV] == str(given) and not list(given.iterdir())
     assert given.is_dir()  # the operator's directory stays
+
+
+def test_a_killed_supervisors_metrics_directory_goes_at_the_next_start(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # SIGKILL (the OOM killer) leaves the supervisor no time to remove its directory.
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    orphaned = tmp_path / f"remi-metrics-{gone}-abc123"
+    alive = tmp_path / f"remi-metrics-{os.getppid()}-def456"  # a running process's
+    other = tmp_path / "remi-metrics-xyz"  # not named by a pid
+    for path in (orphaned, alive, other):
+        path.mkdir()
+        (path / "counter_1.db").write_bytes(b"")
+    with _shared_metrics(2):
+        made = Path(os.environ[MULTIPROC_ENV])
+        assert made.name.startswith(f"remi-metrics-{os.getpid()}-")
+    assert not orphaned.exists() and alive.exists() and other.exists() and not made.exists()
 
 
 def test_a_dead_workers_gauges_leave_the_metrics(tmp_path: Path, monkeypatch) -> None:
