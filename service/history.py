@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import BusyLoadingError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from remi_core.redis_keys import (
@@ -55,7 +55,8 @@ def _format_timestamp(ts: float) -> str:
 # The stream is written first: a script stops at a failing command without undoing the ones
 # before it, and the one write that can fail past the type checks is the first XADD (a stream
 # whose ids are used up, a read-only replica, a write refused for memory), so an error reply
-# means nothing was written.
+# means nothing was written. A Redis user's ACL may deny any command or key of the script: on
+# Redis 7 each is checked (acl_check_cmd) before the first write too.
 # A user's list stays in timestamp order, oldest first, whatever order events arrive in (a
 # client's offline batch, a request's events out of order): its companion list holds each
 # entry's timestamp. A request's events for a user are sorted; when the oldest is older than
@@ -82,6 +83,22 @@ for i, key in ipairs(KEYS) do
   local wanted = (i == 1) and 'stream' or 'list'
   if i ~= 2 and found ~= 'none' and found ~= wanted then
     return {key, found}
+  end
+end
+if redis.acl_check_cmd then  -- Redis 7: a command this user may not run fails here, not midway
+  local function denied(...)
+    if not redis.acl_check_cmd(...) then
+      return redis.error_reply('NOPERM this user may not run ' .. table.concat({...}, ' '))
+    end
+  end
+  local refused = denied('XADD', KEYS[1], '*', 'f', 'v') or denied('SET', KEYS[2], '1', 'PX', '1')
+  for i = 3, #KEYS do
+    refused = refused or denied('LLEN', KEYS[i]) or denied('LINDEX', KEYS[i], '-1')
+      or denied('LRANGE', KEYS[i], '0', '-1') or denied('RPUSH', KEYS[i], 'v')
+      or denied('LTRIM', KEYS[i], '0', '-1') or denied('DEL', KEYS[i])
+  end
+  if refused then
+    return refused
   end
 end
 local cap = tonumber(ARGV[3])
@@ -284,8 +301,10 @@ class HistoryStore:
                 if written:
                     log.info("a late reply: the events were stored (token found)")
                     return
-            elif sent and isinstance(exc, ResponseError):
-                pass  # refused (ACL, read-only replica), or stopped at its first write: see above
+            elif sent and isinstance(exc, ResponseError | BusyLoadingError):
+                # Refused (ACL, read-only replica, a Redis still loading its dataset), or stopped
+                # at its first write: see above. (redis-py makes LOADING a ConnectionError.)
+                pass
             elif sent:  # the connection broke after the script was sent (and on the retry)
                 written = None
             outcome = "nothing was stored" if written is False else UNKNOWN_OUTCOME
@@ -349,7 +368,7 @@ class HistoryStore:
             async with asyncio.timeout(self.timeout_s):
                 await self._client.ping()
         except (RedisError, OSError) as exc:
-            return self.scrub(f"{type(exc).__name__}: {exc}")
+            return self._reason(exc)
         return None
 
     def scrub(self, text: str) -> str:
@@ -370,11 +389,15 @@ class HistoryStore:
         except (RedisError, OSError):
             return None
 
+    def _reason(self, exc: BaseException) -> str:
+        """Why Redis failed, fit to print (asyncio's TimeoutError has no message of its own)."""
+        detail = str(exc) or f"no reply within {self.timeout_s:g} s (REMI_REDIS_TIMEOUT_S)"
+        return self.scrub(f"{type(exc).__name__}: {detail}")
+
     def _unavailable(
         self, action: str, exc: BaseException, outcome: str | None = None
     ) -> RedisUnavailable:
-        detail = str(exc) or f"no reply within {self.timeout_s:g} s (REMI_REDIS_TIMEOUT_S)"
-        reason = self.scrub(f"{type(exc).__name__}: {detail}")
+        reason = self._reason(exc)
         log.warning("redis unavailable (%s): %s", action, reason)
         message = f"cannot {action}: Redis at {redact_url(self.url)} is unavailable ({reason})"
         return RedisUnavailable(f"{message}; {outcome}" if outcome else message)

@@ -268,7 +268,9 @@ class RedisServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout_s: float = 10.0) -> None:
+    def start(self, timeout_s: float = 10.0, *extra: str, loading: bool = False) -> None:
+        """Start it (with `extra` arguments); return once it answers PING, or once it answers
+        at all when `loading` (a Redis still loading its dataset answers -LOADING)."""
         if self.running:
             return
         self.proc = subprocess.Popen(
@@ -284,10 +286,12 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.workdir),
+                *extra,
             ],  # fmt: skip
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        ready = (b"+PONG", b"-LOADING") if loading else (b"+PONG",)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -295,7 +299,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith(ready):
                         return
             except OSError:
                 pass

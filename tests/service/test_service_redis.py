@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
+from redis.exceptions import BusyLoadingError
 
 from remi_core.redis_keys import EVENTS_STREAM, history_key, history_times_key
 from service.app import create_app
@@ -227,6 +228,11 @@ def test_frozen_redis_times_out_fast(client: TestClient, redis_server: RedisServ
         assert r.status_code == 503
         assert "TimeoutError: no reply within 0.5 s (REMI_REDIS_TIMEOUT_S)" in r.json()["detail"]
         assert time.monotonic() - start < 3.0  # 0.5 s timeout, one retry
+        redis = client.get("/readyz").json()["redis"]  # it said "TimeoutError: "
+        assert redis == {
+            "ok": False,
+            "error": "TimeoutError: no reply within 0.5 s (REMI_REDIS_TIMEOUT_S)",
+        }
         assert client.post("/recommend", json={"history": ["books-0001"]}).status_code == 200
     finally:
         redis_server.proc.send_signal(signal.SIGCONT)
@@ -373,7 +379,12 @@ def test_a_write_redis_refuses_stores_nothing_and_says_so(
         assert r.status_code == 503, r.text
         assert r.json()["detail"].endswith("nothing was stored"), r.text
 
-    for user in ("no-scripts", "no-tokens"):
+    # Users that may run the script but not a command it runs after its first write: it wrote
+    # the stream (and with SET everything), then failed, and the 503 said nothing was stored.
+    for command in ("rpush", "set", "lrange"):
+        redis.execute_command("ACL", "SETUSER", f"no-{command}", "on", ">pw", "~*", "&*", "+@all",
+                              f"-{command}")  # fmt: skip
+    for user in ("no-scripts", "no-tokens", "no-rpush", "no-set", "no-lrange"):
         post(redis_server.url.replace("redis://", f"redis://{user}:pw@"))
     redis.execute_command("REPLICAOF", "127.0.0.1", "1")  # read-only, as after a failover
     post()
@@ -384,6 +395,37 @@ def test_a_write_redis_refuses_stores_nothing_and_says_so(
     post()
     assert redis.exists(history_key("amy"), history_key("bob")) == 0
     assert redis.xlen(EVENTS_STREAM) == 1
+
+
+def test_events_sent_while_redis_loads_its_dataset_are_refused_not_unknown(
+    tiny_bundle_root: Path, redis_server: RedisServer
+) -> None:
+    # A restarted Redis answers -LOADING until its dataset is in memory: the script never ran,
+    # but redis-py makes that a ConnectionError, which read as "may or may not have been stored".
+    redis = redis_server.client()
+    with redis.pipeline(transaction=False) as pipe:
+        for i in range(20_000):
+            pipe.set(f"filler:{i}", "x")
+        pipe.execute()
+    redis.save()
+    redis_server.stop()
+    # 20,000 keys at 0.2 ms each: about 4 s of loading, seen by clients every 1 KiB read.
+    slow = ("--key-load-delay", "200", "--loading-process-events-interval-bytes", "1024")
+    redis_server.start(10.0, *slow, loading=True)
+    settings = redis_settings(tiny_bundle_root, redis_server)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/events", json=events("amy", ["books-0001"]))
+    assert r.status_code == 503, r.text
+    assert "BusyLoadingError" in r.json()["detail"]
+    assert r.json()["detail"].endswith("nothing was stored")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert redis.exists(history_key("amy")) == 0 and redis.exists(EVENTS_STREAM) == 0
+            break
+        except BusyLoadingError:
+            assert time.monotonic() < deadline, "Redis never finished loading"
+            time.sleep(0.1)
 
 
 def test_stream_maxlen_trims_the_stream_approximately(
