@@ -97,7 +97,9 @@ class Metrics:
             registry=r,
         )
         self.recommendations = Counter(
-            "remi_recommendations", "Users answered (single and batch entries).", registry=r
+            "remi_recommendations",
+            "Users whose answer was computed (single and batch entries).",
+            registry=r,
         )
         self.fallbacks = Counter(
             "remi_fallbacks",
