@@ -8,6 +8,7 @@ import math
 import secrets
 import time
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from redis import asyncio as aioredis
@@ -184,6 +185,9 @@ return false
 """
 # The end of a 503's detail when an /events write may have happened (docs/serving.md).
 UNKNOWN_OUTCOME = "the events may or may not have been stored"
+# True in a request's task while its /events script may be running with no reply yet, so that
+# a request cancelled then (at the graceful shutdown's deadline) is not told "send it again".
+WRITE_IN_FLIGHT: ContextVar[bool] = ContextVar("remi_events_write_in_flight", default=False)
 # Where the tokens of recent /events writes live (a few seconds each).
 _TOKEN_PREFIX = "remi:append-token:"
 
@@ -289,8 +293,11 @@ class HistoryStore:
                 keys = [EVENTS_STREAM, token]
                 for key, user_id in user_of.items():
                     keys += [key, history_times_key(user_id)]
+                WRITE_IN_FLIGHT.set(True)  # stays set if this task is cancelled (see above)
                 wrong = await self._append_script(keys=keys, args=args)
+                WRITE_IN_FLIGHT.set(False)
         except (RedisError, OSError) as exc:  # asyncio's TimeoutError is an OSError
+            WRITE_IN_FLIGHT.set(False)  # what happened is settled below, and the 503 says it
             written: bool | None = False  # whether the batch was written; None: unknown
             if sent and isinstance(exc, TimeoutError | RedisTimeoutError):
                 # The script may have run in time with its reply still on the way (a slow

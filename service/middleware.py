@@ -7,6 +7,8 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.history import UNKNOWN_OUTCOME, WRITE_IN_FLIGHT
+
 
 def replaying(held: list[Message], receive: Receive) -> Receive:
     """A receive that gives the messages already read (`held`, consumed as it goes) first, then
@@ -103,8 +105,10 @@ class AnswerCancelledRequests:
         except asyncio.CancelledError:
             if started:
                 raise
+            # An /events script sent with no reply yet may have run: a retry could store twice.
+            then = UNKNOWN_OUTCOME if WRITE_IN_FLIGHT.get() else "send the request again"
             await send_error_and_close(
-                send, 503, "the service is shutting down; send the request again", retry_after=1
+                send, 503, f"the service is shutting down; {then}", retry_after=1
             )
 
 

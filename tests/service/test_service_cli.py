@@ -135,6 +135,36 @@ def test_sigterm_ends_remi_serve_despite_a_client_still_sending(
 
 
 @pytest.mark.integration
+def test_events_cut_off_by_the_shutdown_with_their_script_sent_are_not_called_unsent(
+    tiny_bundle_root: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # The script was on Redis, its reply not yet back, when the graceful shutdown's deadline
+    # cancelled the request: the 503 said "send the request again", and a retry stores twice.
+    env = child_env(
+        REMI_REDIS_URL=redis_server.url, REMI_REDIS_TIMEOUT_S="20", REMI_GRACEFUL_SHUTDOWN_S="1"
+    )
+    body = json.dumps(
+        {"events": [{"user_id": "amy", "item_id": "books-0001", "timestamp": 1764000000}]}
+    ).encode()
+    with remi_serve(
+        ["--bundle-root", str(tiny_bundle_root)], tmp_path / "serve.log", env
+    ) as served:
+        redis = redis_server.client()
+        redis.execute_command("CLIENT", "PAUSE", "4000", "WRITE")  # TIME answers, EVALSHA waits
+        with socket.create_connection(("127.0.0.1", served.port), timeout=15) as client:
+            client.sendall(
+                b"POST /events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            time.sleep(0.5)
+            served.proc.send_signal(signal.SIGTERM)
+            answer = b"".join(iter(lambda: client.recv(65536), b""))
+        served.proc.wait(20)
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    assert b"shutting down; the events may or may not have been stored" in answer, answer
+
+
+@pytest.mark.integration
 def test_remi_serve_refuses_a_corrupt_bundle(tiny_bundle_root: Path) -> None:
     (resolve_current(tiny_bundle_root) / "item_ids.json").write_text('[null, "oops"]')
     result = subprocess.run(
