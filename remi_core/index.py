@@ -81,21 +81,17 @@ def build_index(item_embeddings: np.ndarray, factory: str = "Flat") -> faiss.Ind
         raise ValueError(f"invalid Faiss index factory string {factory!r}: {exc}") from None
     try:
         if not index.is_trained:
-            index.train(_training_sample(index, vectors))
+            ivf = faiss.try_extract_index_ivf(index)
+            if ivf is not None:
+                # k-means samples its points itself (seeded); the lists' encoder trains on every
+                # vector: SQ8's value ranges from a sample clipped the items outside it, often
+                # the large-norm (popular) ones, which then scored too low in the scan.
+                ivf.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_LIST
+            index.train(vectors)
         index.add(vectors)
     except RuntimeError as exc:  # e.g. fewer training points than IVF lists
         raise ValueError(f"cannot build Faiss index {factory!r}: {exc}") from None
     return index
-
-
-def _training_sample(index: faiss.Index, vectors: np.ndarray) -> np.ndarray:
-    """A seeded sample for IVF k-means (IVF_TRAIN_POINTS_PER_LIST per list); all vectors else."""
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None or len(vectors) <= IVF_TRAIN_POINTS_PER_LIST * ivf.nlist:
-        return vectors
-    rng = np.random.default_rng(0)
-    picked = rng.choice(len(vectors), IVF_TRAIN_POINTS_PER_LIST * ivf.nlist, replace=False)
-    return vectors[np.sort(picked)]
 
 
 def search_param_name(index: faiss.Index) -> str | None:

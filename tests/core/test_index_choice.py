@@ -162,6 +162,18 @@ def test_tuning_rejects_a_bad_target() -> None:
     assert exact == pytest.approx(1.0)
 
 
+def test_scalar_quantised_lists_keep_items_outside_the_k_means_sample() -> None:
+    # k-means trains on 64 points per list; SQ8's value ranges trained on that sample too, so
+    # large-norm items outside it were clipped and lost even with every list probed (0.938).
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((20_001, 16)).astype(np.float32) * 0.3
+    items[rng.choice(np.arange(1, 20_001), 20, replace=False)] *= 8  # > 64 x 16 are sampled
+    interests = rng.standard_normal((300, 4, 16)).astype(np.float32)
+    index = build_index(items, "IVF16,SQ8")
+    faiss.extract_index_ivf(index).nprobe = 16  # every list: only the encoding can lose items
+    assert measure_recall(index, interests, torch.from_numpy(items), 50) > 0.999
+
+
 def test_items_tied_with_the_exact_nth_count_as_found() -> None:
     # A catalogue of duplicated vectors: which of two equal items a search keeps at the cut is
     # arbitrary, and either is right. An exact index measured 0.9945 here, failing a 1.0 target.
