@@ -594,7 +594,9 @@ def faiss_merged_topk(
     catalogue has them. Such a user is searched again alone, wider each time (`_wider`), until
     its list is full or the search was exhaustive; on `wide_index` if given (the CPU copy of a
     GPU index: per-call parameters are a CPU feature). A user still short after the widest
-    search (a graph index can leave items that no beam reaches) gets exact Eq. 7 over the table.
+    search gets exact Eq. 7 over the table: a graph index can leave items that no beam reaches,
+    and an index wrapped in a transform or a refinement (PCA16,IVF64,Flat; IVF64,Flat,RFlat)
+    takes no per-call parameters, so it is never searched wider.
     """
     batch, k, dim = interests.shape
     ns = np.broadcast_to(np.asarray(n, dtype=np.int64), (batch,))
@@ -627,11 +629,11 @@ def faiss_merged_topk(
                 _keep_longer(found, b, alone)
                 if found.counts[b] >= want[b]:
                     break
-            if found.counts[b] < want[b] and _is_graph(wide_index):
-                # The widest search still ran short: a graph (HNSW with a small M) can leave
-                # items that no beam reaches. The exhaustive answer comes from the table. Only
-                # for a graph: an exhaustive index that finds too little is broken (NaN
-                # vectors, say), and the smoke test at load must see that, not a fallback.
+            if found.counts[b] < want[b] and not _is_flat(wide_index):
+                # The widest search still ran short (see above): the exhaustive answer comes
+                # from the table. Not for Flat: an exhaustive index that finds too little is
+                # broken (NaN vectors, say), and the smoke test at load must see that, not a
+                # fallback (it also asks any index for an item's own vector).
                 table = torch.as_tensor(item_embeddings)
                 alone = exact_merged_topk(interests[b : b + 1], table, int(ns[b]), user_exclude)
                 _keep_longer(found, b, alone)
@@ -649,23 +651,23 @@ def _keep_longer(found: RetrievedBatch, b: int, alone: RetrievedBatch) -> None:
         found.counts[b] = count
 
 
-def warm_graph_fallback(index, items: torch.Tensor) -> None:
-    """Compile, for a graph index, the exact search `faiss_merged_topk` falls back to for users
-    the graph leaves short, so that its first use is not a live request's: TorchScript compiles
-    on a function's first call and optimises on its second (about 130 and 40 ms over 100k
-    items, against 6 ms after). items (N, d) is the catalogue table; a slice of it is enough,
-    the compiled code does not depend on the catalogue's size."""
-    if not _is_graph(index):
+def warm_exact_fallback(index, items: torch.Tensor) -> None:
+    """Compile, for an index that is not Flat, the exact search `faiss_merged_topk` falls back
+    to for users it leaves short, so that its first use is not a live request's: TorchScript
+    compiles on a function's first call and optimises on its second (about 130 and 40 ms over
+    100k items, against 6 ms after). items (N, d) is the catalogue table; a slice of it is
+    enough, the compiled code does not depend on the catalogue's size."""
+    if _is_flat(index):
         return
     query = items[1:2, None, :].numpy()  # (1, 1, d): the first item's own vector
     for _ in range(2):
         exact_merged_topk(query, items[:65], 1, [np.array([1], dtype=np.int64)])
 
 
-def _is_graph(index) -> bool:
+def _is_flat(index) -> bool:
     import faiss
 
-    return isinstance(faiss.downcast_index(index), faiss.IndexHNSW)
+    return isinstance(faiss.downcast_index(index), faiss.IndexFlat)
 
 
 def _wider(index) -> Iterator[Any]:

@@ -30,7 +30,7 @@ from remi_core.retrieval import (
     ScreenTable,
     exact_merged_topk,
     faiss_merged_topk,
-    warm_graph_fallback,
+    warm_exact_fallback,
 )
 from service.settings import ExactSearch
 
@@ -249,14 +249,14 @@ def smoke_test(model: LoadedModel) -> None:
     if result.fallback or len(result.item_ids) != 1 or not np.isfinite(result.scores[0]):
         raise BundleError(f"{model.path}: test query returned no finite score")
     if model.search_backend == "faiss":
-        # The search fills a short list from the table for a graph index (faiss_merged_topk),
-        # which would hide an index that finds nothing (NaN vectors): asked for an item's own
-        # vector, it must find something.
+        # The search fills a short list from the table for an index that is not Flat
+        # (faiss_merged_topk), which would hide one that finds nothing (NaN vectors): asked
+        # for an item's own vector, it must find something.
         query = np.ascontiguousarray(model.item_embeddings[ROW_OFFSET : ROW_OFFSET + 1])
         if int(model.index.search(query, 1)[1][0, 0]) < 0:
             raise BundleError(f"{model.path}: the index finds nothing for an item's own vector")
         wide_index = model.index if model.host_index is None else model.host_index
-        warm_graph_fallback(wide_index, model.item_table)
+        warm_exact_fallback(wide_index, model.item_table)
 
 
 @dataclass(frozen=True)

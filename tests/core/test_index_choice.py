@@ -26,6 +26,7 @@ from remi_core.index import (
     choose_factory,
     halves,
     measure_recall,
+    search_param_name,
     tune_search_params,
 )
 from remi_core.models import EncoderConfig, build_encoder
@@ -174,6 +175,18 @@ def test_scalar_quantised_lists_keep_items_outside_the_k_means_sample() -> None:
     assert measure_recall(index, interests, torch.from_numpy(items), 50) > 0.999
 
 
+def test_a_wrapped_graph_index_is_tuned_too() -> None:
+    # search_param_name looked at the wrapper only: PCA32,HNSW4 kept its default efSearch (16).
+    rng = np.random.default_rng(1)
+    basis = rng.standard_normal((8, 16))  # items of rank 8: PCA8 loses nothing
+    items = (rng.standard_normal((3001, 8)) @ basis).astype(np.float32)
+    interests = rng.standard_normal((80, 4, 16)).astype(np.float32)
+    index = build_index(items, "PCA8,HNSW16")
+    assert search_param_name(index) == "efSearch"
+    tuning = tune_search_params(index, interests, torch.from_numpy(items), 50, 0.9)
+    assert tuning.search_params.startswith("efSearch=") and tuning.reached
+
+
 def test_items_tied_with_the_exact_nth_count_as_found() -> None:
     # A catalogue of duplicated vectors: which of two equal items a search keeps at the cut is
     # arbitrary, and either is right. An exact index measured 0.9945 here, failing a 1.0 target.
@@ -204,8 +217,9 @@ def test_a_value_chosen_by_lucky_users_is_not_kept_unless_others_confirm_it() ->
     # Tuning that stops at the first value whose measured recall clears the bar keeps values
     # measured high by chance. Here the choosing half are easier users (all K interests on one
     # cluster's centre) than the confirming half (K random directions): the value that suffices
-    # for the easy half must not be kept.
-    rng = np.random.default_rng(5)
+    # for the easy half must not be kept. (Whether centre users are the easier ones depends on
+    # the clustering, which faiss samples: with this seed they need nprobe 8, the others 12.)
+    rng = np.random.default_rng(6)
     centres = rng.standard_normal((64, 8)).astype(np.float32) * 8
     items = centres[rng.integers(0, 64, 8001)] + rng.standard_normal((8001, 8)).astype(np.float32)
     table = torch.from_numpy(items)

@@ -323,19 +323,23 @@ def test_an_approximate_index_answers_each_user_as_if_alone() -> None:
     assert deeper > 0, "the case does not exercise the depth difference"
 
 
-@pytest.mark.parametrize("factory", ["IVF64,SQ8", "HNSW16", "HNSW4"])
+@pytest.mark.parametrize(
+    "factory", ["IVF64,SQ8", "HNSW16", "HNSW4", "PCA8,IVF64,Flat", "IVF64,Flat,RFlat"]
+)
 def test_an_approximate_index_fills_every_list_the_catalogue_can(factory: str) -> None:
     """Users near one cluster probe lists (IVF) or a beam (HNSW) holding fewer items than a deep
     n: each such user is searched again, wider, until its list is full; a list is still the
     user's own whoever shares its batch. HNSW4's sparse graph leaves items that even a beam as
-    wide as the catalogue never reaches: those users' lists come from exact Eq. 7."""
+    wide as the catalogue never reaches, and a wrapped index takes no per-call parameters, so
+    is never searched wider: those users' lists come from exact Eq. 7."""
     rng = np.random.default_rng(5)
     centres = rng.standard_normal((40, 16)).astype(np.float32)
     items = centres[rng.integers(0, 40, 3001)] + 0.2 * rng.standard_normal((3001, 16))
     items = items.astype(np.float32)
     index = build_index(items, factory)
-    retrieval_params = {"IVF64,SQ8": "nprobe=1", "HNSW16": "efSearch=16", "HNSW4": "efSearch=16"}
-    faiss.ParameterSpace().set_index_parameters(index, retrieval_params[factory])
+    faiss.ParameterSpace().set_index_parameters(
+        index, "efSearch=16" if factory.startswith("HNSW") else "nprobe=1"
+    )
     if factory == "HNSW4":
         every = faiss.SearchParametersHNSW(efSearch=index.ntotal)
         labels = index.search(items[:1], index.ntotal, params=every)[1]
