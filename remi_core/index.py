@@ -75,10 +75,7 @@ def build_index(item_embeddings: np.ndarray, factory: str = "Flat") -> faiss.Ind
     catalogues e.g. "IVF1024,Flat", "HNSW32" or "IVF1024,PQ16".
     """
     vectors = np.ascontiguousarray(item_embeddings[ROW_OFFSET:], dtype=np.float32)
-    try:
-        index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise ValueError(f"invalid Faiss index factory string {factory!r}: {exc}") from None
+    index = _new_index(vectors.shape[1], factory)
     try:
         if not index.is_trained:
             ivf = faiss.try_extract_index_ivf(index)
@@ -92,6 +89,30 @@ def build_index(item_embeddings: np.ndarray, factory: str = "Flat") -> faiss.Ind
     except RuntimeError as exc:  # e.g. fewer training points than IVF lists
         raise ValueError(f"cannot build Faiss index {factory!r}: {exc}") from None
     return index
+
+
+def _new_index(dim: int, factory: str) -> faiss.Index:
+    """An empty inner-product index from a factory string; ValueError for one Faiss refuses."""
+    if "NSG" in factory.upper():
+        # Faiss's NSG build can spin for ever with inner products (NSG8 over 3,000 items).
+        raise ValueError(f"index factory {factory!r}: NSG indexes are not supported, use HNSW")
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"invalid Faiss index factory string {factory!r}: {exc}") from None
+
+
+def check_index_settings(
+    dim: int, factory: str | None, search_params: str | None, recall_target: float
+) -> None:
+    """Raise ValueError for settings that building, tuning or applying an index would refuse,
+    without any data: a nightly run checks them before it trains for hours."""
+    if not 0 < recall_target <= 1:
+        raise ValueError(f"recall target must be in (0, 1], not {recall_target}")
+    if factory:
+        index = _new_index(dim, factory)
+        if search_params:
+            apply_search_params(index, search_params)
 
 
 def search_param_name(index: faiss.Index) -> str | None:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from tests.helpers import REPO
@@ -31,6 +32,33 @@ def test_a_bundle_root_that_cannot_be_a_directory_fails_before_training(tmp_path
     result = bootstrap(blocker / "bundles", tmp_path / "state")
     assert result.exit_code == 2, result.output
     assert "--bundle-root" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "state" / "runs").exists(), "it trained before finding out"
+
+
+@pytest.mark.parametrize(
+    ("export", "says"),
+    [
+        ({"index_factory": "IVF16,Foo"}, "invalid Faiss index factory string 'IVF16,Foo'"),
+        ({"index_factory": "HNSW8", "search_params": "nprobe=4"}, "could not set parameter"),
+        ({"recall_target": 1.5}, "recall target must be in (0, 1], not 1.5"),
+        ({"index_factory": "NSG8"}, "NSG indexes are not supported"),
+    ],
+)
+def test_index_settings_a_bundle_would_refuse_fail_before_training(
+    tmp_path: Path, export: dict, says: str
+) -> None:
+    # They were checked when the bundle was written: after a whole night's training.
+    config = yaml.safe_load(TEST_CONFIG.read_text())
+    config["export"] = export
+    path = tmp_path / "nightly.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(
+        app,
+        ["bootstrap", "--config", str(path), "--bundle-root", str(tmp_path / "bundles"),
+         "--state-dir", str(tmp_path / "state")],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert says in result.output and "Traceback" not in result.output
     assert not (tmp_path / "state" / "runs").exists(), "it trained before finding out"
 
 

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from remi_core.index import check_index_settings
 from remi_core.redis_keys import EVENTS_STREAM
 from training.config import TrainConfig
 from training.data import DataConfig
@@ -95,6 +96,12 @@ class NightlyConfig:
             raise NightlyError(f"nice must be between 0 and 19, not {self.nice}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise NightlyError(f"torch_threads must be at least 1, not {self.torch_threads}")
+        try:  # fail before training, as below
+            check_index_settings(
+                self.train.dim, self.index_factory, self.search_params, self.recall_target
+            )
+        except ValueError as exc:
+            raise NightlyError(str(exc)) from None
         if self.categories and not Path(self.categories).is_file():  # fail before training
             raise NightlyError(f"categories: {self.categories}: file not found")
         metrics = [f"{m}@{n}" for m in ("recall", "hitrate", "ndcg") for n in CUTOFFS]
