@@ -20,6 +20,7 @@ swapped with an atomic rename, so a reader that resolves `current` once never se
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import itertools
@@ -157,7 +158,10 @@ def write_bundle(
     none; the category names), optional. Returns the version directory.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BundleError(f"cannot use {root} as a bundle root: {exc}") from None
     version = version or new_version_name()
     final = root / version
     if final.exists():
@@ -181,7 +185,10 @@ def write_bundle(
         files.update(OPTIONAL_FILES)
 
     tmp = root / f".tmp-{version}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise BundleError(f"cannot write bundle version {version} in {root}: {exc}") from None
     try:
         state = cpu_state_dict(encoder)
         save_file(state, str(tmp / FILES["encoder"]))
@@ -262,7 +269,7 @@ def write_bundle(
             raise BundleError(f"cannot write bundle version {version} in {root}: {exc}") from exc
         raise
     if publish:
-        set_current(root, version)
+        publish_or_discard(root, version, lambda: None)
     return final
 
 
@@ -305,24 +312,56 @@ def set_current(root: Path, version: str) -> None:
     version = version.rstrip("/")  # shell completion adds one
     if version not in list_versions(root):
         raise BundleError(f"no bundle version {version!r} in {root}")
+    current = root / CURRENT
+    if current.exists() and not current.is_symlink():
+        # What `rsync -L` or `cp -rL` leave: the link's target copied in its place.
+        raise BundleError(f"{current} is not a symlink (a copied version?): move it away first")
     # Logged before the switch: a log write that fails (a full disk) then leaves `current` as
     # it was, while after it a served version missing from the log would count as never
-    # published, and retention would delete it (the rollback target) an hour later.
-    _record_published(root, version)
+    # published, and retention would delete it (the rollback target) an hour later. A switch
+    # that fails takes its entry back out of the log.
+    entry = _record_published(root, version)
     link = root / f".{CURRENT}.{uuid.uuid4().hex[:8]}"
-    os.symlink(version, link)  # relative, so the root can be mounted anywhere
-    os.replace(link, root / CURRENT)
+    try:
+        os.symlink(version, link)  # relative, so the root can be mounted anywhere
+        os.replace(link, current)
+    except OSError as exc:
+        link.unlink(missing_ok=True)
+        _unrecord(root, entry)
+        raise BundleError(f"cannot point {current} at {version}: {exc}") from None
     fsync_dir(root)
 
 
-def _record_published(root: Path, version: str) -> None:
+def _record_published(root: Path, version: str) -> tuple[int, int]:
+    """Append `version` to the log; returns where its entry starts and ends. A write that fails
+    is cut back off, and an entry never continues a line a crash left unfinished."""
     log_path = root / PUBLISHED
     # A root from before the log: its versions so far were all published, oldest first.
     earlier = [] if log_path.exists() else [v for v in list_versions(root) if v != version]
-    with log_path.open("a") as out:
-        out.write("".join(f"{v}\n" for v in [*earlier, version]))
-        out.flush()
-        os.fsync(out.fileno())
+    entry = "".join(f"{v}\n" for v in [*earlier, version]).encode()
+    try:
+        with log_path.open("ab+") as out:
+            start = out.seek(0, os.SEEK_END)
+            if start and os.pread(out.fileno(), 1, start - 1) != b"\n":
+                entry = b"\n" + entry
+            try:
+                out.write(entry)
+                out.flush()
+                os.fsync(out.fileno())
+            except OSError:
+                out.truncate(start)
+                raise
+    except OSError as exc:
+        raise BundleError(f"cannot record {version} in {log_path}: {exc}") from None
+    return start, start + len(entry)
+
+
+def _unrecord(root: Path, entry: tuple[int, int]) -> None:
+    """Take a logged entry back out, unless another publisher has appended after it."""
+    log_path = root / PUBLISHED
+    with contextlib.suppress(OSError):
+        if log_path.stat().st_size == entry[1]:
+            os.truncate(log_path, entry[0])
 
 
 def published_log(root: Path) -> list[str]:
@@ -370,6 +409,8 @@ def resolve_current(root: Path) -> Path:
     """The version directory `current` points at, resolved once."""
     root = Path(root)
     version = current_version(root)
+    if version is None and (root / CURRENT).exists():
+        raise BundleError(f"{root / CURRENT} is not a symlink (a copied version?)")
     if version is None:
         raise BundleError(f"no published bundle: {root / CURRENT} does not exist")
     path = root / version
@@ -386,7 +427,7 @@ def list_versions(root: Path) -> list[str]:
     versions = [
         p
         for p in root.iterdir()
-        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".") and p.name != CURRENT
     ]
     versions = [p for p in versions if (p / MANIFEST).is_file()]
     return [p.name for p in sorted(versions, key=lambda p: (_created_at(p), p.name))]
@@ -394,9 +435,10 @@ def list_versions(root: Path) -> list[str]:
 
 def _created_at(path: Path) -> str:
     try:
-        return str(json.loads((path / MANIFEST).read_text()).get("created_at", ""))
+        manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
         return ""
+    return str(manifest.get("created_at", "")) if isinstance(manifest, dict) else ""
 
 
 def prune(root: Path, keep: int) -> list[str]:
@@ -415,8 +457,9 @@ def prune(root: Path, keep: int) -> list[str]:
         for v in list_versions(root)
         if v not in survivors and (v in published or (root / v).stat().st_mtime < stale)
     ]
-    for version in removed:
-        shutil.rmtree(root / version)
+    for version in list(removed):
+        if not _take_out(root, version):
+            removed.remove(version)
     # Half-built versions and link swaps of writers that died; never a live writer's (fresh).
     for leftover in Path(root).glob(".*"):
         if leftover.lstat().st_mtime < stale:
@@ -425,6 +468,21 @@ def prune(root: Path, keep: int) -> list[str]:
             else:
                 leftover.unlink(missing_ok=True)
     return removed
+
+
+def _take_out(root: Path, version: str) -> bool:
+    """Delete a version unless `current` names it, even if a rollback points `current` at it
+    meanwhile: it is renamed out of the versions first (a rollback to it then fails cleanly),
+    and put back if `current` named it by then. Deleting a large version takes seconds."""
+    if current_version(root) == version:
+        return False
+    going = root / f".deleting-{version}-{uuid.uuid4().hex[:8]}"
+    os.rename(root / version, going)
+    if current_version(root) == version:
+        os.rename(going, root / version)
+        return False
+    shutil.rmtree(going)
+    return True
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -81,16 +81,28 @@ def _fallbacks(root: Path, rejected: str | None) -> list[str]:
         return []
     try:
         by_age, published = list_versions(root), published_versions(root)
+        named = published_log(root)
         if rejected in by_age:
             older = set(by_age[: by_age.index(rejected)])
         else:
             # Its manifest (or directory) is gone, and with it its age: the versions published
             # before it first was; none if the log never named it.
-            named = published_log(root)
             older = set(named[: named.index(rejected)] if rejected in named else [])
     except OSError:
         return []
-    return [v for v in reversed(published) if v in older]
+    return [v for v in reversed(published) if v in older - _rolled_back_from(named, by_age)]
+
+
+def _rolled_back_from(named: list[str], by_age: list[str]) -> set[str]:
+    """Versions on disk whose last publish was followed by one of an older version (a
+    rollback); a version gone from the disk tells no age, so nothing is concluded from it."""
+    age = {version: i for i, version in enumerate(by_age)}
+    last = {version: i for i, version in enumerate(named)}
+    return {
+        version
+        for version, i in last.items()
+        if version in age and i + 1 < len(named) and age.get(named[i + 1], len(age)) < age[version]
+    }
 
 
 class ModelRegistry:

@@ -182,9 +182,74 @@ def test_a_publish_whose_log_cannot_be_written_leaves_current_as_it_was(tmp_path
     log = root / "published.log"
     log.rename(root / "published.bak")
     log.mkdir()  # a real failed write: opening it for appending is an error
-    with pytest.raises(OSError):
+    with pytest.raises(BundleError, match="cannot record v2 in .*published.log"):
         publish_or_discard(root, "v2", lambda: None)
     assert current_version(root) == "v1" and list_versions(root) == ["v1"]
+
+
+def test_a_switch_that_fails_takes_its_log_entry_back(tmp_path, monkeypatch):
+    # Logged, then the link could not be swapped: the log named a version that never served,
+    # and retention and the start-up fallback counted it as published.
+    root = tmp_path / "bundles"
+    write_tiny_bundle(root, version="v1")
+    (root / "published.log").write_bytes(b"v1\nv0-half-writ")  # a crash mid-line, earlier
+    write_tiny_bundle(root, version="v2", publish=False)
+    before = (root / "published.log").read_bytes()
+    (root / "current").unlink()
+    (root / "current").mkdir()  # what `rsync -L` leaves: a directory the link cannot replace
+    with pytest.raises(BundleError, match="current is not a symlink"):
+        set_current(root, "v2")
+    assert (root / "published.log").read_bytes() == before
+    assert list_versions(root) == ["v1", "v2"]  # the directory named current is no version
+    (root / "current").rmdir()
+    os.symlink("v1", root / "current")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(dst).name == "current":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(bundle.os, "replace", failing_replace)
+        with pytest.raises(BundleError, match="cannot point .*current at v2: .*No space left"):
+            set_current(root, "v2")
+    assert (root / "published.log").read_bytes() == before
+    assert current_version(root) == "v1"
+    set_current(root, "v2")  # the next entry starts a line of its own
+    assert (root / "published.log").read_text().splitlines()[-2:] == ["v0-half-writ", "v2"]
+
+
+def test_prune_never_deletes_what_a_rollback_made_current_meanwhile(tmp_path, monkeypatch):
+    # Retention chose v1 to go; a rollback to v1 landed while v1 was being deleted (seconds for
+    # a large version): `current` named a deleted version and no worker could start.
+    root = tmp_path / "bundles"
+    for name in ("v1", "v2", "v3"):
+        write_tiny_bundle(root, version=name)
+    real_rename = os.rename
+
+    def rollback_during_rename(src, dst):
+        real_rename(src, dst)
+        if Path(dst).name.startswith(".deleting-v1"):
+            with pytest.raises(BundleError, match="no bundle version 'v1'"):
+                set_current(root, "v1")  # too late: v1 is already out of the versions
+        if Path(dst).name.startswith(".deleting-v2"):
+            os.remove(root / "current")
+            os.symlink("v2", root / "current")  # just before: it goes back
+
+    monkeypatch.setattr(bundle.os, "rename", rollback_during_rename)
+    assert prune(root, keep=1) == ["v1"]
+    assert current_version(root) == "v2" and list_versions(root) == ["v2", "v3"]
+    assert not [p for p in root.iterdir() if p.name.startswith(".deleting-")]
+
+
+def test_a_manifest_that_is_no_object_leaves_the_other_versions_listed(tmp_path):
+    root = tmp_path / "bundles"
+    write_tiny_bundle(root, version="v1")
+    write_tiny_bundle(root, version="v2")
+    (root / "v1" / "manifest.json").write_text("null")
+    assert set(list_versions(root)) == {"v1", "v2"}  # it raised AttributeError
+    assert prune(root, keep=1) == ["v1"]
 
 
 FULL_DISK = """

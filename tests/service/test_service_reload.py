@@ -456,6 +456,24 @@ def test_the_start_up_fallback_is_never_a_version_rolled_back_from(
         pass
 
 
+def test_a_version_rolled_back_from_stays_out_after_later_publishes(tiny_bundle_root: Path):
+    # v1 serves; v2 is rolled back from; v3 is published. With v3 and v1 damaged, a starting
+    # worker served v2, which is older than v3 but was rolled back from.
+    good = current_version(tiny_bundle_root)
+    rolled_back_from = write_tiny_bundle(tiny_bundle_root, seed=2).name
+    set_current(tiny_bundle_root, good)
+    latest = write_tiny_bundle(tiny_bundle_root, seed=3).name
+    for version in (latest, good):
+        (tiny_bundle_root / version / "index.faiss").write_bytes(b"")
+    with pytest.raises(Exception, match="no usable bundle"), make_client(tiny_bundle_root):
+        pass
+    # Published again after the rollback, it may stand in once more.
+    set_current(tiny_bundle_root, rolled_back_from)
+    set_current(tiny_bundle_root, latest)
+    with make_client(tiny_bundle_root) as client:
+        assert client.get("/v1/model").json()["version"] == rolled_back_from
+
+
 def test_a_rejected_bundle_is_tried_again_on_a_growing_interval(
     tiny_bundle_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

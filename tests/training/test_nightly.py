@@ -594,6 +594,15 @@ def test_versions_and_rollback_commands(tmp_path: Path) -> None:
     assert damaged.exit_code == 2, damaged.output
     assert f"{new} cannot serve, so `current` stays {old}: checksum mismatch" in damaged.output
     assert current_version(root) == old
+    # A hand-edited manifest with fields of the wrong type is listed, not a traceback.
+    manifest = json.loads((root / new / "manifest.json").read_text())
+    manifest.update(metrics=None, nightly="x", num_items="946")
+    (root / new / "manifest.json").write_text(json.dumps(manifest))
+    for extra in ([], ["--json"]):
+        listed = runner.invoke(app, ["versions", "--bundle-root", str(root), *extra])
+        assert listed.exit_code == 0 and "Traceback" not in listed.output, listed.output
+    nope = runner.invoke(app, ["versions", "--bundle-root", str(root), "--dataset-dir", "nope"])
+    assert nope.exit_code == 2 and "--dataset-dir: nope is not a directory" in nope.output
 
 
 def test_bootstrap_does_nothing_when_a_bundle_exists(tmp_path: Path) -> None:
@@ -607,6 +616,21 @@ def test_bootstrap_does_nothing_when_a_bundle_exists(tmp_path: Path) -> None:
     assert current_version(root) == version
     set_current(root, version)
     assert read_manifest(root / version)["version"] == version
+
+
+def test_bootstrap_publishes_when_current_names_a_version_that_is_gone(tmp_path: Path) -> None:
+    # It reported "exists" and trained nothing, and the API could not start.
+    root = tmp_path / "bundles"
+    root.mkdir()
+    os.symlink("v-gone", root / "current")
+    result = CliRunner().invoke(
+        app,
+        ["bootstrap", "--config", str(TEST_CONFIG), "--bundle-root", str(root),
+         "--state-dir", str(tmp_path / "state")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["decision"] == "published"
+    assert (root / current_version(root)).is_dir()
 
 
 def test_events_frame_matches_service_format() -> None:

@@ -42,6 +42,8 @@ def versions(
     """
     if not bundle_root.is_dir():
         raise CliError(f"--bundle-root: {bundle_root} is not a directory")
+    if dataset_dir is not None and not dataset_dir.is_dir():
+        raise CliError(f"--dataset-dir: {dataset_dir} is not a directory")
     current = current_version(bundle_root)
     rows = [_version_row(bundle_root / v, v == current) for v in list_versions(bundle_root)]
     if dataset_dir is not None:
@@ -68,15 +70,22 @@ def _version_row(path: Any, is_current: bool) -> dict[str, Any]:
         manifest = read_manifest(path)
     except BundleError as exc:
         return {"version": path.name, "current": is_current, "error": str(exc)}
-    test = manifest.get("metrics", {}).get("test", {})
+    # Fields of the wrong type (a hand-edited manifest) show as unknown, not as a traceback.
+    test = _section(_section(manifest, "metrics"), "test")
+    items = manifest.get("num_items")
     return {
         "version": path.name,
         "current": is_current,
         "created_at": manifest.get("created_at"),
-        "items": manifest.get("num_items", 1) - 1,
+        "items": items - 1 if type(items) is int else "n/a",
         "test_recall@50": test.get("recall@50"),
-        "kind": manifest.get("nightly", {}).get("kind", "manual"),
+        "kind": _section(manifest, "nightly").get("kind", "manual"),
     }
+
+
+def _section(manifest: dict[str, Any], key: str) -> dict[str, Any]:
+    value = manifest.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _version_line(row: dict[str, Any]) -> str:

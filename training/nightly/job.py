@@ -238,7 +238,7 @@ def run_bootstrap(cfg: NightlyConfig, emit: Emit | None = None) -> dict[str, Any
     event stream, so the first nightly run still sees every event.
     """
     root = Path(cfg.bundle_root)
-    existing = current_version(root)
+    existing = _published_version(root)
     if existing is not None:
         report = {
             "kind": "bootstrap",
@@ -297,7 +297,7 @@ def _run_steps(run: NightlyRun) -> None:
     check_writable(Path(cfg.bundle_root), "--bundle-root")
     check_writable(Path(cfg.state_dir), "--state-dir")
     run.published = published_bundle(Path(cfg.bundle_root))
-    if run.kind == "bootstrap" and run.published.version is not None:
+    if run.kind == "bootstrap" and _published_version(Path(cfg.bundle_root)) is not None:
         reason = f"{run.published.version} was published meanwhile"
         run.outcome = Outcome("exists", reason, run.published.version)
         return
@@ -356,6 +356,13 @@ def check_writable(directory: Path, flag: str) -> None:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise NightlyError(f"{flag}: {directory} is not writable ({reason})") from None
+
+
+def _published_version(root: Path) -> str | None:
+    """The version `current` names, if it is there: a `current` naming a version that is gone
+    serves nothing, and a bootstrap is still due."""
+    version = current_version(root)
+    return version if version is not None and (root / version).is_dir() else None
 
 
 def published_bundle(root: Path) -> Published:
