@@ -78,17 +78,30 @@ def build_index(item_embeddings: np.ndarray, factory: str = "Flat") -> faiss.Ind
     index = _new_index(vectors.shape[1], factory)
     try:
         if not index.is_trained:
-            ivf = faiss.try_extract_index_ivf(index)
-            if ivf is not None:
-                # k-means samples its points itself (seeded); the lists' encoder trains on every
-                # vector: SQ8's value ranges from a sample clipped the items outside it, often
-                # the large-norm (popular) ones, which then scored too low in the scan.
-                ivf.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_LIST
+            _train_ivf_centroids(index, vectors)
+            # The lists' encoder trains on every vector: SQ8's value ranges from the k-means
+            # sample clipped the items outside it, often the large-norm (popular) ones, which
+            # then scored too low in the scan.
             index.train(vectors)
         index.add(vectors)
     except RuntimeError as exc:  # e.g. fewer training points than IVF lists
         raise ValueError(f"cannot build Faiss index {factory!r}: {exc}") from None
     return index
+
+
+def _train_ivf_centroids(index: faiss.Index, vectors: np.ndarray) -> None:
+    """k-means for an IVF index on IVF_TRAIN_POINTS_PER_LIST points per list: a seeded sample
+    of ours for a plain IVF index (so that `train` then finds its centroids in place and only
+    trains the lists' encoder, on every vector), Faiss's own sample inside a wrapper."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return
+    ivf.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_LIST
+    wanted = IVF_TRAIN_POINTS_PER_LIST * ivf.nlist
+    if isinstance(faiss.downcast_index(index), faiss.IndexIVF) and len(vectors) > wanted:
+        picked = np.random.default_rng(0).choice(len(vectors), wanted, replace=False)
+        sample = np.ascontiguousarray(vectors[np.sort(picked)])
+        faiss.Clustering(ivf.d, ivf.nlist, ivf.cp).train(sample, ivf.quantizer)
 
 
 def _new_index(dim: int, factory: str) -> faiss.Index:

@@ -265,8 +265,8 @@ def exact_merged_topk(
     With `screen`, the catalogue is scored in bfloat16 (half the memory traffic, and twice the
     multiply rate on CPUs with bfloat16 dot products) or int8 (a quarter of the traffic, and
     integer dot products) and only the rows whose score could reach the user's n-th under the
-    rounding's bound go to the merge, which rescores them exactly (float64 sums rounded to
-    float32): the same answer, ties included (see `_screened`).
+    rounding's bound go to the merge, which rescores them in float32: the same answer, ties
+    included (see `_screened`).
 
     The search runs compiled (`compiled`) unless `eager`.
     """
@@ -548,9 +548,10 @@ def _merge_block(
         offset = torch.arange(rows.shape[0], dtype=torch.int64).unsqueeze(1) * span
         valid = valid & ~torch.isin(rows + offset, excluded + offset)
     gathered = table[rows]  # (b, M, d)
-    # In float64, rounded once to float32: float32 products summed in an order that depends on
-    # the block's shape (its users and candidates) differed in the last bit with the batch.
-    per_interest = torch.bmm(gathered.double(), interests.transpose(1, 2).double()).float()
+    # float32: torch's bmm may sum in another order for another block shape (its users and
+    # candidates), so a score can differ in its last bit with the batch at an odd d (float64
+    # sums were 13x slower for the largest batches; docs/serving.md).
+    per_interest = torch.bmm(gathered, interests.transpose(1, 2))  # (b, M, K)
     scores = per_interest.amax(dim=2)  # (b, M)
     # The interest credited with an item: the first whose score is within float32's rounding
     # ((d + 2) 2^-22 |v| |e|, as for the screen) of the best. Interests that are one vector up
