@@ -599,7 +599,7 @@ def faiss_merged_topk(
     GPU index: per-call parameters are a CPU feature). A user still short after the widest
     search gets exact Eq. 7 over the table: a graph index can leave items that no beam reaches,
     and an index wrapped in a transform or a refinement (PCA16,IVF64,Flat; IVF64,Flat,RFlat)
-    takes no per-call parameters, so it is never searched wider.
+    is not searched wider here (that needs the wrapper's own parameter types).
     """
     batch, k, dim = interests.shape
     ns = np.broadcast_to(np.asarray(n, dtype=np.int64), (batch,))

@@ -193,12 +193,15 @@ METRICS_TMP_PREFIX = "remi-metrics-"
 
 def _remove_orphaned_metrics() -> None:
     """Delete the metrics directories of earlier remi-serve processes that are gone without
-    removing theirs (SIGKILL, the OOM killer): named after their pid, and ours to delete."""
+    removing theirs (SIGKILL, the OOM killer): named after their pid, and ours to delete. One
+    named after our own pid is an earlier run's too (a restarted container reuses pids)."""
     for path in Path(tempfile.gettempdir()).glob(f"{METRICS_TMP_PREFIX}*-*"):
         pid = path.name.removeprefix(METRICS_TMP_PREFIX).partition("-")[0]
         try:
             if not pid.isdigit() or path.stat().st_uid != os.getuid():
                 continue
+            if int(pid) == os.getpid():
+                raise ProcessLookupError  # not alive as the run that made it
             os.kill(int(pid), 0)
         except ProcessLookupError:
             shutil.rmtree(path, ignore_errors=True)

@@ -297,15 +297,15 @@ class HistoryStore:
                 wrong = await self._append_script(keys=keys, args=args)
                 WRITE_IN_FLIGHT.set(False)
         except (RedisError, OSError) as exc:  # asyncio's TimeoutError is an OSError
-            WRITE_IN_FLIGHT.set(False)  # what happened is settled below, and the 503 says it
             written: bool | None = False  # whether the batch was written; None: unknown
             if sent and isinstance(exc, TimeoutError | RedisTimeoutError):
                 # The script may have run in time with its reply still on the way (a slow
                 # network, a Redis that holds replies for an fsync): its token says. Our budget
                 # is past the script's deadline on Redis's clock, so one that has not run yet
                 # will not write.
-                written = await self._token_set(token)
+                written = await self._token_set(token)  # WRITE_IN_FLIGHT is still set
                 if written:
+                    WRITE_IN_FLIGHT.set(False)
                     log.info("a late reply: the events were stored (token found)")
                     return
             elif sent and isinstance(exc, ResponseError | BusyLoadingError):
@@ -314,6 +314,7 @@ class HistoryStore:
                 pass
             elif sent:  # the connection broke after the script was sent (and on the retry)
                 written = None
+            WRITE_IN_FLIGHT.set(False)  # settled: the 503 says what happened
             outcome = "nothing was stored" if written is False else UNKNOWN_OUTCOME
             raise self._unavailable("store events", exc, outcome) from None
         if wrong == "expired":

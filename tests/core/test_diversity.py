@@ -130,13 +130,16 @@ def stepwise_greedy(scores, categories, n, diversity):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_many_categories_and_rounding_match_the_stepwise_greedy(seed):
-    """Many categories, whole-number ties, scores an ulp apart at huge and tiny magnitudes and
-    lambdas below their rounding: the one-sort list is the stepwise greedy's, bit for bit."""
+    """Many categories, whole-number ties, scores a float32 ulp apart (the merge's scores are
+    float32) at huge, tiny and negative magnitudes, across powers of two, and lambdas below
+    their rounding: the one-sort list is the stepwise greedy's, bit for bit."""
     rng = np.random.default_rng(seed)
     batch, width = 6, 60
-    base = rng.choice([0.0, 1.0, 2.0**54, 1e-300], size=(batch, 1))
-    ulps = rng.integers(0, 8, size=(batch, width)) * np.spacing(np.maximum(base, 1.0))
+    base = rng.choice([0.0, 1.0, -1.0, 2.0**54, -(2.0**-20), 1e-30], size=(batch, 1))
+    step = np.spacing(np.abs(base).astype(np.float32)).astype(np.float64)
+    ulps = rng.integers(-4, 4, size=(batch, width)) * step
     scores = np.where(base == 0, rng.integers(-3, 4, size=(batch, width)), base + ulps)
+    scores = scores.astype(np.float32).astype(np.float64)
     scores[rng.random((batch, width)) < 0.1] = -np.inf
     categories = rng.integers(-1, rng.choice([2, 10, 60]), size=(batch, width))
     lambdas = rng.choice([0.0, 1e-17, 0.5, 1.0, 3.0, 2.0**-52, 4.0], size=batch)

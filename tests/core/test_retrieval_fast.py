@@ -330,8 +330,8 @@ def test_an_approximate_index_fills_every_list_the_catalogue_can(factory: str) -
     """Users near one cluster probe lists (IVF) or a beam (HNSW) holding fewer items than a deep
     n: each such user is searched again, wider, until its list is full; a list is still the
     user's own whoever shares its batch. HNSW4's sparse graph leaves items that even a beam as
-    wide as the catalogue never reaches, and a wrapped index takes no per-call parameters, so
-    is never searched wider: those users' lists come from exact Eq. 7."""
+    wide as the catalogue never reaches, and a wrapped index is not searched wider: those
+    users' lists come from exact Eq. 7."""
     rng = np.random.default_rng(5)
     centres = rng.standard_normal((40, 16)).astype(np.float32)
     items = centres[rng.integers(0, 40, 3001)] + 0.2 * rng.standard_normal((3001, 16))

@@ -209,15 +209,17 @@ def test_a_killed_supervisors_metrics_directory_goes_at_the_next_start(
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()  # fmt: skip
     orphaned = tmp_path / f"remi-metrics-{gone}-abc123"
+    reused = tmp_path / f"remi-metrics-{os.getpid()}-ghi789"  # a restarted container's pid
     alive = tmp_path / f"remi-metrics-{os.getppid()}-def456"  # a running process's
     other = tmp_path / "remi-metrics-xyz"  # not named by a pid
-    for path in (orphaned, alive, other):
+    for path in (orphaned, reused, alive, other):
         path.mkdir()
         (path / "counter_1.db").write_bytes(b"")
     with _shared_metrics(2):
         made = Path(os.environ[MULTIPROC_ENV])
         assert made.name.startswith(f"remi-metrics-{os.getpid()}-")
-    assert not orphaned.exists() and alive.exists() and other.exists() and not made.exists()
+    assert not orphaned.exists() and not reused.exists() and alive.exists() and other.exists()
+    assert not made.exists()
 
 
 def test_a_dead_workers_gauges_leave_the_metrics(tmp_path: Path, monkeypatch) -> None:
