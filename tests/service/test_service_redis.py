@@ -384,7 +384,10 @@ def test_a_write_redis_refuses_stores_nothing_and_says_so(
     for command in ("rpush", "set", "lrange"):
         redis.execute_command("ACL", "SETUSER", f"no-{command}", "on", ">pw", "~*", "&*", "+@all",
                               f"-{command}")  # fmt: skip
-    for user in ("no-scripts", "no-tokens", "no-rpush", "no-set", "no-lrange"):
+    # Redis 6 has no acl_check_cmd: there such a user stores part (docs/serving.md).
+    redis7 = int(redis.info("server")["redis_version"].split(".")[0]) >= 7
+    later = ("no-rpush", "no-set", "no-lrange") if redis7 else ()
+    for user in ("no-scripts", "no-tokens", *later):
         post(redis_server.url.replace("redis://", f"redis://{user}:pw@"))
     redis.execute_command("REPLICAOF", "127.0.0.1", "1")  # read-only, as after a failover
     post()
