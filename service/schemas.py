@@ -30,8 +30,9 @@ MAX_ID_LENGTH = 256
 # Ids are opaque strings; the pattern (searched, not anchored) rejects empty and all-blank ids.
 # Not a bare "\S": clients check it with ECMAScript's \s (OpenAPI's regex dialect), which counts
 # U+FEFF as blank and U+0085 not, the server with Unicode's White_Space, which does the
-# opposite; excluding both here gives one set of blanks in both dialects.
-NOT_BLANK = "[^\\s\u0085\ufeff]"
+# opposite, and Python clients (hypothesis, schemathesis) with re's, which adds U+001C-U+001F;
+# excluding all of them here gives one set of blanks in the three dialects.
+NOT_BLANK = "[^\\s\x1c-\x1f\u0085\ufeff]"
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=NOT_BLANK)]
 # History entries may be anything string-like: ids the catalogue lacks are reported, not refused.
 HistoryItem = Annotated[str, StringConstraints(max_length=MAX_ID_LENGTH)]

@@ -181,6 +181,7 @@ def test_fallback_and_unknown_ids_are_counted(client: TestClient) -> None:
         # Blank in one of OpenAPI's (ECMAScript's) and the server's regex dialects, not both.
         ({"user_id": "\u0085"}, "user_id", "a character that is not whitespace"),
         ({"user_id": "\ufeff\u2028"}, "user_id", "a character that is not whitespace"),
+        ({"user_id": "\x1c\x1f"}, "user_id", "a character that is not whitespace"),  # Python's
         ({"history": ["a"], "n": 2.5}, "n", "valid integer"),
         ([], None, "valid dictionary"),
     ],
