@@ -550,8 +550,16 @@ def _merge_block(
     gathered = table[rows]  # (b, M, d)
     # float32: torch's bmm may sum in another order for another block shape (its users and
     # candidates), so a score can differ in its last bit with the batch at an odd d (float64
-    # sums were 13x slower for the largest batches; docs/serving.md).
-    per_interest = torch.bmm(gathered, interests.transpose(1, 2))  # (b, M, K)
+    # sums were 13x slower for the largest batches; docs/serving.md). With one interest
+    # (youtube-dnn, gru4rec) it did at any d, a batched matrix-vector product: three zero
+    # interests pad it to the kernel of four, which did not in any test.
+    k = interests.shape[1]
+    columns = interests
+    if k == 1:
+        columns = torch.cat(
+            [interests, interests.new_zeros(interests.shape[0], 3, interests.shape[2])], 1
+        )
+    per_interest = torch.bmm(gathered, columns.transpose(1, 2))[:, :, :k]  # (b, M, K)
     scores = per_interest.amax(dim=2)  # (b, M)
     # The interest credited with an item: the first whose score is within float32's rounding
     # ((d + 2) 2^-22 |v| |e|, as for the screen) of the best. Interests that are one vector up

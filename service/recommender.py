@@ -190,6 +190,8 @@ def model_from_bundle(
         # The encoder's input table is already the retrieval table's memory (load_bundle);
         # one tensor serves both.
         weights.data = item_table
+    if encoder.cfg.model_type in PER_USER_PRODUCTS and weights.device.type == "cpu":
+        _in_float64_after_the_table(encoder)
     return LoadedModel(
         version=bundle.version,
         path=bundle.path,
@@ -210,6 +212,26 @@ def model_from_bundle(
         host_index=bundle.index if index_device == "gpu" else None,
         _search_lock=threading.Lock() if index_device == "gpu" else None,
     )
+
+
+# Encoders whose matrix products have one row per user (youtube-dnn's linear layer, gru4rec's GRU
+# and dense layer, comirec-dr's per-position maps): torch's CPU GEMM picks its summation order by
+# the row count, so a user's interests changed in their last bits with the batch's size, and at
+# near-ties the order of its items. ComiRec-SA and MIND have a row per history position.
+PER_USER_PRODUCTS = ("youtube-dnn", "gru4rec", "comirec-dr")
+
+
+def _in_float64_after_the_table(encoder: MultiInterestEncoder) -> None:
+    """Run everything after the item-table lookup in float64, so that whatever order a batch's
+    shape gives the sums, they round to the same float32 interests (the service reads them as
+    float32). The table stays float32, shared with the search; the rest is small."""
+    table = encoder.item_embedding
+    for child in encoder.children():
+        if child is not table:
+            child.double()
+    for param in list(encoder.parameters(recurse=False)):
+        param.data = param.data.double()
+    table.register_forward_hook(lambda module, args, out: out.double())
 
 
 def load_model(
