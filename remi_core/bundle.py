@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import itertools
 import json
@@ -29,7 +30,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ MANIFEST = "manifest.json"
 # what retention and the nightly drift guard count as published. Not a dot file, which prune
 # would sweep as a dead writer's leftover.
 PUBLISHED = "published.log"
+# Locked (flock) while `current` switches and while prune takes a version out.
+SWITCH_LOCK = ".switch.lock"
 # A version directory or dot file left by a writer is this old before it counts as abandoned.
 STALE_AFTER_S = 3600
 # Load-time checks of the item table (finite, equal to item_embeddings) go over this many
@@ -306,10 +309,32 @@ def encode_histories(
     return interests.astype(np.float32), rows
 
 
+@contextlib.contextmanager
+def _switching(root: Path) -> Iterator[None]:
+    """Hold the root's lock: `set_current` (its check, log entry and switch) and prune's
+    taking out of a version exclude each other, across processes, so a rollback can neither
+    land on a version being deleted nor have a deletion start between its check and its
+    switch, and publishers never write the log at once."""
+    try:
+        fd = os.open(root / SWITCH_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise BundleError(f"cannot lock {root / SWITCH_LOCK}: {exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def set_current(root: Path, version: str) -> None:
     """Atomically point `current` at an existing version (publish or roll back)."""
     root = Path(root)
     version = version.rstrip("/")  # shell completion adds one
+    with _switching(root):
+        _switch(root, version)
+
+
+def _switch(root: Path, version: str) -> None:
     if version not in list_versions(root):
         raise BundleError(f"no bundle version {version!r} in {root}")
     current = root / CURRENT
@@ -357,7 +382,8 @@ def _record_published(root: Path, version: str) -> tuple[int, int]:
 
 
 def _unrecord(root: Path, entry: tuple[int, int]) -> None:
-    """Take a logged entry back out, unless another publisher has appended after it."""
+    """Take a logged entry back out, unless someone appended after it (a writer that does not
+    take the root's lock: an older version of this code)."""
     log_path = root / PUBLISHED
     with contextlib.suppress(OSError):
         if log_path.stat().st_size == entry[1]:
@@ -430,10 +456,12 @@ def list_versions(root: Path) -> list[str]:
         if p.is_dir() and not p.is_symlink() and not p.name.startswith(".") and p.name != CURRENT
     ]
     versions = [p for p in versions if (p / MANIFEST).is_file()]
-    return [p.name for p in sorted(versions, key=lambda p: (_created_at(p), p.name))]
+    return [p.name for p in sorted(versions, key=lambda p: (created_at(p), p.name))]
 
 
-def _created_at(path: Path) -> str:
+def created_at(path: Path) -> str:
+    """A version's creation time as its manifest says (ISO 8601, so strings order as times);
+    "" when the manifest is missing or unreadable."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -462,7 +490,7 @@ def prune(root: Path, keep: int) -> list[str]:
             removed.remove(version)
     # Half-built versions and link swaps of writers that died; never a live writer's (fresh).
     for leftover in Path(root).glob(".*"):
-        if leftover.lstat().st_mtime < stale:
+        if leftover.name != SWITCH_LOCK and leftover.lstat().st_mtime < stale:
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
@@ -471,16 +499,14 @@ def prune(root: Path, keep: int) -> list[str]:
 
 
 def _take_out(root: Path, version: str) -> bool:
-    """Delete a version unless `current` names it, even if a rollback points `current` at it
-    meanwhile: it is renamed out of the versions first (a rollback to it then fails cleanly),
-    and put back if `current` named it by then. Deleting a large version takes seconds."""
-    if current_version(root) == version:
-        return False
+    """Delete a version unless `current` names it: under the root's lock it is renamed out of
+    the versions (a rollback to it then fails cleanly), and deleted after (seconds for a large
+    version, which no rollback waits for)."""
     going = root / f".deleting-{version}-{uuid.uuid4().hex[:8]}"
-    os.rename(root / version, going)
-    if current_version(root) == version:
-        os.rename(going, root / version)
-        return False
+    with _switching(root):
+        if current_version(root) == version:
+            return False
+        os.rename(root / version, going)
     shutil.rmtree(going)
     return True
 

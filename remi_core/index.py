@@ -91,14 +91,17 @@ def build_index(item_embeddings: np.ndarray, factory: str = "Flat") -> faiss.Ind
 
 def _train_ivf_centroids(index: faiss.Index, vectors: np.ndarray) -> None:
     """k-means for an IVF index on IVF_TRAIN_POINTS_PER_LIST points per list: a seeded sample
-    of ours for a plain IVF index (so that `train` then finds its centroids in place and only
-    trains the lists' encoder, on every vector), Faiss's own sample inside a wrapper."""
+    of ours for a plain IVF index with a flat quantizer (so that `train` then finds its
+    centroids in place and only trains the lists' encoder, on every vector), Faiss's own sample
+    otherwise (inside a wrapper; an HNSW quantizer, which Faiss trains on a flat one)."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
         return
     ivf.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_LIST
     wanted = IVF_TRAIN_POINTS_PER_LIST * ivf.nlist
-    if isinstance(faiss.downcast_index(index), faiss.IndexIVF) and len(vectors) > wanted:
+    plain = isinstance(faiss.downcast_index(index), faiss.IndexIVF)
+    flat = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexFlat)
+    if plain and flat and len(vectors) > wanted:
         picked = np.random.default_rng(0).choice(len(vectors), wanted, replace=False)
         sample = np.ascontiguousarray(vectors[np.sort(picked)])
         faiss.Clustering(ivf.d, ivf.nlist, ivf.cp).train(sample, ivf.quantizer)

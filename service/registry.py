@@ -15,8 +15,8 @@ import anyio.to_thread
 from remi_core.bundle import (
     PUBLISHED,
     BundleError,
+    created_at,
     current_version,
-    list_versions,
     published_log,
     published_versions,
     resolve_current,
@@ -75,33 +75,36 @@ def load_servable(
 def _fallbacks(root: Path, rejected: str | None) -> list[str]:
     """What may serve when `current`, naming `rejected`, cannot: versions published before it
     (in published.log) and created before it, most recently published first. Older only, so
-    that a version rolled back from is never served again; none without a `current` link or a
-    log, since then nothing says which versions were ever meant to serve."""
+    that a version rolled back from is never served again (nor one whose last publish the log
+    shows followed by an older version's, unless published since); none without a `current`
+    link or a log, since then nothing says which versions were ever meant to serve."""
     if rejected is None or not (root / PUBLISHED).is_file():
         return []
     try:
-        by_age, published = list_versions(root), published_versions(root)
-        named = published_log(root)
-        if rejected in by_age:
-            older = set(by_age[: by_age.index(rejected)])
+        published, named = published_versions(root), published_log(root)
+        when = {version: created_at(root / version) for version in published}
+        if created_at(root / rejected):
+            older = {v for v in published if when[v] and when[v] < created_at(root / rejected)}
         else:
-            # Its manifest (or directory) is gone, and with it its age: the versions published
+            # Its manifest is gone or damaged, and with it its age: the versions published
             # before it first was; none if the log never named it.
             older = set(named[: named.index(rejected)] if rejected in named else [])
     except OSError:
         return []
-    return [v for v in reversed(published) if v in older - _rolled_back_from(named, by_age)]
+    return [v for v in reversed(published) if v in older - _rolled_back_from(named, when)]
 
 
-def _rolled_back_from(named: list[str], by_age: list[str]) -> set[str]:
-    """Versions on disk whose last publish was followed by one of an older version (a
-    rollback); a version gone from the disk tells no age, so nothing is concluded from it."""
-    age = {version: i for i, version in enumerate(by_age)}
+def _rolled_back_from(named: list[str], when: dict[str, str]) -> set[str]:
+    """Versions whose last publish was followed by one of an older version (a rollback); a
+    version without a readable creation time tells no age, so nothing is concluded from it."""
     last = {version: i for i, version in enumerate(named)}
     return {
         version
         for version, i in last.items()
-        if version in age and i + 1 < len(named) and age.get(named[i + 1], len(age)) < age[version]
+        if i + 1 < len(named)
+        and when.get(version)
+        and when.get(named[i + 1])
+        and when[named[i + 1]] < when[version]
     }
 
 

@@ -474,6 +474,22 @@ def test_a_version_rolled_back_from_stays_out_after_later_publishes(tiny_bundle_
         assert client.get("/v1/model").json()["version"] == rolled_back_from
 
 
+def test_a_damaged_manifest_tells_no_age_to_the_start_up_fallback(tiny_bundle_root: Path):
+    # An unparseable manifest sorted as the oldest version: with v2's damaged, v1 (published
+    # before it) counted as rolled back from; with current's own damaged, nothing counted as
+    # older. Either way no worker could start, though v1 could serve.
+    v1 = current_version(tiny_bundle_root)
+    v2 = write_tiny_bundle(tiny_bundle_root, seed=2).name
+    v3 = write_tiny_bundle(tiny_bundle_root, seed=3).name
+    (tiny_bundle_root / v2 / "manifest.json").write_text('{"version": "' + v2)  # cut short
+    (tiny_bundle_root / v3 / "index.faiss").write_bytes(b"")
+    with make_client(tiny_bundle_root) as client:
+        assert client.get("/v1/model").json()["version"] == v1
+    (tiny_bundle_root / v3 / "manifest.json").write_text("{")
+    with make_client(tiny_bundle_root) as client:
+        assert client.get("/v1/model").json()["version"] == v1
+
+
 def test_a_rejected_bundle_is_tried_again_on_a_growing_interval(
     tiny_bundle_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

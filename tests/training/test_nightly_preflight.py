@@ -62,6 +62,15 @@ def test_index_settings_a_bundle_would_refuse_fail_before_training(
     assert not (tmp_path / "state" / "runs").exists(), "it trained before finding out"
 
 
+def test_a_current_that_is_a_directory_fails_before_training(tmp_path: Path) -> None:
+    # What `rsync -L` leaves: publishing refused it, after the whole training.
+    (tmp_path / "bundles" / "current").mkdir(parents=True)
+    result = bootstrap(tmp_path / "bundles", tmp_path / "state")
+    assert result.exit_code == 2, result.output
+    assert "current is not a symlink" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "state" / "runs").exists(), "it trained before finding out"
+
+
 @contextlib.contextmanager
 def read_only(directory: Path) -> Iterator[None]:
     """Nobody may create files in `directory`: mode 0555, and for root (who writes through mode
