@@ -337,10 +337,8 @@ def set_current(root: Path, version: str) -> None:
 def _switch(root: Path, version: str) -> None:
     if version not in list_versions(root):
         raise BundleError(f"no bundle version {version!r} in {root}")
+    check_current_is_a_link(root)
     current = root / CURRENT
-    if current.exists() and not current.is_symlink():
-        # What `rsync -L` or `cp -rL` leave: the link's target copied in its place.
-        raise BundleError(f"{current} is not a symlink (a copied version?): move it away first")
     # Logged before the switch: a log write that fails (a full disk) then leaves `current` as
     # it was, while after it a served version missing from the log would count as never
     # published, and retention would delete it (the rollback target) an hour later. A switch
@@ -431,12 +429,19 @@ def current_version(root: Path) -> str | None:
     return Path(os.readlink(link)).name if link.is_symlink() else None
 
 
+def check_current_is_a_link(root: Path) -> None:
+    """BundleError when `current` is there but no symlink: what `rsync -L` or `cp -rL` leave,
+    the link's target copied in its place, which no switch can replace."""
+    current = Path(root) / CURRENT
+    if current.exists() and not current.is_symlink():
+        raise BundleError(f"{current} is not a symlink (a copied version?): move it away first")
+
+
 def resolve_current(root: Path) -> Path:
     """The version directory `current` points at, resolved once."""
     root = Path(root)
+    check_current_is_a_link(root)
     version = current_version(root)
-    if version is None and (root / CURRENT).exists():
-        raise BundleError(f"{root / CURRENT} is not a symlink (a copied version?)")
     if version is None:
         raise BundleError(f"no published bundle: {root / CURRENT} does not exist")
     path = root / version

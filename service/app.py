@@ -441,6 +441,9 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
     )
 
 
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
 def _methods_of(request: Request) -> list[str]:
     """Every method some route answers on the request's path: each asked of the routes, as the
     router would (FastAPI nests included routers, so routes' own method sets are not at hand)."""
@@ -452,9 +455,6 @@ def _methods_of(request: Request) -> list[str]:
             for route in request.app.router.routes
         )
     ]
-
-
-HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
 async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse:

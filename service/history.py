@@ -12,6 +12,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 from redis import asyncio as aioredis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import BusyLoadingError, RedisError, ResponseError
@@ -196,6 +197,16 @@ def _is_wrong_type(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
+def check_redis_url(url: str) -> None:
+    """ValueError, the password hidden, for a URL the connection pool cannot parse (a port that
+    is no number, an option of the wrong type): Settings refuse it at start, before any worker."""
+    try:
+        parse_url(url)
+    except ValueError as exc:  # redis-py's messages may quote parts of the URL
+        reason = scrub_secrets(str(exc), url)
+        raise ValueError(f"invalid Redis URL {redact_url(url)}: {reason}") from None
+
+
 class HistoryStore:
     """Capped per-user lists plus the stream, over one pooled asyncio Redis client.
 
@@ -217,29 +228,26 @@ class HistoryStore:
         self.timeout_s = timeout_s
         self.history_cap = history_cap
         self.stream_maxlen = stream_maxlen
-        try:
-            # A request beyond max_connections waits for a free connection within its budget;
-            # redis-py's default pool fails it at once instead, so a Redis that stalls for a
-            # moment under many concurrent requests would turn the surplus into 503s.
-            self._pool = aioredis.BlockingConnectionPool.from_url(
-                url,
-                max_connections=max_connections,
-                timeout=timeout_s,
-                socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s,
-                # The library default retries timeouts too, with backoff: seconds of waiting on
-                # a hung Redis. One immediate retry on a broken connection replaces a stale
-                # pooled one after a Redis restart (the /events script is safe to retry).
-                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-                decode_responses=True,
-                # Bytes a foreign writer stored that are not UTF-8 decode to U+FFFD and so count
-                # as unknown ids, instead of failing the request. Outgoing strings are always
-                # valid UTF-8 (the schemas refuse lone surrogates), so encoding is unaffected.
-                encoding_errors="replace",
-            )
-        except ValueError as exc:  # redis-py's messages may quote parts of the URL
-            reason = self.scrub(str(exc))
-            raise ValueError(f"invalid Redis URL {redact_url(url)}: {reason}") from None
+        check_redis_url(url)
+        # A request beyond max_connections waits for a free connection within its budget;
+        # redis-py's default pool fails it at once instead, so a Redis that stalls for a
+        # moment under many concurrent requests would turn the surplus into 503s.
+        self._pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            # The library default retries timeouts too, with backoff: seconds of waiting on
+            # a hung Redis. One immediate retry on a broken connection replaces a stale
+            # pooled one after a Redis restart (the /events script is safe to retry).
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            decode_responses=True,
+            # Bytes a foreign writer stored that are not UTF-8 decode to U+FFFD and so count
+            # as unknown ids, instead of failing the request. Outgoing strings are always
+            # valid UTF-8 (the schemas refuse lone surrogates), so encoding is unaffected.
+            encoding_errors="replace",
+        )
         self._client = aioredis.Redis(connection_pool=self._pool)
         self._append_script = self._client.register_script(_APPEND_SCRIPT)
 

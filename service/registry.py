@@ -83,8 +83,9 @@ def _fallbacks(root: Path, rejected: str | None) -> list[str]:
     try:
         published, named = published_versions(root), published_log(root)
         when = {version: created_at(root / version) for version in published}
-        if created_at(root / rejected):
-            older = {v for v in published if when[v] and when[v] < created_at(root / rejected)}
+        rejected_at = created_at(root / rejected)
+        if rejected_at:
+            older = {v for v in published if when[v] and when[v] < rejected_at}
         else:
             # Its manifest is gone or damaged, and with it its age: the versions published
             # before it first was; none if the log never named it.

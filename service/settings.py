@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.redact import redact_url, scrub_secrets
+from service.redact import redact_url
 
 ExactSearch = Literal["auto", "screened-int8", "screened", "dense", "faiss"]
 """REMI_EXACT_SEARCH's choices (service.recommender.EXACT_SEARCH lists them for code)."""
@@ -241,16 +241,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"must start with redis://, rediss:// or unix://, not {redact_url(url)}"
             )
-        # Parsed as the workers' connection pool will (a port that is no number, a db or an
-        # option of the wrong type), so that remi-serve refuses it with this line instead of
-        # every worker failing its start-up.
-        from redis.asyncio.connection import parse_url
+        # Parsed as the workers' connection pool will, so that remi-serve refuses it with this
+        # line instead of every worker failing its start-up.
+        from service.history import check_redis_url
 
-        try:
-            parse_url(url)
-        except ValueError as exc:  # redis-py's messages may quote parts of the URL
-            reason = scrub_secrets(str(exc), url)
-            raise ValueError(f"invalid Redis URL {redact_url(url)}: {reason}") from None
+        check_redis_url(url)
         return url
 
     @field_validator("device")

@@ -57,9 +57,9 @@ import pandas as pd
 
 from remi_core.atomic import write_json_atomic
 from remi_core.bundle import (
-    CURRENT,
     FILES,
     BundleError,
+    check_current_is_a_link,
     current_version,
     read_manifest,
     resolve_current,
@@ -297,10 +297,7 @@ def _run_steps(run: NightlyRun) -> None:
     cfg = run.cfg
     check_writable(Path(cfg.bundle_root), "--bundle-root")
     check_writable(Path(cfg.state_dir), "--state-dir")
-    current = Path(cfg.bundle_root) / CURRENT
-    if current.exists() and not current.is_symlink():  # publishing would refuse it, after training
-        raise NightlyError(f"--bundle-root: {current} is not a symlink (a copied version?): "
-                           "move it away first")  # fmt: skip
+    check_current_is_a_link(Path(cfg.bundle_root))  # publishing would refuse it, after training
     run.published = published_bundle(Path(cfg.bundle_root))
     if run.kind == "bootstrap" and _published_version(Path(cfg.bundle_root)) is not None:
         reason = f"{run.published.version} was published meanwhile"
