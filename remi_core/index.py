@@ -113,9 +113,29 @@ def _new_index(dim: int, factory: str) -> faiss.Index:
         # Faiss's NSG build can spin for ever with inner products (NSG8 over 3,000 items).
         raise ValueError(f"index factory {factory!r}: NSG indexes are not supported, use HNSW")
     try:
-        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise ValueError(f"invalid Faiss index factory string {factory!r}: {exc}") from None
+    if _holds_id_map(index):
+        # An id map takes only add_with_ids; a bundle's index positions are its catalogue rows.
+        raise ValueError(
+            f"index factory {factory!r}: IDMap is not supported, the bundle maps index "
+            "positions to item ids itself (drop the IDMap part)"
+        )
+    return index
+
+
+def _holds_id_map(index: faiss.Index) -> bool:
+    while True:
+        index = faiss.downcast_index(index)
+        if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+            return True
+        if isinstance(index, faiss.IndexPreTransform):
+            index = index.index
+        elif isinstance(index, faiss.IndexRefine):
+            index = index.base_index
+        else:
+            return False
 
 
 def check_index_settings(
