@@ -253,6 +253,7 @@ def exact_merged_topk(
     users_per_chunk: int | None = None,
     screen: ScreenTable | None = None,
     eager: bool = False,
+    max_norm: float | None = None,
 ) -> RetrievedBatch:
     """Serving path for exact search without an index: dense Eq. 7 in torch, then the merge.
 
@@ -268,17 +269,34 @@ def exact_merged_topk(
     rounding's bound go to the merge, which rescores them in float32: the same answer, ties
     included (see `_screened`).
 
+    Unscreened, the rows kept for the merge are those within float32's rounding of the n-th
+    best ((d + 2) 2^-22 max_k |v_k| max_i |e_i|, twice over, `_near_the_cut`): the merge's own
+    products round differently, and only rows it might rank in the top n must reach it.
+    `max_norm` is max_i |e_i| (from `screen`, or computed here when neither is given).
+
     The search runs compiled (`compiled`) unless `eager`.
     """
     batch = interests.shape[0]
+    if max_norm is None:
+        max_norm = screen.max_norm if screen is not None else max_row_norm(items)
     excluded = pad_rows(exclude, batch)
     users_per_chunk = users_per_chunk or max(1, min(64, 2**23 // items.shape[0]))  # <= 32 MB
     v = torch.from_numpy(np.ascontiguousarray(interests, dtype=np.float32))
     spec = screen.spec() if screen is not None else None
     search = _exact_search if eager else compiled(_exact_search)
     with torch.inference_mode():
-        found = search(v, items, spec, torch.from_numpy(excluded), n, users_per_chunk)
+        found = search(v, items, spec, torch.from_numpy(excluded), n, users_per_chunk, max_norm)
     return RetrievedBatch(*(t.numpy() for t in found))
+
+
+def max_row_norm(items: torch.Tensor) -> float:
+    """max_i |e_i| over a table's rows, in float64 (float32 squares overflow for huge rows and
+    underflow for tiny ones)."""
+    most = 0.0
+    for start in range(0, items.shape[0], 1 << 16):  # a float64 copy of 65,536 rows at a time
+        part = items[start : start + (1 << 16)].double()
+        most = max(most, float(torch.linalg.vector_norm(part, dim=1).max()))
+    return most
 
 
 def _exact_search(
@@ -288,6 +306,7 @@ def _exact_search(
     excluded: torch.Tensor,
     n: int,
     users_per_chunk: int,
+    max_norm: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`exact_merged_topk` on tensors: interests (B, K, d), excluded (B, L) -> rows, scores,
     interests (B, n'), counts (B,), n' = min(n, the most candidates any user had)."""
@@ -303,7 +322,8 @@ def _exact_search(
         if screen is not None:
             rows = _screened(v, screen, ex, n)
         if rows is None:
-            rows = _with_boundary_ties(_max_scores(blocked_max_scores(v, items), ex), n)
+            scores = _max_scores(blocked_max_scores(v, items), ex)
+            rows = _near_the_cut(scores, n, _rounding_slack(v, max_norm))
         chunks.append(rows)
     # One merge for the batch; row 0 pads the chunks' candidate lists to one width.
     candidates = torch.zeros(batch, max([c.shape[1] for c in chunks] + [0]), dtype=torch.int64)
@@ -447,27 +467,38 @@ def _slots(users: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]
     return torch.arange(users.shape[0]) - (counts.cumsum(0) - counts)[users], counts
 
 
-def _with_boundary_ties(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Top-n rows of scores (b, N); a user whose n-th score is shared by rows left out gets every
-    row scoring at least that much, so the merge can give the tie to the smaller row (topk
-    picks among equal scores in no promised order)."""
-    # One row more than asked: the n-th score is shared by a row left out exactly when the
-    # (n+1)-th equals it, which spares a full pass over the (b, N) scores to count ties.
+def _rounding_slack(interests: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """(b,) twice the most that float32 products of interests (b, K, d) with rows of norm up to
+    max_norm can differ from each other: (d + 2) 2^-22 max_k |v_k| max_i |e_i|, doubled; 0
+    where that is not a finite float32 (then only exact ties are kept)."""
+    dim = interests.shape[2]
+    norms = torch.linalg.vector_norm(interests.double(), dim=2).amax(dim=1)  # (b,)
+    slack = (2 * (dim + 2) * 2.0**-22 * max_norm * norms).float()
+    return torch.where(torch.isfinite(slack), slack, torch.zeros_like(slack))
+
+
+def _near_the_cut(scores: torch.Tensor, n: int, slack: torch.Tensor) -> torch.Tensor:
+    """Top-n rows of scores (b, N), and for a user whose n-th score is within slack (b,) of a
+    row left out, every row scoring at least the n-th minus slack (ascending): the rows the
+    merge's own float32 products might rank in the top n, ties included (topk picks among
+    equal scores in no promised order; the merge gives a tie to the smaller row)."""
+    # One row more than asked: a row left out comes within slack of the n-th exactly when the
+    # (n+1)-th does, which spares a full pass over the (b, N) scores for nearly every user.
     top = scores.topk(min(n + 1, scores.shape[1]), dim=1)
     rows = top.indices[:, :n]
     if top.values.shape[1] == n:  # nothing left out
         return rows
-    kth = top.values[:, n - 1]  # (b,)
-    # A tie at +inf (scores past float32's range) is a tie too; at -inf there is nothing left.
-    tied = ((kth > float("-inf")) & (top.values[:, n] == kth)).nonzero()[:, 0]  # (t,)
-    if tied.shape[0] == 0:
+    floor = top.values[:, n - 1] - slack  # (b,)
+    # At +inf (scores past float32's range) the floor is +inf: ties only; at -inf nothing is left.
+    near = ((floor > float("-inf")) & (top.values[:, n] >= floor)).nonzero()[:, 0]  # (t,)
+    if near.shape[0] == 0:
         return rows
-    users, wide = (scores[tied] >= kth[tied].unsqueeze(1)).nonzero().unbind(1)  # ascending rows
-    slot, counts = _slots(users, tied.shape[0])
+    users, wide = (scores[near] >= floor[near].unsqueeze(1)).nonzero().unbind(1)  # ascending rows
+    slot, counts = _slots(users, near.shape[0])
     out = torch.zeros(scores.shape[0], max(n, int(counts.max())), dtype=torch.int64)
     out[:, :n] = rows
-    out[tied] = 0
-    out[tied[users], slot] = wide
+    out[near] = 0
+    out[near[users], slot] = wide
     return out
 
 

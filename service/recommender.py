@@ -30,6 +30,7 @@ from remi_core.retrieval import (
     ScreenTable,
     exact_merged_topk,
     faiss_merged_topk,
+    max_row_norm,
     warm_exact_fallback,
 )
 from service.settings import ExactSearch
@@ -61,6 +62,8 @@ class LoadedModel:
     loaded_at: float
     search_backend: str  # what answers searches: "screened-int8", "screened", "dense", "faiss"
     screen: ScreenTable | None = None  # the int8 or bfloat16 copy of the table when screened
+    # max_i |e_i|, the dense search's rounding bound (the screens hold their own), taken once
+    max_item_norm: float | None = None
     categories: np.ndarray | None = None  # (N,) int32 category per row (-1: none), read-only
     # The CPU index a GPU one was copied from: it answers searches deeper than a GPU selects
     # (GPU_MAX_K), e.g. diverse lists (4 x n candidates) or long histories to exclude.
@@ -95,7 +98,12 @@ class LoadedModel:
         same way at any depth, so it searches once at the deepest)."""
         if self.search_backend != "faiss":
             return exact_merged_topk(
-                interests, self.item_table, max(n), exclude, screen=self.screen
+                interests,
+                self.item_table,
+                max(n),
+                exclude,
+                screen=self.screen,
+                max_norm=self.max_item_norm,
             )
         index, lock = self.index, self._search_lock
         if self.host_index is not None:
@@ -128,6 +136,7 @@ def choose_exact_search(
     gen = torch.Generator().manual_seed(0)
     rows = torch.randint(1, items.shape[0], (16, k), generator=gen)
     interests = items[rows].numpy()  # (16, K, d): interests that look like the catalogue
+    max_norm = max_row_norm(items)
     timings = dict.fromkeys(screens, float("inf"))
     for turn in range(8):  # TorchScript optimises on its second call: three to warm up
         for name, table in screens.items():
@@ -135,7 +144,7 @@ def choose_exact_search(
                 continue
             start = time.perf_counter()
             try:
-                exact_merged_topk(interests, items, 50, screen=table)
+                exact_merged_topk(interests, items, 50, screen=table, max_norm=max_norm)
             except RuntimeError as exc:  # e.g. a torch build without this CPU's int8 matmul
                 log.warning("exact search %s cannot run on this host: %s", name, exc)
                 del timings[name]
@@ -208,6 +217,7 @@ def model_from_bundle(
         loaded_at=time.time(),
         search_backend=backend,
         screen=screen,
+        max_item_norm=max_row_norm(item_table) if backend == "dense" else None,
         categories=bundle.categories,
         host_index=bundle.index if index_device == "gpu" else None,
         _search_lock=threading.Lock() if index_device == "gpu" else None,
