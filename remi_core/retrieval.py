@@ -578,19 +578,23 @@ def _merge_block(
         span = max(int(table.shape[0]), int(excluded.max()) + 1, int(rows.max()) + 1)
         offset = torch.arange(rows.shape[0], dtype=torch.int64).unsqueeze(1) * span
         valid = valid & ~torch.isin(rows + offset, excluded + offset)
-    gathered = table[rows]  # (b, M, d)
-    # float32: torch's bmm may sum in another order for another block shape (its users and
-    # candidates), so a score can differ in its last bit with the batch at an odd d (float64
-    # sums were 13x slower for the largest batches; docs/serving.md). With one interest
-    # (youtube-dnn, gru4rec) it did at any d, a batched matrix-vector product: three zero
-    # interests pad it to the kernel of four, which did not in any test.
-    k = interests.shape[1]
+    # float32 products summed in an order that does not depend on the block's shape: torch's
+    # bmm picks its kernel by the shapes, and some sum in another order, so a score could
+    # differ in its last bit alone and in a batch (549 of 1,803 users in a seeded test, rows
+    # reordered at near-ties), and two copies of one item could score a bit apart (odd d).
+    # With zeros padding the candidates (row 0) to at least 16 and a multiple of 8, d to a
+    # multiple of 8 and the interests to one of 4, none did in any test. (float64 sums were
+    # 13x slower for the largest batches; docs/serving.md.)
+    width, k, dim = rows.shape[1], interests.shape[1], interests.shape[2]
+    more_rows = max(16 - width, (8 - width % 8) % 8)
+    more_dims = (8 - dim % 8) % 8
+    gathered = table[torch.nn.functional.pad(rows, [0, more_rows]) if more_rows else rows]
     columns = interests
-    if k == 1:
-        columns = torch.cat(
-            [interests, interests.new_zeros(interests.shape[0], 3, interests.shape[2])], 1
-        )
-    per_interest = torch.bmm(gathered, columns.transpose(1, 2))[:, :, :k]  # (b, M, K)
+    if more_dims or k % 4:
+        columns = torch.nn.functional.pad(interests, [0, more_dims, 0, (4 - k % 4) % 4])
+    if more_dims:
+        gathered = torch.nn.functional.pad(gathered, [0, more_dims])  # (b, M', d')
+    per_interest = torch.bmm(gathered, columns.transpose(1, 2))[:, :width, :k]  # (b, M, K)
     scores = per_interest.amax(dim=2)  # (b, M)
     # The interest credited with an item: the first whose score is within float32's rounding
     # ((d + 2) 2^-22 |v| |e|, as for the screen) of the best. Interests that are one vector up
@@ -598,7 +602,7 @@ def _merge_block(
     # depends on the batch's shape: the credit, and lists diversified by it, changed with
     # whoever shared the batch.
     norms = torch.linalg.vector_norm(interests, dim=2).amax(dim=1)  # (b,)
-    slack = (table.shape[1] + 2) * 2.0**-22 * torch.linalg.vector_norm(gathered, dim=2)
+    slack = (dim + 2) * 2.0**-22 * torch.linalg.vector_norm(gathered[:, :width], dim=2)
     slack = slack * norms.unsqueeze(1)  # (b, M)
     best = (per_interest >= (scores - slack).unsqueeze(2)).int().argmax(dim=2)  # (b, M)
     scores = scores.masked_fill(~valid, float("-inf"))
@@ -648,7 +652,16 @@ def faiss_merged_topk(
     depths = np.minimum(ns + extra, index.ntotal)  # (B,)
     depth = int(depths.max(initial=0))
     queries = np.ascontiguousarray(interests.reshape(batch * k, dim), dtype=np.float32)
-    _, labels = index.search(queries, depth)  # (B*K, depth), -1 where the index ran short
+    if _refines(index):
+        # A refinement re-ranks a base search k_factor times as deep, so the first d labels of
+        # a deeper search are not a d-deep search's (better ones, 7 of 20 kept for
+        # PCA16,IVF64,Flat,RFlat): each depth in the batch gets its own search.
+        labels = np.full((batch * k, depth), -1, dtype=np.int64)
+        for each in np.unique(depths[depths > 0]):
+            at = (np.flatnonzero(depths == each)[:, None] * k + np.arange(k)).ravel()
+            labels[at, :each] = index.search(queries[at], int(each))[1]
+    else:
+        _, labels = index.search(queries, depth)  # (B*K, depth), -1 where the index ran short
     labels = labels.reshape(batch, k, depth)
     own = np.arange(depth) < depths[:, None, None]  # (B, 1, depth): within the user's own depth
     rows = np.where(own & (labels >= 0), labels + row_offset, 0).reshape(batch, k * depth)
@@ -704,6 +717,19 @@ def warm_exact_fallback(index, items: torch.Tensor) -> None:
     query = items[1:2, None, :].numpy()  # (1, 1, d): the first item's own vector
     for _ in range(2):
         exact_merged_topk(query, items[:65], 1, [np.array([1], dtype=np.int64)])
+
+
+def _refines(index) -> bool:
+    """Whether a refinement (IndexRefine: RFlat, Refine(...)) is somewhere in index's chain."""
+    import faiss
+
+    while True:
+        index = faiss.downcast_index(index)
+        if isinstance(index, faiss.IndexRefine):
+            return True
+        if not isinstance(index, faiss.IndexPreTransform | faiss.IndexIDMap):
+            return False
+        index = index.index
 
 
 def _is_flat(index) -> bool:

@@ -300,13 +300,19 @@ def test_batch_composition_does_not_change_answers(seeded):
         np.testing.assert_allclose(alone[0].scores, together[b].scores, rtol=1e-6)
 
 
-def test_an_approximate_index_answers_each_user_as_if_alone() -> None:
+REFINED = ["IVF16,PQ4x4,RFlat", "PCA8,IVF16,Flat,RFlat", "IVF16,SQ4,Refine(Flat)"]
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", *REFINED])
+def test_an_approximate_index_answers_each_user_as_if_alone(factory: str) -> None:
     # With IVF at nprobe=1 a deeper search surfaces items a shallower one misses; a user sharing
     # a batch with a deeper user (larger n or longer history) must still get its own answer.
+    # A refinement re-ranks a deeper base search, so there even the first items of a deeper
+    # search differ from a shallower one's (only 7 of 20 kept for PCA16,IVF64,Flat,RFlat).
     rng = np.random.default_rng(11)
     items = rng.standard_normal((2001, 16)).astype(np.float32)
-    index = build_index(items, "IVF16,Flat")
-    index.nprobe = 1
+    index = build_index(items, factory)
+    faiss.ParameterSpace().set_index_parameters(index, "nprobe=1")
     users = 40
     interests = rng.standard_normal((users, 4, 16)).astype(np.float32)
     exclude = [rng.integers(1, 2001, size=rng.integers(0, 30)) for _ in range(users)]
@@ -372,10 +378,12 @@ def test_an_approximate_index_fills_every_list_the_catalogue_can(factory: str) -
 
 
 @pytest.mark.parametrize("screen_type", [None, *SCREEN_TYPES])
-def test_an_exact_list_is_bit_for_bit_the_same_whoever_shares_its_batch(screen_type):
-    """At d=64 (an odd d can differ in the last bit: docs/serving.md), with exactly tied
-    (duplicated) items that users are drawn to."""
-    dim = 64
+@pytest.mark.parametrize("dim", [5, 17, 33, 64])
+@pytest.mark.parametrize("n", [1, 3, 50])
+def test_an_exact_list_is_bit_for_bit_the_same_whoever_shares_its_batch(screen_type, dim, n):
+    """With exactly tied (duplicated) items that users are drawn to. The merge's bmm summed in
+    another order for other block shapes: at odd d most users' scores differed in the last bit
+    alone and in a batch, and at any d with a few candidates (n = 1)."""
     rng = np.random.default_rng(dim)
     items = rng.standard_normal((5000, dim)).astype(np.float32)
     copies = rng.integers(1, 5000, 40)
@@ -385,11 +393,16 @@ def test_an_exact_list_is_bit_for_bit_the_same_whoever_shares_its_batch(screen_t
     interests[:, 0] = 3 * items[copies[:16]]  # users drawn to the tied items
     table = torch.from_numpy(items)
     screen = None if screen_type is None else ScreenTable.of(table, screen_type)
-    together = exact_merged_topk(interests, table, 50, screen=screen)
+    together = exact_merged_topk(interests, table, n, screen=screen)
     for b in range(16):
-        alone = exact_merged_topk(interests[b : b + 1], table, 50, screen=screen)
+        alone = exact_merged_topk(interests[b : b + 1], table, n, screen=screen)
         np.testing.assert_array_equal(together.rows[b], alone.rows[0])
         np.testing.assert_array_equal(together.scores[b], alone.scores[0])
+        # Copies of one item score the same, so exact ties go to the smaller row at any d.
+        scores_of: dict[bytes, set[float]] = {}
+        for row, score in zip(alone[0].rows, alone[0].scores, strict=True):
+            scores_of.setdefault(items[row].tobytes(), set()).add(float(score))
+        assert all(len(scores) == 1 for scores in scores_of.values())
 
 
 @pytest.mark.parametrize("screen_type", SCREEN_TYPES)
@@ -490,3 +503,23 @@ def test_every_exact_search_gives_the_same_list_on_near_duplicate_items():
         for eager in (False, True):
             found = exact_merged_topk(interests, table, 20, screen=screen, eager=eager)
             assert found.rows.tolist() == want.rows.tolist(), (screen_type, eager)
+
+
+@pytest.mark.parametrize("dim", [5, 8, 17, 64])
+@pytest.mark.parametrize("k", [1, 2, 4, 7])
+def test_merge_is_bit_for_bit_the_same_whoever_shares_its_block(dim, k):
+    """Users with 1 to 300 candidates, merged alone and in a block as wide as the widest: the
+    bmm's shape changes with both (549 of 1,803 users differed in a seeded run)."""
+    rng = np.random.default_rng(dim * 10 + k)
+    items = rng.standard_normal((3000, dim)).astype(np.float32)
+    interests = rng.standard_normal((24, k, dim)).astype(np.float32)
+    widths = rng.integers(1, 300, 24)
+    candidates = np.zeros((24, widths.max()), dtype=np.int64)
+    for b, width in enumerate(widths):
+        candidates[b, :width] = rng.choice(np.arange(1, 3000), width, replace=False)
+    together = merge_candidates(interests, candidates, items, 400)
+    for b, width in enumerate(widths):
+        alone = merge_candidates(interests[b : b + 1], candidates[b : b + 1, :width], items, 400)
+        np.testing.assert_array_equal(together[b].rows, alone[0].rows)
+        np.testing.assert_array_equal(together[b].scores, alone[0].scores)
+        np.testing.assert_array_equal(together[b].interests, alone[0].interests)
