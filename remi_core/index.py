@@ -173,10 +173,27 @@ def _innermost(index: faiss.Index) -> faiss.Index:
 def apply_search_params(index: faiss.Index, params: str) -> None:
     """Set search-time parameters such as "nprobe=16" or "efSearch=128" (comma separated)."""
     if params:
+        _check_search_widths(params)
         try:
             faiss.ParameterSpace().set_index_parameters(index, params)
         except RuntimeError as exc:
             raise ValueError(f"invalid Faiss search parameters {params!r}: {exc}") from None
+
+
+def _check_search_widths(params: str) -> None:
+    """nprobe and efSearch must be whole numbers of at least 1: Faiss takes 0 (efSearch=0 made
+    the widening of short users loop for ever), wraps negatives and huge values to 2^64 - 1,
+    and truncates 2.5 to 2."""
+    for part in params.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name in SEARCH_GRID:
+            value = value.strip()
+            if not (value.isascii() and value.isdigit() and 1 <= int(value) < 2**31):
+                raise ValueError(
+                    f"invalid Faiss search parameters {params!r}: {name} must be a whole "
+                    f"number from 1 to {2**31 - 1}, not {value!r}"
+                )
 
 
 def gpu_available() -> bool:

@@ -746,12 +746,12 @@ def _wider(index) -> Iterator[Any]:
 
     base = faiss.downcast_index(index)
     if isinstance(base, faiss.IndexIVF):
-        nprobe = base.nprobe
+        nprobe = max(1, base.nprobe)  # from 0, 4x would never grow
         while nprobe < base.nlist:
             nprobe = min(base.nlist, 4 * nprobe)
             yield faiss.SearchParametersIVF(nprobe=nprobe)
     elif isinstance(base, faiss.IndexHNSW):
-        ef = base.hnsw.efSearch
+        ef = max(1, base.hnsw.efSearch)
         while ef < base.ntotal:
             ef = min(base.ntotal, 4 * ef)
             yield faiss.SearchParametersHNSW(efSearch=ef)

@@ -21,6 +21,7 @@ from remi_core.bundle import (
 from remi_core.index import (
     GPU_MAX_K,
     MIN_TUNING_USERS,
+    apply_search_params,
     assess,
     build_index,
     choose_factory,
@@ -151,6 +152,20 @@ def test_given_parameters_are_measured_not_tuned(tmp_path: Path) -> None:
     index = load_bundle(path).manifest["index"]
     assert index["chosen_by"] == "given" and index["search_params"] == "nprobe=1"
     assert index["recall"]["recall"] < 0.95 and not index["recall"]["reached"]
+
+
+@pytest.mark.parametrize(
+    ("factory", "params"),
+    [("HNSW8", "efSearch=0"), ("HNSW8", "efSearch=-5"), ("IVF4,Flat", "nprobe=0"),
+     ("IVF4,Flat", "nprobe=99999999999"), ("IVF4,Flat", "nprobe=2.5"), ("IVF4,Flat", "nprobe=²")],
+)  # fmt: skip
+def test_search_widths_must_be_whole_numbers_from_one(factory: str, params: str) -> None:
+    # Faiss took them: efSearch=0 left the widening of short users looping for ever (a hung
+    # export), negatives and huge values wrapped to 2^64 - 1 and failed in the first search
+    # with a traceback, 2.5 became 2.
+    index = faiss.index_factory(8, factory, faiss.METRIC_INNER_PRODUCT)
+    with pytest.raises(ValueError, match="must be a whole number from 1 to 2147483647"):
+        apply_search_params(index, params)
 
 
 def test_tuning_rejects_a_bad_target() -> None:
