@@ -8,11 +8,15 @@ A run directory describes itself, so a run can be evaluated, exported or resumed
     best.safetensors   weights of the best validation checkpoint; best.json says which it was
     last.pt            the latest validation's full state, for --resume
     result.json        the finished run's summary (valid/test metrics, iterations, seconds, ...)
+    .lock              flocked by the one process training here (`RunDir.training`)
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,21 @@ class RunDir:
     def weights(self, which: str = "best") -> Path:
         """best.safetensors (the best validation checkpoint) or another saved set of weights."""
         return self.path / f"{which}.safetensors"
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """Hold the directory for one training process (an flock on .lock, released when the
+        process ends however it ends): a second `train` or `--resume` there fails at once
+        instead of mixing its settings, weights and log with the first's."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with (self.path / ".lock").open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunError(
+                    f"{self.path}: another process is training in this run directory"
+                ) from None
+            yield
 
     def exists(self) -> bool:
         """Whether a run was started here (its config.json is written first)."""

@@ -250,20 +250,21 @@ def train(
     if resume and not run.last.is_file():
         raise FileNotFoundError(f"cannot resume: {run.last} does not exist")
     session = _start_session(dataset, cfg, device, ddp)  # settings fail here, before any file
-    if ddp.is_main:
-        _write_run_files(run, dataset, cfg, resume)
-    if resume:
-        session.progress = _load_last(run.last, session)
-        best = run.weights("best")
-        if best.is_file():  # the run ends by loading it: a damaged one fails now, not then
-            with _reading(best, "to resume the run"):
-                load_file(str(best))
-        log.info("resumed %s at iteration %d", run.path, session.progress.iteration)
-    _train_loop(session, cfg, run, resume, show_bar=progress and ddp.is_main)
-    checksums = _replica_checksums(session.model, ddp)
-    if ddp.world_size > 1:
-        dist.barrier()  # rank 0 has written best.safetensors
-    return _finish(session, dataset, cfg, run, checksums)
+    with run.training() if ddp.is_main else contextlib.nullcontext():
+        if ddp.is_main:
+            _write_run_files(run, dataset, cfg, resume)
+        if resume:
+            session.progress = _load_last(run.last, session)
+            best = run.weights("best")
+            if best.is_file():  # the run ends by loading it: a damaged one fails now, not then
+                with _reading(best, "to resume the run"):
+                    load_file(str(best))
+            log.info("resumed %s at iteration %d", run.path, session.progress.iteration)
+        _train_loop(session, cfg, run, resume, show_bar=progress and ddp.is_main)
+        checksums = _replica_checksums(session.model, ddp)
+        if ddp.world_size > 1:
+            dist.barrier()  # rank 0 has written best.safetensors
+        return _finish(session, dataset, cfg, run, checksums)
 
 
 def _write_run_files(run: RunDir, dataset: SequenceDataset, cfg: TrainConfig, resume: bool) -> None:

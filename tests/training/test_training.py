@@ -26,7 +26,7 @@ from training.commands.options import read_config, settings
 from training.data import DataConfig, _fingerprint, load_dataset
 from training.evaluate import evaluate_bundle
 from training.export import export_run
-from training.run_dir import RunDir
+from training.run_dir import RunDir, RunError
 from training.trainer import BatchSampler, TrainConfig, load_run, train
 
 SMALL = TrainConfig(dim=16, num_interests=3, seq_len=10, batch_size=64, max_iters=1200,
@@ -81,6 +81,24 @@ def test_seeded_cpu_runs_repeat_and_resume_continues_exactly(dataset, trained, t
     b = load_file(str(tmp_path / "split" / "best.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.test == trained.test
+
+
+def test_a_run_directory_in_use_refuses_a_second_training(dataset, trained, tmp_path):
+    # Nothing stopped a second `train` (or --resume) in the same directory: the two runs left
+    # one's config.json beside the other's weights, result and log, and both exited 0.
+    copy = tmp_path / "run"
+    shutil.copytree(trained.run_dir, copy)
+    before = {f.name: f.read_bytes() for f in copy.iterdir() if f.is_file()}
+    with RunDir(copy).training():  # as a training process holds it
+        for resume in (False, True):
+            with pytest.raises(RunError, match="another process is training in this run"):
+                train(dataset, replace(SMALL, max_iters=300), copy, resume, progress=False)
+        done = CliRunner().invoke(app, ["train", "--run-dir", str(copy), "--resume"])
+        assert done.exit_code == 2 and "another process is training" in done.output
+        assert "Traceback" not in done.output
+    assert {f.name: f.read_bytes() for f in copy.iterdir() if f.is_file()} == before
+    # Released when the holder is done: the directory trains again.
+    assert train(dataset, replace(SMALL, max_iters=300), copy, progress=False).iterations == 300
 
 
 @pytest.mark.parametrize("model_type", ["mind", "gru4rec"])
