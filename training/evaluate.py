@@ -139,6 +139,7 @@ def evaluate_diversity(
     categories: np.ndarray | None = None,
     n: int = 50,
     batch_size: int = 1024,
+    popularity: np.ndarray | None = None,
 ) -> list[dict[str, float]]:
     """Recall@n, HitRate@n and list diversity of ComiRec's greedy aggregation, per lambda.
 
@@ -146,6 +147,11 @@ def evaluate_diversity(
     candidates; `categories` (N,) gives each catalogue row's category (-1: none), and without it
     the interest that produced an item is its category, as in serving. Diversity is ComiRec's:
     the share of item pairs in a list whose categories differ, averaged over users.
+
+    With `popularity`, a user whose input holds no known item gets the most popular n at every
+    lambda, as the service answers (and `evaluate_model` ranks) such a user, so lambda 0 gives
+    the model's own Recall@n; without categories such a list has no producing interests, and
+    its user is left out of the diversity mean.
     """
     was_training = model.training
     model.eval()
@@ -154,11 +160,15 @@ def evaluate_diversity(
     pool = POOL_MULTIPLE * n
     ranked: dict[float, list[np.ndarray]] = {lam: [] for lam in lambdas}
     spread: dict[float, list[np.ndarray]] = {lam: [] for lam in lambdas}
+    head = np.zeros(n, dtype=np.int64)  # the popularity fallback, padded with row 0
+    if popularity is not None:
+        head[: min(n, len(popularity))] = popularity[:n]
     for start in range(0, len(eval_set), batch_size):
+        mask = eval_set.mask[start : start + batch_size]
         interests, _ = model(
-            eval_set.items[start : start + batch_size].to(device),
-            eval_set.mask[start : start + batch_size].to(device),
+            eval_set.items[start : start + batch_size].to(device), mask.to(device)
         )  # (b, K, d)
+        fallback = ~mask.any(dim=1).cpu().numpy() & (popularity is not None)  # (b,)
         scores, rows = dense_merged_topk(interests, items, pool)  # (b, P)
         if categories is None:
             per_interest = torch.einsum("bpd,bkd->bpk", items[rows], interests)  # (b, P, K)
@@ -168,20 +178,29 @@ def evaluate_diversity(
         scores_np, rows_np = scores.float().cpu().numpy(), rows.cpu().numpy()
         for lam in lambdas:
             picked = greedy_diverse(scores_np, cats, n, lam)  # (b, n)
-            ranked[lam].append(gather(rows_np, picked))
-            spread[lam].append(list_diversity(gather(cats, picked), (picked >= 0).sum(axis=1)))
+            chosen, chosen_cats = gather(rows_np, picked), gather(cats, picked)  # (b, n)
+            lengths = (picked >= 0).sum(axis=1)
+            chosen[fallback] = head
+            lengths[fallback] = int((head > 0).sum())
+            if categories is not None:
+                chosen_cats[fallback] = categories[head]
+            ranked[lam].append(chosen)
+            per_user = list_diversity(chosen_cats, lengths)
+            spread[lam].append(per_user if categories is not None else per_user[~fallback])
     model.train(was_training)
     out = []
     for lam in lambdas:
         metrics = ranking_metrics(
             torch.from_numpy(np.concatenate(ranked[lam])), eval_set.truth, (n,), eval_set.num_truth
         )
+        measured = np.concatenate([np.zeros(0), *spread[lam]])
         out.append(
             {
                 "lambda": lam,
                 f"recall@{n}": float(metrics[f"recall@{n}"].mean()),
                 f"hitrate@{n}": float(metrics[f"hitrate@{n}"].mean()),
-                f"diversity@{n}": float(np.concatenate(spread[lam]).mean()),
+                # 0 when no user has a list to measure (every one a fallback, no categories)
+                f"diversity@{n}": float(measured.mean()) if len(measured) else 0.0,
             }
         )
     return out

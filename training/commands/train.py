@@ -181,7 +181,9 @@ def evaluate(
                 item_categories = read_categories(categories, item_ids).rows
             except DataError as exc:
                 raise CliError(f"--categories: {exc}") from None
-        points = evaluate_diversity(model, model_set, lambdas, item_categories)
+        points = evaluate_diversity(
+            model, model_set, lambdas, item_categories, popularity=popularity
+        )
         source = "bundle" if item_categories is not None else "producing interest"
         report["diversity"] = {"categories": str(categories or source), "points": points}
         if plot is not None:
