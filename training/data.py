@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import random
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,9 +230,19 @@ def _read_table(path: Path, cfg: DataConfig, fmt: str) -> pd.DataFrame:
         if fmt == "parquet":
             frame = pd.read_parquet(path)
         else:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            # A row with a field more than the header made pandas take the first column as the
+            # index and shift the others by one (a numeric extra field: items read as users);
+            # without the index it drops the extra fields, warning, and the warning is ours.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty") from None
+    except pd.errors.ParserWarning:
+        raise DataError(
+            f"{path}: rows with more fields than the header (a delimiter at the end of each "
+            "line?); every row needs exactly the header's columns"
+        ) from None
     except Exception as exc:  # parser errors come in many library-specific types
         raise DataError(f"{path}: cannot read as {fmt}: {exc}") from None
     wanted = {"user": cfg.user_col, "item": cfg.item_col, "time": cfg.time_col}

@@ -172,6 +172,14 @@ def test_clear_errors_name_the_file_and_problem(tmp_path):
     )
     with pytest.raises(DataError, match="timestamp"):
         load_dataset(DataConfig(source=str(bad_time)))
+    # A field more than the header (a trailing comma; an extra value, which made pandas read
+    # the items as users and the timestamps as items, silently).
+    for extra in ("", "1"):
+        shifted = tmp_path / f"shifted{extra}.csv"
+        rows = "".join(f"u{u},i{i},{10 * u + i},{extra}\n" for u in range(9) for i in range(6))
+        shifted.write_text("user_id,item_id,timestamp\n" + rows)
+        with pytest.raises(DataError, match="shifted.*more fields than the header"):
+            load_dataset(DataConfig(source=str(shifted), min_count=1))
 
 
 def test_blank_ids_are_refused_when_read_not_at_export(tmp_path):
