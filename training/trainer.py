@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import pickle
+import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -259,6 +260,8 @@ def train(
             if best.is_file():  # the run ends by loading it: a damaged one fails now, not then
                 with _reading(best, "to resume the run"):
                     load_file(str(best))
+            if ddp.is_main:
+                _forget_validations_after(run, session.progress.iteration)
             log.info("resumed %s at iteration %d", run.path, session.progress.iteration)
         _train_loop(session, cfg, run, resume, show_bar=progress and ddp.is_main)
         checksums = _replica_checksums(session.model, ddp)
@@ -439,7 +442,17 @@ def _reading(path: Path, fit: str) -> Iterator[None]:
     naming the file (torch's own message lists every mismatched tensor)."""
     try:
         yield
-    except (RuntimeError, SafetensorError, EOFError, KeyError, pickle.UnpicklingError) as exc:
+    except (
+        RuntimeError,
+        SafetensorError,
+        EOFError,
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        struct.error,
+        pickle.UnpicklingError,
+    ) as exc:
         first = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:2])[:300]
         raise RunError(f"{path}: cannot be read {fit}: {detail}") from None
@@ -472,18 +485,50 @@ def _writing(path: Path) -> Iterator[None]:
         raise OSError(f"cannot write {path} (is the disk full?): {exc}") from None
 
 
+def _forget_validations_after(run: RunDir, iteration: int) -> None:
+    """Drop metrics.jsonl lines past the resumed iteration: a validation's line is written
+    before its last.pt, so a run stopped between the two (killed, a full disk) logged a
+    validation that the resumed run then does again (iterations 20, 40, 60, 60, 80)."""
+    if not run.metrics.is_file():
+        return
+    kept = []
+    for line in run.metrics.read_text().splitlines():
+        try:
+            if json.loads(line)["iteration"] <= iteration:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line the stop cut short
+            continue
+    with atomic_file(run.metrics) as tmp, _writing(run.metrics):
+        tmp.write_text("".join(kept))
+
+
 def _load_last(path: Path, session: _Session) -> _Progress:
+    generator, rank = session.generator, session.ddp.rank
     with _reading(path, "to resume the run"):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         session.model.load_state_dict(checkpoint["model"])
         session.optimizer.load_state_dict(checkpoint["optimizer"])
-    generator, rank = session.generator, session.ddp.rank
-    state = _Progress(**checkpoint["state"])
-    if rank == 0:  # other ranks' streams are not saved; they restart from a rank-salted seed
-        generator.set_state(checkpoint["generator"])
-    else:
-        generator.manual_seed(state.iteration * 7919 + rank)
-    torch.set_rng_state(checkpoint["global_rng"])
-    if "global_cuda_rng" in checkpoint and generator.device.type == "cuda":
-        torch.cuda.set_rng_state(checkpoint["global_cuda_rng"], generator.device)
+        state = _Progress(**checkpoint["state"])
+        saved = checkpoint["generator"]
+        if not isinstance(saved, torch.Tensor) or saved.dtype != torch.uint8 or saved.dim() != 1:
+            raise ValueError("its sampler's random state is not a generator state")
+        # A CPU generator's state and a CUDA one's differ in size: a run trained on a GPU host
+        # and resumed on a CPU one (or back) cannot take up its stream.
+        same_device = saved.shape == generator.get_state().shape
+        if rank == 0 and same_device:
+            generator.set_state(saved)
+        else:  # other ranks' streams are not saved; they restart from a rank-salted seed
+            generator.manual_seed(state.iteration * 7919 + rank)
+        if rank == 0 and not same_device:
+            log.warning(
+                "%s: saved on another kind of device, the sampler's random stream restarts "
+                "from a seed (the run goes on, not bit for bit as an uninterrupted one)",
+                path,
+            )
+        if "global_rng" in checkpoint:
+            torch.set_rng_state(checkpoint["global_rng"])
+        else:  # written before last.pt carried it (2026-11-25)
+            log.warning("%s: no global random stream saved, it goes on from the seed", path)
+        if "global_cuda_rng" in checkpoint and generator.device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["global_cuda_rng"], generator.device)
     return state

@@ -320,6 +320,62 @@ def test_a_new_run_in_an_old_runs_directory_replaces_all_of_it(trained, tmp_path
     assert len(RunDir(run_dir).read_metrics()) == 2  # its own validations only
 
 
+def _edit_last(run_dir: Path, edit) -> None:
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
+    edit(checkpoint)
+    torch.save(checkpoint, run_dir / "last.pt")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda ck: ck.update(state={"iterations": 5}), "unexpected keyword argument"),
+        (lambda ck: ck.update(generator=torch.zeros(3, 3)), "last.pt: cannot be read"),
+        (lambda ck: ck["optimizer"]["param_groups"].append({}), "last.pt: cannot be read"),
+        (lambda ck: ck.update(model=[1, 2]), "last.pt: cannot be read"),
+        ("junk", "last.pt: cannot be read to resume the run"),
+    ],
+)
+def test_a_damaged_last_checkpoint_is_one_line_naming_it(dataset, trained, tmp_path, edit, message):
+    # Tracebacks before: struct.error for junk text, TypeError for a bad state, and others.
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained.run_dir, run_dir)
+    if edit == "junk":
+        (run_dir / "last.pt").write_text("junk")
+    else:
+        _edit_last(run_dir, edit)
+    with pytest.raises(RunError, match=message):
+        train(dataset, SMALL, run_dir, resume=True, progress=False)
+
+
+def test_a_run_resumes_from_another_device_or_an_older_checkpoint(dataset, tmp_path, caplog):
+    # A run trained on a GPU host carries a CUDA generator state (16 bytes, not the CPU's
+    # 5,056): resuming it on a CPU host was a traceback, as was a last.pt from before the global
+    # random stream was saved (2026-11-25). Both go on, from seeds, and say so.
+    cfg = replace(SMALL, max_iters=300, eval_every=150)
+    train(dataset, cfg, tmp_path / "run", progress=False)
+    cuda_state = torch.tensor(list((2023).to_bytes(8, "little")) + [0] * 8, dtype=torch.uint8)
+    _edit_last(tmp_path / "run", lambda ck: ck.update(generator=cuda_state))
+    _edit_last(tmp_path / "run", lambda ck: ck.pop("global_rng"))
+    resumed = train(dataset, replace(cfg, max_iters=450), tmp_path / "run", True, False)
+    assert resumed.iterations == 450
+    assert "saved on another kind of device" in caplog.text
+    assert "no global random stream saved" in caplog.text
+
+
+def test_a_resumed_run_logs_each_validation_once(dataset, tmp_path):
+    # A validation's line is written before its last.pt: a run killed (or out of disk) between
+    # the two resumed from the earlier last.pt and logged that validation again.
+    cfg = replace(SMALL, max_iters=300, eval_every=150)
+    train(dataset, cfg, tmp_path / "run", progress=False)
+    log = tmp_path / "run" / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([*lines, lines[-1].replace('"iteration": 300', '"iteration": 450')])
+                   + '\n{"iteration": 6')  # fmt: skip
+    train(dataset, replace(cfg, max_iters=450), tmp_path / "run", resume=True, progress=False)
+    assert [r["iteration"] for r in RunDir(tmp_path / "run").read_metrics()] == [150, 300, 450]
+
+
 @pytest.mark.parametrize(
     ("damage", "command", "message"),
     [
