@@ -225,9 +225,14 @@ def write_bundle(
                 )
             recall = tuning.to_manifest()
         try:
-            faiss.write_index(index, str(tmp / FILES["index"]))
-        except RuntimeError as exc:  # faiss's own error for a failed write (a full disk)
+            serialized = faiss.serialize_index(index)  # (bytes,) uint8
+        except RuntimeError as exc:  # an index faiss cannot write
             raise OSError(f"cannot write {FILES['index']}: {exc}") from None
+        # Written by Python, whose failed writes raise: faiss's own writer only prints an
+        # error at its last block's close (a disk full there, NFS, quotas), and the cut-short
+        # index was published with the checksum of what was written.
+        (tmp / FILES["index"]).write_bytes(serialized)
+        del serialized
         if categories is not None:
             np.save(tmp / OPTIONAL_FILES["item_categories"], category_rows, allow_pickle=False)
             (tmp / OPTIONAL_FILES["category_names"]).write_text(json.dumps(list(categories[1])))
