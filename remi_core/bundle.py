@@ -367,20 +367,27 @@ def _record_published(root: Path, version: str) -> tuple[int, int]:
     # A root from before the log: its versions so far were all published, oldest first.
     earlier = [] if log_path.exists() else [v for v in list_versions(root) if v != version]
     entry = "".join(f"{v}\n" for v in [*earlier, version]).encode()
+    fd = -1
     try:
-        with log_path.open("ab+") as out:
-            start = out.seek(0, os.SEEK_END)
-            if start and os.pread(out.fileno(), 1, start - 1) != b"\n":
-                entry = b"\n" + entry
-            try:
-                out.write(entry)
-                out.flush()
-                os.fsync(out.fileno())
-            except OSError:
-                out.truncate(start)
-                raise
+        # Unbuffered: a buffered file retried its failed write at truncate() and failed again,
+        # so a write that stopped partway (a full disk) left its bytes as a logged version.
+        fd = os.open(log_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        start = os.lseek(fd, 0, os.SEEK_END)
+        if start and os.pread(fd, 1, start - 1) != b"\n":
+            entry = b"\n" + entry
+        try:
+            written = 0
+            while written < len(entry):
+                written += os.write(fd, entry[written:])
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, start)  # shrinking needs no free block
+            raise
     except OSError as exc:
         raise BundleError(f"cannot record {version} in {log_path}: {exc}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
     return start, start + len(entry)
 
 

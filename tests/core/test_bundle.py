@@ -23,6 +23,7 @@ from remi_core.bundle import (
     load_bundle,
     prune,
     publish_or_discard,
+    published_log,
     published_versions,
     set_current,
     write_bundle,
@@ -187,6 +188,37 @@ def test_a_publish_whose_log_cannot_be_written_leaves_current_as_it_was(tmp_path
     with pytest.raises(BundleError, match="cannot record v2 in .*published.log"):
         publish_or_discard(root, "v2", lambda: None)
     assert current_version(root) == "v1" and list_versions(root) == ["v1"]
+
+
+LOG_FILLS_UP = """
+import resource, signal, sys
+from pathlib import Path
+from remi_core.bundle import BundleError, set_current
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+root = Path(sys.argv[1])
+size = (root / "published.log").stat().st_size + 2  # room for two of the entry's bytes
+resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+try:
+    set_current(root, "v2")
+except BundleError as exc:
+    print(exc)
+"""
+
+
+def test_a_log_entry_the_disk_cuts_short_is_taken_back(tmp_path):
+    # The log was written buffered: its failed flush was retried by truncate(), which failed
+    # too, so the bytes that made it stayed ("v2" of its entry's three): a version never
+    # served counted as the latest published (prune then deleted the one that had served).
+    root = tmp_path / "bundles"
+    write_tiny_bundle(root, version="v1")
+    write_tiny_bundle(root, version="v2", publish=False)
+    before = (root / "published.log").read_bytes()
+    out = subprocess.run([sys.executable, "-c", LOG_FILLS_UP, str(root)], capture_output=True,
+                         text=True, cwd=Path(__file__).parents[2], timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "cannot record v2 in" in out.stdout and "File too large" in out.stdout
+    assert (root / "published.log").read_bytes() == before
+    assert current_version(root) == "v1" and published_log(root) == ["v1"]
 
 
 def test_a_switch_that_fails_takes_its_log_entry_back(tmp_path, monkeypatch):
