@@ -171,9 +171,7 @@ def _shared_metrics(workers: int) -> Iterator[None]:
             path.mkdir(parents=True, exist_ok=True)
             for stale in path.glob("*.db"):
                 stale.unlink()
-            # Every worker writes its files here; one that cannot would fail in create_app,
-            # which uvicorn's supervisor restarts for ever.
-            tempfile.TemporaryFile(dir=path).close()
+            _check_room_for_metrics(path, workers)
         except OSError as exc:
             typer.echo(f"error: {MULTIPROC_ENV}={given} is not a usable directory: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -181,11 +179,37 @@ def _shared_metrics(workers: int) -> Iterator[None]:
         return
     _remove_orphaned_metrics()
     with tempfile.TemporaryDirectory(prefix=f"{METRICS_TMP_PREFIX}{os.getpid()}-") as tmp:
+        try:
+            _check_room_for_metrics(Path(tmp), workers)
+        except OSError as exc:
+            typer.echo(
+                f"error: the metrics directory {tmp} is not usable ({exc}); set {MULTIPROC_ENV} "
+                "to a directory with room",
+                err=True,
+            )
+            raise typer.Exit(2) from None
         os.environ[MULTIPROC_ENV] = tmp
         try:
             yield
         finally:
             del os.environ[MULTIPROC_ENV]
+
+
+# Room each worker's metrics files need at first: three files (counters, histograms, gauges)
+# of 64 KiB, allocated (service/metrics.py, BackedMmapedDict); twice that, for growth.
+METRICS_ROOM_PER_WORKER = 2 * 3 * (1 << 16)
+
+
+def _check_room_for_metrics(path: Path, workers: int) -> None:
+    """OSError unless every worker can create and fill its metrics files in `path`: a worker
+    that cannot fails in create_app, which uvicorn's supervisor restarts for ever. Allocating
+    the room once (then freeing it) finds a full disk, which an empty file did not."""
+    with tempfile.TemporaryFile(dir=path) as probe:
+        try:
+            os.posix_fallocate(probe.fileno(), 0, workers * METRICS_ROOM_PER_WORKER)
+        except OSError as exc:
+            room = f"{workers * METRICS_ROOM_PER_WORKER // 1024} KiB"
+            raise OSError(f"no room for {workers} workers' metrics files ({room}): {exc}") from None
 
 
 METRICS_TMP_PREFIX = "remi-metrics-"

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import math
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import prometheus_client.values
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -23,13 +27,51 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.mmap_dict import MmapedDict
 
 from service.signals import InterestSignals
+
+log = logging.getLogger(__name__)
 
 # How often each of several workers rewrites its windowed gauges (see keep_gauges_current).
 GAUGE_REFRESH_S = 1.0
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class BackedMmapedDict(MmapedDict):
+    """prometheus_client's per-process metrics file, with disk blocks behind every page it maps.
+
+    The library grows its files with truncate(), which leaves them sparse, and writes through
+    mmap: on a full disk a write to a page the file system cannot back is a SIGBUS, which
+    killed the worker (at start-up, or at a request with a new label set once the disk filled).
+    Allocating the blocks first (posix_fallocate) turns that into an OSError there: the metric
+    is not recorded, the request is answered (the callers catch it)."""
+
+    def __init__(self, filename: str, read_mode: bool = False) -> None:
+        if not read_mode:
+            fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, max(os.fstat(fd).st_size, _INITIAL_SIZE))
+            finally:
+                os.close(fd)
+        super().__init__(filename, read_mode)
+
+    def _init_value(self, key: str) -> None:
+        # The library's own growth rule: an entry of 4 + len(key) padded to 8 + 16 bytes, the
+        # capacity doubled until it fits.
+        encoded = len(key.encode("utf-8"))
+        size = 4 + encoded + (8 - (encoded + 4) % 8) + 16
+        capacity = self._capacity
+        while self._used + size > capacity:
+            capacity *= 2
+        if capacity > self._capacity:
+            os.posix_fallocate(self._f.fileno(), 0, capacity)
+        super()._init_value(key)
+
+
+_INITIAL_SIZE = 1 << 16  # a new file's capacity, as the library's own first size
+prometheus_client.values.MmapedDict = BackedMmapedDict  # type: ignore[misc]
 
 
 def shared_across_workers() -> bool:
@@ -139,6 +181,15 @@ class Metrics:
         )
         self.interests = InterestSignals(r, coverage_window_s)
         self._version: str | None = None
+        self._write_failed_at = -math.inf
+
+    def write_failed(self) -> None:
+        """In an except clause: a metric could not be written (its file could not grow on a
+        full disk). Logged with the traceback at most once a minute; its request is answered."""
+        now = time.monotonic()
+        if now - self._write_failed_at >= 60.0:
+            self._write_failed_at = now
+            log.exception("writing a metric failed; answering without it")
 
     def exposition(self) -> bytes:
         """GET /metrics: this app's metrics, or every worker's under remi-serve --workers N."""
@@ -157,7 +208,10 @@ class Metrics:
         another worker) would show its last window's counts for good."""
         while True:
             await asyncio.sleep(interval_s)
-            self.interests.refresh()
+            try:
+                self.interests.refresh()
+            except OSError:
+                self.write_failed()
 
     def close(self) -> None:
         """This worker is stopping: its gauges leave the shared files (counters stay)."""

@@ -296,3 +296,54 @@ def test_remi_serve_warns_when_workers_cannot_follow_a_reload(tmp_path: Path) ->
     result = CliRunner().invoke(cli_app, args, env=env)
     assert result.exit_code == 1  # no bundle there; the warning comes first
     assert "reloads only the worker that answers it" in result.output
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a 256 KiB tmpfs with no free block left (root only: mount)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        with contextlib.suppress(OSError), (mount / "filler").open("wb") as filler:
+            while True:
+                filler.write(b"\0" * 4096)
+                filler.flush()
+        with contextlib.suppress(OSError), (mount / "filler-bytes").open("wb", 0) as filler:
+            while True:
+                filler.write(b"\0")
+        (mount / "metrics").mkdir()
+        yield mount / "metrics"
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.integration
+def test_metrics_on_a_full_disk_raise_instead_of_killing_the_worker(full_disk: Path) -> None:
+    # prometheus_client's files were sparse and written through mmap: a page the full disk
+    # could not back was a SIGBUS, which killed the worker at start-up or at a request with a
+    # new label set once the disk had filled (exit 135, no message).
+    worker = "from service.metrics import Metrics; Metrics().requests.labels('a', 'b', 'c').inc()"
+    env = child_env(**{MULTIPROC_ENV: str(full_disk)})
+    done = subprocess.run([sys.executable, "-c", worker], env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 1, (done.returncode, done.stderr[-500:])
+    assert "No space left on device" in done.stderr
+
+
+@pytest.mark.integration
+def test_remi_serve_refuses_a_metrics_directory_without_room(
+    full_disk: Path, tiny_bundle_root: Path
+) -> None:
+    # An empty probe file needs no block, so the start-up check passed and every worker then
+    # died in create_app, restarted by uvicorn's supervisor for ever.
+    env = child_env(**{MULTIPROC_ENV: str(full_disk)}, REMI_REDIS_URL=dead_redis_url())
+    args = ["--bundle-root", str(tiny_bundle_root), "--workers", "2", "--port", "0"]
+    done = subprocess.run([sys.executable, "-m", "service.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-500:]
+    assert "no room for 2 workers' metrics files" in done.stderr
+    assert "Traceback" not in done.stderr
