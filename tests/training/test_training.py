@@ -320,6 +320,32 @@ def test_a_new_run_in_an_old_runs_directory_replaces_all_of_it(trained, tmp_path
     assert len(RunDir(run_dir).read_metrics()) == 2  # its own validations only
 
 
+def test_resume_refuses_settings_it_would_drop_and_takes_max_iters_and_device(trained, tmp_path):
+    # --lr 5 --model mind --data missing.csv were dropped without a word: the run went on.
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained.run_dir, run_dir)
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 5\n")
+    resume = ["train", "--run-dir", str(run_dir), "--resume", "--no-progress"]
+    done = runner.invoke(app, [*resume, "--lr", "5", "--model", "mind", "--data", "x.csv",
+                               "--config", str(tmp_path / "c.yaml")])  # fmt: skip
+    assert done.exit_code == 2 and "Traceback" not in done.output
+    assert "only --max-iters and --device may change, not --model, --lr, --data, --config" in (
+        done.output
+    )
+    done = runner.invoke(app, [*resume, "--max-iters", "1500", "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    assert RunDir(run_dir).train_config().max_iters == 1500
+
+
+def test_a_misspelt_config_section_is_refused(tmp_path):
+    # `trian:` was ignored: the run trained with the default settings and exited 0.
+    config = tmp_path / "c.yaml"
+    config.write_text("trian:\n  dim: 8\n")
+    done = runner.invoke(app, ["train", "--run-dir", str(tmp_path / "r"), "--config", str(config)])
+    assert done.exit_code == 2 and "unknown section(s) trian" in done.output
+    assert not (tmp_path / "r").exists()
+
+
 def _edit_last(run_dir: Path, edit) -> None:
     checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
     edit(checkpoint)

@@ -154,6 +154,12 @@ def read_config(path: Path | None) -> dict[str, Any]:
         raise CliError(f"--config: cannot parse {path}: {exc}") from None
     if not isinstance(data, dict):
         raise CliError(f"--config: {path} must hold a mapping")
+    # A misspelt section (trian:) was ignored, and the run trained with the defaults.
+    if unknown := [str(key) for key in data if key not in SECTIONS]:
+        raise CliError(
+            f"--config: {path}: unknown section(s) {', '.join(unknown)}; "
+            f"the sections are {', '.join(SECTIONS)}"
+        )
     for section in SECTIONS:
         if data.get(section) is None:
             data.pop(section, None)  # `export:` with every line commented out

@@ -79,11 +79,21 @@ def train_command(
     """Train a REMI model (ComiRec-SA + IHN + RR) and keep the best validation checkpoint.
 
     Data and training settings come from the config file's data: and train: sections and the
-    flags; --resume takes them from the run itself (only --max-iters may change).
+    flags; --resume takes them from the run itself (only --max-iters and --device may change).
     """
     file = read_config(config)
     if resume:
-        dataset, cfg = _resumed(RunDir(run_dir), train_flags.get("max_iters"))
+        # Other settings were dropped without a word (--lr 5 --model mind trained on as before).
+        refused = [_flag(name, TRAIN_FLAGS) for name in train_flags if name not in RESUMABLE]
+        refused += [_flag(name, DATA_FLAGS) for name in data_flags]
+        refused += [name for name, value in (("--config", config), ("--dataset-dir", dataset_dir))
+                    if value is not None]  # fmt: skip
+        if refused:
+            raise CliError(
+                f"--resume continues the run with its own settings; only --max-iters and "
+                f"--device may change, not {', '.join(refused)}"
+            )
+        dataset, cfg = _resumed(RunDir(run_dir), train_flags)
     else:
         if dataset_dir is not None:
             dataset = SequenceDataset.load(dataset_dir)
@@ -105,13 +115,19 @@ def train_command(
     )
 
 
-def _resumed(run: RunDir, max_iters: int | None) -> tuple[SequenceDataset, TrainConfig]:
-    """The run's own dataset and settings; the one thing a resumed run may change is how far."""
+# What a resumed run may change: how far it goes, and where (a GPU run on a CPU host).
+RESUMABLE = ("max_iters", "device")
+
+
+def _flag(name: str, flags: dict[str, tuple[str, ...]]) -> str:
+    return flags.get(name, (f"--{name.replace('_', '-')}",))[0]
+
+
+def _resumed(run: RunDir, train_flags: dict[str, Any]) -> tuple[SequenceDataset, TrainConfig]:
+    """The run's own dataset and settings, with the RESUMABLE ones given on the command line."""
     if not run.exists():
         raise CliError(f"--resume: {run.path} holds no run (config.json missing)")
-    cfg = run.train_config()
-    if max_iters is not None:
-        cfg = replace(cfg, max_iters=max_iters)
+    cfg = replace(run.train_config(), **{k: train_flags[k] for k in RESUMABLE if k in train_flags})
     return run.load_dataset(), cfg
 
 
