@@ -343,6 +343,14 @@ def _validate(
 ) -> dict[str, float]:
     """Validate, keep the best checkpoint, log the metrics and save last.pt."""
     state, model = session.progress, session.model
+    # A diverged run (NaN or infinite weights) scored every item NaN, yet was validated, saved
+    # as best and finished with exit 0; only export refused it. The replicas are identical, so
+    # every rank stops here together.
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise ValueError(
+            f"training diverged before iteration {state.iteration}: the weights are NaN or "
+            f"infinite (mean loss {mean_loss}); lower --lr or --beta and train again"
+        )
     valid = evaluate_model(model, session.valid_set, popularity=session.popularity)
     if valid[SELECT_METRIC] > state.best:
         state.best, state.best_iteration, state.stale = valid[SELECT_METRIC], state.iteration, 0

@@ -337,6 +337,18 @@ def test_resume_refuses_settings_it_would_drop_and_takes_max_iters_and_device(tr
     assert RunDir(run_dir).train_config().max_iters == 1500
 
 
+def test_a_diverged_run_stops_with_one_line_and_saves_nothing_as_best(tmp_path):
+    # --lr 1e4: NaN weights were validated (every score NaN), saved as best, and the run
+    # finished with exit 0 and a recall in result.json; only export refused it.
+    run_dir = tmp_path / "run"
+    done = runner.invoke(app, ["train", "--run-dir", str(run_dir), "--synthetic-users", "300",
+                               "--max-iters", "60", "--eval-every", "20", "--dim", "16",
+                               "--batch-size", "32", "--lr", "1e4", "--no-progress"])  # fmt: skip
+    assert done.exit_code == 2 and "Traceback" not in done.output
+    assert "training diverged before iteration 20: the weights are NaN or infinite" in done.output
+    assert not (run_dir / "best.safetensors").exists() and not (run_dir / "result.json").exists()
+
+
 def test_a_misspelt_config_section_is_refused(tmp_path):
     # `trian:` was ignored: the run trained with the default settings and exited 0.
     config = tmp_path / "c.yaml"
