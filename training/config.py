@@ -67,16 +67,19 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:  # NaN trains to NaN weights, "finishing"
                 raise ValueError(f"{name} must be a finite number >= 0, not {value}")
+        if not 0 <= self.seed < 2**63:  # torch's seeds; past them an unnamed OverflowError
+            raise ValueError(f"seed must be a whole number from 0 to 2^63 - 1, not {self.seed}")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, not {self.model_type!r}")
         if self.device != "auto":
             try:  # the name only: whether the device is there is known when training starts
-                torch.device(self.device)
+                kind = torch.device(self.device).type
             except RuntimeError:
+                kind = None
+            if kind not in ("cpu", "cuda"):  # meta, mps, xpu, ... failed deep in training
                 raise ValueError(
-                    f"device must be 'auto' or a torch device such as 'cpu', 'cuda' or "
-                    f"'cuda:1', not {self.device!r}"
-                ) from None
+                    f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {self.device!r}"
+                )
         self.encoder_config(num_items=2)  # architecture checks (routing_grad) fail here, early
 
     def encoder_config(self, num_items: int) -> EncoderConfig:

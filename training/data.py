@@ -54,6 +54,10 @@ class DataConfig:
     synthetic_seed: int = 7
     """Seed of the synthetic generator."""
 
+    def __post_init__(self) -> None:
+        if self.synthetic_seed < 0:  # numpy's own message named no setting
+            raise ValueError(f"synthetic_seed must be at least 0, not {self.synthetic_seed}")
+
 
 @dataclass
 class SequenceDataset:

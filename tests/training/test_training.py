@@ -232,7 +232,13 @@ def test_cli_trains_exports_and_evaluates_with_a_config_file(tmp_path):
         (["evaluate", "R", "--dataset-dir", "nowhere"], "R does not exist (a run directory"),
         # A misspelled run directory was told that --dataset-dir is required for a bundle.
         (["evaluate", "runs/typo"], "runs/typo does not exist"),
-        (["train", "--run-dir", "R", "--device", "cuda:x"], "device must be 'auto' or a torch"),
+        (["train", "--run-dir", "R", "--device", "cuda:x"], "device must be 'auto', 'cpu', 'cuda'"),
+        # A device torch names but training cannot use was a traceback deep in training.
+        (["train", "--run-dir", "R", "--device", "meta"], "device must be 'auto', 'cpu', 'cuda'"),
+        (["train", "--run-dir", "R", "--device", "mps"], "device must be 'auto', 'cpu', 'cuda'"),
+        # Seeds past torch's and numpy's ranges: messages that named no setting.
+        (["train", "--run-dir", "R", "--seed", str(2**64)], "seed must be a whole number from 0"),
+        (["train", "--run-dir", "R", "--synthetic-seed", "-1"], "synthetic_seed must be at least"),
         # The nightly jobs read the export: section too; a misspelled key was a KeyError there.
         (["bootstrap", "-c", "typo.yaml", "--bundle-root", "B"], "unknown export setting(s)"),
         (["nightly", "-c", "typo.yaml", "--bundle-root", "B"], "['index_factroy']; known:"),
