@@ -258,7 +258,10 @@ def _read_table(path: Path, cfg: DataConfig, fmt: str) -> pd.DataFrame:
         )
     times = _unix_seconds(frame[cfg.time_col])
     if times is None:
-        raise DataError(f"{path}: column {cfg.time_col!r} holds unparseable timestamps")
+        raise DataError(
+            f"{path}: column {cfg.time_col!r} holds unparseable timestamps (all unix seconds, "
+            "finite, or all dates)"
+        )
     return pd.DataFrame(
         {"user": _ids(frame[cfg.user_col]), "item": _ids(frame[cfg.item_col]), "time": times}
     )
@@ -279,14 +282,17 @@ def _unix_seconds(column: pd.Series) -> pd.Series | None:
     else:
         numbers = pd.to_numeric(column, errors="coerce")
         if not numbers.isna().any():
-            return numbers.astype(float)
-        try:
-            dates = pd.to_datetime(column, utc=True, format="mixed")
-        except (ValueError, TypeError):
-            return None
-    if dates.dt.tz is None:
-        dates = dates.dt.tz_localize("UTC")
-    return (dates - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)
+            # inf would sort after every event to come, and -inf before every one there was.
+            return numbers.astype(float) if np.isfinite(numbers).all() else None
+        dates = column
+    try:  # dates mixed with numbers: "1002" is the year 1002, out of pandas' range
+        if not pd.api.types.is_datetime64_any_dtype(dates):
+            dates = pd.to_datetime(dates, utc=True, format="mixed")
+        if dates.dt.tz is None:
+            dates = dates.dt.tz_localize("UTC")
+        return (dates - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)
+    except (ValueError, TypeError, OverflowError):  # pandas' OutOfBoundsDatetime: a ValueError
+        return None
 
 
 def _read_seq(path: Path, cfg: DataConfig, fmt: str) -> pd.DataFrame:

@@ -172,6 +172,13 @@ def test_clear_errors_name_the_file_and_problem(tmp_path):
     )
     with pytest.raises(DataError, match="timestamp"):
         load_dataset(DataConfig(source=str(bad_time)))
+    # Infinite timestamps sorted after (or before) every event; dates mixed with numbers were
+    # a pandas traceback ("1002" is the year 1002, out of its range).
+    for name, times in (("inf", ["5", "inf", "-inf", "1e400"]), ("mixed", ["2024-01-01", "1002"])):
+        path = tmp_path / f"{name}.csv"
+        pd.DataFrame({"user_id": "a", "item_id": "x", "timestamp": times}).to_csv(path, index=False)
+        with pytest.raises(DataError, match=f"{name}.csv: column 'timestamp' holds unparseable"):
+            load_dataset(DataConfig(source=str(path)))
     # A field more than the header (a trailing comma; an extra value, which made pandas read
     # the items as users and the timestamps as items, silently).
     for extra in ("", "1"):
