@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from training.data import DataError
+from training.data import DataError, read_csv_strings
 
 NO_CATEGORY = -1
 
@@ -86,7 +85,15 @@ def _from_attributes(path: Path) -> dict[str, str]:
         raise DataError(f"{path}: cannot read JSON: {exc}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected an object {{item_id: [attributes]}}")
-    lists = {str(k): v if isinstance(v, list) else [v] for k, v in data.items()}
+    lists: dict[str, list] = {}
+    for key, value in data.items():
+        # null: no attribute; a nested list or object became a category named "[1]"
+        values = [] if value is None else value if isinstance(value, list) else [value]
+        if odd := [a for a in values if isinstance(a, bool) or not isinstance(a, str | int)]:
+            raise DataError(
+                f"{path}: item {key!r}: attributes are strings or whole numbers, not {odd[0]!r}"
+            )
+        lists[str(key)] = values
     spread = Counter(str(a) for attributes in lists.values() for a in set(map(str, attributes)))
     chosen = {}
     for item, attributes in lists.items():
@@ -98,7 +105,7 @@ def _from_attributes(path: Path) -> dict[str, str]:
 
 def _from_csv(path: Path, item_col: str, category_col: str) -> dict[str, str]:
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        frame = read_csv_strings(path)
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read CSV: {exc}") from None
     missing = [c for c in (item_col, category_col) if c not in frame.columns]

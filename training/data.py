@@ -231,22 +231,11 @@ def _open_text(path: Path) -> io.TextIOBase:
 
 def _read_table(path: Path, cfg: DataConfig, fmt: str) -> pd.DataFrame:
     try:
-        if fmt == "parquet":
-            frame = pd.read_parquet(path)
-        else:
-            # A row with a field more than the header made pandas take the first column as the
-            # index and shift the others by one (a numeric extra field: items read as users);
-            # without the index it drops the extra fields, warning, and the warning is ours.
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", pd.errors.ParserWarning)
-                frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+        frame = pd.read_parquet(path) if fmt == "parquet" else read_csv_strings(path)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty") from None
-    except pd.errors.ParserWarning:
-        raise DataError(
-            f"{path}: rows with more fields than the header (a delimiter at the end of each "
-            "line?); every row needs exactly the header's columns"
-        ) from None
+    except DataError:
+        raise
     except Exception as exc:  # parser errors come in many library-specific types
         raise DataError(f"{path}: cannot read as {fmt}: {exc}") from None
     wanted = {"user": cfg.user_col, "item": cfg.item_col, "time": cfg.time_col}
@@ -265,6 +254,23 @@ def _read_table(path: Path, cfg: DataConfig, fmt: str) -> pd.DataFrame:
     return pd.DataFrame(
         {"user": _ids(frame[cfg.user_col]), "item": _ids(frame[cfg.item_col]), "time": times}
     )
+
+
+def read_csv_strings(path: Path) -> pd.DataFrame:
+    """A CSV file's cells as strings, every row with exactly the header's fields.
+
+    A row with a field more than the header made pandas take the first column as the index
+    and shift the others by one (a numeric extra field: items read as users, silently);
+    without the index it drops the extra fields with a warning, which is made a DataError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        try:
+            return pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+        except pd.errors.ParserWarning:
+            raise DataError(
+                f"{path}: rows with more fields than the header (a delimiter at the end of "
+                "each line?); every row needs exactly the header's columns"
+            ) from None
 
 
 def _ids(column: pd.Series) -> pd.Series:

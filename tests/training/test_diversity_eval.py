@@ -194,3 +194,20 @@ def test_lambda_zero_answers_users_without_a_known_item_as_the_model_does():
         point = evaluate_diversity(model, eval_set, [0.0], categories, popularity=popularity)[0]
         assert point["recall@50"] == pytest.approx(model_recall, abs=1e-6)
         assert 0 < point["diversity@50"] <= 1
+
+
+def test_attribute_values_that_are_no_attribute_are_refused_or_none(tmp_path):
+    # null became a category named "None", a nested list one named "[1]".
+    path = tmp_path / "attrs.json"
+    path.write_text(json.dumps({"a": [1, 7], "b": None, "c": "7"}))
+    found = read_categories(path, [None, "a", "b", "c"])
+    assert [found.names[c] if c >= 0 else None for c in found.rows] == [None, "7", None, "7"]
+    for odd in ([[1]], [{"x": 1}], [True], [1.5]):
+        path.write_text(json.dumps({"a": odd}))
+        with pytest.raises(DataError, match="item 'a': attributes are strings or whole numbers"):
+            read_categories(path, [None, "a"])
+    # A trailing comma shifted every column of a CSV, as in the data files.
+    csv = tmp_path / "c.csv"
+    csv.write_text("item_id,category\nx,books,\n")
+    with pytest.raises(DataError, match="more fields than the header"):
+        read_categories(csv, [None, "x"])
