@@ -624,6 +624,7 @@ def faiss_merged_topk(
     exclude: Sequence[np.ndarray] | None = None,
     row_offset: int = 1,
     wide_index=None,
+    max_norm: float | None = None,
 ) -> RetrievedBatch:
     """Serving path over an index: one batched search for all B*K interest vectors, then the
     merge.
@@ -642,7 +643,9 @@ def faiss_merged_topk(
     GPU index: per-call parameters are a CPU feature). A user still short after the widest
     search gets exact Eq. 7 over the table: a graph index can leave items that no beam reaches,
     and an index wrapped in a transform or a refinement (PCA16,IVF64,Flat; IVF64,Flat,RFlat)
-    is not searched wider here (that needs the wrapper's own parameter types).
+    is not searched wider here (that needs the wrapper's own parameter types). `max_norm`,
+    max_i |e_i| for that exact search (`exact_merged_topk`), is taken once per call if not
+    given.
     """
     batch, k, dim = interests.shape
     ns = np.broadcast_to(np.asarray(n, dtype=np.int64), (batch,))
@@ -690,7 +693,11 @@ def faiss_merged_topk(
                 # broken (NaN vectors, say), and the smoke test at load must see that, not a
                 # fallback (it also asks any index for an item's own vector).
                 table = torch.as_tensor(item_embeddings)
-                alone = exact_merged_topk(interests[b : b + 1], table, int(ns[b]), user_exclude)
+                if max_norm is None:  # a pass over the table: once, not per user
+                    max_norm = max_row_norm(table)
+                alone = exact_merged_topk(
+                    interests[b : b + 1], table, int(ns[b]), user_exclude, max_norm=max_norm
+                )
                 _keep_longer(found, b, alone)
     return found
 

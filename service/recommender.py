@@ -62,7 +62,8 @@ class LoadedModel:
     loaded_at: float
     search_backend: str  # what answers searches: "screened-int8", "screened", "dense", "faiss"
     screen: ScreenTable | None = None  # the int8 or bfloat16 copy of the table when screened
-    # max_i |e_i|, the dense search's rounding bound (the screens hold their own), taken once
+    # max_i |e_i| for the rounding bound of the dense search, and of the exact search users an
+    # index leaves short fall back to (the screens hold their own), taken once
     max_item_norm: float | None = None
     categories: np.ndarray | None = None  # (N,) int32 category per row (-1: none), read-only
     # The CPU index a GPU one was copied from: it answers searches deeper than a GPU selects
@@ -113,7 +114,13 @@ class LoadedModel:
                 index, lock = self.host_index, None
         with lock or nullcontext():
             return faiss_merged_topk(
-                index, interests, self.item_table, n, exclude, wide_index=self.host_index
+                index,
+                interests,
+                self.item_table,
+                n,
+                exclude,
+                wide_index=self.host_index,
+                max_norm=self.max_item_norm,
             )
 
 
@@ -217,7 +224,7 @@ def model_from_bundle(
         loaded_at=time.time(),
         search_backend=backend,
         screen=screen,
-        max_item_norm=max_row_norm(item_table) if backend == "dense" else None,
+        max_item_norm=max_row_norm(item_table) if screen is None else None,
         categories=bundle.categories,
         host_index=bundle.index if index_device == "gpu" else None,
         _search_lock=threading.Lock() if index_device == "gpu" else None,
