@@ -503,11 +503,9 @@ class MetricsMiddleware:
             nonlocal counted
             counted = True
             endpoint = self.endpoint(scope)
-            try:
+            with self.metrics.writing():
                 self.metrics.requests.labels(endpoint, scope["method"], str(code)).inc()
                 self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-            except OSError:  # a metrics file that cannot grow (a full disk): answer anyway
-                self.metrics.write_failed()
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +50,7 @@ class BackedMmapedDict(MmapedDict):
 
     def __init__(self, filename: str, read_mode: bool = False) -> None:
         if not read_mode:
-            fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                os.posix_fallocate(fd, 0, max(os.fstat(fd).st_size, _INITIAL_SIZE))
-            finally:
-                os.close(fd)
+            _allocate(filename, _INITIAL_SIZE)
         super().__init__(filename, read_mode)
 
     def _init_value(self, key: str) -> None:
@@ -66,8 +62,19 @@ class BackedMmapedDict(MmapedDict):
         while self._used + size > capacity:
             capacity *= 2
         if capacity > self._capacity:
-            os.posix_fallocate(self._f.fileno(), 0, capacity)
+            _allocate(self._fname, capacity)
         super()._init_value(key)
+
+
+def _allocate(filename: str, size: int) -> None:
+    """Blocks for the first `size` bytes of the file (at least), created if missing. On a file
+    descriptor of its own: the library's is in append mode, and where the file system has no
+    fallocate glibc emulates it with writes, which it refuses on such a descriptor (EBADF)."""
+    fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, max(os.fstat(fd).st_size, size))
+    finally:
+        os.close(fd)
 
 
 _INITIAL_SIZE = 1 << 16  # a new file's capacity, as the library's own first size
@@ -183,13 +190,18 @@ class Metrics:
         self._version: str | None = None
         self._write_failed_at = -math.inf
 
-    def write_failed(self) -> None:
-        """In an except clause: a metric could not be written (its file could not grow on a
-        full disk). Logged with the traceback at most once a minute; its request is answered."""
-        now = time.monotonic()
-        if now - self._write_failed_at >= 60.0:
-            self._write_failed_at = now
-            log.exception("writing a metric failed; answering without it")
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around metric writes: one that fails (a shared metrics file that cannot grow on a
+        full disk) is logged with its traceback at most once a minute, and the request or the
+        reload it belongs to goes on without it."""
+        try:
+            yield
+        except OSError:
+            now = time.monotonic()
+            if now - self._write_failed_at >= 60.0:
+                self._write_failed_at = now
+                log.exception("writing a metric failed; going on without it")
 
     def exposition(self) -> bytes:
         """GET /metrics: this app's metrics, or every worker's under remi-serve --workers N."""
@@ -208,10 +220,8 @@ class Metrics:
         another worker) would show its last window's counts for good."""
         while True:
             await asyncio.sleep(interval_s)
-            try:
+            with self.writing():
                 self.interests.refresh()
-            except OSError:
-                self.write_failed()
 
     def close(self) -> None:
         """This worker is stopping: its gauges leave the shared files (counters stay)."""

@@ -142,11 +142,11 @@ class RecommendFastLane:
         messages, raw = await _read_body(receive)
         plain = self._plain(scope, raw) if messages[-1]["type"] == "http.request" else None
         metrics: Metrics = self.service.state.metrics
+        with metrics.writing():
+            metrics.fast_lane.labels("handed_on" if plain is None else "answered").inc()
         if plain is None:
-            metrics.fast_lane.labels("handed_on").inc()
             await self.app(scope, replaying(messages, receive), send)
             return
-        metrics.fast_lane.labels("answered").inc()
         scope["route"] = self.route  # as routing would set it, for the metrics' endpoint label
         model, entry = plain
         state = self.service.state

@@ -187,7 +187,8 @@ class ModelRegistry:
             if isinstance(model, str):
                 return self._failed(previous, target, model, state)
             self._swap(model, target)
-            self.metrics.reloads.labels(result="success").inc()
+            with self.metrics.writing():
+                self.metrics.reloads.labels(result="success").inc()
             log.info("now serving bundle %s (was %s)", model.version, previous)
             return ReloadOutcome(True, model.version, previous, target)
 
@@ -213,9 +214,10 @@ class ModelRegistry:
         gc.freeze()
         self._model = model
         self._name = name
-        self.metrics.set_model(
-            model.version, model.loaded_at, len(model.item_ids), model.num_interests
-        )
+        with self.metrics.writing():
+            self.metrics.set_model(
+                model.version, model.loaded_at, len(model.item_ids), model.num_interests
+            )
         self._clear_failure()
 
     def _clear_failure(self) -> None:
@@ -223,7 +225,8 @@ class ModelRegistry:
         self.failed_target = None
         self._failed_state = None
         self._retry_wait, self._retry_at = 0.0, None
-        self.metrics.reload_failing.set(0)
+        with self.metrics.writing():
+            self.metrics.reload_failing.set(0)
 
     def _retry_due(self) -> bool:
         return self._retry_at is not None and time.monotonic() >= self._retry_at
@@ -240,8 +243,9 @@ class ModelRegistry:
         self.last_error = error
         self.failed_target = target
         self._failed_state = state
-        self.metrics.reloads.labels(result="failure").inc()
-        self.metrics.reload_failing.set(1)
+        with self.metrics.writing():
+            self.metrics.reloads.labels(result="failure").inc()
+            self.metrics.reload_failing.set(1)
         return ReloadOutcome(False, previous, previous, target, error)
 
     def _state(self) -> LinkState:

@@ -347,3 +347,21 @@ def test_remi_serve_refuses_a_metrics_directory_without_room(
     assert done.returncode == 2, done.stderr[-500:]
     assert "no room for 2 workers' metrics files" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_metrics_files_grow_past_their_first_size(tmp_path: Path) -> None:
+    # Grown in blocks allocated first (BackedMmapedDict), on a descriptor of their own: the
+    # library's is in append mode, where glibc's fallocate emulation refuses to write.
+    worker = (
+        "from service.metrics import Metrics; m = Metrics()\n"
+        "for i in range(600): m.requests.labels(f'/route-{i}', 'POST', '200').inc()"
+    )
+    env = child_env(**{MULTIPROC_ENV: str(tmp_path)})
+    subprocess.run([sys.executable, "-c", worker], env=env, check=True, timeout=60)
+    counters = list(tmp_path.glob("counter_*.db"))
+    assert len(counters) == 1 and counters[0].stat().st_size > 1 << 16
+    assert counters[0].stat().st_blocks * 512 >= counters[0].stat().st_size  # not sparse
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(MULTIPROC_ENV, str(tmp_path))
+        text = Metrics().exposition().decode()
+    assert text.count('remi_http_requests_total{endpoint="/route-') == 600
