@@ -224,15 +224,7 @@ def write_bundle(
                     index, search_params, interests, table, recall_n, recall_target, exclude
                 )
             recall = tuning.to_manifest()
-        try:
-            serialized = faiss.serialize_index(index)  # (bytes,) uint8
-        except RuntimeError as exc:  # an index faiss cannot write
-            raise OSError(f"cannot write {FILES['index']}: {exc}") from None
-        # Written by Python, whose failed writes raise: faiss's own writer only prints an
-        # error at its last block's close (a disk full there, NFS, quotas), and the cut-short
-        # index was published with the checksum of what was written.
-        (tmp / FILES["index"]).write_bytes(serialized)
-        del serialized
+        _write_index(index, tmp / FILES["index"])
         if categories is not None:
             np.save(tmp / OPTIONAL_FILES["item_categories"], category_rows, allow_pickle=False)
             (tmp / OPTIONAL_FILES["category_names"]).write_text(json.dumps(list(categories[1])))
@@ -358,6 +350,23 @@ def _switch(root: Path, version: str) -> None:
         _unrecord(root, entry)
         raise BundleError(f"cannot point {current} at {version}: {exc}") from None
     fsync_dir(root)
+
+
+def _write_index(index: faiss.Index, path: Path) -> None:
+    """faiss.write_index through a Python file, whose failed writes raise: faiss's own file
+    writer only prints an error at its last block's close (a disk full there, NFS, quotas),
+    and the cut-short index was published with the checksum of what was written. Streamed, not
+    serialised first (that held two copies of a large index in memory)."""
+    with path.open("wb") as out:
+
+        def write(chunk: bytes) -> int:
+            out.write(chunk)  # buffered: writes all of it or raises
+            return len(chunk)
+
+        try:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(write))
+        except RuntimeError as exc:  # an index faiss cannot write
+            raise OSError(f"cannot write {path.name}: {exc}") from None
 
 
 def _record_published(root: Path, version: str) -> tuple[int, int]:
