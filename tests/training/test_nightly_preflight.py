@@ -43,7 +43,7 @@ def test_a_bundle_root_that_cannot_be_a_directory_fails_before_training(tmp_path
         ({"recall_target": 1.5}, "recall target must be in (0, 1], not 1.5"),
         ({"index_factory": "NSG8"}, "NSG indexes are not supported"),
         ({"index_factory": "IDMap,Flat"}, "IDMap is not supported"),
-        ({"search_params": "nprobe=4"}, "search_params 'nprobe=4' need an index_factory"),
+        ({"search_params": "nprobe=4"}, "do not fit the Flat index chosen for tonight's"),
     ],
 )
 def test_index_settings_a_bundle_would_refuse_fail_before_training(

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from remi_core.index import EXACT_MAX_ITEMS, check_index_settings
+from remi_core.index import check_index_settings
 from remi_core.redis_keys import EVENTS_STREAM
 from training.config import TrainConfig
 from training.data import DataConfig
@@ -57,8 +57,7 @@ class NightlyConfig:
     index_factory: str | None = ExportConfig.index_factory
     """Faiss index factory of published bundles (default: the `export:` section's)."""
     search_params: str | None = ExportConfig.search_params
-    """Faiss search parameters of published bundles (default: the `export:` section's); only
-    with index_factory, as the size-chosen index is known after training only."""
+    """Faiss search parameters of published bundles (default: the `export:` section's)."""
     recall_target: float = ExportConfig.recall_target
     """Recall an approximate index is tuned to (default: the `export:` section's)."""
     categories: str = ExportConfig.categories
@@ -97,14 +96,6 @@ class NightlyConfig:
             raise NightlyError(f"nice must be between 0 and 19, not {self.nice}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise NightlyError(f"torch_threads must be at least 1, not {self.torch_threads}")
-        if self.search_params and not self.index_factory:
-            # The index is chosen from the catalogue size only after training; an exact one
-            # (up to EXACT_MAX_ITEMS items) takes no search parameters.
-            raise NightlyError(
-                f"search_params {self.search_params!r} need an index_factory: without one the "
-                "index is chosen from the catalogue size after training, and the exact Flat "
-                f"index of a catalogue up to {EXACT_MAX_ITEMS:,} items takes none"
-            )
         try:  # fail before training, as below
             check_index_settings(
                 self.train.dim, self.index_factory, self.search_params, self.recall_target

@@ -65,6 +65,7 @@ from remi_core.bundle import (
     resolve_current,
     verify_files,
 )
+from remi_core.index import ROW_OFFSET, check_index_settings, choose_factory
 from remi_core.threads import setup_threads
 from training.data import DataError, SequenceDataset, preprocess, read_interactions, stable_split
 from training.nightly import publish
@@ -466,6 +467,18 @@ def current_intact(cfg: NightlyConfig, published: Published) -> bool:
 
 def train_model(cfg: NightlyConfig, dataset: SequenceDataset, run_id: str) -> Trained:
     """Step 5: train tonight's model in state_dir/runs/<run id>."""
+    if cfg.search_params and not cfg.index_factory:
+        # The index comes from tonight's catalogue size: check its search parameters now, not
+        # after the training (an exact Flat index, up to EXACT_MAX_ITEMS items, takes none).
+        items = len(dataset.item_ids) - ROW_OFFSET
+        factory = choose_factory(items)
+        try:
+            check_index_settings(cfg.train.dim, factory, cfg.search_params, cfg.recall_target)
+        except ValueError as exc:
+            raise NightlyError(
+                f"search_params {cfg.search_params!r} do not fit the {factory} index chosen "
+                f"for tonight's {items:,} items (name index_factory to fix it): {exc}"
+            ) from None
     run_dir = Path(cfg.state_dir) / "runs" / run_id
     result = train(dataset, cfg.train, run_dir, progress=cfg.progress)
     return Trained(run_dir, result)
