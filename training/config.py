@@ -58,6 +58,15 @@ class TrainConfig:
     """torch.compile the training step (a one-off compilation; needs a C++ compiler on CPU)."""
 
     def __post_init__(self) -> None:
+        # Type-checked here too, not only by the CLI: a hand-edited config.json ("dim": 16.0)
+        # was a TypeError traceback in evaluate, export and --resume.
+        kinds = {"int": int, "float": (int, float), "bool": bool, "str": str}
+        for f in fields(self):
+            value, kind = getattr(self, f.name), kinds.get(str(f.type))
+            if kind is not None and (
+                not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)
+            ):
+                raise ValueError(f"{f.name} must be of type {f.type}, not {value!r}")
         positive = ("dim", "num_interests", "seq_len", "batch_size", "max_iters", "eval_every",
                     "patience")  # fmt: skip
         for name in positive:

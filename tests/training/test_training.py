@@ -436,6 +436,9 @@ def test_a_resumed_run_logs_each_validation_once(dataset, tmp_path):
         ("test", "export", "damaged prepared dataset (test must hold user indices 0.."),
         ("lengths", "evaluate", "damaged prepared dataset (lengths must be"),
         ("swap", "evaluate", "(its sequences or ids do not match its fingerprint)"),
+        # A hand-edited config.json: a TypeError traceback in evaluate, export and --resume.
+        ("float dim", "evaluate", "no valid training settings (dim must be of type int, not 16.0"),
+        ("float dim", "resume", "no valid training settings (dim must be of type int, not 16.0"),
     ],
 )
 def test_a_damaged_run_directory_is_one_line_naming_the_file(
@@ -456,9 +459,9 @@ def test_a_damaged_run_directory_is_one_line_naming_the_file(
             arrays["items"][[0, 1]] = arrays["items"][[1, 0]]
             assert arrays["items"][0] != arrays["items"][1]
         np.savez(npz, **arrays)
-    elif damage == "dim":  # a checkpoint of another shape than the run's settings
+    elif damage in ("dim", "float dim"):  # a checkpoint of another shape than its settings
         config = json.loads((run_dir / "config.json").read_text())
-        config["train"]["dim"] = 2 * config["train"]["dim"]
+        config["train"]["dim"] = 2 * config["train"]["dim"] if damage == "dim" else 16.0
         (run_dir / "config.json").write_text(json.dumps(config))
     else:
         path = {"weights": run_dir / "best.safetensors", "last": run_dir / "last.pt"}.get(
