@@ -118,14 +118,6 @@ class SequenceDataset:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         lengths = np.array([len(s) for s in self.sequences], dtype=np.int64)
-        np.savez(
-            directory / "sequences.npz",
-            items=np.concatenate(self.sequences) if self.sequences else np.zeros(0, np.int64),
-            lengths=lengths,
-            train=self.train,
-            valid=self.valid,
-            test=self.test,
-        )
         meta = {
             "name": self.name,
             "source": self.source,
@@ -134,7 +126,21 @@ class SequenceDataset:
             "user_ids": self.user_ids,
             "extra": self.extra,
         }
-        (directory / "dataset.json").write_text(json.dumps(meta))
+        try:
+            np.savez(
+                directory / "sequences.npz",
+                items=np.concatenate(self.sequences) if self.sequences else np.zeros(0, np.int64),
+                lengths=lengths,
+                train=self.train,
+                valid=self.valid,
+                test=self.test,
+            )
+            (directory / "dataset.json").write_text(json.dumps(meta))
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            # A failed write() names no file ("[Errno 28] No space left on device").
+            raise OSError(exc.errno, exc.strerror, str(directory)) from exc
 
     @classmethod
     def load(cls, directory: Path) -> SequenceDataset:

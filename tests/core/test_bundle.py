@@ -468,3 +468,27 @@ def test_an_encoder_file_without_a_weight_is_a_bundle_error(tmp_path):
     save_file(state, str(path / "encoder.safetensors"))
     with pytest.raises(BundleError, match=f"Missing key.*{name}"):
         load_bundle(path, verify=False)
+
+
+ATOMIC_FILLS_UP = """
+import resource, signal, sys
+from pathlib import Path
+from remi_core.atomic import write_json_atomic
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+try:
+    write_json_atomic(Path(sys.argv[1]), ["x" * 100] * 100)
+except OSError as exc:
+    print(exc)
+"""
+
+
+def test_a_failed_atomic_write_names_its_file(tmp_path):
+    # A failed write() names no file: the nightly job said only "[Errno 28] No space left on
+    # device" when its events file could not be written.
+    target = tmp_path / "events.json"
+    out = subprocess.run([sys.executable, "-c", ATOMIC_FILLS_UP, str(target)], capture_output=True,
+                         text=True, cwd=Path(__file__).parents[2], timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert str(target) in out.stdout and "File too large" in out.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
