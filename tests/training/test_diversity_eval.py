@@ -211,3 +211,20 @@ def test_attribute_values_that_are_no_attribute_are_refused_or_none(tmp_path):
     csv.write_text("item_id,category\nx,books,\n")
     with pytest.raises(DataError, match="more fields than the header"):
         read_categories(csv, [None, "x"])
+
+
+def test_evaluating_an_empty_split_says_so(tmp_path):
+    # Three users split 8:1:1 leave no validation user: "torch.cat(): expected a non-empty
+    # list of Tensors" was the message.
+    ids = tiny_item_ids()[1:]
+    data = tmp_path / "three.csv"
+    data.write_text("user_id,item_id,timestamp\n" + "".join(
+        f"u{u},{ids[(u * 7 + i) % 50]},{i}\n" for u in range(3) for i in range(6)))  # fmt: skip
+    done = runner.invoke(app, ["prepare", "--data", str(data), "--min-count", "1",
+                               "--out", str(tmp_path / "ds")])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    write_tiny_bundle(tmp_path / "b")
+    done = runner.invoke(app, ["evaluate", str(tmp_path / "b"), "--dataset-dir",
+                               str(tmp_path / "ds"), "--split", "valid"])  # fmt: skip
+    assert done.exit_code == 2 and "Traceback" not in done.output
+    assert "the dataset's valid split has no users to evaluate" in done.output

@@ -185,6 +185,8 @@ def evaluate(
         eval_set = make_eval_set(dataset, dataset.users(split), bundle.config.seq_len)
         model_set = bundle_eval_set(bundle, dataset, split)  # the same users in bundle rows
         popularity = bundle.popularity
+    if len(eval_set) == 0:  # torch.cat() of no batches was the message
+        raise CliError(f"the dataset's {split} split has no users to evaluate")
     report: dict[str, Any] = {
         "split": split,
         "users": len(eval_set),
