@@ -250,7 +250,8 @@ def train(
         keep_freed_memory()
     if resume and not run.last.is_file():
         raise FileNotFoundError(f"cannot resume: {run.last} does not exist")
-    session = _start_session(dataset, cfg, device, ddp)  # settings fail here, before any file
+    with _memory_for(cfg):
+        session = _start_session(dataset, cfg, device, ddp)  # settings fail here, before files
     with run.training() if ddp.is_main else contextlib.nullcontext():
         if ddp.is_main:
             _write_run_files(run, dataset, cfg, resume)
@@ -268,6 +269,25 @@ def train(
         if ddp.world_size > 1:
             dist.barrier()  # rank 0 has written best.safetensors
         return _finish(session, dataset, cfg, run, checksums)
+
+
+@contextlib.contextmanager
+def _memory_for(cfg: TrainConfig) -> Iterator[None]:
+    """Running out of memory for the settings (a --dim or --negatives far too large) as one
+    line naming the settings, not an allocator's traceback."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        message = str(exc)
+        if not isinstance(exc, MemoryError | torch.OutOfMemoryError) and not any(
+            sign in message for sign in ("can't allocate memory", "out of memory")
+        ):
+            raise
+        raise ValueError(
+            f"out of memory for these settings (dim {cfg.dim}, interests {cfg.num_interests}, "
+            f"seq_len {cfg.seq_len}, batch_size {cfg.batch_size}, negatives "
+            f"{cfg.num_negatives}): {message.splitlines()[0][:200] if message else 'MemoryError'}"
+        ) from None
 
 
 def _write_run_files(run: RunDir, dataset: SequenceDataset, cfg: TrainConfig, resume: bool) -> None:
@@ -321,7 +341,8 @@ def _train_loop(
     try:
         while state.iteration < cfg.max_iters and state.stale < cfg.patience:
             follow_load()  # on this thread: OpenMP keeps the thread count per calling thread
-            running += session.step()
+            with _memory_for(cfg):
+                running += session.step()
             steps_since_eval += 1
             state.iteration += 1
             bar.update(1)

@@ -239,6 +239,16 @@ def test_cli_trains_exports_and_evaluates_with_a_config_file(tmp_path):
         # Seeds past torch's and numpy's ranges: messages that named no setting.
         (["train", "--run-dir", "R", "--seed", str(2**64)], "seed must be a whole number from 0"),
         (["train", "--run-dir", "R", "--synthetic-seed", "-1"], "synthetic_seed must be at least"),
+        # Settings past the memory: the allocator's traceback, at the start or the first step.
+        (
+            ["train", "--run-dir", "R", "--synthetic-users", "300", "--dim", str(10**8)],
+            "out of memory for these settings (dim 100000000",
+        ),
+        (
+            ["train", "--run-dir", "R", "--synthetic-users", "300", "--negatives", str(10**11)],
+            "out of memory for these settings (dim 64, interests 4, seq_len 20, batch_size 128, "
+            "negatives 100000000000)",
+        ),
         # The nightly jobs read the export: section too; a misspelled key was a KeyError there.
         (["bootstrap", "-c", "typo.yaml", "--bundle-root", "B"], "unknown export setting(s)"),
         (["nightly", "-c", "typo.yaml", "--bundle-root", "B"], "['index_factroy']; known:"),
