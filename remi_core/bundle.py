@@ -616,7 +616,16 @@ def load_bundle(path: Path, device: str | torch.device = "cpu", verify: bool = T
         index = faiss.read_index(str(files["index"]))
         apply_search_params(index, manifest["index"].get("search_params", ""))
         categories, category_names = _read_categories(files)
-    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, OSError) as exc:
+    # MemoryError: an array header declaring a huge shape (unverified files), or a real one
+    except (
+        KeyError,
+        TypeError,
+        AttributeError,
+        ValueError,
+        RuntimeError,
+        OSError,
+        MemoryError,
+    ) as exc:
         raise BundleError(f"cannot load bundle {path}: {type(exc).__name__}: {exc}") from None
     _check_shapes(path, cfg, encoder, embeddings, item_ids, popularity, index)
     if categories is not None:

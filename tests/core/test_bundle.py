@@ -492,3 +492,17 @@ def test_a_failed_atomic_write_names_its_file(tmp_path):
     assert out.returncode == 0, out.stderr
     assert str(target) in out.stdout and "File too large" in out.stdout
     assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_an_array_header_declaring_a_huge_shape_is_a_bundle_error(tmp_path):
+    # Unverified files (REMI_VERIFY_CHECKSUMS=false): numpy's MemoryError was not caught.
+    path = write_tiny_bundle(tmp_path / "bundles")
+    table = path / "item_embeddings.npy"
+    raw = table.read_bytes()
+    end = raw.index(b"\n") + 1
+    header = raw[:end].decode("latin1")
+    huge = header.replace(f"({TINY['num_items']}, ", f"({10**11}, ")
+    assert huge != header
+    table.write_bytes((huge[:-1].ljust(len(header) - 1) + "\n").encode("latin1") + raw[end:])
+    with pytest.raises(BundleError, match="cannot load bundle .*MemoryError"):
+        load_bundle(path, verify=False)
