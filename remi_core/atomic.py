@@ -23,7 +23,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.filename is None:  # a failed write() names no file: "[Errno 28] No space ..."
+        if exc.errno is not None and exc.filename is None:  # a failed write() names no file
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     except BaseException:

@@ -730,13 +730,14 @@ def _refines(index) -> bool:
     """Whether a refinement (IndexRefine: RFlat, Refine(...)) is somewhere in index's chain."""
     import faiss
 
-    while True:
+    while isinstance(index, faiss.Index):  # not: a Python stand-in (tests)
         index = faiss.downcast_index(index)
         if isinstance(index, faiss.IndexRefine):
             return True
         if not isinstance(index, faiss.IndexPreTransform | faiss.IndexIDMap):
             return False
         index = index.index
+    return False
 
 
 def _is_flat(index) -> bool:

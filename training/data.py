@@ -137,7 +137,7 @@ class SequenceDataset:
             )
             (directory / "dataset.json").write_text(json.dumps(meta))
         except OSError as exc:
-            if exc.filename is not None:
+            if exc.errno is None or exc.filename is not None:
                 raise
             # A failed write() names no file ("[Errno 28] No space left on device").
             raise OSError(exc.errno, exc.strerror, str(directory)) from exc
