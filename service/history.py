@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -204,6 +205,8 @@ def check_redis_url(url: str) -> None:
         parse_url(url)
     except ValueError as exc:  # redis-py's messages may quote parts of the URL
         reason = scrub_secrets(str(exc), url)
+        if "@" in url:  # a password piece shorter than scrub_secrets looks for ("ab" of ab/cd)
+            reason = re.sub(r"'[^']*'", "'***'", reason)
         raise ValueError(f"invalid Redis URL {redact_url(url)}: {reason}") from None
 
 

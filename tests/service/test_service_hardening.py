@@ -111,6 +111,8 @@ def test_an_empty_stream_maxlen_is_unset(monkeypatch: pytest.MonkeyPatch) -> Non
     [
         # The unencoded "/" cuts the password: redis-py reads "pa55" as the port and says so.
         ("redis://app:pa55/word@localhost:6379/0", "Port could not be cast to integer"),
+        # A piece shorter than the scrubber looks for ("ab") was quoted as it was.
+        ("redis://app:ab/cdefgh@redis:6379/0", "Port could not be cast to integer value as '***'"),
         ("redis://127.0.0.1:notaport/0", "Port could not be cast to integer value as 'notaport'"),
         ("redis://127.0.0.1:6379/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
     ],
@@ -123,7 +125,7 @@ def test_an_unparseable_redis_url_is_a_settings_error(
         make_settings(tiny_bundle_root, url)
     message = describe_error(caught.value)
     assert message.startswith(f"REMI_REDIS_URL: invalid Redis URL {redact_url(url)}: {says}")
-    assert "pa55" not in message and "word" not in message
+    assert not any(piece in message for piece in ("pa55", "word", "'ab'", "cdefgh"))
 
 
 @pytest.mark.parametrize(
