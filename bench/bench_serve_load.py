@@ -406,7 +406,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="Load runs per cell (median kept).")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="Torch threads of the wide variant (the default is 1).")  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="Short runs, c=16 only.")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="Short runs; c=16 only in the main table (variants keep c=1).",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-write", action="store_true", help="Print only.")
     args = parser.parse_args()

@@ -10,6 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 images=$( { grep -h -o -E '^ARG PYTHON_IMAGE=\S+' docker/*.Dockerfile | cut -d= -f2
             grep -h -o -E '^\s+image: redis:\S+' docker-compose.yml | awk '{print $2}'; } | sort -u)
+if ! docker buildx version >/dev/null 2>&1; then
+    echo "error: needs Docker's buildx plugin (docker buildx imagetools inspect)" >&2
+    exit 2
+fi
 for image in $images; do
     digest=$(docker buildx imagetools inspect "$image" --format '{{json .Manifest.Digest}}')
     echo "$image@$(echo "$digest" | tr -d '"')"
