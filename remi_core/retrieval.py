@@ -272,7 +272,9 @@ def exact_merged_topk(
     Unscreened, the rows kept for the merge are those within float32's rounding of the n-th
     best ((d + 2) 2^-22 max_k |v_k| max_i |e_i|, twice over, `_near_the_cut`): the merge's own
     products round differently, and only rows it might rank in the top n must reach it.
-    `max_norm` is max_i |e_i| (from `screen`, or computed here when neither is given).
+    `max_norm` is max_i |e_i| (from `screen`, or computed here when neither is given: a pass
+    over the table, 20 ms at 100k items, so callers searching one table again and again pass
+    it, as the service does).
 
     The search runs compiled (`compiled`) unless `eager`.
     """
