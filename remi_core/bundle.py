@@ -41,7 +41,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from remi_core.atomic import fsync_dir, fsync_file, write_json_atomic
+from remi_core.atomic import fsync_dir, fsync_file, naming, write_json_atomic
 from remi_core.index import (
     EXACT_MAX_ITEMS,
     RECALL_TARGET,
@@ -323,11 +323,26 @@ def _switching(root: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def set_current(root: Path, version: str) -> None:
-    """Atomically point `current` at an existing version (publish or roll back)."""
+class CurrentMoved(BundleError):
+    """`current` no longer names the version a switch was decided against."""
+
+
+_ANY = object()  # set_current's `expected` when any current will do
+
+
+def set_current(root: Path, version: str, expected: str | None | object = _ANY) -> None:
+    """Atomically point `current` at an existing version (publish or roll back). With
+    `expected` (a version, or None for no current), only if `current` still names it, checked
+    under the root's lock: CurrentMoved otherwise (an operator's rollback during a nightly run
+    was overwritten by a model compared against the version rolled away from)."""
     root = Path(root)
     version = version.rstrip("/")  # shell completion adds one
     with _switching(root):
+        if expected is not _ANY and (now := current_version(root)) != expected:
+            raise CurrentMoved(
+                f"{root / CURRENT} was switched to {now} (from {expected}) meanwhile; "
+                f"{version} was not made current"
+            )
         _switch(root, version)
 
 
@@ -357,16 +372,16 @@ def _write_index(index: faiss.Index, path: Path) -> None:
     writer only prints an error at its last block's close (a disk full there, NFS, quotas),
     and the cut-short index was published with the checksum of what was written. Streamed, not
     serialised first (that held two copies of a large index in memory)."""
-    with path.open("wb") as out:
+    try:
+        with naming(path), path.open("wb") as out:
 
-        def write(chunk: bytes) -> int:
-            out.write(chunk)  # buffered: writes all of it or raises
-            return len(chunk)
+            def write(chunk: bytes) -> int:
+                out.write(chunk)  # buffered: writes all of it or raises
+                return len(chunk)
 
-        try:
             faiss.write_index(index, faiss.PyCallbackIOWriter(write))
-        except RuntimeError as exc:  # an index faiss cannot write
-            raise OSError(f"cannot write {path.name}: {exc}") from None
+    except RuntimeError as exc:  # an index faiss cannot write
+        raise OSError(f"cannot write {path.name}: {exc}") from None
 
 
 def _record_published(root: Path, version: str) -> tuple[int, int]:
@@ -431,14 +446,17 @@ def published_versions(root: Path) -> list[str]:
     return sorted((v for v in versions if v in last), key=last.__getitem__)
 
 
-def publish_or_discard(root: Path, version: str, check: Callable[[], None]) -> None:
-    """Run `check` (e.g. that a lock is still held), then make `version` current; if either
-    fails before `current` names the version, delete it, so an unpublished version never
-    counts toward retention. After the switch (set_current's last step, syncing the root, can
-    still fail) the version is published and stays."""
+def publish_or_discard(
+    root: Path, version: str, check: Callable[[], None], expected: str | None | object = _ANY
+) -> None:
+    """Run `check` (e.g. that a lock is still held), then make `version` current (only if
+    `current` still names `expected`, when given: see `set_current`); if either fails before
+    `current` names the version, delete it, so an unpublished version never counts toward
+    retention. After the switch (set_current's last step, syncing the root, can still fail)
+    the version is published and stays."""
     try:
         check()
-        set_current(root, version)
+        set_current(root, version, expected)
     except BaseException:
         if current_version(root) != version:
             shutil.rmtree(Path(root) / version, ignore_errors=True)

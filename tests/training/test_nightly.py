@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 import remi_core.bundle
 import training.nightly.publish as nightly_publish
 from remi_core.bundle import (
+    BundleError,
     current_version,
     list_versions,
     load_bundle,
@@ -330,6 +331,69 @@ def test_worse_model_is_not_published_and_retention_keeps_current(nightly_env) -
     repaired = run_nightly(replace(crippled, tolerance=1.0))
     assert repaired["decision"] == "published"
     assert "checksum mismatch" in repaired["current_unusable"]
+
+
+@pytest.mark.integration
+def test_a_damaged_current_gives_way_to_a_recent_version_that_beat_tonights_model(
+    nightly_env,
+) -> None:
+    # The drift guard rejected tonight's model against an older version, and `current`,
+    # damaged, stayed night after night though no restarted API could load it.
+    cfg, client = nightly_env
+    good = current_version(cfg.bundle_root)
+    xadd_events(client, new_item_events())
+    first = run_nightly(replace(cfg, tolerance=1.0))
+    assert first["decision"] == "published", first["reason"]
+    newer = first["published_version"]
+    index = Path(cfg.bundle_root) / newer / "index.faiss"
+    index.write_bytes(index.read_bytes()[:100])
+    crippled = replace(cfg, train=replace(cfg.train, lr=0.0), force=True)
+
+    report = run_nightly(crippled)
+
+    assert report["decision"] == "rejected" and "checksum mismatch" in report["current_unusable"]
+    assert report["restored_version"] == good == current_version(cfg.bundle_root)
+    assert f"the current bundle {newer} is damaged, so {good} replaces it" in report["reason"]
+    assert load_bundle(cfg.bundle_root).version == good
+
+
+@pytest.mark.integration
+def test_a_night_with_new_bundle_or_split_settings_is_not_skipped(nightly_env) -> None:
+    # Only the data and the training settings were compared: a new index factory (or split
+    # seed, or category file) was never shipped until new events came.
+    cfg, client = nightly_env
+    xadd_events(client, new_item_events())
+    assert run_nightly(cfg)["decision"] == "published"
+    assert run_nightly(cfg)["decision"] == "skipped"
+    for changed in (replace(cfg, index_factory="HNSW8"),
+                    replace(cfg, data=replace(cfg.data, split_seed=99))):  # fmt: skip
+        report = run_nightly(changed)
+        assert report["decision"] != "skipped" and "train" in report["durations_s"]
+
+
+@pytest.mark.integration
+def test_a_rollback_during_a_run_stands(nightly_env, monkeypatch) -> None:
+    # The operator rolled back while the night trained; its model, compared against the
+    # version rolled away from, was published over the rollback.
+    cfg, client = nightly_env
+    good = current_version(cfg.bundle_root)
+    older = write_tiny_bundle(cfg.bundle_root, seed=1).name
+    set_current(cfg.bundle_root, good)
+    xadd_events(client, new_item_events())
+    real_compare = nightly_publish.compare
+
+    def compare_then_roll_back(*args, **kwargs):
+        comparison = real_compare(*args, **kwargs)
+        set_current(cfg.bundle_root, older)  # the operator, meanwhile
+        return comparison
+
+    monkeypatch.setattr(nightly_publish, "compare", compare_then_roll_back)
+    before = set(list_versions(cfg.bundle_root))
+    with pytest.raises(BundleError, match=f"was switched to {older} \\(from {good}\\) meanwhile"):
+        run_nightly(replace(cfg, tolerance=1.0))
+    assert current_version(cfg.bundle_root) == older
+    assert set(list_versions(cfg.bundle_root)) == before  # tonight's version discarded
+    assert client.get(cfg.position_key) is None  # its events are read again the next night
 
 
 def test_a_lock_lost_after_publishing_says_what_was_published(nightly_env) -> None:

@@ -41,6 +41,7 @@ makes that harmless. The lock expires on its own (its TTL) when its holder dies.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -405,12 +406,30 @@ def build_data(cfg: NightlyConfig, events: EventBatch | None, published: Publish
     key = {
         "data_fingerprint": dataset.fingerprint,
         "split": SPLIT,
+        "split_seed": cfg.data.split_seed,
         "train_settings": json.loads(json.dumps(asdict(cfg.train))),
+        # What the bundle is made of besides the model: a new index or category file was
+        # never shipped until new events came (the night was skipped as unchanged).
+        "export": {
+            "index_factory": cfg.index_factory,
+            "search_params": cfg.search_params,
+            "recall_target": cfg.recall_target,
+            "categories": _digest(cfg.categories) if cfg.categories else None,
+            "category_col": cfg.category_col,
+        },
     }
     new_items = None
     if published.manifest is not None and published.item_ids is not None:
         new_items = [i for i in dataset.item_ids[1:] if i not in published.item_ids]
     return NightlyData(dataset, base_count, event_count, key, new_items, base_users)
+
+
+def _digest(path: str) -> str:
+    """sha256 of a file's bytes (a category file, read whole: they are small)."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise NightlyError(f"categories: {path}: {exc.strerror}") from None
 
 
 def skip_reason(cfg: NightlyConfig, data: NightlyData, published: Published) -> str | None:

@@ -21,6 +21,7 @@ from remi_core.bundle import (
     prune,
     publish_or_discard,
     published_versions,
+    set_current,
 )
 from training.data import SequenceDataset
 from training.evaluate import evaluate_bundle, evaluate_model, make_eval_set
@@ -205,10 +206,21 @@ def publish(run: NightlyRun) -> Outcome:
     assert comparison is not None
     root = Path(cfg.bundle_root)
     details: dict[str, Any] = {}
+    reason = comparison.reason
     if comparison.publish:
         details["published_version"] = _swap_in(run)
     else:
         run.check_lock()  # pruning, and then rejected.json, are changes too: not without it
+        if comparison.current_unusable is not None and comparison.recent:
+            # `current` cannot load (a restarted API could not serve it) and a recent version
+            # beat tonight's model: that version replaces it, as a rollback would.
+            metric = cfg.compare_metric
+            best = max(comparison.recent.items(), key=lambda kv: kv[1][metric])[0]
+            damaged = None if run.published is None else run.published.version
+            set_current(root, best, expected=damaged)
+            details["restored_version"] = best
+            reason = f"{reason}; the current bundle {damaged} is damaged, so {best} replaces it"
+            log.warning("the current bundle %s is damaged: %s is current again", damaged, best)
     version = current_version(root)
     # Best effort: housekeeping that fails must not block consuming the events (step 8).
     try:
@@ -218,7 +230,7 @@ def publish(run: NightlyRun) -> Outcome:
         log.warning("pruning failed: %s", exc)
         details["prune_error"] = str(exc)
     decision = "published" if comparison.publish else "rejected"
-    return Outcome(decision, comparison.reason, version, details)
+    return Outcome(decision, reason, version, details)
 
 
 def _swap_in(run: NightlyRun) -> str:
@@ -241,7 +253,10 @@ def _swap_in(run: NightlyRun) -> str:
         cfg.index_factory, cfg.search_params, cfg.recall_target, cfg.categories, cfg.category_col
     )
     path = export_run(run.trained.run_dir, root, export, publish=False, extra=extra)
-    publish_or_discard(root, path.name, run.check_lock)
+    # Only over the version tonight's model was compared against: an operator's rollback
+    # meanwhile stands, and the run fails (its events are read again the next night).
+    expected = None if run.published is None else run.published.version
+    publish_or_discard(root, path.name, run.check_lock, expected)
     log.info("published %s", path.name)
     return path.name
 
