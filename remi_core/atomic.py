@@ -18,18 +18,26 @@ def atomic_file(path: Path) -> Iterator[Path]:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        yield tmp
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno is not None and exc.filename is None:  # a failed write() names no file
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
+        with naming(path):
+            yield tmp
+            fsync_file(tmp)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError of a failed write() names no file ("[Errno 28] No space left on device"):
+    re-raised naming `path`, the file (or directory) being written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None or exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

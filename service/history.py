@@ -205,8 +205,12 @@ def check_redis_url(url: str) -> None:
         parse_url(url)
     except ValueError as exc:  # redis-py's messages may quote parts of the URL
         reason = scrub_secrets(str(exc), url)
-        if "@" in url:  # a password piece shorter than scrub_secrets looks for ("ab" of ab/cd)
-            reason = re.sub(r"'[^']*'", "'***'", reason)
+        # A password piece shorter than scrub_secrets looks for ("ab" of ab/cd): any quoted
+        # value found in the URL's userinfo is hidden (an option's name stays).
+        userinfo = url.partition("://")[2].rpartition("@")[0]
+        reason = re.sub(
+            r"'([^']*)'", lambda m: "'***'" if m[1] and m[1] in userinfo else m[0], reason
+        )
         raise ValueError(f"invalid Redis URL {redact_url(url)}: {reason}") from None
 
 

@@ -242,12 +242,16 @@ class Metrics:
     def set_model(
         self, version: str, loaded_at: float, num_rows: int = 0, num_interests: int = 0
     ) -> None:
-        if self._version is not None and self._version != version:
-            if shared_across_workers():  # series cannot be removed from the shared files
-                self.model_info.labels(version=self._version).set(0)
-            else:
-                self.model_info.remove(self._version)
-        self.model_info.labels(version=version).set(1)
-        self._version = version
-        self.model_loaded_at.set(loaded_at)
-        self.interests.set_model(num_rows, num_interests)
+        # The new model's state first: a write that fails (a full disk under --workers N) then
+        # leaves at worst the old version's 1 beside the new one's, not no version served.
+        previous, self._version = self._version, version
+        try:
+            self.model_info.labels(version=version).set(1)
+            if previous is not None and previous != version:
+                if shared_across_workers():  # series cannot be removed from the shared files
+                    self.model_info.labels(version=previous).set(0)
+                else:
+                    self.model_info.remove(previous)
+        finally:
+            self.model_loaded_at.set(loaded_at)
+            self.interests.set_model(num_rows, num_interests)

@@ -88,7 +88,9 @@ def _from_attributes(path: Path) -> dict[str, str]:
     lists: dict[str, list] = {}
     for key, value in data.items():
         # null: no attribute; a nested list or object became a category named "[1]"
-        values = [] if value is None else value if isinstance(value, list) else [value]
+        values = [a for a in (value if isinstance(value, list) else [value]) if a is not None]
+        # Whole floats (3.0: pandas writes integer ids so beside a missing value) are numbers.
+        values = [int(a) if isinstance(a, float) and a.is_integer() else a for a in values]
         if odd := [a for a in values if isinstance(a, bool) or not isinstance(a, str | int)]:
             raise DataError(
                 f"{path}: item {key!r}: attributes are strings or whole numbers, not {odd[0]!r}"

@@ -76,8 +76,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:  # NaN trains to NaN weights, "finishing"
                 raise ValueError(f"{name} must be a finite number >= 0, not {value}")
-        if not 0 <= self.seed < 2**63:  # torch's seeds; past them an unnamed OverflowError
-            raise ValueError(f"seed must be a whole number from 0 to 2^63 - 1, not {self.seed}")
+        if not -(2**63) <= self.seed < 2**63:  # torch's; past them an unnamed OverflowError
+            raise ValueError(f"seed must be a whole number from -2^63 to 2^63 - 1, not {self.seed}")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, not {self.model_type!r}")
         if self.device != "auto":

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from remi_core.atomic import naming
+
 FORMATS = ("auto", "csv", "parquet", "seq", "inter")
 SYNTHETIC = "synthetic"
 
@@ -126,7 +128,7 @@ class SequenceDataset:
             "user_ids": self.user_ids,
             "extra": self.extra,
         }
-        try:
+        with naming(directory):
             np.savez(
                 directory / "sequences.npz",
                 items=np.concatenate(self.sequences) if self.sequences else np.zeros(0, np.int64),
@@ -136,11 +138,6 @@ class SequenceDataset:
                 test=self.test,
             )
             (directory / "dataset.json").write_text(json.dumps(meta))
-        except OSError as exc:
-            if exc.errno is None or exc.filename is not None:
-                raise
-            # A failed write() names no file ("[Errno 28] No space left on device").
-            raise OSError(exc.errno, exc.strerror, str(directory)) from exc
 
     @classmethod
     def load(cls, directory: Path) -> SequenceDataset:

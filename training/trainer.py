@@ -286,7 +286,7 @@ def _memory_for(cfg: TrainConfig) -> Iterator[None]:
         raise ValueError(
             f"out of memory for these settings (dim {cfg.dim}, interests {cfg.num_interests}, "
             f"seq_len {cfg.seq_len}, batch_size {cfg.batch_size}, negatives "
-            f"{cfg.num_negatives}): {message.splitlines()[0][:200] if message else 'MemoryError'}"
+            f"{cfg.negatives}): {message.splitlines()[0][:200] if message else 'MemoryError'}"
         ) from None
 
 

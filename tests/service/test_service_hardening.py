@@ -113,6 +113,8 @@ def test_an_empty_stream_maxlen_is_unset(monkeypatch: pytest.MonkeyPatch) -> Non
         ("redis://app:pa55/word@localhost:6379/0", "Port could not be cast to integer"),
         # A piece shorter than the scrubber looks for ("ab") was quoted as it was.
         ("redis://app:ab/cdefgh@redis:6379/0", "Port could not be cast to integer value as '***'"),
+        # ... and an option's name, which is no part of the password, stays.
+        ("redis://:pa55word@h:6379/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
         ("redis://127.0.0.1:notaport/0", "Port could not be cast to integer value as 'notaport'"),
         ("redis://127.0.0.1:6379/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
     ],

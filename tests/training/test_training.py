@@ -237,7 +237,7 @@ def test_cli_trains_exports_and_evaluates_with_a_config_file(tmp_path):
         (["train", "--run-dir", "R", "--device", "meta"], "device must be 'auto', 'cpu', 'cuda'"),
         (["train", "--run-dir", "R", "--device", "mps"], "device must be 'auto', 'cpu', 'cuda'"),
         # Seeds past torch's and numpy's ranges: messages that named no setting.
-        (["train", "--run-dir", "R", "--seed", str(2**64)], "seed must be a whole number from 0"),
+        (["train", "--run-dir", "R", "--seed", str(2**64)], "seed must be a whole number from -2"),
         (["train", "--run-dir", "R", "--synthetic-seed", "-1"], "synthetic_seed must be at least"),
         # Settings past the memory: the allocator's traceback, at the start or the first step.
         (
@@ -261,6 +261,9 @@ def test_cli_errors_name_the_flag_or_file(tmp_path, monkeypatch, args, message):
     Path("typo.yaml").write_text("export:\n  index_factroy: Flat\n")
     if torch.cuda.is_available() and "cuda:3" in args:
         pytest.skip("a CUDA host may have that device")
+    overcommit = Path("/proc/sys/vm/overcommit_memory")
+    if "out of memory" in message and overcommit.is_file() and overcommit.read_text() == "1\n":
+        pytest.skip("with overcommit_memory=1 the allocation may succeed and the OOM killer act")
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert message in result.output
