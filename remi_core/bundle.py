@@ -388,8 +388,11 @@ def _record_published(root: Path, version: str) -> tuple[int, int]:
     """Append `version` to the log; returns where its entry starts and ends. A write that fails
     is cut back off, and an entry never continues a line a crash left unfinished."""
     log_path = root / PUBLISHED
-    # A root from before the log: its versions so far were all published, oldest first.
+    # A root from before the log: its versions so far were all published, oldest first, and
+    # the one `current` names (perhaps rolled back to, and older) last, as the latest publish.
     earlier = [] if log_path.exists() else [v for v in list_versions(root) if v != version]
+    if (serving := current_version(root)) in earlier:
+        earlier = [v for v in earlier if v != serving] + [serving]
     entry = "".join(f"{v}\n" for v in [*earlier, version]).encode()
     fd = -1
     try:

@@ -100,6 +100,14 @@ def test_a_root_from_before_the_publish_log_keeps_its_versions(tmp_path):
     write_tiny_bundle(root, version="v3")  # the first publish with the log counts the others
     assert published_versions(root) == ["v1", "v2", "v3"]
     assert prune(root, keep=3) == []
+    # Rolled back to the oldest before the log existed: it was the latest publish, not the
+    # oldest, and the next prune deleted the version that had served until then.
+    (root / bundle.PUBLISHED).unlink()
+    set_current(root, "v1")
+    (root / bundle.PUBLISHED).unlink()
+    write_tiny_bundle(root, version="v4")
+    assert published_versions(root) == ["v2", "v3", "v1", "v4"]
+    assert prune(root, keep=2) == ["v2", "v3"]
 
 
 def test_index_factory_is_recorded(tmp_path):
