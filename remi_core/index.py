@@ -116,26 +116,13 @@ def _new_index(dim: int, factory: str) -> faiss.Index:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise ValueError(f"invalid Faiss index factory string {factory!r}: {exc}") from None
-    if _holds_id_map(index):
+    if any(isinstance(part, faiss.IndexIDMap) for part in wrapper_chain(index)):
         # An id map takes only add_with_ids; a bundle's index positions are its catalogue rows.
         raise ValueError(
             f"index factory {factory!r}: IDMap is not supported, the bundle maps index "
             "positions to item ids itself (drop the IDMap part)"
         )
     return index
-
-
-def _holds_id_map(index: faiss.Index) -> bool:
-    while True:
-        index = faiss.downcast_index(index)
-        if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
-            return True
-        if isinstance(index, faiss.IndexPreTransform):
-            index = index.index
-        elif isinstance(index, faiss.IndexRefine):
-            index = index.base_index
-        else:
-            return False
 
 
 def check_index_settings(
@@ -156,18 +143,25 @@ def search_param_name(index: faiss.Index) -> str | None:
     also inside a wrapper (PCA32,HNSW4 was left at its default efSearch, recall 0.48)."""
     if faiss.try_extract_index_ivf(index) is not None:
         return "nprobe"
-    if isinstance(_innermost(index), faiss.IndexHNSW):
+    if isinstance(wrapper_chain(index)[-1], faiss.IndexHNSW):
         return "efSearch"
     return None
 
 
-def _innermost(index: faiss.Index) -> faiss.Index:
-    """The index inside Faiss's wrappers: a transform in front, a refinement behind, an id map."""
-    index = faiss.downcast_index(index)
-    while isinstance(index, faiss.IndexPreTransform | faiss.IndexIDMap | faiss.IndexRefine):
-        inner = index.base_index if isinstance(index, faiss.IndexRefine) else index.index
-        index = faiss.downcast_index(inner)
-    return index
+def wrapper_chain(index: Any) -> list[faiss.Index]:
+    """An index and the ones inside Faiss's wrappers (a transform in front, a refinement
+    behind, an id map), outermost first, each downcast; [] for what is no Faiss index (a
+    Python stand-in in tests)."""
+    chain: list[faiss.Index] = []
+    while isinstance(index, faiss.Index):
+        chain.append(index := faiss.downcast_index(index))
+        if isinstance(index, faiss.IndexRefine):
+            index = index.base_index
+        elif isinstance(index, faiss.IndexPreTransform | faiss.IndexIDMap):
+            index = index.index
+        else:
+            break
+    return chain
 
 
 def apply_search_params(index: faiss.Index, params: str) -> None:

@@ -732,14 +732,9 @@ def _refines(index) -> bool:
     """Whether a refinement (IndexRefine: RFlat, Refine(...)) is somewhere in index's chain."""
     import faiss
 
-    while isinstance(index, faiss.Index):  # not: a Python stand-in (tests)
-        index = faiss.downcast_index(index)
-        if isinstance(index, faiss.IndexRefine):
-            return True
-        if not isinstance(index, faiss.IndexPreTransform | faiss.IndexIDMap):
-            return False
-        index = index.index
-    return False
+    from remi_core.index import wrapper_chain  # here: remi_core.index imports this module
+
+    return any(isinstance(part, faiss.IndexRefine) for part in wrapper_chain(index))
 
 
 def _is_flat(index) -> bool:
