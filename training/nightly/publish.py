@@ -211,11 +211,11 @@ def publish(run: NightlyRun) -> Outcome:
         details["published_version"] = _swap_in(run)
     else:
         run.check_lock()  # pruning, and then rejected.json, are changes too: not without it
-        if comparison.current_unusable is not None and comparison.recent:
-            # `current` cannot load (a restarted API could not serve it) and a recent version
-            # beat tonight's model: that version replaces it, as a rollback would.
-            metric = cfg.compare_metric
-            best = max(comparison.recent.items(), key=lambda kv: kv[1][metric])[0]
+        if comparison.current_unusable is not None and "baseline" in comparison.summary:
+            # `current` cannot load (a restarted API could not serve it) and the drift guard's
+            # baseline, the best recent version, beat tonight's model: it replaces `current`,
+            # as a rollback would.
+            best = comparison.summary["baseline"]["version"]
             damaged = None if run.published is None else run.published.version
             set_current(root, best, expected=damaged)
             details["restored_version"] = best
