@@ -172,11 +172,12 @@ class ScreenTable:
         if dtype not in (torch.bfloat16, torch.int8):
             raise ValueError(f"a screen table is bfloat16 or int8, not {dtype}")
         items = items.float()
-        # In float64: float32 squares underflow for tiny rows, and a zero norm a zero slack.
-        wide = items.double()
-        max_norm = float(torch.linalg.vector_norm(wide, dim=1).max())
+        # In float64 (`max_row_norm`, as the residuals below): float32 squares underflow for
+        # tiny rows, and a zero norm a zero slack.
+        max_norm = max_row_norm(items)
         if dtype == torch.bfloat16:
             return cls(items.to(torch.bfloat16).contiguous(), max_norm)
+        wide = items.double()
         # One step for the whole table: the screen's slack is one number per user, set by the
         # rows with the largest rounding error, so a step per row would not make it smaller.
         scale = float(items.abs().max()) / 127 or 1.0

@@ -62,8 +62,8 @@ class LoadedModel:
     loaded_at: float
     search_backend: str  # what answers searches: "screened-int8", "screened", "dense", "faiss"
     screen: ScreenTable | None = None  # the int8 or bfloat16 copy of the table when screened
-    # max_i |e_i| for the rounding bound of the dense search, and of the exact search users an
-    # index leaves short fall back to (the screens hold their own), taken once
+    # max_i |e_i| (`max_row_norm`), taken once at load, for the exact searches' rounding bound
+    # (and that of the exact search users an index leaves short fall back to)
     max_item_norm: float | None = None
     categories: np.ndarray | None = None  # (N,) int32 category per row (-1: none), read-only
     # The CPU index a GPU one was copied from: it answers searches deeper than a GPU selects
@@ -133,17 +133,17 @@ SCREENS: dict[str, torch.dtype | None] = {
 
 
 def choose_exact_search(
-    items: torch.Tensor, screens: Mapping[str, ScreenTable | None], k: int
+    items: torch.Tensor, screens: Mapping[str, ScreenTable | None], k: int, max_norm: float
 ) -> str:
     """The fastest of `screens` (name -> its screen table) on this host, for a batch of 16
     users (best of 5 runs each, taken in turns so a busy moment hits them all); one that fails
-    to run is left out. All give the same answers, so only the speed depends on the choice."""
+    to run is left out. All give the same answers, so only the speed depends on the choice.
+    `max_norm`: the table's max_i |e_i| (`max_row_norm`), as the searches are given it."""
     if items.shape[0] < 2:  # nothing to time; smoke_test rejects an empty catalogue
         return "dense"
     gen = torch.Generator().manual_seed(0)
     rows = torch.randint(1, items.shape[0], (16, k), generator=gen)
     interests = items[rows].numpy()  # (16, K, d): interests that look like the catalogue
-    max_norm = max_row_norm(items)
     timings = dict.fromkeys(screens, float("inf"))
     for turn in range(8):  # TorchScript optimises on its second call: three to warm up
         for name, table in screens.items():
@@ -165,7 +165,7 @@ def choose_exact_search(
 
 
 def _search_backend(
-    index: faiss.Index, items: torch.Tensor, exact_search: str, k: int
+    index: faiss.Index, items: torch.Tensor, exact_search: str, k: int, max_norm: float
 ) -> tuple[str, ScreenTable | None]:
     """(what answers searches, the screen table it needs): torch for an exact (Flat) CPU index
     unless told "faiss", the index itself otherwise."""
@@ -177,7 +177,7 @@ def _search_backend(
         for name in names
     }
     if exact_search == "auto":
-        exact_search = choose_exact_search(items, screens, k)
+        exact_search = choose_exact_search(items, screens, k, max_norm)
     return exact_search, screens[exact_search]
 
 
@@ -192,7 +192,8 @@ def model_from_bundle(
     embeddings = bundle.item_embeddings
     item_table = torch.from_numpy(embeddings)  # shares memory; made before the array is frozen
     k = bundle.encoder.num_interests
-    backend, screen = _search_backend(index, item_table, exact_search, k)
+    max_norm = max_row_norm(item_table)  # once: every search's rounding bound needs it
+    backend, screen = _search_backend(index, item_table, exact_search, k, max_norm)
     embeddings.setflags(write=False)
     popularity = bundle.popularity
     popularity.setflags(write=False)
@@ -224,7 +225,7 @@ def model_from_bundle(
         loaded_at=time.time(),
         search_backend=backend,
         screen=screen,
-        max_item_norm=max_row_norm(item_table) if screen is None else None,
+        max_item_norm=max_norm,
         categories=bundle.categories,
         host_index=bundle.index if index_device == "gpu" else None,
         _search_lock=threading.Lock() if index_device == "gpu" else None,
