@@ -93,6 +93,15 @@ class ThreadSetup:
     """faiss.omp_get_max_threads() after the set-up (None if faiss is not loaded)."""
 
 
+def debug_line(tag: str, payload: dict) -> None:
+    """Print `tag {json}` on stderr when REMI_DEBUG_THREADS=1, in one write: uvicorn's workers
+    share the descriptor, and print()'s separate newline write let two workers' lines run into
+    one."""
+    if os.environ.get(DEBUG_ENV) == "1":
+        sys.stderr.write(f"{tag} {json.dumps(payload)}\n")
+        sys.stderr.flush()
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text().strip()
@@ -243,8 +252,7 @@ def setup_threads(
         faiss_threads=faiss_applied,
     )
     _setup, _follower = setup, None
-    if os.environ.get(DEBUG_ENV) == "1":
-        print("remi-threads " + json.dumps(asdict(setup)), file=sys.stderr, flush=True)
+    debug_line("remi-threads", asdict(setup))
     return setup
 
 
@@ -359,9 +367,7 @@ class LoadFollower:
 
     def _resize(self, threads: int) -> None:
         _set_pools(threads, threads)
-        if os.environ.get(DEBUG_ENV) == "1":
-            change = {"from": self.threads, "to": threads}
-            print("remi-threads-resize " + json.dumps(change), file=sys.stderr, flush=True)
+        debug_line("remi-threads-resize", {"from": self.threads, "to": threads})
         self.threads, self._grow_votes = threads, 0
         self.changes += 1
 

@@ -375,3 +375,28 @@ def test_threads_benchmark_compares_the_set_ups_under_load() -> None:
     assert row[0] == "1" and row.count("s") == 4  # a time for default, single, old, passive
     assert f"({CPUS} thr)" in done.stdout and "(1 thr)" in done.stdout
     assert "busy 1: default / single = " in done.stdout
+
+
+def test_debug_lines_of_processes_sharing_stderr_stay_whole(tmp_path: Path) -> None:
+    # uvicorn's workers share one stderr: each line must go out in one write, or two workers'
+    # lines run into one (a newline written apart from its text did, in CI).
+    script = (
+        "from remi_core.threads import debug_line\n"
+        "for i in range(3000): debug_line('remi-threads', {'worker': WORKER, 'i': i})\n"
+    )
+    log_path = tmp_path / "shared.log"
+    with log_path.open("w") as log:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", script.replace("WORKER", str(w))],
+                env=clean_env(),
+                stderr=log,
+            )
+            for w in range(2)
+        ]
+        for proc in procs:
+            assert proc.wait(timeout=60) == 0
+    lines = reports(log_path.read_text())
+    assert sorted((r["worker"], r["i"]) for r in lines) == [
+        (w, i) for w in range(2) for i in range(3000)
+    ]
