@@ -76,6 +76,14 @@ def wait_until(check, what: str, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
+def redis_answers(port: int) -> bool:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+        conn.sendall(b"PING\r\n")
+        return conn.recv(16).startswith(b"+PONG")
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
@@ -175,6 +183,7 @@ def main() -> None:
                 stdout=subprocess.DEVNULL,
             ))  # fmt: skip
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
+            wait_until(lambda: redis_answers(redis_port), "redis-server", 30)
             # The API's bundle: the same model shape, briefly trained (its quality is moot).
             config = yaml.safe_load(args.config.read_text())
             config["train"].update(max_iters=200, eval_every=200)

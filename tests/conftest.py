@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,19 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _keep_priority() -> Iterator[None]:
+    """Put this process's nice value back after each test: `nightly` and `bootstrap` run in
+    process (CliRunner) lower every thread's (remi_core.threads.lower_priority), which would
+    leave each later test, and the servers it starts, at nice 19."""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    yield
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # an ended thread, or no right to raise priority
+            if os.getpriority(os.PRIO_PROCESS, int(task.name)) != before:
+                os.setpriority(os.PRIO_PROCESS, int(task.name), before)
 
 
 # --- bundles ------------------------------------------------------------------------------------

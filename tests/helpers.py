@@ -150,10 +150,19 @@ def _find_redis_server() -> str | None:
 REDIS_SERVER = _find_redis_server()
 
 
+# The OpenMP and BLAS settings this test process started with: the thread set-up run in process
+# (create_app, the train command) writes its own into os.environ, and a subprocess started after
+# it would run with them (OMP_WAIT_POLICY=PASSIVE for a training run, say).
+_THREAD_PREFIXES = ("OMP_", "GOMP_", "MKL_", "OPENBLAS_")
+_STARTING_THREAD_ENV = {k: v for k, v in os.environ.items() if k.startswith(_THREAD_PREFIXES)}
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """The environment for a subprocess running this checkout: ours without any REMI_* setting
-    (the test says which ones it wants), this checkout first on the import path."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REMI_")}
+    (the test says which ones it wants) and with the thread settings this process started with,
+    this checkout first on the import path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REMI_", *_THREAD_PREFIXES))}
+    env.update(_STARTING_THREAD_ENV)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return {**env, **extra}
 

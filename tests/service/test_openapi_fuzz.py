@@ -24,6 +24,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+import service.openapi
+import service.schemas
+from remi_core.redis_keys import latest_timestamp
 from service.app import create_app
 from service.settings import Settings
 from tests.helpers import RedisServer, dead_redis_url, free_port
@@ -38,6 +41,15 @@ CONFORMANCE = [
     response_headers_conformance,
     response_schema_conformance,
 ]
+
+
+@pytest.fixture(autouse=True)
+def _one_day(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The events' timestamp bound held where it is: the schema is read once, the cases run for
+    half a minute, and a midnight (UTC) between would move the bound the negative cases test."""
+    bound = latest_timestamp()
+    for module in (service.openapi, service.schemas):
+        monkeypatch.setattr(module, "latest_timestamp", lambda: bound)
 
 
 def fuzz_settings(bundle_root: Path, redis_url: str) -> Settings:
