@@ -1,8 +1,10 @@
-"""Redis keys and fields shared by the service (writer) and the nightly job (reader)."""
+"""Redis keys, fields and URL checks shared by the service (writer) and the nightly job."""
 
 from __future__ import annotations
 
+import re
 import time
+from urllib.parse import parse_qs, urlsplit
 
 EVENTS_STREAM = "remi:events"
 """Stream of raw interactions; entry fields are user_id, item_id, timestamp (all strings)."""
@@ -35,3 +37,21 @@ def latest_timestamp(now: float | None = None) -> int:
     so the bound moves once a day and the OpenAPI schema can state it exactly."""
     now = time.time() if now is None else now
     return (int(now) // DAY_S + 2) * DAY_S
+
+
+def redis_database_problem(url: str) -> str | None:
+    """Why the database a Redis URL names cannot be used, or None (the scheme and the rest are
+    redis-py's to check). redis-py reads a path that is no number (a typo like /O for /0) as
+    database 0, and passes a negative one on for Redis to refuse at every command: both would
+    go unnoticed until the data is missing or every request fails."""
+    parts = urlsplit(url)
+    databases = parse_qs(parts.query).get("db", [])
+    if parts.scheme == "unix":
+        if not parts.path:
+            return "a unix:// URL needs the socket's path (unix:///run/redis.sock)"
+    elif parts.path not in ("", "/"):
+        databases.append(parts.path[1:])
+    for database in databases:
+        if not re.fullmatch(r"[0-9]+", database):
+            return f"the database must be a whole number >= 0, not {database!r}"
+    return None

@@ -51,6 +51,9 @@ THREADS_ENV = "REMI_THREADS"
 """The one documented override of the thread count (a positive integer)."""
 DEBUG_ENV = "REMI_DEBUG_THREADS"
 """When set to 1, `setup_threads` prints the set-up it applied as one JSON line on stderr."""
+MAX_THREADS = 1024
+"""The most threads a pool may be given: far past any host's cores, and short of the counts at
+which torch overflows or OpenMP cannot allocate its pool (a crash, not an error)."""
 # Set together with OMP_NUM_THREADS so BLAS libraries with their own pools (MKL, OpenBLAS
 # pthreads builds) follow the same count.
 _COUNT_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -183,6 +186,8 @@ def _parse(value: str, what: str) -> int:
         count = 0
     if count < 1:
         raise ThreadSettingError(f"{what} must be a positive integer, not {value!r}")
+    if count > MAX_THREADS:
+        raise ThreadSettingError(f"{what} must be at most {MAX_THREADS}, not {value!r}")
     return count
 
 

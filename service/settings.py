@@ -8,11 +8,14 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from remi_core.threads import MAX_THREADS
 from service.redact import redact_url
 
 ExactSearch = Literal["auto", "screened-int8", "screened", "dense", "faiss"]
 """REMI_EXACT_SEARCH's choices (service.recommender.EXACT_SEARCH lists them for code)."""
 
+MIN_RELOAD_INTERVAL_S = 0.01
+"""The shortest REMI_RELOAD_INTERVAL_S but 0 (off)."""
 # Clients send keys and tokens in HTTP headers, which servers read as latin-1: a key with other
 # characters (UTF-8 "é" arrives as "Ã©") could never match, so such a key is refused at start.
 HEADER_SAFE = "must be printable ASCII (HTTP headers carry nothing else reliably)"
@@ -80,11 +83,19 @@ class Settings(BaseSettings):
         description="Approximate cap on the remi:events stream; unset keeps every event until "
         "the nightly job trims it (it must see everything since its last run).",
     )
-    max_events: int = Field(1000, ge=1, description="Most events accepted by one POST /events.")
-    max_n: int = Field(1000, ge=1, description="Largest `n` a recommend request may ask for.")
+    # The request limits stop at a million: far past any catalogue a request can page through,
+    # and short of the sizes that overflow torch's and Redis's 64-bit arguments (a 500 or a 503
+    # on every request instead of a refusal at start-up).
+    max_events: int = Field(
+        1000, ge=1, le=1_000_000, description="Most events accepted by one POST /events."
+    )
+    max_n: int = Field(
+        1000, ge=1, le=1_000_000, description="Largest `n` a recommend request may ask for."
+    )
     max_history: int = Field(
         1000,
         ge=1,
+        le=1_000_000,
         description="Longest `history` a recommend request may send, and the most items read "
         "from a stored history.",
     )
@@ -96,7 +107,7 @@ class Settings(BaseSettings):
         "many seconds.",
     )
     max_batch: int = Field(
-        256, ge=1, description="Most entries in one POST /recommend/batch request."
+        256, ge=1, le=1_000_000, description="Most entries in one POST /recommend/batch request."
     )
     max_body_bytes: int = Field(
         16 * 1024 * 1024,
@@ -216,11 +227,13 @@ class Settings(BaseSettings):
         description="How often each worker checks whether `current` points at a new bundle, in "
         "seconds (one readlink; the bundle is loaded only when it moved), so every worker serves "
         "a publish or an /admin/reload within about this long plus the load time. 0 turns "
-        "polling off: then POST /admin/reload reloads only the worker that answers it.",
+        "polling off: then POST /admin/reload reloads only the worker that answers it; else at "
+        f"least {MIN_RELOAD_INTERVAL_S} (a shorter one spins a core on readlink).",
     )
     torch_threads: int = Field(
         1,
         ge=0,
+        le=MAX_THREADS,
         description="Threads of torch (the encoder and exact search) in each compute thread; 0 "
         "uses REMI_THREADS (the worker's share of the CPUs). 1 leaves the other core of a small "
         "host to the event loop. Faiss's index search in a compute thread uses REMI_THREADS; "
@@ -232,6 +245,20 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         # `REMI_STREAM_MAXLEN=` (compose's `${VAR:-}`) means unset, its documented default.
         return None if value == "" else value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_token_without_blanks(cls, token: SecretStr | None) -> SecretStr | None:
+        # Blanks around a header value are not part of it (require_admin strips them), so a
+        # token kept with them, a secret file's newline say, could never match.
+        return None if token is None else SecretStr(token.get_secret_value().strip())
+
+    @field_validator("reload_interval_s")
+    @classmethod
+    def _reload_interval_off_or_sane(cls, value: float) -> float:
+        if 0 < value < MIN_RELOAD_INTERVAL_S:
+            raise ValueError(f"must be 0 (off) or at least {MIN_RELOAD_INTERVAL_S} seconds")
+        return value
 
     @field_validator("redis_url")
     @classmethod
@@ -271,7 +298,7 @@ class Settings(BaseSettings):
     def _admin_token_not_blank(self) -> Settings:
         if self.admin_token is not None:
             token = self.admin_token.get_secret_value()
-            if not token.strip():
+            if not token:
                 raise ValueError(
                     "REMI_ADMIN_TOKEN must not be blank; leave it unset to disable admin"
                 )
@@ -287,9 +314,15 @@ class Settings(BaseSettings):
             raise ValueError(f"REMI_API_KEYS_FILE cannot be read: {exc}") from None
         except UnicodeDecodeError:
             raise ValueError(f"REMI_API_KEYS_FILE {self.api_keys_file}: not UTF-8 text") from None
-        if self.api_keys is not None and not keys:
+        sources = {"REMI_API_KEYS": self.api_keys, "REMI_API_KEYS_FILE": self.api_keys_file}
+        given = [name for name, value in sources.items() if value is not None]
+        if given and not keys:
+            # Fails closed: a keys file emptied by a rotation, or a secret mounted empty, must
+            # not open the data routes.
+            one = len(given) == 1
             raise ValueError(
-                "REMI_API_KEYS holds no key; leave it unset to keep the data routes open"
+                f"{' and '.join(given)} {'holds' if one else 'hold'} no key; leave "
+                f"{'it' if one else 'them'} unset to keep the data routes open"
             )
         if not all(_header_safe(key) for key in keys):
             raise ValueError(f"every API key (REMI_API_KEYS, REMI_API_KEYS_FILE) {HEADER_SAFE}")

@@ -82,6 +82,10 @@ def test_the_count_comes_from_the_flag_then_remi_threads_then_the_cpus(monkeypat
         resolve_threads()
     with pytest.raises(ThreadSettingError, match="--threads must be a positive integer"):
         resolve_threads(0)
+    # torch overflowed (a traceback) or OpenMP failed to allocate the pool (a dead process).
+    monkeypatch.setenv("REMI_THREADS", "2147483647")
+    with pytest.raises(ThreadSettingError, match="REMI_THREADS must be at most 1024"):
+        resolve_threads()
 
 
 # --- the load follower, on /proc files laid out like the kernel's ---------------------------------

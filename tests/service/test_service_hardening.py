@@ -80,6 +80,19 @@ def test_wrong_redis_scheme_does_not_print_the_password(tiny_bundle_root: Path) 
         ({"REMI_GRACEFUL_SHUTDOWN_S": "nan"}, "REMI_GRACEFUL_SHUTDOWN_S: Input should be"),
         ({"REMI_RELOAD_INTERVAL_S": "inf"}, "REMI_RELOAD_INTERVAL_S: Input should be less than"),
         ({"REMI_HISTORY_CAP": "100000000000000000000"}, "REMI_HISTORY_CAP: Input should be"),
+        # Past 2^63 n overflowed the search (a 500 on every request), max_history Redis's
+        # LRANGE (a 503 "Redis unavailable"), a thread count torch or OpenMP (a dead worker).
+        ({"REMI_MAX_N": "1" + "0" * 23}, "REMI_MAX_N: Input should be less than or equal to"),
+        ({"REMI_MAX_HISTORY": "1" + "0" * 20}, "REMI_MAX_HISTORY: Input should be less than"),
+        ({"REMI_MAX_BATCH": "1000001"}, "REMI_MAX_BATCH: Input should be less than or equal"),
+        ({"REMI_MAX_EVENTS": "1000001"}, "REMI_MAX_EVENTS: Input should be less than or equal"),
+        ({"REMI_TORCH_THREADS": "2147483647"}, "REMI_TORCH_THREADS: Input should be less than"),
+        # Each worker would spin a core on readlink.
+        ({"REMI_RELOAD_INTERVAL_S": "1e-9"}, "REMI_RELOAD_INTERVAL_S: must be 0 (off) or at"),
+        # redis-py read /O as database 0 and passed -1 on for Redis to refuse at every command.
+        ({"REMI_REDIS_URL": "redis://redis:6379/O"}, "database must be a whole number >= 0"),
+        ({"REMI_REDIS_URL": "redis://redis:6379/-1"}, "database must be a whole number >= 0"),
+        ({"REMI_REDIS_URL": "unix://"}, "a unix:// URL needs the socket's path"),
     ],
 )
 def test_settings_errors_name_the_variable(
@@ -589,6 +602,26 @@ def test_data_routes_are_open_without_keys(slow_client: TestClient) -> None:
 def test_bad_api_key_settings_are_refused(tiny_bundle_root: Path, values: dict, says: str) -> None:
     with pytest.raises(ValueError, match=says):
         make_settings(tiny_bundle_root, **values)
+
+
+def test_a_keys_file_without_keys_is_refused_not_open(
+    tmp_path: Path, tiny_bundle_root: Path
+) -> None:
+    # Fails closed: a keys file emptied by a rotation (comments left) opened the data routes.
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# rotated in November\n\n")
+    with pytest.raises(ValueError, match="REMI_API_KEYS_FILE holds no key; leave it unset"):
+        make_settings(tiny_bundle_root, api_keys_file=keys_file)
+    with pytest.raises(ValueError, match="REMI_API_KEYS and REMI_API_KEYS_FILE hold no key"):
+        make_settings(tiny_bundle_root, api_keys=",", api_keys_file=keys_file)
+
+
+def test_an_admin_token_read_with_its_newline_still_matches(tiny_bundle_root: Path) -> None:
+    # A header value carries no blanks around it, so a token kept with them never matched.
+    settings = make_settings(tiny_bundle_root, admin_token="s3cret-token\n")
+    with TestClient(create_app(settings)) as client:
+        answer = client.post("/admin/reload", headers={"Authorization": "Bearer s3cret-token"})
+        assert answer.status_code == 200, answer.text
 
 
 def test_api_keys_are_never_printed(tiny_bundle_root: Path) -> None:

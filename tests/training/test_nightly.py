@@ -96,8 +96,13 @@ def test_config_validation() -> None:
     with pytest.raises(NightlyError, match="nice must be between 0 and 19, not 20"):
         NightlyConfig(nice=20)
     # Named as the config key; setting up the threads named a --threads flag nobody gave.
-    with pytest.raises(NightlyError, match="torch_threads must be at least 1, not 0"):
+    with pytest.raises(NightlyError, match="torch_threads must be from 1 to 1024, not 0"):
         NightlyConfig(torch_threads=0)
+    with pytest.raises(NightlyError, match="torch_threads must be from 1 to 1024, not 99999"):
+        NightlyConfig(torch_threads=99999)
+    # redis-py reads a database part that is no number as database 0: another database's events.
+    with pytest.raises(NightlyError, match="redis_url: the database must be a whole number"):
+        NightlyConfig(redis_url="redis://redis:6379/O")
     with pytest.raises(TypeError):  # removed options are not silently accepted
         NightlyConfig(split="official")  # type: ignore[call-arg]
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from remi_core.index import check_index_settings
-from remi_core.redis_keys import EVENTS_STREAM
+from remi_core.redis_keys import EVENTS_STREAM, redis_database_problem
+from remi_core.threads import MAX_THREADS
 from training.config import TrainConfig
 from training.data import DataConfig
 from training.evaluate import CUTOFFS
@@ -94,8 +95,12 @@ class NightlyConfig:
             raise NightlyError(f"tolerance must be a finite number >= 0, not {self.tolerance}")
         if not 0 <= self.nice <= 19:
             raise NightlyError(f"nice must be between 0 and 19, not {self.nice}")
-        if self.torch_threads is not None and self.torch_threads < 1:
-            raise NightlyError(f"torch_threads must be at least 1, not {self.torch_threads}")
+        if self.torch_threads is not None and not 1 <= self.torch_threads <= MAX_THREADS:
+            raise NightlyError(
+                f"torch_threads must be from 1 to {MAX_THREADS}, not {self.torch_threads}"
+            )
+        if self.redis_url is not None and (problem := redis_database_problem(self.redis_url)):
+            raise NightlyError(f"redis_url: {problem}")
         try:  # fail before training, as below
             check_index_settings(
                 self.train.dim, self.index_factory, self.search_params, self.recall_target
