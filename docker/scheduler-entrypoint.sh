@@ -20,13 +20,54 @@ schedule=${REMI_NIGHTLY_SCHEDULE:-30 2 * * *}
 state=${REMI_STATE_DIR:-/state}
 cron_dir=${REMI_CRON_DIR:-/etc/cron.d}
 stop_timeout=${REMI_STOP_TIMEOUT_S:-50}
+# Checked as cron will read it: cron drops a line it cannot parse with a word to syslog only,
+# which a container lacks, so the job would never run while the scheduler looks healthy.
+valid_schedule() {
+    printf '%s\n' "$1" | awk '
+        function value(s, f,   i) {  # the number s stands for in field f, or -1
+            if (s ~ /^[0-9]+$/) return s + 0
+            s = tolower(s)
+            if (length(s) != 3) return -1
+            if (f == 4 && (i = index("janfebmaraprmayjunjulaugsepoctnovdec", s)) % 3 == 1)
+                return (i + 2) / 3
+            if (f == 5 && (i = index("sunmontuewedthufrisat", s)) % 3 == 1) return (i - 1) / 3
+            return -1
+        }
+        function known(v, f) { return v >= low[f] && v <= high[f] }
+        function item(s, f,   n, part, ends, m) {  # *, a, a-b, */step or a-b/step
+            n = split(s, part, "/")
+            if (n > 2 || (n == 2 && !(part[2] ~ /^[0-9]+$/ && part[2] + 0 >= 1))) return 0
+            if (part[1] == "*") return 1
+            m = split(part[1], ends, "-")
+            if (m == 2) return known(value(ends[1], f), f) && known(value(ends[2], f), f)
+            return m == 1 && n == 1 && known(value(part[1], f), f)
+        }
+        BEGIN { split("0 0 1 1 0", low); split("59 23 31 12 7", high) }
+        {
+            if (NF != 5) exit 1
+            for (f = 1; f <= 5; f++) {
+                if ($f ~ /^,|,$|,,/) exit 1
+                n = split($f, items, ",")
+                for (k = 1; k <= n; k++) if (!item(items[k], f)) exit 1
+            }
+        }'
+}
 case "$schedule" in
-    @*) ;;  # @daily, @hourly, ...
+    @reboot | @yearly | @annually | @monthly | @weekly | @daily | @midnight | @hourly) ;;
     *)
-        if [ "$(printf '%s\n' "$schedule" | awk '{print NF}')" -ne 5 ]; then
-            echo "scheduler: REMI_NIGHTLY_SCHEDULE needs 5 cron fields, got '$schedule'" >&2
+        if ! valid_schedule "$schedule"; then
+            echo "scheduler: REMI_NIGHTLY_SCHEDULE '$schedule' is no schedule cron runs: 5 cron" \
+                "fields (minute 0-59, hour 0-23, day 1-31, month 1-12 or jan-dec, weekday 0-7" \
+                "or sun-sat; each *, N or N-M, with /step >= 1 after * or a range, or a list" \
+                "of those) or one of @hourly @daily @weekly @monthly @yearly @reboot" >&2
             exit 2
         fi
+        ;;
+esac
+case "$stop_timeout" in
+    '' | *[!0-9]*)
+        echo "scheduler: REMI_STOP_TIMEOUT_S must be whole seconds, not '$stop_timeout'" >&2
+        exit 2
         ;;
 esac
 

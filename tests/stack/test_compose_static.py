@@ -331,13 +331,49 @@ def test_scheduler_crontab_renders_a_valid_job(compose) -> None:
         render_crontab({**env, "REMI_NIGHTLY_SCHEDULE": "0 * * * *"})
     )
     assert custom == "0 * * * *"
-    bad = subprocess.run(
+
+
+def entrypoint_print(**env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         ["sh", str(ENTRYPOINT), "--print"],
-        env={"PATH": os.environ["PATH"], "REMI_NIGHTLY_SCHEDULE": "0 2 *"},
+        env={"PATH": os.environ["PATH"], **env},
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 2 and "5 cron fields" in bad.stderr
+
+
+# Each case as Debian bookworm's cron (3.0pl1-162, the image's) takes it: `crontab -` installs
+# the accepted ones and says "errors in crontab file" for the others. cron drops a line it
+# cannot read with a word to syslog only, so a refused schedule would never run, silently.
+CRON_ACCEPTS = ["30 2 * * *", "*/15 * * * *", "0-59/5 * * * *", "0 2 * * 1-5/2", "* * * * 7",
+                "0 2 * * MON", "0 2 * * Sun,wed", "0 2 1 JAN *", "* * * jan-mar *",
+                "0 2 * * sat-sun", "00 02 * * *", "@daily", "@reboot"]  # fmt: skip
+CRON_REFUSES = ["0 2 *", "*/0 * * * *", "61 2 * * *", "0 24 * * *", "0 0 0 * *", "0 2 * 13 *",
+                "0 2 * * 8", "5/10 * * * *", "mon * * * *", "0 2 * * mon/2", "0 2 * * mo-fr",
+                "1,,2 * * * *", "1, * * * *", "-1 * * * *", "0x1 * * * *", "1-/2 * * * *",
+                "1 2 3 4 5 6", "@foo"]  # fmt: skip
+
+
+@pytest.mark.parametrize("schedule", CRON_ACCEPTS)
+def test_scheduler_takes_the_schedules_cron_runs(schedule: str) -> None:
+    printed = entrypoint_print(REMI_NIGHTLY_SCHEDULE=schedule)
+    assert printed.returncode == 0, printed.stderr
+    assert f"{schedule} remi " in printed.stdout
+
+
+@pytest.mark.parametrize("schedule", CRON_REFUSES)
+def test_scheduler_refuses_the_schedules_cron_drops(schedule: str) -> None:
+    refused = entrypoint_print(REMI_NIGHTLY_SCHEDULE=schedule)
+    assert refused.returncode == 2
+    assert f"REMI_NIGHTLY_SCHEDULE '{schedule}' is no schedule cron runs" in refused.stderr
+
+
+@pytest.mark.parametrize("timeout", ["3s", "-1", "1.5"])
+def test_scheduler_refuses_a_stop_timeout_that_is_no_whole_seconds(timeout: str) -> None:
+    # "3s" failed the stop loop's test every second until Docker's SIGKILL; -1 gave up at once.
+    refused = entrypoint_print(REMI_STOP_TIMEOUT_S=timeout)
+    assert refused.returncode == 2
+    assert f"REMI_STOP_TIMEOUT_S must be whole seconds, not '{timeout}'" in refused.stderr
 
 
 def test_entrypoint_is_valid_shell() -> None:
