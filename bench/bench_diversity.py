@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _args import positive_int, positive_ints
+
 from remi_core.threads import describe, prepare_environment, setup_threads
 
 prepare_environment("spin")  # before torch and faiss load their OpenMP runtimes
@@ -31,12 +33,14 @@ from service.recommender import load_model, recommend_batch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--items", type=int, default=100_000)
-    parser.add_argument("--ns", default="50,200", help="comma-separated list lengths")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=20, help="timed calls per setting")
+    parser.add_argument("--items", type=positive_int, default=100_000)
+    parser.add_argument("--ns", type=positive_ints, default="50,200", help="list lengths, a,b")
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--rounds", type=positive_int, default=20, help="timed calls per setting")
     parser.add_argument("--diversity", type=float, default=0.1)
-    parser.add_argument("--categories", type=int, default=20, help="item categories, at random")
+    parser.add_argument(
+        "--categories", type=positive_int, default=20, help="item categories, at random"
+    )
     args = parser.parse_args()
     print("threads: " + describe(setup_threads(None, 1)))
 
@@ -55,7 +59,7 @@ def main() -> None:
         model = load_model(path)
     print(f"catalogue {args.items} items, d=64, K=4, index {type(model.index).__name__}, "
           f"batch {args.batch}, lambda {args.diversity}, {args.categories} categories")  # fmt: skip
-    for n in (int(v) for v in args.ns.split(",")):
+    for n in args.ns:
         times: dict[float, list[float]] = {0.0: [], args.diversity: []}
         for r in range(args.rounds + 1):
             chunk = [histories[(r * args.batch + i) % len(histories)] for i in range(args.batch)]

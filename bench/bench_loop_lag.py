@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _args import positive_float, positive_floats, positive_int
+
 from remi_core.threads import describe, prepare_environment, setup_threads
 
 prepare_environment("spin")  # before torch and faiss load their OpenMP runtimes
@@ -83,10 +85,12 @@ def search_then_ids(model: LoadedModel, interests: np.ndarray, exclude: list, ga
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--items", type=int, default=5000)
-    parser.add_argument("--seconds", type=float, default=4.0, help="per variant and round")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--intervals", default="0.5,1,5", help="switch intervals in ms")
+    parser.add_argument("--items", type=positive_int, default=5000)
+    parser.add_argument("--seconds", type=positive_float, default=4.0, help="per variant, round")
+    parser.add_argument("--rounds", type=positive_int, default=2)
+    parser.add_argument(
+        "--intervals", type=positive_floats, default="0.5,1,5", help="switch intervals in ms"
+    )
     parser.add_argument(
         "--index-factory", default="Flat", help="the bundle's Faiss index, e.g. IVF128,Flat"
     )
@@ -121,7 +125,7 @@ def main() -> None:
         batch_json(model, entries, recommend_batch(model, histories, n=N))
 
     variants: dict[str, tuple[Callable[[], object], float]] = {
-        f"served, interval {ms:g} ms": (served, ms) for ms in map(float, args.intervals.split(","))
+        f"served, interval {ms:g} ms": (served, ms) for ms in args.intervals
     }
     for gather, name in ((False, "search, ids as served"), (True, "search, numpy gather per user")):
         work = functools.partial(search_then_ids, model, interests, rows, gather)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from _args import existing_file, positive_float, positive_int
 
 from remi_core.threads import busy_cpus, prepare_environment
 
@@ -157,10 +158,10 @@ def start_nightly(phase: str, args, redis_url: str, bundles: Path, tmp: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
-    parser.add_argument("--seconds", type=float, default=30.0, help="load per phase")
-    parser.add_argument("--rate", type=float, default=20.0, help="requests per second")
-    parser.add_argument("--nightly-cpus", type=int, default=1, help="the compose budget")
+    parser.add_argument("--config", type=existing_file, default=REPO / "configs" / "demo.yaml")
+    parser.add_argument("--seconds", type=positive_float, default=30.0, help="load per phase")
+    parser.add_argument("--rate", type=positive_float, default=20.0, help="requests per second")
+    parser.add_argument("--nightly-cpus", type=positive_int, default=1, help="the compose budget")
     parser.add_argument("--phases", default=",".join(PHASES))
     args = parser.parse_args()
     phases = args.phases.split(",")

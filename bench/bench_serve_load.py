@@ -55,6 +55,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._args import positive_float, positive_int, positive_ints  # noqa: E402
 from remi_core.bundle import TUNE_USERS, encode_histories, load_bundle, write_bundle  # noqa: E402
 from remi_core.index import EXACT_MAX_ITEMS, mean_and_error, recall_per_user  # noqa: E402
 from remi_core.models import EncoderConfig, build_encoder, cpu_state_dict  # noqa: E402
@@ -393,18 +394,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "artifacts" / "bench-serve-load")
-    parser.add_argument("--train-iters", type=int, default=2000)
+    parser.add_argument("--train-iters", type=positive_int, default=2000)
     parser.add_argument(
         "--sizes",
+        type=positive_ints,
         default="100000,1000000",
         help="Catalogue sizes: the exact one, the ANN one, and optionally a larger third (e.g. "
         "10000000) served with the defaults and with workers, besides the two.",
     )
-    parser.add_argument("--exact-max-items", type=int, default=EXACT_MAX_ITEMS,
+    parser.add_argument("--exact-max-items", type=positive_int, default=EXACT_MAX_ITEMS,
                         help="Largest catalogue searched exactly (default: export's).")  # fmt: skip
-    parser.add_argument("--duration", type=float, default=6.0, help="Seconds per load run.")
-    parser.add_argument("--repeats", type=int, default=3, help="Load runs per cell (median kept).")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--duration", type=positive_float, default=6.0, help="Seconds a run.")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="Runs a cell (median).")
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
                         help="Torch threads of the wide variant (the default is 1).")  # fmt: skip
     parser.add_argument(
         "--quick",
@@ -414,6 +416,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-write", action="store_true", help="Print only.")
     args = parser.parse_args()
+    if len(args.sizes) not in (2, 3):
+        parser.error(f"--sizes: 2 or 3 catalogue sizes, not {len(args.sizes)}")
     if not (args.data_root / SPORTS).is_file():
         sys.exit(f"error: --data-root: {args.data_root / SPORTS} not found")
     if args.quick:
@@ -430,9 +434,7 @@ def main() -> None:
     tune = [histories[i] for i in order[:TUNE_USERS]]
     held_out = [histories[i] for i in order[TUNE_USERS : TUNE_USERS + 2000]]
     bodies = request_bodies(held_out)
-    sizes = [int(s) for s in args.sizes.split(",")]
-    if len(sizes) not in (2, 3):
-        sys.exit(f"error: --sizes: 2 or 3 catalogue sizes, not {args.sizes!r}")
+    sizes = args.sizes
     labels = {size: _size_label(size) for size in sizes}
 
     rows = {}

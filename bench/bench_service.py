@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _args import positive_int
+
 from remi_core.threads import describe, prepare_environment, setup_threads
 
 prepare_environment("passive")  # before torch and faiss load their OpenMP runtimes
@@ -69,15 +71,15 @@ def time_calls(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--items", type=int, default=100_000)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--interests", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=20)
-    parser.add_argument("--history", type=int, default=30, help="history length per user")
-    parser.add_argument("--n", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=100, help="timed calls per setting")
+    parser.add_argument("--items", type=positive_int, default=100_000)
+    parser.add_argument("--dim", type=positive_int, default=64)
+    parser.add_argument("--interests", type=positive_int, default=4)
+    parser.add_argument("--seq-len", type=positive_int, default=20)
+    parser.add_argument("--history", type=positive_int, default=30, help="history per user")
+    parser.add_argument("--n", type=positive_int, default=50)
+    parser.add_argument("--rounds", type=positive_int, default=100, help="timed calls per setting")
     parser.add_argument("--indexes", default="Flat,HNSW32", help="comma-separated factories")
-    parser.add_argument("--hnsw-ef", type=int, default=128)
+    parser.add_argument("--hnsw-ef", type=positive_int, default=128)
     parser.add_argument(
         "--torch-threads",
         type=int,

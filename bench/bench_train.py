@@ -31,6 +31,8 @@ import random
 import time
 from dataclasses import replace
 
+from _args import positive_float, positive_int
+
 from remi_core.threads import busy_cpus, describe, prepare_environment, setup_threads
 
 prepare_environment("spin")  # before torch loads its OpenMP runtime
@@ -39,7 +41,7 @@ import torch
 
 from remi_core.models import build_encoder
 from remi_core.retrieval import dense_merged_topk
-from training.data import DataConfig, load_dataset
+from training.data import DataConfig, DataError, load_dataset
 from training.evaluate import evaluate_model, make_eval_set
 from training.trainer import (
     MIN_CUT,
@@ -229,9 +231,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="synthetic", help="synthetic or a dataset file")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--steps", type=int, default=200, help="timed steps per pipeline")
+    parser.add_argument("--steps", type=positive_int, default=200, help="timed steps per pipeline")
     parser.add_argument("--target-hr50", type=float, default=None)
-    parser.add_argument("--time-budget", type=float, default=600.0, help="seconds per variant")
+    parser.add_argument(
+        "--time-budget", type=positive_float, default=600.0, help="seconds per variant"
+    )
     parser.add_argument(
         "--variants",
         default=None,
@@ -252,7 +256,10 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    dataset = load_dataset(DataConfig(source=args.data))
+    try:
+        dataset = load_dataset(DataConfig(source=args.data))
+    except DataError as exc:
+        parser.error(f"--data: {exc}")
     cfg = TrainConfig(device=str(device))
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "CPU"
     print(

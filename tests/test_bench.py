@@ -45,3 +45,26 @@ def test_an_unknown_variant_is_named_in_the_error():
     run = bench("--variants", "eager,turbo")
     assert run.returncode == 2
     assert "--variants: unknown turbo" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "says"),
+    [
+        ("bench_train.py", ["--steps", "0"], "argument --steps: a whole number >= 1, not '0'"),
+        ("bench_train.py", ["--data", "/nonexistent.txt"], "--data: /nonexistent.txt: file not"),
+        ("bench_diversity.py", ["--ns", "50,x"], "--ns: comma-separated whole numbers >= 1"),
+        ("bench_serve_load.py", ["--sizes", "5"], "--sizes: 2 or 3 catalogue sizes, not 1"),
+    ],
+)
+def test_bench_scripts_name_a_bad_flag(script: str, args: list[str], says: str) -> None:
+    # A usage error before any work: --steps 0 was a ZeroDivisionError after the warm-up, and
+    # --sizes was read only after the base model's minutes of training.
+    run = subprocess.run(
+        [sys.executable, f"bench/{script}", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and says in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
