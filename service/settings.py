@@ -246,6 +246,15 @@ class Settings(BaseSettings):
         # `REMI_STREAM_MAXLEN=` (compose's `${VAR:-}`) means unset, its documented default.
         return None if value == "" else value
 
+    @field_validator("bundle_root", "api_keys_file", mode="before")
+    @classmethod
+    def _path_not_empty(cls, value: object) -> object:
+        # An empty path is the working directory: a confusing "Is a directory: '.'" for the keys
+        # file, the bundles looked for wherever the server was started.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must be a path, not an empty string (unset it for the default)")
+        return value
+
     @field_validator("admin_token")
     @classmethod
     def _admin_token_without_blanks(cls, token: SecretStr | None) -> SecretStr | None:

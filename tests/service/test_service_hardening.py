@@ -93,6 +93,9 @@ def test_wrong_redis_scheme_does_not_print_the_password(tiny_bundle_root: Path) 
         ({"REMI_REDIS_URL": "redis://redis:6379/O"}, "database must be a whole number >= 0"),
         ({"REMI_REDIS_URL": "redis://redis:6379/-1"}, "database must be a whole number >= 0"),
         ({"REMI_REDIS_URL": "unix://"}, "a unix:// URL needs the socket's path"),
+        # Empty: the working directory, for the bundles or as the keys "file".
+        ({"REMI_BUNDLE_ROOT": ""}, "REMI_BUNDLE_ROOT: must be a path, not an empty string"),
+        ({"REMI_API_KEYS_FILE": " "}, "REMI_API_KEYS_FILE: must be a path, not an empty string"),
     ],
 )
 def test_settings_errors_name_the_variable(

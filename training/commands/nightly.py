@@ -107,7 +107,7 @@ def nightly(
 
     Exit codes: 0 the run completed (published, kept the current bundle, or had nothing to do;
     the JSON report says which and why), 2 bad settings or a failure, 3 another run holds the
-    lock.
+    lock, 143 stopped by SIGTERM (a `failed` report written, the lock released).
     """
     cfg = nightly_config(
         config, bundle_root, state_dir, redis_url, tolerance=tolerance, retention=retention,
