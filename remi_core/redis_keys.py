@@ -39,11 +39,17 @@ def latest_timestamp(now: float | None = None) -> int:
     return (int(now) // DAY_S + 2) * DAY_S
 
 
-def redis_database_problem(url: str) -> str | None:
-    """Why the database a Redis URL names cannot be used, or None (the scheme and the rest are
-    redis-py's to check). redis-py reads a path that is no number (a typo like /O for /0) as
-    database 0, and passes a negative one on for Redis to refuse at every command: both would
-    go unnoticed until the data is missing or every request fails."""
+def redis_url_problem(url: str) -> str | None:
+    """Why redis-py would take a Redis URL and then fail or silently misread it, or None (the
+    scheme and a URL it cannot parse at all are redis-py's own errors).
+
+    - A database part that is no whole number (a typo like /O for /0) is read as database 0,
+      and a negative one is passed on for Redis to refuse at every command.
+    - A query option the connection does not take (`?ssl=true` on redis://, a misspelt
+      `?sockettimeout=1`) is a TypeError at the first connection, not at start-up.
+    """
+    import redis
+
     parts = urlsplit(url)
     databases = parse_qs(parts.query).get("db", [])
     if parts.scheme == "unix":
@@ -54,4 +60,10 @@ def redis_database_problem(url: str) -> str | None:
     for database in databases:
         if not re.fullmatch(r"[0-9]+", database):
             return f"the database must be a whole number >= 0, not {database!r}"
+    try:
+        redis.ConnectionPool.from_url(url).make_connection()  # builds it; connects on first use
+    except TypeError as exc:
+        option = re.search(r"keyword argument '([^']*)'", str(exc))
+        name = repr(option[1]) if option else "an option"
+        return f"{name} is not an option of a {parts.scheme}:// connection"
     return None

@@ -145,15 +145,39 @@ def _validate(model: type[M], value: Any, prefix: tuple[Any, ...]) -> tuple[M | 
         return None, _errors(exc, prefix)
 
 
-def validate_batch(value: Any) -> BatchRequest:
+def _longer(value: Any, key: str, most: int) -> int | None:
+    """How many items value[key] has when it is a list of more than `most`, else None."""
+    items = value.get(key) if isinstance(value, dict) else None
+    return len(items) if isinstance(items, list) and len(items) > most else None
+
+
+def _history_too_long(count: int, settings: Settings, loc: tuple[Any, ...]) -> dict[str, Any]:
+    msg = f"History should have at most {settings.max_history} items, not {count}"
+    return limit_error("too_long", (*loc, "history"), msg)
+
+
+# The list limits (REMI_MAX_HISTORY, REMI_MAX_BATCH, REMI_MAX_EVENTS) are checked on the decoded
+# body, before pydantic sees it: a 4 MiB list of a million wrong items (`"history": [1, 1, ...]`,
+# `"events": [{}, {}, ...]`) cost seconds of CPU and gigabytes for a million errors, and needs
+# no key on the recommend routes. Within the limits the errors are pydantic's, as FastAPI's.
+
+
+def validate_batch(value: Any, settings: Settings) -> BatchRequest:
     """`BatchRequest.model_validate(value)`, one entry at a time; the same errors, in the same
     order (the entries' first, then the rest of the body's)."""
     entries = value.get("requests") if isinstance(value, dict) else None
     if not isinstance(entries, list) or not entries:
         return _validated_whole(BatchRequest, value)
+    if len(entries) > settings.max_batch:
+        msg = f"A batch should have at most {settings.max_batch} entries, not {len(entries)}"
+        raise BodyErrors([limit_error("too_long", ("body", "requests"), msg)])
     valid, errors, total = [], [], 0
     for i, entry in enumerate(entries):
-        checked, entry_errors = _validate(RecommendRequest, entry, ("body", "requests", i))
+        loc = ("body", "requests", i)
+        if (count := _longer(entry, "history", settings.max_history)) is not None:
+            checked, entry_errors = None, [_history_too_long(count, settings, loc)]
+        else:
+            checked, entry_errors = _validate(RecommendRequest, entry, loc)
         valid.append(checked)
         errors += entry_errors[: MAX_LISTED_ERRORS - len(errors)]
         total += len(entry_errors)
@@ -172,11 +196,16 @@ def _validated_whole(model: type[M], value: Any) -> M:
     return checked
 
 
-def validate_recommend(value: Any) -> RecommendRequest:
+def validate_recommend(value: Any, settings: Settings) -> RecommendRequest:
+    if (count := _longer(value, "history", settings.max_history)) is not None:
+        raise BodyErrors([_history_too_long(count, settings, ("body",))])
     return _validated_whole(RecommendRequest, value)
 
 
-def validate_events(value: Any) -> EventsRequest:
+def validate_events(value: Any, settings: Settings) -> EventsRequest:
+    if (count := _longer(value, "events", settings.max_events)) is not None:
+        msg = f"Should have at most {settings.max_events} events per request, not {count}"
+        raise BodyErrors([limit_error("too_long", ("body", "events"), msg)])
     return _validated_whole(EventsRequest, value)
 
 
@@ -187,16 +216,13 @@ def limit_error(kind: str, loc: tuple[Any, ...], msg: str) -> dict[str, Any]:
 
 
 def limit_errors(entry: RecommendRequest, settings: Settings, loc: tuple[Any, ...]) -> list[dict]:
-    errors = []
+    """REMI_MAX_N on a validated entry (the list limits were checked before it was validated)."""
     if "n" not in entry.model_fields_set:
         entry.n = openapi.default_n(settings)  # a low REMI_MAX_N lowers the default too
     if entry.n > settings.max_n:
         msg = f"Input should be less than or equal to {settings.max_n}"
-        errors.append(limit_error("less_than_equal", (*loc, "n"), msg))
-    if entry.history is not None and len(entry.history) > settings.max_history:
-        msg = f"History should have at most {settings.max_history} items, not {len(entry.history)}"
-        errors.append(limit_error("too_long", (*loc, "history"), msg))
-    return errors
+        return [limit_error("less_than_equal", (*loc, "n"), msg)]
+    return []
 
 
 @functools.lru_cache(maxsize=64)  # clients send the same few content types, parsed once each
@@ -276,7 +302,7 @@ async def decoded_body(request: Request) -> AsyncIterator[Any]:
         await _release(histories, len(await request.body()))
 
 
-def _validated(validate: Callable[[Any], M]) -> Callable[..., Any]:
+def _validated(validate: Callable[[Any, Settings], M]) -> Callable[..., Any]:
     async def dependency(
         request: Request, value: Annotated[Any, Depends(decoded_body)]
     ) -> AsyncIterator[M]:
@@ -284,10 +310,11 @@ def _validated(validate: Callable[[Any], M]) -> Callable[..., Any]:
             missing = {"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}
             raise RequestValidationError([missing])
         size = len(await request.body())  # cached by Starlette: read once per request
+        settings = request.app.state.settings
         if size <= INLINE_BODY_BYTES:
-            model = validate(value)
+            model = validate(value, settings)
         else:
-            model = await anyio.to_thread.run_sync(validate, value)
+            model = await anyio.to_thread.run_sync(validate, value, settings)
         try:
             yield model
         finally:

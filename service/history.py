@@ -25,7 +25,7 @@ from remi_core.redis_keys import (
     HISTORY_TIMES_PREFIX,
     history_key,
     history_times_key,
-    redis_database_problem,
+    redis_url_problem,
 )
 from service.errors import HistoryConflict, RedisUnavailable
 from service.redact import redact_url, scrub_secrets
@@ -204,7 +204,7 @@ def check_redis_url(url: str) -> None:
     is no number, an option of the wrong type): Settings refuse it at start, before any worker."""
     try:
         parse_url(url)
-        if problem := redis_database_problem(url):
+        if problem := redis_url_problem(url):
             raise ValueError(problem)
     except ValueError as exc:  # redis-py's messages may quote parts of the URL
         reason = scrub_secrets(str(exc), url)

@@ -177,7 +177,7 @@ class RecommendFastLane:
             # orjson reads fewer documents than json.loads (no NaN or 1e400, no BOM, no lone
             # surrogates, no integers past 64 bits) and reads the ones it accepts to the same
             # values, so a body it refuses goes to the route, which reads it as it always has.
-            entry = validate_recommend(orjson.loads(raw))
+            entry = validate_recommend(orjson.loads(raw), self.service.state.settings)
         except (orjson.JSONDecodeError, RequestValidationError):
             return None
         state = self.service.state

@@ -53,7 +53,10 @@ class Settings(BaseSettings):
         True, description="Check every bundle file against the manifest's sha256 when loading."
     )
     redis_url: str = Field(
-        "redis://localhost:6379/0", description="Redis holding user histories and the event stream."
+        "redis://localhost:6379/0",
+        description="Redis holding user histories and the event stream (redis://, rediss:// or "
+        "unix://). Checked at start: a database that is no whole number, or a query option the "
+        "connection does not take, stops remi-serve with one line.",
     )
     redis_timeout_s: float = Field(
         0.5,

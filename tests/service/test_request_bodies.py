@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from service.body import decode_json, validate_batch
 from service.schemas import BatchRequest
+from service.settings import Settings
 
 ENTRY = {"history": ["a", "b"], "n": 3}
 BODIES = [
@@ -86,7 +87,7 @@ def whole(value: Any) -> tuple[str, Any]:
 
 def in_pieces(value: Any) -> tuple[str, Any]:
     try:
-        return "model", validate_batch(value)
+        return "model", validate_batch(value, Settings())
     except RequestValidationError as exc:
         return "errors", list(exc.errors())
 

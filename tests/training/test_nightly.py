@@ -103,6 +103,8 @@ def test_config_validation() -> None:
     # redis-py reads a database part that is no number as database 0: another database's events.
     with pytest.raises(NightlyError, match="redis_url: the database must be a whole number"):
         NightlyConfig(redis_url="redis://redis:6379/O")
+    with pytest.raises(NightlyError, match="redis_url: 'ssl' is not an option of a redis://"):
+        NightlyConfig(redis_url="redis://redis:6379/0?ssl=true")
     with pytest.raises(TypeError):  # removed options are not silently accepted
         NightlyConfig(split="official")  # type: ignore[call-arg]
 

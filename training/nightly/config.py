@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from remi_core.index import check_index_settings
-from remi_core.redis_keys import EVENTS_STREAM, redis_database_problem
+from remi_core.redis_keys import EVENTS_STREAM, redis_url_problem
 from remi_core.threads import MAX_THREADS
 from training.config import TrainConfig
 from training.data import DataConfig
@@ -99,7 +99,7 @@ class NightlyConfig:
             raise NightlyError(
                 f"torch_threads must be from 1 to {MAX_THREADS}, not {self.torch_threads}"
             )
-        if self.redis_url is not None and (problem := redis_database_problem(self.redis_url)):
+        if self.redis_url is not None and (problem := redis_url_problem(self.redis_url)):
             raise NightlyError(f"redis_url: {problem}")
         try:  # fail before training, as below
             check_index_settings(
