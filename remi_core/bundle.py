@@ -388,10 +388,14 @@ def _record_published(root: Path, version: str) -> tuple[int, int]:
     """Append `version` to the log; returns where its entry starts and ends. A write that fails
     is cut back off, and an entry never continues a line a crash left unfinished."""
     log_path = root / PUBLISHED
-    # A root from before the log: its versions so far were all published, oldest first, and
-    # the one `current` names (perhaps rolled back to, and older) last, as the latest publish.
-    earlier = [] if log_path.exists() else [v for v in list_versions(root) if v != version]
-    if (serving := current_version(root)) in earlier:
+    # A root from before the log (it has `current`; a new root has not, and its versions
+    # written with --no-publish were never published): its versions so far were all
+    # published, oldest first, and the one `current` names (perhaps rolled back to, and older)
+    # last, as the latest publish.
+    serving = current_version(root)
+    pre_log = not log_path.exists() and serving is not None
+    earlier = [v for v in list_versions(root) if v != version] if pre_log else []
+    if serving in earlier:
         earlier = [v for v in earlier if v != serving] + [serving]
     entry = "".join(f"{v}\n" for v in [*earlier, version]).encode()
     fd = -1
@@ -435,15 +439,16 @@ def published_log(root: Path) -> list[str]:
 
 def published_versions(root: Path) -> list[str]:
     """The versions on disk that `current` has named, least recently named first (a rollback
-    makes a version recent again). A root from before the log: every version, oldest first."""
+    makes a version recent again). A root from before the log (with `current`): every version,
+    oldest first; a root nothing was published in: none."""
     root = Path(root)
     versions = list_versions(root)
+    current = current_version(root)
     try:
         named = published_log(root)
     except FileNotFoundError:
-        return versions
+        return versions if current is not None else []
     last = {version: i for i, version in enumerate(named)}
-    current = current_version(root)
     if current is not None:
         last[current] = len(named)  # what serves now, even if a writer without the log set it
     return sorted((v for v in versions if v in last), key=last.__getitem__)

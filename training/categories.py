@@ -65,7 +65,8 @@ def read_categories(
         per_item, rule = _from_csv(path, item_col, category_col), f"CSV column {category_col!r}"
     else:
         raise DataError(f"{path}: category files are .json or .csv (optionally .gz)")
-    names = sorted(set(per_item.values()))
+    # The catalogue's categories: a category only items outside it have is none of its own.
+    names = sorted({per_item[item] for item in item_ids if item is not None and item in per_item})
     code = {category: i for i, category in enumerate(names)}
     rows = np.full(len(item_ids), NO_CATEGORY, dtype=np.int32)
     for row, item in enumerate(item_ids):
@@ -78,8 +79,8 @@ def read_categories(
 
 def _from_attributes(path: Path) -> dict[str, str]:
     try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
+        opener = gzip.open if path.suffix.lower() == ".gz" else open
+        with opener(path, "rt", encoding="utf-8-sig") as f:  # a BOM, as CSV files may have
             data = json.load(f)
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read JSON: {exc}") from None

@@ -177,13 +177,14 @@ def evaluate_diversity(
             cats = categories[rows.cpu().numpy()]
         scores_np, rows_np = scores.float().cpu().numpy(), rows.cpu().numpy()
         for lam in lambdas:
-            picked = greedy_diverse(scores_np, cats, n, lam)  # (b, n)
-            chosen, chosen_cats = gather(rows_np, picked), gather(cats, picked)  # (b, n)
+            picked = greedy_diverse(scores_np, cats, n, lam)  # (b, w): w < n below n items
+            chosen, chosen_cats = gather(rows_np, picked), gather(cats, picked)  # (b, w)
             lengths = (picked >= 0).sum(axis=1)
-            chosen[fallback] = head
-            lengths[fallback] = int((head > 0).sum())
+            fill = head[: picked.shape[1]]
+            chosen[fallback] = fill
+            lengths[fallback] = int((fill > 0).sum())
             if categories is not None:
-                chosen_cats[fallback] = categories[head]
+                chosen_cats[fallback] = categories[fill]
             ranked[lam].append(chosen)
             per_user = list_diversity(chosen_cats, lengths)
             spread[lam].append(per_user if categories is not None else per_user[~fallback])

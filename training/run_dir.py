@@ -107,7 +107,15 @@ class RunDir:
 
     def read_result(self) -> dict[str, Any]:
         """result.json of a finished run; {} while the run has not finished."""
-        return json.loads(self.result.read_text()) if self.result.is_file() else {}
+        if not self.result.is_file():
+            return {}
+        try:
+            result = json.loads(self.result.read_text())
+        except (ValueError, OSError) as exc:
+            raise RunError(f"{self.result}: {exc}") from None
+        if not isinstance(result, dict):
+            raise RunError(f"{self.result}: not a run's result (a JSON object)")
+        return result
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The validation log, oldest first."""

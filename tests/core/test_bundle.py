@@ -91,6 +91,21 @@ def test_a_version_never_published_counts_for_nothing_and_goes_when_stale(tmp_pa
     assert list_versions(root) == ["v1", "v2"]
 
 
+def test_versions_staged_in_a_new_root_are_not_published_by_the_first_publish(tmp_path):
+    # A root with no log and no `current` is new, not from before the log: the versions staged
+    # there (--no-publish, or a first run killed before its switch) were never published, and
+    # counted as published they were kept, became drift baselines and could be served.
+    root = tmp_path / "bundles"
+    staged = write_tiny_bundle(root, version="v1", publish=False)
+    write_tiny_bundle(root, version="v2", publish=False)
+    assert published_versions(root) == []
+    set_current(root, "v2")
+    assert published_log(root) == ["v2"] and published_versions(root) == ["v2"]
+    old = time.time() - bundle.STALE_AFTER_S - 60
+    os.utime(staged, (old, old))
+    assert prune(root, keep=5) == ["v1"]
+
+
 def test_a_root_from_before_the_publish_log_keeps_its_versions(tmp_path):
     root = tmp_path / "bundles"
     write_tiny_bundle(root, version="v1")

@@ -51,6 +51,19 @@ def test_csv_categories_and_errors(tmp_path):
         read_categories(tmp_path / "c.txt", [None])
 
 
+def test_json_categories_with_a_bom_or_an_upper_case_gz_and_only_the_catalogues(tmp_path):
+    # A BOM was refused (CSV files take it); CATS.JSON.GZ was read as plain text; a category
+    # only items outside the catalogue had was counted in the bundle's categories.
+    data = json.dumps({"x": ["books"], "y": ["games"], "outside": ["toys"]})
+    bom = tmp_path / "cats.json"
+    bom.write_text("\ufeff" + data, encoding="utf-8")
+    upper = tmp_path / "CATS.JSON.GZ"
+    upper.write_bytes(gzip.compress(data.encode()))
+    for path in (bom, upper):
+        found = read_categories(path, [None, "x", "y", "z"])
+        assert found.names == ["books", "games"] and found.rows.tolist() == [-1, 0, 1, -1]
+
+
 @pytest.mark.skipif(not BEAUTY_ATTRIBUTES.is_file(), reason="needs ../shared/data")
 def test_beauty_attributes_give_seven_top_level_categories():
     ids = [None] + [str(i) for i in range(1, 12102)]
@@ -167,30 +180,32 @@ def test_nightly_bundles_keep_their_categories(tmp_path):
     assert bundle.categories is not None and (bundle.categories[1:] >= 0).all()
 
 
-def test_lambda_zero_answers_users_without_a_known_item_as_the_model_does():
+@pytest.mark.parametrize("catalogue", [300, 30])  # 30: fewer items than the lists' 50
+def test_lambda_zero_answers_users_without_a_known_item_as_the_model_does(catalogue):
     """Users whose input holds no item the model knows (one-item users, an older bundle on new
     items) get the popularity list in `evaluate_model` and in the service; the diverse
     evaluation ranked them by interests computed from nothing: its lambda-0 Recall@50 was
-    0.07 against the model's 0.39 where a third of the users had no input."""
+    0.07 against the model's 0.39 where a third of the users had no input. Below 50 items the
+    popularity list was wider than the diverse lists: a shape error."""
     import torch
 
     from remi_core.models import EncoderConfig, build_encoder
     from training.evaluate import EvalSet, evaluate_diversity, evaluate_model
 
     torch.manual_seed(0)
-    model = build_encoder(EncoderConfig(num_items=301, dim=8, num_interests=3, seq_len=6))
+    model = build_encoder(EncoderConfig(num_items=catalogue + 1, dim=8, num_interests=3, seq_len=6))
     rng = np.random.default_rng(0)
-    popularity = np.arange(300, 0, -1)  # rows, most popular first
-    items = torch.as_tensor(rng.integers(1, 301, (60, 6)))
+    popularity = np.arange(catalogue, 0, -1)  # rows, most popular first
+    items = torch.as_tensor(rng.integers(1, catalogue + 1, (60, 6)))
     mask = torch.ones(60, 6, dtype=torch.bool)
     mask[::3] = False  # every third user: no known input item
     items[~mask] = 0
     # The truth of the users without input lies in the popularity head, so it counts.
-    truth = torch.as_tensor(rng.integers(1, 301, (60, 2)))
-    truth[::3, 0] = torch.as_tensor(popularity[rng.integers(0, 50, 20)])
+    truth = torch.as_tensor(rng.integers(1, catalogue + 1, (60, 2)))
+    truth[::3, 0] = torch.as_tensor(popularity[rng.integers(0, min(50, catalogue), 20)])
     eval_set = EvalSet(items, mask, truth)
     model_recall = evaluate_model(model, eval_set, popularity=popularity)["recall@50"]
-    for categories in (None, rng.integers(0, 5, 301)):
+    for categories in (None, rng.integers(0, 5, catalogue + 1)):
         point = evaluate_diversity(model, eval_set, [0.0], categories, popularity=popularity)[0]
         assert point["recall@50"] == pytest.approx(model_recall, abs=1e-6)
         assert 0 < point["diversity@50"] <= 1

@@ -674,6 +674,11 @@ def test_versions_and_rollback_commands(tmp_path: Path) -> None:
         assert listed.exit_code == 0 and "Traceback" not in listed.output, listed.output
     nope = runner.invoke(app, ["versions", "--bundle-root", str(root), "--dataset-dir", "nope"])
     assert nope.exit_code == 2 and "--dataset-dir: nope is not a directory" in nope.output
+    # `current` naming a version that is gone: no `*` anywhere said nothing about it.
+    (root / "current").unlink()
+    os.symlink("v-gone", root / "current")
+    listed = runner.invoke(app, ["versions", "--bundle-root", str(root)])
+    assert "current -> v-gone: missing" in listed.output.splitlines()[-1], listed.output
 
 
 def test_bootstrap_does_nothing_when_a_bundle_exists(tmp_path: Path) -> None:

@@ -452,6 +452,9 @@ def test_a_resumed_run_logs_each_validation_once(dataset, tmp_path):
         # A hand-edited config.json: a TypeError traceback in evaluate, export and --resume.
         ("float dim", "evaluate", "no valid training settings (dim must be of type int, not 16.0"),
         ("float dim", "resume", "no valid training settings (dim must be of type int, not 16.0"),
+        # result.json: an AttributeError traceback, or a JSON error naming no file.
+        ("result list", "export", "result.json: not a run's result (a JSON object)"),
+        ("result cut", "export", "result.json: Expecting"),
     ],
 )
 def test_a_damaged_run_directory_is_one_line_naming_the_file(
@@ -476,6 +479,9 @@ def test_a_damaged_run_directory_is_one_line_naming_the_file(
         config = json.loads((run_dir / "config.json").read_text())
         config["train"]["dim"] = 2 * config["train"]["dim"] if damage == "dim" else 16.0
         (run_dir / "config.json").write_text(json.dumps(config))
+    elif damage.startswith("result"):
+        result = run_dir / "result.json"
+        result.write_text("[]" if damage == "result list" else result.read_text()[:20])
     else:
         path = {"weights": run_dir / "best.safetensors", "last": run_dir / "last.pt"}.get(
             damage, run_dir / "dataset" / damage

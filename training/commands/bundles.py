@@ -63,6 +63,9 @@ def versions(
         typer.echo(f"no versions in {bundle_root}")
     for row in rows:
         typer.echo(_version_line(row))
+    if current is not None and not any(row["current"] for row in rows):
+        # What an operator runs this to find: the service has nothing to load from `current`.
+        typer.echo(f"current -> {current}: missing (roll back to one of the versions above)")
 
 
 def _version_row(path: Any, is_current: bool) -> dict[str, Any]:
