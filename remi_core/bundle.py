@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import logging
 import os
 import shutil
 import time
@@ -60,6 +61,7 @@ from remi_core.models import (
     pad_histories,
 )
 
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CURRENT = "current"
 MANIFEST = "manifest.json"
@@ -223,6 +225,13 @@ def write_bundle(
                 tuning = assess(
                     index, search_params, interests, table, recall_n, recall_target, exclude
                 )
+                if not tuning.reached:  # as tuning warns when no value reaches the target
+                    log.warning(
+                        "recall@%d %.4f (>= %.4f) on %d users is below the target %.2f at the "
+                        "given search parameters %r",
+                        recall_n, tuning.recall, tuning.recall_lower, tuning.queries,
+                        recall_target, search_params,
+                    )  # fmt: skip
             recall = tuning.to_manifest()
         _write_index(index, tmp / FILES["index"])
         if categories is not None:
