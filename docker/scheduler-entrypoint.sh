@@ -65,7 +65,7 @@ case "$schedule" in
         ;;
 esac
 case "$stop_timeout" in
-    '' | *[!0-9]*)
+    '' | *[!0-9]* | ???????*)  # whole seconds, at most 6 digits (a shell's test overflows)
         echo "scheduler: REMI_STOP_TIMEOUT_S must be whole seconds, not '$stop_timeout'" >&2
         exit 2
         ;;

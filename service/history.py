@@ -204,7 +204,7 @@ def check_redis_url(url: str) -> None:
     is no number, an option of the wrong type): Settings refuse it at start, before any worker."""
     try:
         parse_url(url)
-        if problem := redis_url_problem(url):
+        if problem := redis_url_problem(url, aioredis.BlockingConnectionPool):
             raise ValueError(problem)
     except ValueError as exc:  # redis-py's messages may quote parts of the URL
         reason = scrub_secrets(str(exc), url)

@@ -69,6 +69,20 @@ def test_wrong_redis_scheme_does_not_print_the_password(tiny_bundle_root: Path) 
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "redis://redis:6379/0?timeout=3",  # the asyncio pool's wait for a connection
+        "redis://redis:6379/0/",  # redis-py reads these as database 0, as written
+        "redis://redis:6379/%30",
+        "rediss://redis:6380/1?ssl_cert_reqs=none",
+        "unix:///run/redis.sock?db=2",
+    ],
+)
+def test_redis_urls_redis_py_reads_as_written_are_taken(url: str) -> None:
+    assert Settings(redis_url=url).redis_url == url
+
+
+@pytest.mark.parametrize(
     ("env", "says"),
     [
         ({"REMI_MAX_N": "abc"}, "REMI_MAX_N: Input should be a valid integer"),
@@ -96,6 +110,8 @@ def test_wrong_redis_scheme_does_not_print_the_password(tiny_bundle_root: Path) 
         # Options the connection does not take: a TypeError traceback in every worker's start.
         ({"REMI_REDIS_URL": "redis://redis:6379/0?ssl=true"}, "'ssl' is not an option of a"),
         ({"REMI_REDIS_URL": "redis://r/0?sockettimeout=1"}, "'sockettimeout' is not an option"),
+        # Only the sync connection takes it: the service's asyncio pool failed at start-up.
+        ({"REMI_REDIS_URL": "rediss://r/0?ssl_validate_ocsp=true"}, "'ssl_validate_ocsp' is"),
         # Empty: the working directory, for the bundles or as the keys "file".
         ({"REMI_BUNDLE_ROOT": ""}, "REMI_BUNDLE_ROOT: must be a path, not an empty string"),
         ({"REMI_API_KEYS_FILE": " "}, "REMI_API_KEYS_FILE: must be a path, not an empty string"),

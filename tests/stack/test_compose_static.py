@@ -368,7 +368,7 @@ def test_scheduler_refuses_the_schedules_cron_drops(schedule: str) -> None:
     assert f"REMI_NIGHTLY_SCHEDULE '{schedule}' is no schedule cron runs" in refused.stderr
 
 
-@pytest.mark.parametrize("timeout", ["3s", "-1", "1.5"])
+@pytest.mark.parametrize("timeout", ["3s", "-1", "1.5", "99999999999999999999"])
 def test_scheduler_refuses_a_stop_timeout_that_is_no_whole_seconds(timeout: str) -> None:
     # "3s" failed the stop loop's test every second until Docker's SIGKILL; -1 gave up at once.
     refused = entrypoint_print(REMI_STOP_TIMEOUT_S=timeout)

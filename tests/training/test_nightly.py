@@ -105,6 +105,18 @@ def test_config_validation() -> None:
         NightlyConfig(redis_url="redis://redis:6379/O")
     with pytest.raises(NightlyError, match="redis_url: 'ssl' is not an option of a redis://"):
         NightlyConfig(redis_url="redis://redis:6379/0?ssl=true")
+    # The service strips REMI_ADMIN_TOKEN; unstripped here, the reload request failed and its
+    # error quoted the token into the log and the report.
+    assert NightlyConfig(admin_token="s3cret-token\n").admin_token == "s3cret-token"
+    with pytest.raises(NightlyError, match="admin_token must be printable ASCII"):
+        NightlyConfig(admin_token="s3cret\ntoken")
+
+
+def test_a_failed_reload_notification_never_shows_the_token() -> None:
+    from training.nightly.publish import notify_reload
+
+    outcome = notify_reload("http://127.0.0.1:9", "s3cret\ntoken")  # a header it refuses
+    assert not outcome["ok"] and "s3cret" not in outcome["error"], outcome
     with pytest.raises(TypeError):  # removed options are not silently accepted
         NightlyConfig(split="official")  # type: ignore[call-arg]
 

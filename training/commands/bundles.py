@@ -65,7 +65,8 @@ def versions(
         typer.echo(_version_line(row))
     if current is not None and not any(row["current"] for row in rows):
         # What an operator runs this to find: the service has nothing to load from `current`.
-        typer.echo(f"current -> {current}: missing (roll back to one of the versions above)")
+        advice = " (roll back to one of the versions above)" if rows else ""
+        typer.echo(f"current -> {current}: missing{advice}")
 
 
 def _version_row(path: Any, is_current: bool) -> dict[str, Any]:

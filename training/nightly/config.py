@@ -84,6 +84,15 @@ class NightlyConfig:
     affinity and CPU quota allow, following the load)."""
 
     def __post_init__(self) -> None:
+        # As the service reads REMI_ADMIN_TOKEN: blanks around it (a secret file's newline) are
+        # no part of it, and a header cannot carry it with them (the request failed, quoting
+        # the token in the log and the report).
+        for name in ("admin_token", "reload_url"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, value.strip() or None)
+        if self.admin_token is not None and not all(" " <= c <= "~" for c in self.admin_token):
+            raise NightlyError("admin_token must be printable ASCII, as the service's")
         if self.retention < 1:
             raise NightlyError("retention must be at least 1")
         if not (math.isfinite(self.lock_ttl_s) and self.lock_ttl_s > 0):

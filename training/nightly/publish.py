@@ -270,8 +270,13 @@ def notify_reload(url: str, token: str | None) -> dict[str, Any]:
         with urllib.request.urlopen(request, timeout=30) as response:
             return {"ok": True, "status": response.status, "body": json.loads(response.read())}
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        log.warning("reload notification to %s failed: %s", url, exc)
-        return {"ok": False, "error": str(exc)}
+        # http.client quotes a header value it refuses (escaped): never the token, in the log
+        # or the report.
+        error = str(exc)
+        for shown in {token, repr(token.encode())[2:-1]} if token else ():
+            error = error.replace(shown, "***")
+        log.warning("reload notification to %s failed: %s", url, error)
+        return {"ok": False, "error": error}
 
 
 def prune_runs(runs: Path, keep: int) -> None:
