@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -67,6 +68,59 @@ def outcome(decode: Any, raw: bytes) -> tuple[str, Any]:
 @pytest.mark.parametrize("raw", BODIES)
 def test_decoding_in_pieces_matches_json_loads(raw: bytes) -> None:
     assert outcome(decode_json, raw) == outcome(json.loads, raw)
+
+
+SEEDS = [
+    b'{"requests": [{"history": ["a", "b"], "n": 3}, {"user_id": "u"}], "x": {"y": [1, -2.5e3]}}',
+    b' [ {"events": [{"user_id": "u", "item_id": "i", "timestamp": 1}]}, null, true ] ',
+]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_every_one_character_slip_gives_json_loads_error_at_its_position(seed: bytes) -> None:
+    # The decoder raises json.decoder's errors itself, with their messages and positions, so
+    # that no body is handed to json.loads in one piece (which holds the GIL throughout).
+    slips = {seed[:i] + seed[i + 1 :] for i in range(len(seed))}
+    slips |= {
+        seed[:i] + bytes([c]) + seed[i:] for i in range(len(seed) + 1) for c in b'[]{},:"\\ 1e-'
+    }
+    for raw in sorted(slips):
+        assert outcome(decode_json, raw) == outcome(json.loads, raw), raw
+
+
+def large_body(rng: np.random.Generator) -> bytes:
+    """A batch-like body whose entries straddle the decoder's windows (1 KiB to 64 KiB)."""
+    entries = []
+    for _ in range(int(rng.integers(1, 6))):
+        size = int(rng.choice([10, 200, 3_000, 20_000]))
+        history = [f"i{v}" if v % 3 else int(v) for v in rng.integers(0, 10**6, size)]
+        entries.append({"history": history, "n": float(rng.random()), "x": [[1, {"y": "z"}]]})
+    return json.dumps({"requests": entries}, separators=(",", ":")).encode()
+
+
+def test_large_bodies_and_their_slips_decode_as_json_loads() -> None:
+    # Containers that fit a window are decoded in one call on it, larger ones element by
+    # element: the values, and the errors of a slip anywhere, must not depend on where the
+    # windows fall.
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        raw = large_body(rng)
+        assert outcome(decode_json, raw) == outcome(json.loads, raw)
+        for at in rng.integers(0, len(raw), 4):
+            slip = raw[:at] + bytes([int(rng.choice(list(b'[]{},:"1 ')))]) + raw[at + 1 :]
+            assert outcome(decode_json, slip) == outcome(json.loads, slip), (len(raw), at)
+
+
+def test_large_containers_nested_past_the_depth_limit_are_refused() -> None:
+    # A small one is decoded in one call, as json.loads does; a large one is taken apart level
+    # by level, and 64 levels is far past any body the routes take (three).
+    small = b"[" * 100 + b"]" * 100
+    assert decode_json(small) == json.loads(small)
+    large = b"[" * 65 + b",".join([b"1"] * 40_000) + b"]" * 65
+    with pytest.raises(RecursionError):
+        decode_json(large)
+    within = b"[" * 64 + b",".join([b"1"] * 40_000) + b"]" * 64
+    assert decode_json(within) == json.loads(within)
 
 
 def test_decoding_a_large_batch_matches_json_loads() -> None:
