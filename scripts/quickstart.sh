@@ -1,35 +1,68 @@
 #!/usr/bin/env bash
 # Train a small REMI model on the built-in synthetic data, export it as a bundle, serve it and
 # show one request. The service keeps running afterwards (Ctrl-C stops it) unless
-# REMI_QUICKSTART_EXIT=1.
+# REMI_QUICKSTART_EXIT=1. PORT picks the service's port (8000).
+#
+# Its run and bundles are always runs/demo and artifacts/bundles in this checkout, and the
+# REMI_* settings of the calling shell (a real bundle root, a Redis URL, workers) are not
+# used, but for REMI_THREADS: the demo must never publish into, or delete, someone's data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-export PATH="$PWD/.venv/bin:$PATH"
+for name in $(compgen -e); do
+    case "$name" in REMI_THREADS | REMI_QUICKSTART_EXIT) ;; REMI_*) unset "$name" ;; esac
+done
+# Everything it talks to is on this host, whatever proxy the shell has.
+export NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,$NO_PROXY}" no_proxy="127.0.0.1,localhost${no_proxy:+,$no_proxy}"
 PORT="${PORT:-8000}"
-RUN_DIR="${RUN_DIR:-runs/demo}"
-BUNDLES="${REMI_BUNDLE_ROOT:-artifacts/bundles}"
+RUN_DIR=runs/demo
+BUNDLES=artifacts/bundles
+
+# Each step runs in the background and is waited for, so that SIGTERM or Ctrl-C stops it at
+# once (bash runs a trap only after a foreground command ends) and nothing is left running.
+CHILD="" SERVER_PID="" REDIS_PID=""
+cleanup() {
+    local pids="$CHILD $SERVER_PID $REDIS_PID"
+    [ -n "${pids// /}" ] || return 0
+    # shellcheck disable=SC2086  # the PIDs, as words
+    kill $pids 2>/dev/null || true
+    # shellcheck disable=SC2086
+    wait $pids 2>/dev/null || true  # the port is free when this script has ended
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+step() {
+    "$@" &
+    CHILD=$!
+    wait "$CHILD"
+    CHILD=""
+}
+
+step bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+if ! python -c "import socket; socket.create_server(('127.0.0.1', $PORT)).close()" 2>/dev/null; then
+    echo "error: port $PORT is taken on 127.0.0.1: set PORT to a free one (PORT=8001 ...)" >&2
+    exit 1
+fi
 
 echo "== training on synthetic data (configs/demo.yaml) =="
 rm -rf "$RUN_DIR"
-remi-train train --config configs/demo.yaml --run-dir "$RUN_DIR" --no-progress
+step remi-train train --config configs/demo.yaml --run-dir "$RUN_DIR" --no-progress
 echo "== exporting a bundle to $BUNDLES =="
-remi-train export --config configs/demo.yaml --run-dir "$RUN_DIR" --bundle-root "$BUNDLES"
+step remi-train export --config configs/demo.yaml --run-dir "$RUN_DIR" --bundle-root "$BUNDLES"
 
-REDIS_PID=""
 if command -v redis-server >/dev/null && ! redis-cli -p 6379 ping >/dev/null 2>&1; then
     redis-server --port 6379 --save "" --appendonly no --daemonize no >/dev/null &
     REDIS_PID=$!
 fi
 echo "== serving on http://127.0.0.1:$PORT =="
-REMI_BUNDLE_ROOT="$BUNDLES" remi-serve --host 127.0.0.1 --port "$PORT" &
+remi-serve --host 127.0.0.1 --port "$PORT" --workers 1 --bundle-root "$BUNDLES" &
 SERVER_PID=$!
-trap 'kill $SERVER_PID ${REDIS_PID} 2>/dev/null || true' EXIT
 ready=0
 for _ in $(seq 1 120); do
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
         # Its own message (e.g. "cannot listen on ...: Address already in use") is just above.
-        echo "error: remi-serve stopped before it was ready (PORT=$PORT picks another port)" >&2
+        echo "error: remi-serve stopped before it was ready (on port $PORT; PORT picks another)" >&2
         exit 1
     fi
     # Ready, and ours: another server on the port (an earlier quickstart, the compose stack)
@@ -58,4 +91,4 @@ if [ "${REMI_QUICKSTART_EXIT:-0}" = "1" ]; then
     exit 0
 fi
 echo "== the service is running on http://127.0.0.1:$PORT (Ctrl-C to stop) =="
-wait $SERVER_PID
+wait "$SERVER_PID"

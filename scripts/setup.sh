@@ -3,8 +3,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-# A venv without pip is one whose creation was interrupted (Ctrl-C during ensurepip): made anew.
-if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/pip ]; then
+MIN_PYTHON="3.11"
+new_enough() {
+    "$1" -c "import sys; sys.exit(sys.version_info < (${MIN_PYTHON/./, }))" 2>/dev/null
+}
+# A venv made anew: none yet; one without pip (its creation was interrupted: Ctrl-C during
+# ensurepip); one of an older Python (pip then fails to resolve the project, saying nothing of
+# why); one moved or copied from another path (its scripts' #! lines and the editable install
+# still name the old one: the commands fail, or run the other clone's code).
+if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/pip ] || ! new_enough .venv/bin/python \
+    || { [ -e .venv/bin/remi-train ] && [[ "$(head -n 1 .venv/bin/remi-train)" != "#!$PWD/.venv/bin/"* ]]; }
+then
+    if ! new_enough "$PYTHON"; then
+        echo "error: $PYTHON is not Python $MIN_PYTHON or newer: set PYTHON to one that is" >&2
+        exit 1
+    fi
     if ! "$PYTHON" -c "import ensurepip" 2>/dev/null; then
         echo "error: $PYTHON cannot make a virtual environment with pip (no ensurepip): install" >&2
         echo "  python3-venv (Debian/Ubuntu: apt-get install -y python3-venv), or set PYTHON." >&2
@@ -19,8 +32,9 @@ quiet_pip() {
 # The project itself counts only as installed (its metadata and entry points): run from the
 # repository root, `import training` would find the source tree anyway.
 if ! .venv/bin/python -c "import torch, faiss, fastapi, hiredis, matplotlib, orjson, schemathesis
-import importlib.metadata; importlib.metadata.distribution('remi-retrieval')" 2>/dev/null \
-    || [ ! -x .venv/bin/remi-train ] || [ ! -x .venv/bin/remi-serve ]
+import pytest, ruff, importlib.metadata; importlib.metadata.distribution('remi-retrieval')" \
+    2>/dev/null || [ ! -x .venv/bin/remi-train ] || [ ! -x .venv/bin/remi-serve ] \
+    || [ ! -x .venv/bin/ruff ]
 then
     # Exact versions from docker/constraints.txt (the images use the same file; regenerate it
     # with scripts/lock.sh). torch first, alone: TORCH_INDEX_URL=https://download.pytorch.org/
