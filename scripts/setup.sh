@@ -11,9 +11,19 @@ new_enough() {
 # ensurepip); one of an older Python (pip then fails to resolve the project, saying nothing of
 # why); one moved or copied from another path (its scripts' #! lines and the editable install
 # still name the old one: the commands fail, or run the other clone's code).
-if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/pip ] || ! new_enough .venv/bin/python \
-    || { [ -e .venv/bin/remi-train ] && [[ "$(head -n 1 .venv/bin/remi-train)" != "#!$PWD/.venv/bin/"* ]]; }
+moved() {  # its scripts name another path than this checkout's .venv (a link to one is fine)
+    local line
+    [ -e .venv/bin/remi-train ] || return 1
+    line=$(head -n 1 .venv/bin/remi-train)
+    [[ "$line" != "#!$PWD/.venv/bin/"* && "$line" != "#!$(cd .venv && pwd -P)/bin/"* ]]
+}
+if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/pip ] || ! new_enough .venv/bin/python || moved
 then
+    if [ -L .venv ]; then  # `venv --clear` would empty the environment it links to
+        echo "error: .venv links to $(readlink .venv), which is no usable environment for" >&2
+        echo "  this checkout: remove the link (or repair that environment) and run again." >&2
+        exit 1
+    fi
     if ! new_enough "$PYTHON"; then
         echo "error: $PYTHON is not Python $MIN_PYTHON or newer: set PYTHON to one that is" >&2
         exit 1
