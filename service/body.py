@@ -82,9 +82,17 @@ def _scalar(s: str, i: int) -> tuple[Any, int]:
         raise json.JSONDecodeError("Expecting value", s, stop.value) from None
 
 
-def _trailing_comma(s: str, comma: int, close: str, what: str) -> None:
-    if _TRAILING_COMMA_ERRORS and s.startswith(close, _skip(s, comma + 1)):
-        raise json.JSONDecodeError(f"Illegal trailing comma before end of {what}", s, comma)
+def _next(s: str, i: int, close: str, what: str) -> tuple[bool, int]:
+    """After an array element or object member: (True, the index past `close`) at the end of
+    the container, else (False, the index of the next one)."""
+    i = _skip(s, i)
+    if s.startswith(close, i):
+        return True, i + 1
+    if not s.startswith(",", i):
+        raise json.JSONDecodeError("Expecting ',' delimiter", s, i)
+    if _TRAILING_COMMA_ERRORS and s.startswith(close, _skip(s, i + 1)):
+        raise json.JSONDecodeError(f"Illegal trailing comma before end of {what}", s, i)
+    return False, _skip(s, i + 1)
 
 
 class _Pieces:
@@ -131,13 +139,9 @@ class _Pieces:
         while True:
             item, i = self.value(i, depth)
             items.append(item)
-            i = _skip(s, i)
-            if s.startswith("]", i):
-                return items, i + 1
-            if not s.startswith(",", i):
-                raise json.JSONDecodeError("Expecting ',' delimiter", s, i)
-            _trailing_comma(s, i, "]", "array")
-            i = _skip(s, i + 1)
+            done, i = _next(s, i, "]", "array")
+            if done:
+                return items, i
 
     def _object(self, i: int, depth: int) -> tuple[dict[str, Any], int]:
         s = self.s
@@ -154,13 +158,9 @@ class _Pieces:
             if not s.startswith(":", i):
                 raise json.JSONDecodeError("Expecting ':' delimiter", s, i)
             value[key], i = self.value(_skip(s, i + 1), depth)
-            i = _skip(s, i)
-            if s.startswith("}", i):
-                return value, i + 1
-            if not s.startswith(",", i):
-                raise json.JSONDecodeError("Expecting ',' delimiter", s, i)
-            _trailing_comma(s, i, "}", "object")
-            i = _skip(s, i + 1)
+            done, i = _next(s, i, "}", "object")
+            if done:
+                return value, i
 
 
 def decode_json(raw: bytes) -> Any:
