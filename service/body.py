@@ -36,7 +36,7 @@ from service.settings import Settings
 M = TypeVar("M", bound=BaseModel)
 _DECODER = json.JSONDecoder()
 _SCAN = json.scanner.make_scanner(_DECODER)  # the C scanner json.loads uses, one value per call
-_SPACE = " \t\n\r"  # JSON's whitespace, as json.decoder.WHITESPACE
+_WHITESPACE = json.decoder.WHITESPACE.match  # JSON's whitespace, [ \t\n\r]*
 # Bodies up to this size are decoded and validated on the loop: well under a millisecond, less
 # than the two hops to a worker thread would cost every ordinary request.
 INLINE_BODY_BYTES = 64 * 1024
@@ -69,9 +69,8 @@ _TRAILING_COMMA_ERRORS = sys.version_info >= (3, 13)
 
 
 def _skip(s: str, i: int) -> int:
-    while i < len(s) and s[i] in _SPACE:
-        i += 1
-    return i
+    # Most often no whitespace at all: one test, not a regex call.
+    return i if s[i : i + 1] not in " \t\n\r" else _WHITESPACE(s, i).end()
 
 
 def _scalar(s: str, i: int) -> tuple[Any, int]:
@@ -102,6 +101,7 @@ class _Pieces:
     def __init__(self, s: str) -> None:
         self.s = s
         self.window = MIN_WINDOW  # twice the last container decoded whole: entries are alike
+        self.spent = 0  # characters scanned by windows a container did not fit
 
     def value(self, i: int, depth: int) -> tuple[Any, int]:
         """The value at s[i] (no whitespace before it) and the index after it."""
@@ -115,21 +115,37 @@ class _Pieces:
         return self._array(i, depth + 1) if s[i] == "[" else self._object(i, depth + 1)
 
     def _whole(self, i: int) -> tuple[Any, int] | None:
-        """The container at s[i] in one call on a window of the text, or None if it does not
-        fit one (or is not valid JSON: the element-by-element decoding says where). A
-        container's end is its closing bracket, so one that fits decodes as in the whole."""
-        rest = len(self.s) - i
-        width = rest if rest <= MAX_WINDOW else self.window
-        while True:
+        """The container at s[i] in one scanner call, or None if it does not fit a window.
+
+        Within MAX_WINDOW of the end the window is the rest of the text, scanned in place: a
+        failure there is the body's own, raised as json raises it. Further in, a window cut
+        from the text is scanned: a container's end is its closing bracket, so one that fits
+        decodes as in the whole; a syntax error well before the cut is the body's own too (an
+        unterminated string is reported where it starts, so it may be the cut's). Windows that
+        fail cost at most the body's length in all, then containers go element by element."""
+        s, rest = self.s, len(self.s) - i
+        if rest <= MAX_WINDOW:
+            return _scalar(s, i)
+        width = self.window
+        while self.spent < len(s):
             try:
-                value, end = _SCAN(self.s[i : i + width], 0)
-            except (StopIteration, ValueError, RecursionError):
-                if width >= min(rest, MAX_WINDOW):
-                    return None
-                width = min(4 * width, MAX_WINDOW, rest)
-                continue
-            self.window = min(max(MIN_WINDOW, 2 * end), MAX_WINDOW)
-            return value, i + end
+                value, end = _SCAN(s[i : i + width], 0)
+            except StopIteration as stop:  # where a value was expected, nested ones too
+                msg, at = "Expecting value", stop.value
+            except json.JSONDecodeError as exc:
+                msg, at = exc.msg, exc.pos
+            except ValueError:  # an integer past 4,300 digits, perhaps cut: scanned in place
+                msg, at = "", width
+            else:
+                self.window = min(max(MIN_WINDOW, 2 * end), MAX_WINDOW)
+                return value, i + end
+            if at < width - 16 and not msg.startswith("Unterminated string"):
+                raise json.JSONDecodeError(msg, s, i + at)
+            self.spent += width
+            if width == MAX_WINDOW:
+                return None
+            width = min(4 * width, MAX_WINDOW)
+        return None
 
     def _array(self, i: int, depth: int) -> tuple[list[Any], int]:
         s, items = self.s, []
