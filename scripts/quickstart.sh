@@ -17,8 +17,8 @@ PORT="${PORT:-8000}"
 RUN_DIR=runs/demo
 BUNDLES=artifacts/bundles
 
-# Each step runs in the background and is waited for, so that SIGTERM or Ctrl-C stops it at
-# once (bash runs a trap only after a foreground command ends) and nothing is left running.
+# Training and export run in the background and are waited for, so that SIGTERM or Ctrl-C
+# stops them at once (bash runs a trap only after a foreground command ends).
 CHILD="" SERVER_PID="" REDIS_PID=""
 cleanup() {
     local pids="$CHILD $SERVER_PID $REDIS_PID"
@@ -38,7 +38,14 @@ step() {
     CHILD=""
 }
 
-step bash scripts/setup.sh
+case "$PORT" in
+    '' | *[!0-9]*)
+        echo "error: PORT must be a TCP port number, not '$PORT'" >&2
+        exit 2
+        ;;
+esac
+# In the foreground: Ctrl-C reaches pip itself (a background job's children ignore SIGINT).
+bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 if ! python -c "import socket; socket.create_server(('127.0.0.1', $PORT)).close()" 2>/dev/null; then
     echo "error: port $PORT is taken on 127.0.0.1: set PORT to a free one (PORT=8001 ...)" >&2

@@ -11,11 +11,20 @@ new_enough() {
 # ensurepip); one of an older Python (pip then fails to resolve the project, saying nothing of
 # why); one moved or copied from another path (its scripts' #! lines and the editable install
 # still name the old one: the commands fail, or run the other clone's code).
-moved() {  # its scripts name another path than this checkout's .venv (a link to one is fine)
-    local line
+interpreter() {  # the Python a console script runs: its #! line, or pip's exec line below
+    local first          # `#!/bin/sh` (pip's form for a path with a space, or a long one)
+    first=$(head -n 1 "$1")
+    if [ "$first" = "#!/bin/sh" ]; then
+        sed -n '2s/^[^"]*"\([^"]*\)".*/\1/p' "$1"
+    else
+        echo "${first#\#!}"
+    fi
+}
+moved() {  # its scripts run another directory's Python than this .venv's (a link to it is fine)
+    local named
     [ -e .venv/bin/remi-train ] || return 1
-    line=$(head -n 1 .venv/bin/remi-train)
-    [[ "$line" != "#!$PWD/.venv/bin/"* && "$line" != "#!$(cd .venv && pwd -P)/bin/"* ]]
+    named=$(dirname "$(interpreter .venv/bin/remi-train)")
+    [ "$(cd "$named" 2>/dev/null && pwd -P)" != "$(cd .venv/bin && pwd -P)" ]
 }
 if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/pip ] || ! new_enough .venv/bin/python || moved
 then
@@ -46,6 +55,11 @@ import pytest, ruff, importlib.metadata; importlib.metadata.distribution('remi-r
     2>/dev/null || [ ! -x .venv/bin/remi-train ] || [ ! -x .venv/bin/remi-serve ] \
     || [ ! -x .venv/bin/ruff ]
 then
+    if [ -L .venv ]; then  # another checkout's environment: not ours to install into
+        echo "error: .venv links to $(readlink .venv), which lacks what this checkout needs:" >&2
+        echo "  run scripts/setup.sh in that checkout, or remove the link and run again." >&2
+        exit 1
+    fi
     # Exact versions from docker/constraints.txt (the images use the same file; regenerate it
     # with scripts/lock.sh). torch first, alone: TORCH_INDEX_URL=https://download.pytorch.org/
     # whl/cpu selects the CPU-only build; its dependencies come from PyPI with the rest.
