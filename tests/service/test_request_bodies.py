@@ -94,11 +94,13 @@ def test_every_one_character_slip_gives_json_loads_error_at_its_position(seed: b
 
 
 def large_body(rng: np.random.Generator) -> bytes:
-    """A batch-like body whose entries straddle the decoder's windows (1 KiB to 64 KiB)."""
+    """A batch-like body whose entries straddle the decoder's windows (1 KiB to 64 KiB) and
+    runs (16 KiB)."""
     entries = []
     for _ in range(int(rng.integers(1, 6))):
         size = int(rng.choice([10, 200, 3_000, 20_000]))
-        history = [f"i{v}" if v % 3 else int(v) for v in rng.integers(0, 10**6, size)]
+        # Ids with commas and brackets: a run of elements cut inside one must not decode.
+        history = [f"i,{v}]" if v % 3 else int(v) for v in rng.integers(0, 10**6, size)]
         entries.append({"history": history, "n": float(rng.random()), "x": [[1, {"y": "z"}]]})
     return json.dumps({"requests": entries}, separators=(",", ":")).encode()
 
