@@ -169,9 +169,8 @@ class _Pieces:
     def _run(self, i: int) -> tuple[list[Any], int] | None:
         """The elements from s[i] (a scalar: containers take windows) to the last comma within
         RUN characters, in one scanner call (a long list of ids, element by element, cost ten
-        times json.loads), or None. Wrapped
-        in brackets they decode only if that comma is between elements: one inside a string
-        or a nested container leaves a string or a bracket open."""
+        times json.loads), or None. Wrapped in brackets they decode only if that comma is
+        between elements: one inside a string or a nested container leaves it open."""
         s = self.s
         if self.run_spent >= len(s) or len(s) - i <= RUN:
             return None
