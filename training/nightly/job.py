@@ -41,7 +41,6 @@ makes that harmless. The lock expires on its own (its TTL) when its holder dies.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -64,6 +63,7 @@ from remi_core.bundle import (
     current_version,
     read_manifest,
     resolve_current,
+    sha256_of,
     verify_files,
 )
 from remi_core.index import ROW_OFFSET, check_index_settings, choose_factory
@@ -425,9 +425,9 @@ def build_data(cfg: NightlyConfig, events: EventBatch | None, published: Publish
 
 
 def _digest(path: str) -> str:
-    """sha256 of a file's bytes (a category file, read whole: they are small)."""
+    """sha256 of a category file's bytes, as a bundle's files are hashed."""
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return sha256_of(Path(path))
     except OSError as exc:
         raise NightlyError(f"categories: {path}: {exc.strerror}") from None
 
