@@ -3,11 +3,15 @@
     python bench/bench_service.py                       # 100k items, d=64, K=4, Flat and HNSW32
     python bench/bench_service.py --items 20000 --indexes Flat --rounds 50
     python bench/bench_service.py --torch-threads 2     # see what OpenMP oversubscription costs
+    python bench/bench_service.py --items 1000000 --indexes Flat --devices cpu,cuda \
+        --batches 1,32,256 --torch-threads 16              # a GPU host: REMI_DEVICE=cpu vs cuda
 
 Builds a synthetic bundle from a random encoder (weights do not change the cost), then times
-recommend_batch for batch size 1 and 32 and prints per-call and per-user latency percentiles,
-users/s, and the batching speed-up. HNSW recall against Flat is printed too, since a faster
-index that returns other items is not a like-for-like win.
+recommend_batch for each batch size (default 1 and 32) and prints per-call and per-user
+latency percentiles, users/s, and the batching speed-up. Each index is loaded once per device
+(REMI_DEVICE: the encoder, and an exact bundle's dense search, on a CUDA device). The recall of
+each against the first index on the first device is printed too, since a faster index that
+returns other items is not a like-for-like win.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _args import positive_int
+from _args import positive_int, positive_ints
 
 from remi_core.threads import describe, prepare_environment, setup_threads
 
@@ -32,9 +36,9 @@ from remi_core.models import EncoderConfig, build_encoder
 from service.recommender import LoadedModel, load_model, recommend_batch
 
 
-def make_model(
+def make_bundle(
     root: Path, items: int, dim: int, k: int, seq_len: int, factory: str, params: str
-) -> LoadedModel:
+) -> Path:
     cfg = EncoderConfig(num_items=items + 1, dim=dim, num_interests=k, seq_len=seq_len)
     torch.manual_seed(0)
     encoder = build_encoder(cfg)
@@ -50,10 +54,8 @@ def make_model(
         search_params=params,
         publish=False,
     )
-    built = time.perf_counter() - start
-    model = load_model(path)
-    print(f"  {factory:<8} built in {built:.1f}s, index on {model.index_device}")
-    return model
+    print(f"  {factory:<8} built in {time.perf_counter() - start:.1f}s")
+    return path
 
 
 def time_calls(
@@ -88,7 +90,19 @@ def main() -> None:
         "thread pools otherwise fight over the cores)",
     )
     parser.add_argument("--faiss-threads", type=int, default=None, help="faiss OpenMP threads")
+    parser.add_argument(
+        "--devices", type=lambda text: text.split(","), default=["cpu"],
+        help="REMI_DEVICE values, comma-separated (cpu,cuda)",
+    )  # fmt: skip
+    parser.add_argument("--batches", type=positive_ints, default=[1, 32], help="users per call")
     args = parser.parse_args()
+    for device in args.devices:
+        try:
+            ok = torch.device(device).type == "cpu" or torch.cuda.is_available()
+        except RuntimeError:
+            ok = False
+        if not ok:
+            parser.error(f"--devices: {device!r} is not a device this host has")
 
     import faiss  # loaded now so setup_threads sizes its pool too
 
@@ -110,34 +124,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for factory in args.indexes.split(","):
             params = f"efSearch={args.hnsw_ef}" if factory.startswith("HNSW") else ""
-            model = make_model(
+            path = make_bundle(
                 Path(tmp), args.items, args.dim, args.interests, args.seq_len, factory, params
             )
-            recommend_batch(model, histories[:32], n=args.n)  # warm-up
-            per_user = {}
-            for batch in (1, 32):
-                rounds = args.rounds if batch == 1 else max(args.rounds // 4, 5)
-                t = time_calls(model, histories, batch, args.n, rounds) * 1e3
-                p50, p95, p99 = np.percentile(t, [50, 95, 99])
-                per_user[batch] = np.median(t) / batch
+            for device in args.devices:
+                model = load_model(path, device=device)
+                name = f"{factory} {device}"
+                print(f"  {name}: {model.search_backend} search on {model.search_device}")
+                recommend_batch(model, histories[:32], n=args.n)  # warm-up
+                per_user = {}
+                for batch in args.batches:
+                    rounds = max(args.rounds * 32 // max(batch, 32), 5)
+                    t = time_calls(model, histories, batch, args.n, rounds) * 1e3
+                    p50, p95, p99 = np.percentile(t, [50, 95, 99])
+                    per_user[batch] = np.median(t) / batch
+                    print(
+                        f"  {name:<12} batch {batch:>3}: per call p50 {p50:7.2f} ms"
+                        f"  p95 {p95:7.2f} ms  p99 {p99:7.2f} ms"
+                        f" | per user {per_user[batch]:6.3f} ms"
+                        f"  ({1e3 / per_user[batch]:7.0f} users/s)"
+                    )
+                low, high = min(per_user), max(per_user)
                 print(
-                    f"  {factory:<8} batch {batch:>2}: per call p50 {p50:7.2f} ms"
-                    f"  p95 {p95:7.2f} ms  p99 {p99:7.2f} ms | per user {per_user[batch]:6.2f} ms"
-                    f"  ({1e3 / per_user[batch]:7.0f} users/s)"
+                    f"  {name:<12} batching {high} users per call: "
+                    f"{per_user[low] / per_user[high]:.1f}x the throughput of {low} per call"
                 )
-            print(
-                f"  {factory:<8} batching 32 users per call: {per_user[1] / per_user[32]:.1f}x "
-                "the throughput of one per call"
-            )
-            results = recommend_batch(model, histories[:200], n=args.n)
-            rows = [{i.item_id for i in r.items} for r in results]
-            if reference is None:
-                reference = rows
-            else:
-                pairs = zip(reference, rows, strict=True)
-                recall = np.mean([len(a & b) / len(a) for a, b in pairs])
-                first = args.indexes.split(",")[0]
-                print(f"  {factory:<8} recall@{args.n} vs {first}: {recall:.3f}")
+                results = recommend_batch(model, histories[:200], n=args.n)
+                rows = [set(r.item_ids) for r in results]
+                if reference is None:
+                    reference, first = rows, name
+                else:
+                    pairs = zip(reference, rows, strict=True)
+                    recall = np.mean([len(a & b) / len(a) for a, b in pairs])
+                    print(f"  {name:<12} recall@{args.n} vs {first}: {recall:.3f}")
+                del model
 
 
 if __name__ == "__main__":

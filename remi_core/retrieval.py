@@ -86,7 +86,10 @@ def blocked_max_scores(
     batch, k, dim = interests.shape
     size = items.shape[0]
     if block is None:
-        block = max(256, (1 << 19) // max(1, batch * k))  # ~2 MB of float32 products
+        # ~2 MB of float32 products on a CPU (cache); 256 MB on a GPU, where each block is a
+        # few kernel launches and small ones leave its cores idle.
+        budget = 1 << 26 if interests.device.type == "cuda" else 1 << 19
+        block = max(256, budget // max(1, batch * k))
     queries = interests.reshape(batch * k, dim)
     out = torch.empty(batch, size, dtype=torch.float32, device=interests.device)
     for start in range(0, size, block):
@@ -258,10 +261,12 @@ def exact_merged_topk(
 ) -> RetrievedBatch:
     """Serving path for exact search without an index: dense Eq. 7 in torch, then the merge.
 
-    interests (B, K, d), items (N, d) the catalogue as a CPU tensor (row 0 padding). Users go
-    `users_per_chunk` at a time (default: up to 64, fewer for huge catalogues) so the
-    (chunk, N) max-score matrix stays at most 32 MB; within a chunk `blocked_max_scores` keeps
-    the products in cache. The chunks' top-n rows then go through one merge for the batch, so
+    interests (B, K, d), items (N, d) the catalogue (row 0 padding) as a tensor on the device
+    that searches: the CPU, or a GPU for the dense search (the screens' int8 and bfloat16
+    products are tuned for, and tested on, CPUs). Users go `users_per_chunk` at a time
+    (default: up to 64 on a CPU, fewer for huge catalogues, so the (chunk, N) max-score matrix
+    stays at most 32 MB; on a GPU up to 256 MB); within a chunk `blocked_max_scores` keeps the
+    products in cache. The chunks' top-n rows then go through one merge for the batch, so
     scores, interests and tie order match the index path.
 
     With `screen`, the catalogue is scored in bfloat16 (half the memory traffic, and twice the
@@ -283,13 +288,19 @@ def exact_merged_topk(
     if max_norm is None:
         max_norm = screen.max_norm if screen is not None else max_row_norm(items)
     excluded = pad_rows(exclude, batch)
-    users_per_chunk = users_per_chunk or max(1, min(64, 2**23 // items.shape[0]))  # <= 32 MB
-    v = torch.from_numpy(np.ascontiguousarray(interests, dtype=np.float32))
+    where = items.device
+    if users_per_chunk is None:  # (chunk, N) float32 scores of at most 32 MB, or 256 MB
+        size = items.shape[0]
+        cuda = where.type == "cuda"
+        users_per_chunk = max(1, 2**26 // size) if cuda else max(1, min(64, 2**23 // size))
+    v = torch.from_numpy(np.ascontiguousarray(interests, dtype=np.float32)).to(where)
     spec = screen.spec() if screen is not None else None
     search = _exact_search if eager else compiled(_exact_search)
     with torch.inference_mode():
-        found = search(v, items, spec, torch.from_numpy(excluded), n, users_per_chunk, max_norm)
-    return RetrievedBatch(*(t.numpy() for t in found))
+        found = search(
+            v, items, spec, torch.from_numpy(excluded).to(where), n, users_per_chunk, max_norm
+        )
+    return RetrievedBatch(*(t.cpu().numpy() for t in found))
 
 
 def max_row_norm(items: torch.Tensor) -> float:
@@ -316,7 +327,8 @@ def _exact_search(
     batch = interests.shape[0]
     n = min(n, items.shape[0] - 1)
     if n <= 0:  # nothing asked for, or a catalogue of padding only
-        return _merge(interests, torch.zeros(batch, 0, dtype=torch.int64), items, 0, excluded)
+        empty = torch.zeros(batch, 0, dtype=torch.int64, device=items.device)
+        return _merge(interests, empty, items, 0, excluded)
     chunks: list[torch.Tensor] = []
     for start in range(0, batch, users_per_chunk):
         v = interests[start : start + users_per_chunk]
@@ -329,7 +341,8 @@ def _exact_search(
             rows = _near_the_cut(scores, n, _rounding_slack(v, max_norm))
         chunks.append(rows)
     # One merge for the batch; row 0 pads the chunks' candidate lists to one width.
-    candidates = torch.zeros(batch, max([c.shape[1] for c in chunks] + [0]), dtype=torch.int64)
+    width = max([c.shape[1] for c in chunks] + [0])
+    candidates = torch.zeros(batch, width, dtype=torch.int64, device=items.device)
     for i, rows in enumerate(chunks):
         start = i * users_per_chunk
         candidates[start : start + rows.shape[0], : rows.shape[1]] = rows
@@ -373,7 +386,7 @@ def _screened(
     most = int(counts.max())
     if most > screen.max_candidates:
         return None
-    out = torch.zeros(keep.shape[0], most, dtype=torch.int64)
+    out = torch.zeros(keep.shape[0], most, dtype=torch.int64, device=rows.device)
     out[users, slot] = rows
     return out
 
@@ -416,7 +429,7 @@ def _int8_max_scores(interests: torch.Tensor, screen: Screen) -> tuple[torch.Ten
     if width != dim:
         queries = torch.nn.functional.pad(queries, (0, width - dim))
     size = screen.table.shape[0]
-    out = torch.empty(batch, size, dtype=torch.float32)
+    out = torch.empty(batch, size, dtype=torch.float32, device=interests.device)
     for start in range(0, size, screen.int8_rows):
         stop = min(start + screen.int8_rows, size)
         part = torch._int_mm(queries, screen.table[start:stop].T)  # (b*K, rows) int32
@@ -451,14 +464,14 @@ def _pool(
         return scores, None
     users, blocks = (maxima >= (low - slack).unsqueeze(1)).nonzero().unbind(1)  # (S,)
     slot, per_user = _slots(users, batch)
-    rows = (blocks * block).unsqueeze(1) + torch.arange(block)  # (S, block)
+    rows = (blocks * block).unsqueeze(1) + torch.arange(block, device=scores.device)  # (S, block)
     past_end = rows >= size
     rows = rows.clamp(max=size - 1)
     values = scores[users.unsqueeze(1), rows].masked_fill(past_end, float("-inf"))
     width = int(per_user.max())
-    pool = torch.full((batch, width, block), float("-inf"))
+    pool = torch.full((batch, width, block), float("-inf"), device=scores.device)
     pool[users, slot] = values
-    pool_rows = torch.zeros((batch, width, block), dtype=torch.int64)
+    pool_rows = torch.zeros((batch, width, block), dtype=torch.int64, device=scores.device)
     pool_rows[users, slot] = rows
     return pool.view(batch, -1), pool_rows.view(batch, -1)
 
@@ -467,7 +480,8 @@ def _slots(users: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]
     """users (S,) sorted, as nonzero returns them -> each entry's place among its user's
     entries (S,), and the entries per user (batch,): where to put them in a padded (batch, M)."""
     counts = torch.bincount(users, minlength=batch)
-    return torch.arange(users.shape[0]) - (counts.cumsum(0) - counts)[users], counts
+    slot = torch.arange(users.shape[0], device=users.device) - (counts.cumsum(0) - counts)[users]
+    return slot, counts
 
 
 def _rounding_slack(interests: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -498,7 +512,9 @@ def _near_the_cut(scores: torch.Tensor, n: int, slack: torch.Tensor) -> torch.Te
         return rows
     users, wide = (scores[near] >= floor[near].unsqueeze(1)).nonzero().unbind(1)  # ascending rows
     slot, counts = _slots(users, near.shape[0])
-    out = torch.zeros(scores.shape[0], max(n, int(counts.max())), dtype=torch.int64)
+    out = torch.zeros(
+        scores.shape[0], max(n, int(counts.max())), dtype=torch.int64, device=scores.device
+    )
     out[:, :n] = rows
     out[near] = 0
     out[near[users], slot] = wide
@@ -516,22 +532,24 @@ def merge_candidates(
     batch at once.
 
     interests (B, K, d), candidates (B, M) catalogue rows (row <= 0 marks an empty slot),
-    item_embeddings (N, d), exclude per-user rows (or a (B, L) array padded with 0). Each
-    candidate is rescored exactly against all K interests, so the returned score is
-    max_k <v_k, e> even when the index that proposed it is approximate. Ties go to the smaller
-    row. Runs compiled (`compiled`).
+    item_embeddings (N, d) (a tensor on a GPU merges there), exclude per-user rows (or a
+    (B, L) array padded with 0). Each candidate is rescored exactly against all K interests, so
+    the returned score is max_k <v_k, e> even when the index that proposed it is approximate.
+    Ties go to the smaller row. Runs compiled (`compiled`).
     """
     batch = candidates.shape[0]
     excluded = exclude if isinstance(exclude, np.ndarray) else pad_rows(exclude, batch)
+    table = torch.as_tensor(item_embeddings)  # a tensor stays as is: no copy, no warning
+    where = table.device
     with torch.inference_mode():
         found = compiled(_merge)(
-            torch.from_numpy(np.ascontiguousarray(interests, dtype=np.float32)),
-            torch.from_numpy(np.ascontiguousarray(candidates, dtype=np.int64)),
-            torch.as_tensor(item_embeddings),  # a tensor stays as is: no copy, no warning
+            torch.from_numpy(np.ascontiguousarray(interests, dtype=np.float32)).to(where),
+            torch.from_numpy(np.ascontiguousarray(candidates, dtype=np.int64)).to(where),
+            table,
             n,
-            torch.from_numpy(np.ascontiguousarray(excluded, dtype=np.int64)),
+            torch.from_numpy(np.ascontiguousarray(excluded, dtype=np.int64)).to(where),
         )
-    return RetrievedBatch(*(t.numpy() for t in found))
+    return RetrievedBatch(*(t.cpu().numpy() for t in found))
 
 
 def _merge(
@@ -547,10 +565,11 @@ def _merge(
     to about `gathered` floats (16 MB)."""
     batch, width = candidates.shape
     n = max(0, min(n, width))
-    rows = torch.zeros((batch, n), dtype=torch.int64)
-    scores = torch.full((batch, n), float("-inf"))
-    best = torch.zeros((batch, n), dtype=torch.int64)
-    counts = torch.zeros(batch, dtype=torch.int64)
+    where = candidates.device
+    rows = torch.zeros((batch, n), dtype=torch.int64, device=where)
+    scores = torch.full((batch, n), float("-inf"), device=where)
+    best = torch.zeros((batch, n), dtype=torch.int64, device=where)
+    counts = torch.zeros(batch, dtype=torch.int64, device=where)
     if batch == 0 or n == 0:
         return rows, scores, best, counts
     step = max(1, gathered // max(1, width * table.shape[1]))
@@ -579,7 +598,8 @@ def _merge_block(
     if excluded.shape[1] > 0:
         # Membership per user in one isin: shift every user's rows into its own range.
         span = max(int(table.shape[0]), int(excluded.max()) + 1, int(rows.max()) + 1)
-        offset = torch.arange(rows.shape[0], dtype=torch.int64).unsqueeze(1) * span
+        offset = torch.arange(rows.shape[0], dtype=torch.int64, device=rows.device)
+        offset = offset.unsqueeze(1) * span
         valid = valid & ~torch.isin(rows + offset, excluded + offset)
     # float32 products summed in an order that does not depend on the block's shape: torch's
     # bmm picks its kernel by the shapes, and some sum in another order, so a score could
@@ -612,7 +632,7 @@ def _merge_block(
     # A stable sort keeps equal scores in ascending row order: ties go to the smaller row.
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n]
     count = valid.sum(dim=1).clamp(max=n)
-    keep = torch.arange(order.shape[1]).unsqueeze(0) < count.unsqueeze(1)
+    keep = torch.arange(order.shape[1], device=order.device).unsqueeze(0) < count.unsqueeze(1)
     top_rows = rows.gather(1, order).masked_fill(~keep, 0)
     top_scores = scores.gather(1, order)
     top_best = best.gather(1, order).masked_fill(~keep, 0)

@@ -248,13 +248,15 @@ async def readyz(registry: RegistryDep, store: StoreDep, batcher: BatcherDep) ->
 @router.get("/v1/model", responses=NOT_LOADED, tags=["ops"])
 async def model_manifest(model: ModelDep, batcher: BatcherDep) -> dict[str, Any]:
     """The served bundle's manifest (its "index" section holds the measured recall and the
-    search parameters in use), plus where the index lives, what answers searches and how many
+    search parameters in use), plus where the index lives, what answers searches (and where: the
+    CPU, a faiss GPU index, or the encoder's CUDA device for the dense search) and how many
     batches this worker computes at once (REMI_COMPUTE_THREADS) and how long a batch its event
     loop may compute itself (REMI_BATCH_INLINE_MS; 0 on workers with more than one CPU)."""
     return {
         **model.manifest,
         "index_device": model.index_device,
         "search_backend": model.search_backend,
+        "search_device": model.search_device,
         "batches_at_once": batcher.batches_at_once(model),
         "batch_inline_ms": batcher.inline_s * 1000,
     }
@@ -587,11 +589,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.error("cannot start: no usable bundle under %s: %s", settings.bundle_root, exc)
         raise StartupError(f"no usable bundle under {settings.bundle_root}: {exc}") from None
     log.info(
-        "serving bundle %s (%d items, K=%d, index on %s)",
+        "serving bundle %s (%d items, K=%d, search %s on %s)",
         model.version,
         model.num_items,
         model.num_interests,
-        model.index_device,
+        model.search_backend,
+        model.search_device,
     )
     try:
         store = HistoryStore(

@@ -61,11 +61,15 @@ class LoadedModel:
     index_device: str  # "cpu" or "gpu"
     loaded_at: float
     search_backend: str  # what answers searches: "screened-int8", "screened", "dense", "faiss"
+    search_device: str  # where they run: "cpu", "gpu" (a faiss GPU index) or "cuda:0" (dense)
     screen: ScreenTable | None = None  # the int8 or bfloat16 copy of the table when screened
     # max_i |e_i| (`max_row_norm`), taken once at load, for the exact searches' rounding bound
     # (and that of the exact search users an index leaves short fall back to)
     max_item_norm: float | None = None
     categories: np.ndarray | None = None  # (N,) int32 category per row (-1: none), read-only
+    # The table the dense search runs on when it runs on the GPU (the encoder's own copy there);
+    # None: it runs on the CPU, on item_table.
+    gpu_table: torch.Tensor | None = field(default=None, repr=False)
     # The CPU index a GPU one was copied from: it answers searches deeper than a GPU selects
     # (GPU_MAX_K), e.g. diverse lists (4 x n candidates) or long histories to exclude.
     host_index: faiss.Index | None = field(default=None, repr=False)
@@ -100,7 +104,7 @@ class LoadedModel:
         if self.search_backend != "faiss":
             return exact_merged_topk(
                 interests,
-                self.item_table,
+                self.item_table if self.gpu_table is None else self.gpu_table,
                 max(n),
                 exclude,
                 screen=self.screen,
@@ -164,13 +168,34 @@ def choose_exact_search(
     return choice
 
 
+def gpu_search(device: torch.device, exact_search: str) -> bool:
+    """Whether an exact bundle's search runs on the encoder's GPU: the dense search ("auto" or
+    "dense"), in plain float32. Its rounding bound (`exact_merged_topk`) assumes float32
+    products; TF32 ones (torch.set_float32_matmul_precision("high")) are far coarser, so with
+    those allowed it stays on the CPU. The screens' int8 and bfloat16 kernels are the CPU's."""
+    if device.type != "cuda" or exact_search not in ("auto", "dense"):
+        return False
+    if torch.get_float32_matmul_precision() != "highest":
+        log.warning("float32 matmuls may use TF32 on this process: exact search stays on the CPU")
+        return False
+    return True
+
+
 def _search_backend(
-    index: faiss.Index, items: torch.Tensor, exact_search: str, k: int, max_norm: float
+    index: faiss.Index,
+    items: torch.Tensor,
+    exact_search: str,
+    k: int,
+    max_norm: float,
+    on_gpu: bool = False,
 ) -> tuple[str, ScreenTable | None]:
     """(what answers searches, the screen table it needs): torch for an exact (Flat) CPU index
-    unless told "faiss", the index itself otherwise."""
+    unless told "faiss", the index itself otherwise; `on_gpu` (`gpu_search`): the dense search,
+    on the GPU."""
     if not isinstance(index, faiss.IndexFlat) or exact_search == "faiss":
         return "faiss", None
+    if on_gpu:
+        return "dense", None
     names = list(SCREENS) if exact_search == "auto" else [exact_search]
     screens = {
         name: None if SCREENS[name] is None else ScreenTable.of(items, SCREENS[name])
@@ -193,7 +218,9 @@ def model_from_bundle(
     item_table = torch.from_numpy(embeddings)  # shares memory; made before the array is frozen
     k = bundle.encoder.num_interests
     max_norm = max_row_norm(item_table)  # once: every search's rounding bound needs it
-    backend, screen = _search_backend(index, item_table, exact_search, k, max_norm)
+    device = torch.device(device)
+    on_gpu = isinstance(index, faiss.IndexFlat) and gpu_search(device, exact_search)
+    backend, screen = _search_backend(index, item_table, exact_search, k, max_norm, on_gpu)
     embeddings.setflags(write=False)
     popularity = bundle.popularity
     popularity.setflags(write=False)
@@ -209,12 +236,21 @@ def model_from_bundle(
         weights.data = item_table
     if encoder.cfg.model_type in PER_USER_PRODUCTS and weights.device.type == "cpu":
         _in_float64_after_the_table(encoder)
+    gpu_table = None
+    if backend == "dense" and on_gpu:
+        # load_bundle checked the encoder's table equals the catalogue's: the copy already on
+        # the GPU serves the search too.
+        gpu_table = weights if weights.dtype == item_table.dtype else item_table.to(device)
+    if backend == "faiss":
+        search_device = index_device
+    else:
+        search_device = "cpu" if gpu_table is None else str(gpu_table.device)
     return LoadedModel(
         version=bundle.version,
         path=bundle.path,
         manifest=MappingProxyType(bundle.manifest),
         encoder=encoder,
-        device=torch.device(device),
+        device=device,
         item_embeddings=embeddings,
         item_table=item_table,
         item_ids=tuple(bundle.item_ids),
@@ -224,9 +260,11 @@ def model_from_bundle(
         index_device=index_device,
         loaded_at=time.time(),
         search_backend=backend,
+        search_device=search_device,
         screen=screen,
         max_item_norm=max_norm,
         categories=bundle.categories,
+        gpu_table=gpu_table,
         host_index=bundle.index if index_device == "gpu" else None,
         _search_lock=threading.Lock() if index_device == "gpu" else None,
     )

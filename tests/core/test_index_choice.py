@@ -129,7 +129,7 @@ def test_the_service_reports_recall_and_applies_the_parameters(ann_bundle: Path)
         model = client.get("/v1/model").json()
         served = client.app.state.registry.model
     assert model["index"]["recall"]["recall"] >= 0.95
-    assert model["search_backend"] == "faiss"
+    assert (model["search_backend"], model["search_device"]) == ("faiss", "cpu")
     assert model["batches_at_once"] == 1  # faiss spreads each batch over the cores itself
     nprobe = int(model["index"]["search_params"].removeprefix("nprobe="))
     assert faiss.extract_index_ivf(served.index).nprobe == nprobe

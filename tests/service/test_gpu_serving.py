@@ -39,6 +39,33 @@ def test_encoder_on_cuda_gives_the_cpu_answers(tiny_bundle_root: Path) -> None:
         )
 
 
+def test_an_exact_bundle_is_searched_on_the_encoders_gpu(tiny_bundle_root: Path) -> None:
+    model = load_model(tiny_bundle_root, device="cuda")
+    assert (model.search_backend, model.search_device) == ("dense", "cuda:0")
+    # The encoder's table, already on the GPU, is the search's: no second copy.
+    assert model.gpu_table is not None
+    assert model.gpu_table.data_ptr() == model.encoder.item_table().data_ptr()
+    assert not model.batches_side_by_side
+
+
+@pytest.mark.parametrize("exact_search", ["screened", "screened-int8", "faiss"])
+def test_searches_other_than_dense_stay_on_the_cpu(tiny_bundle_root: Path, exact_search) -> None:
+    model = load_model(tiny_bundle_root, device="cuda", exact_search=exact_search)
+    assert (model.search_backend, model.search_device) == (exact_search, "cpu")
+    assert model.gpu_table is None
+
+
+def test_tf32_matmuls_keep_the_exact_search_on_the_cpu(tiny_bundle_root: Path) -> None:
+    # TF32 products are far outside the float32 rounding bound the exact search relies on.
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        model = load_model(tiny_bundle_root, device="cuda")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert model.search_device == "cpu" and model.gpu_table is None
+
+
 def test_the_service_answers_with_the_encoder_on_cuda(tiny_bundle_root: Path) -> None:
     settings = Settings(
         bundle_root=tiny_bundle_root, redis_url=dead_redis_url(), reload_interval_s=0, device="cuda"
@@ -50,6 +77,8 @@ def test_the_service_answers_with_the_encoder_on_cuda(tiny_bundle_root: Path) ->
             "/recommend/batch", json={"requests": [{"history": h, "n": 10} for h in users]}
         )
         health = client.get("/healthz")
+        model = client.get("/v1/model").json()
+    assert (model["search_backend"], model["search_device"]) == ("dense", "cuda:0")
     assert single.status_code == 200, single.text
     assert batch.status_code == 200, batch.text
     assert health.status_code == 200

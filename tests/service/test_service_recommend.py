@@ -310,6 +310,7 @@ def test_ops_endpoints(client: TestClient, bundle: Bundle) -> None:
     assert model["model"]["num_interests"] == 4
     assert model["index_device"] == "cpu"
     assert model["search_backend"] in SCREENS  # REMI_EXACT_SEARCH=auto
+    assert model["search_device"] == "cpu"
     # REMI_COMPUTE_THREADS=0: torch's exact search runs a batch per compute thread at once.
     assert model["batches_at_once"] == client.app.state.batcher.workers
     client.post("/recommend", json={"history": ITEMS[:2]})

@@ -8,7 +8,13 @@ import torch
 from remi_core.bundle import load_bundle, write_bundle
 from remi_core.index import GPU_MAX_K, build_index, gpu_available, to_best_device
 from remi_core.models import EncoderConfig, build_encoder, pad_histories
-from remi_core.retrieval import dense_merged_topk, faiss_merged_topk
+from remi_core.retrieval import (
+    dense_merged_topk,
+    exact_merged_topk,
+    faiss_merged_topk,
+    merge_candidates,
+)
+from tests.core.test_retrieval_fast import assert_matches, reference
 from training.config import TrainConfig
 from training.data import DataConfig, load_dataset
 from training.losses import Objective
@@ -100,6 +106,53 @@ def test_dense_merge_on_cuda_matches_cpu():
     gpu_scores, gpu_rows = dense_merged_topk(interests.cuda(), items.cuda(), 20)
     torch.testing.assert_close(gpu_scores.cpu(), cpu_scores, rtol=1e-4, atol=1e-4)
     assert (gpu_rows.cpu() == cpu_rows).float().mean() > 0.99
+
+
+@needs_cuda
+@pytest.mark.parametrize("n", [1, 10, 299, 1000])
+@pytest.mark.parametrize("chunk", [1, 2, None])
+@pytest.mark.parametrize("eager", [False, True])
+def test_exact_search_on_cuda_equals_brute_force(n, chunk, eager):
+    # The service's dense search with the table on the GPU (REMI_DEVICE=cuda): rows, scores,
+    # credited interests and tie order as the plain-Python reference, exclusions included.
+    rng = np.random.default_rng(7)
+    items = rng.standard_normal((300, 8)).astype(np.float32)
+    interests = rng.standard_normal((5, 3, 8)).astype(np.float32)
+    exclude = [rng.choice(np.arange(1, 300), size, replace=False) for size in (0, 3, 40, 1, 299)]
+    table = torch.from_numpy(items).cuda()
+    found = exact_merged_topk(interests, table, n, exclude, chunk, eager=eager)
+    assert_matches(found, reference(interests, items, n, exclude))
+    assert found.counts[-1] == 0  # everything excluded: nothing is invented
+
+
+@needs_cuda
+def test_exact_search_on_cuda_keeps_near_duplicates_for_its_merge():
+    # Rows a few ulps apart: the search must hand the merge every row it might rank in the top
+    # n, so the list is the merge's own top n over the whole catalogue (on the same device).
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((300, 64)).astype(np.float32)
+    copies = np.repeat(base, 8, axis=0)
+    copies *= (1 + rng.integers(-3, 4, copies.shape) * 2.0**-23).astype(np.float32)
+    table = torch.from_numpy(np.vstack([np.zeros((1, 64), np.float32), copies])).cuda()
+    interests = rng.standard_normal((48, 4, 64)).astype(np.float32)
+    every_row = np.broadcast_to(np.arange(1, table.shape[0]), (48, table.shape[0] - 1))
+    want = merge_candidates(interests, every_row, table, 20)
+    found = exact_merged_topk(interests, table, 20)
+    assert found.rows.tolist() == want.rows.tolist()
+
+
+@needs_cuda
+def test_exact_search_on_cuda_over_a_large_catalogue_finds_the_float64_top_n():
+    # 300k items: the default chunks and blocks on a GPU (hundreds of users a chunk, blocks of
+    # tens of thousands of rows) against a float64 brute force.
+    gen = torch.Generator().manual_seed(1)
+    items = torch.randn(300_001, 64, generator=gen)
+    interests = torch.randn(300, 4, 64, generator=gen)
+    found = exact_merged_topk(interests.numpy(), items.cuda(), 50)
+    want_scores, want_rows = dense_merged_topk(interests.double(), items.double(), 50, chunk=16)
+    np.testing.assert_allclose(found.scores, want_scores.numpy(), rtol=1e-5, atol=1e-5)
+    same = [len(set(a) & set(b)) for a, b in zip(found.rows, want_rows.numpy(), strict=True)]
+    assert sum(same) >= 0.999 * 300 * 50  # only float32 near-ties may swap
 
 
 @pytest.mark.skipif(not gpu_available(), reason="faiss without GPU support, or no GPU")
