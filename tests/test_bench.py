@@ -1,4 +1,4 @@
-"""The training benchmark runs end to end on tiny settings (its figures are not checked here)."""
+"""The benchmarks run end to end on tiny settings (their figures are not checked here)."""
 
 import os
 import subprocess
@@ -56,6 +56,7 @@ def test_an_unknown_variant_is_named_in_the_error():
         ("bench_serve_load.py", ["--sizes", "5"], "--sizes: 2 or 3 catalogue sizes, not 1"),
         ("bench_service.py", ["--devices", "cpu,tpu"], "--devices: 'tpu' is not a device"),
         ("bench_service.py", ["--batches", "1,0"], "--batches: comma-separated whole numbers"),
+        ("bench_serve_devices.py", ["--devices", "tpu"], "--devices: 'tpu' is not a device"),
     ],
 )
 def test_bench_scripts_name_a_bad_flag(script: str, args: list[str], says: str) -> None:
@@ -70,3 +71,18 @@ def test_bench_scripts_name_a_bad_flag(script: str, args: list[str], says: str) 
     )
     assert run.returncode == 2 and says in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
+
+
+def test_the_device_benchmark_serves_over_http_on_each_device() -> None:
+    # On a CPU host the CPU alone: a real remi-serve, wrk (or the Python load) at two levels.
+    run = subprocess.run(
+        [sys.executable, "bench/bench_serve_devices.py", "--items", "3000", "--devices", "cpu",
+         "--seconds", "1", "--concurrency", "1,4"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert any(line.startswith("cpu: ") and line.endswith(" search on cpu") for line in lines)
+    served = [line.split() for line in lines if line.strip().startswith("cpu ")]
+    assert [row[1] for row in served] == ["c=1", "c=4"]
+    assert all(float(row[2]) > 0 and row[-1] == "0" for row in served)  # req/s, no errors

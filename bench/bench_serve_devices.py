@@ -1,0 +1,104 @@
+"""Load-test the real `remi-serve` over HTTP with the encoder and exact search on each device.
+
+    python bench/bench_serve_devices.py --items 1000000 --devices cpu,cuda   # a GPU host
+    python bench/bench_serve_devices.py --items 20000 --seconds 2            # mechanics, no GPU
+
+Writes one exact (Flat) bundle from a random encoder (weights do not change the cost), starts
+`remi-serve` once per REMI_DEVICE value and drives POST /recommend with `wrk` (a Python load
+generator where wrk is missing) at each concurrency, with random histories of 20 known items
+and n=50. Prints req/s, p50 and p99 per device and concurrency, each device's req/s as a ratio
+of the first's, and GET /v1/model's search_backend and search_device for each. Every other
+setting is the service's default. bench/bench_serve_load.py is the 2-core CPU benchmark (a
+trained table, ANN indexes, variants); this one answers what moving to a GPU host buys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench._args import positive_float, positive_int, positive_ints  # noqa: E402
+from bench.bench_serve_load import Server, drive, machine, request_bodies  # noqa: E402
+from remi_core.bundle import write_bundle  # noqa: E402
+from remi_core.models import EncoderConfig, build_encoder  # noqa: E402
+
+
+def exact_bundle(root: Path, items: int, dim: int, k: int) -> None:
+    """A published Flat bundle of `items` items from a seeded random encoder."""
+    torch.manual_seed(0)
+    cfg = EncoderConfig(num_items=items + 1, dim=dim, num_interests=k, seq_len=20)
+    write_bundle(
+        root,
+        encoder=build_encoder(cfg),
+        item_ids=[None] + [f"item-{i}" for i in range(1, items + 1)],
+        popularity=np.arange(1, min(items, 1000) + 1),
+        metadata={"dataset": "synthetic"},
+        index_factory="Flat",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=positive_int, default=1_000_000)
+    parser.add_argument("--dim", type=positive_int, default=64)
+    parser.add_argument("--interests", type=positive_int, default=4)
+    parser.add_argument("--devices", type=lambda text: text.split(","), default=["cpu", "cuda"],
+                        help="REMI_DEVICE values, comma-separated")  # fmt: skip
+    parser.add_argument("--concurrency", type=positive_ints, default=[1, 16, 64])
+    parser.add_argument("--seconds", type=positive_float, default=6.0, help="Seconds a run.")
+    parser.add_argument("--repeats", type=positive_int, default=1, help="Runs a cell (median).")
+    args = parser.parse_args()
+    for device in args.devices:
+        try:
+            ok = torch.device(device).type == "cpu" or torch.cuda.is_available()
+        except RuntimeError:
+            ok = False
+        if not ok:
+            parser.error(f"--devices: {device!r} is not a device this host has")
+
+    print(machine())
+    rng = np.random.default_rng(0)
+    histories = [
+        [f"item-{i}" for i in rng.integers(1, args.items + 1, size=20)] for _ in range(2000)
+    ]
+    bodies = request_bodies(histories)
+    results: dict[str, dict[int, object]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        root = work / "bundles"
+        exact_bundle(root, args.items, args.dim, args.interests)
+        for device in args.devices:
+            env = {"REMI_DEVICE": device}
+            with Server(root, env, work / f"serve-{device}.log") as server:
+                with urllib.request.urlopen(server.url + "/v1/model", timeout=10) as r:
+                    info = json.loads(r.read())
+                print(f"{device}: {info['search_backend']} search on {info['search_device']}")
+                results[device] = {}
+                for c in args.concurrency:
+                    load = drive(server, bodies, c, args.seconds, work, args.repeats)
+                    results[device][c] = load
+                    print(
+                        f"  {device:<6} c={c:<3} {load.rps:9.1f} req/s  p50 {load.p50_ms:7.2f} ms"
+                        f"  p99 {load.p99_ms:7.2f} ms  errors {load.errors}"
+                    )
+    first = args.devices[0]
+    for device in args.devices[1:]:
+        ratios = ", ".join(
+            f"c={c} {results[device][c].rps / results[first][c].rps:.2f}x"  # type: ignore[attr-defined]
+            for c in args.concurrency
+        )
+        print(f"{device} vs {first}: {ratios}")
+
+
+if __name__ == "__main__":
+    main()
