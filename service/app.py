@@ -125,7 +125,8 @@ async def require_admin(
     token = token.strip(" \t")
     expected = settings.admin_token.get_secret_value()
     if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), expected.encode()):
-        raise Unauthorized("missing or wrong admin token (send 'Authorization: Bearer <token>')")
+        msg = "missing or wrong admin token (send 'Authorization: Bearer <token>')"
+        raise Unauthorized(msg, 'Bearer realm="remi-admin"')
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -146,6 +147,7 @@ router = APIRouter()
 # load balancers' health checks and uptime monitors may use. Out of the schema: FastAPI would give
 # the two methods of one handler the same operation id.
 RETRY_AFTER = {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+CHALLENGE = {"description": "How to authenticate.", "schema": {"type": "string"}}
 # Every route that takes a JSON body.
 ERRORS: dict[int | str, dict[str, Any]] = {
     408: {
@@ -174,6 +176,7 @@ STORE_ERRORS: dict[int | str, dict[str, Any]] = {
         "model": ErrorResponse,
         "description": "Missing or wrong X-API-Key, only when API keys are configured "
         "(REMI_API_KEYS); /recommend* need it only for entries given by user_id.",
+        "headers": {"WWW-Authenticate": CHALLENGE},
     },
     409: {
         "model": ErrorResponse,
@@ -195,12 +198,19 @@ NOT_LOADED: dict[int | str, dict[str, Any]] = {
     }
 }
 ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "Missing or wrong admin bearer token."},
+    401: {
+        "model": ErrorResponse,
+        "description": "Missing or wrong admin bearer token.",
+        "headers": {"WWW-Authenticate": CHALLENGE},
+    },
     403: {"model": ErrorResponse, "description": "Admin is off: REMI_ADMIN_TOKEN is not set."},
     409: {
         "model": ErrorResponse,
         "description": "The bundle `current` points at was rejected; the old one keeps serving.",
     },
+    # The body limits hold for every route (BodyLimitMiddleware).
+    408: ERRORS[408],
+    413: ERRORS[413],
     422: ERRORS[422],
 }
 
@@ -465,7 +475,11 @@ def _methods_of(request: Request) -> list[str]:
 async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
     if isinstance(exc, RedisUnavailable):
         request.app.state.metrics.redis_errors.inc()
-    headers = {"Retry-After": "1"} if exc.status_code == 503 else None
+    headers = None
+    if exc.status_code == 503:
+        headers = {"Retry-After": "1"}
+    elif isinstance(exc, Unauthorized):
+        headers = {"WWW-Authenticate": exc.challenge}
     body = {"detail": exc.message, "errors": None}
     return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
@@ -556,9 +570,10 @@ def _stop_with_the_supervisor() -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     _stop_with_the_supervisor()
-    # Each compute thread encodes (torch) then searches (faiss), so both pools get
-    # REMI_TORCH_THREADS (0: the worker's share of the CPUs, REMI_THREADS). Wider pools spin
-    # against each other and against the event loop on small hosts (docs/serving.md).
+    # This thread's pools get REMI_TORCH_THREADS (0: the worker's share of the CPUs,
+    # REMI_THREADS). In the compute threads torch uses REMI_TORCH_THREADS and faiss's index
+    # search REMI_THREADS, OpenMP's count for new threads. Wider torch pools spin against each
+    # other and against the event loop on small hosts (docs/serving.md).
     pool = settings.torch_threads or None
     try:
         cpus = setup_threads(torch_threads=pool, faiss_threads=pool).threads

@@ -21,6 +21,10 @@ api_key_header = APIKeyHeader(
 )
 
 
+# A 401's WWW-Authenticate: no registered HTTP scheme sends a key in a header of its own.
+CHALLENGE = 'ApiKey header="X-API-Key"'
+
+
 def key_digest(key: str) -> bytes:
     # Comparing fixed-size digests keeps the comparison's time free of the keys' lengths.
     return hashlib.sha256(key.encode()).digest()
@@ -39,12 +43,12 @@ class DataAccess:
         if not self.digests:
             return  # no keys configured: the data routes are open
         if not self.key:
-            raise Unauthorized("missing API key: send it in the X-API-Key header")
+            raise Unauthorized("missing API key: send it in the X-API-Key header", CHALLENGE)
         given = key_digest(self.key)
         # Every key is compared, each in constant time, so timing tells nothing about which.
         matches = [secrets.compare_digest(given, digest) for digest in self.digests]
         if not any(matches):
-            raise Unauthorized("wrong API key (X-API-Key header)")
+            raise Unauthorized("wrong API key (X-API-Key header)", CHALLENGE)
 
 
 # async, like every dependency of the service: FastAPI runs a plain `def` one in its thread pool.

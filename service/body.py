@@ -20,6 +20,7 @@ import functools
 import json
 import json.decoder
 import json.scanner
+import re
 import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
@@ -214,12 +215,23 @@ def decode_json(raw: bytes) -> Any:
     a body off the expected shape (a top-level array, UTF-16, one huge batch entry, a syntax
     error at the end) went to json.loads in one piece and stalled the event loop 0.2-0.35 s
     per 13 MiB. A container larger than MAX_WINDOW nested past MAX_DEPTH raises
-    RecursionError (json.loads: past the interpreter's recursion limit)."""
+    RecursionError (json.loads: past the interpreter's recursion limit). An integer longer than
+    Python converts (sys.get_int_max_str_digits(), 4,300) is a JSONDecodeError at its first
+    digit (json.loads: a ValueError telling the caller to raise that limit)."""
     try:
         s = raw.decode(json.detect_encoding(raw), "surrogatepass")  # as json.loads decodes
     except UnicodeDecodeError:
         return json.loads(raw)  # its own error, for bytes that are no text
-    value, i = _Pieces(s).value(_skip(s, 0), 0)
+    try:
+        value, i = _Pieces(s).value(_skip(s, 0), 0)
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:
+        most = sys.get_int_max_str_digits()
+        if not most or not (long := re.search(f"[0-9]{{{most + 1}}}", s)):
+            raise
+        msg = f"Integer with more than {most} digits"
+        raise json.JSONDecodeError(msg, s, long.start()) from exc
     if (i := _skip(s, i)) != len(s):
         raise json.JSONDecodeError("Extra data", s, i)
     return value

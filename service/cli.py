@@ -70,8 +70,8 @@ def serve(
         int | None,
         typer.Option(
             help="CPU threads of each worker (REMI_THREADS; default: the CPUs this process may "
-            "use, affinity and cgroup quota, shared out among the workers). The torch and faiss "
-            "pools of a compute thread use REMI_TORCH_THREADS of them (0: all)."
+            "use, affinity and cgroup quota, shared out among the workers). Torch in a compute "
+            "thread uses REMI_TORCH_THREADS of them (0: all); faiss's index search all of them."
         ),
     ] = None,
     check: Annotated[

@@ -58,6 +58,11 @@ class AdminDisabled(ServiceError):
 
 
 class Unauthorized(ServiceError):
-    """Missing or wrong credentials: the admin token, or an API key on the data routes."""
+    """Missing or wrong credentials: the admin token, or an API key on the data routes.
+    `challenge` is the WWW-Authenticate header's value, which a 401 must carry (RFC 9110)."""
 
     status_code = 401
+
+    def __init__(self, message: str, challenge: str) -> None:
+        super().__init__(message)
+        self.challenge = challenge

@@ -34,8 +34,13 @@ class Settings(BaseSettings):
 
     # hide_input_in_errors: a rejected value is never echoed, since it may hold a password (the
     # Redis URL) or a key; the validators' messages show what can be shown.
+    # allow_inf_nan=False: NaN fails every bound, and was refused as "less than or equal to 60".
     model_config = SettingsConfigDict(
-        env_prefix="REMI_", extra="ignore", frozen=True, hide_input_in_errors=True
+        env_prefix="REMI_",
+        extra="ignore",
+        frozen=True,
+        hide_input_in_errors=True,
+        allow_inf_nan=False,
     )
 
     bundle_root: Path = Field(

@@ -88,11 +88,13 @@ def test_redis_urls_redis_py_reads_as_written_are_taken(url: str) -> None:
         ({"REMI_MAX_N": "abc"}, "REMI_MAX_N: Input should be a valid integer"),
         # inf overflowed the /events token's lifetime: a 500, or a 503 "nothing was stored" for
         # events Redis had stored (the script's last command failed after its writes).
-        ({"REMI_REDIS_TIMEOUT_S": "inf"}, "REMI_REDIS_TIMEOUT_S: Input should be less than or"),
+        ({"REMI_REDIS_TIMEOUT_S": "inf"}, "REMI_REDIS_TIMEOUT_S: Input should be a finite number"),
         ({"REMI_REDIS_TIMEOUT_S": "1e300"}, "REMI_REDIS_TIMEOUT_S: Input should be less than"),
-        ({"REMI_BODY_TIMEOUT_S": "inf"}, "REMI_BODY_TIMEOUT_S: Input should be less than or"),
-        ({"REMI_GRACEFUL_SHUTDOWN_S": "nan"}, "REMI_GRACEFUL_SHUTDOWN_S: Input should be"),
-        ({"REMI_RELOAD_INTERVAL_S": "inf"}, "REMI_RELOAD_INTERVAL_S: Input should be less than"),
+        ({"REMI_BODY_TIMEOUT_S": "inf"}, "REMI_BODY_TIMEOUT_S: Input should be a finite number"),
+        # NaN fails every bound: it was refused as "less than or equal to 60" (or 1000).
+        ({"REMI_GRACEFUL_SHUTDOWN_S": "nan"}, "REMI_GRACEFUL_SHUTDOWN_S: Input should be a finite"),
+        ({"REMI_BATCH_WAIT_MS": "nan"}, "REMI_BATCH_WAIT_MS: Input should be a finite number"),
+        ({"REMI_RELOAD_INTERVAL_S": "inf"}, "REMI_RELOAD_INTERVAL_S: Input should be a finite"),
         ({"REMI_HISTORY_CAP": "100000000000000000000"}, "REMI_HISTORY_CAP: Input should be"),
         # Past 2^63 n overflowed the search (a 500 on every request), max_history Redis's
         # LRANGE (a 503 "Redis unavailable"), a thread count torch or OpenMP (a dead worker).
@@ -480,6 +482,15 @@ def test_body_problems_are_422_that_say_what_is_wrong(client: TestClient, path: 
     assert r.json()["detail"] == (
         "request body is not valid JSON (at character 17): Expecting ',' delimiter"
     )
+    # Python's cap on integer digits: its message told the client to raise a server limit.
+    for at, body in ((13, b'{"history": [' + b"1" * 5000 + b"]}"),
+                     (24, b'{"history": ["a"], "n": ' + b"9" * 5000 + b"}")):  # fmt: skip
+        r = client.post(path, content=body, headers=json_headers)
+        assert r.status_code == 422
+        assert r.json()["detail"] == (
+            f"request body is not valid JSON (at character {at}): Integer with more than 4300 "
+            "digits"
+        )
     # A compressed body is refused as such, not decoded as if it were UTF-8.
     r = client.post(
         path, content=gzip.compress(b"{}"), headers={**json_headers, "content-encoding": "gzip"}
@@ -625,6 +636,9 @@ def test_data_routes_need_an_api_key_when_keys_are_set(keyed_client: TestClient)
             r = keyed_client.post(path, json=body, headers=headers)
             assert r.status_code == 401, (path, headers, r.text)
             assert says in r.json()["detail"]
+            # RFC 9110: a 401 names how to authenticate.
+            assert r.headers["www-authenticate"] == 'ApiKey header="X-API-Key"'
+
         # Blanks after a value are not part of it (RFC 9110); httptools, which remi-serve runs,
         # leaves them in the header.
         for key in ("key-one", "key-two", "file-key-2", "key-one \t"):
@@ -719,10 +733,14 @@ def test_openapi_states_limits_rules_and_answers(tiny_bundle_root: Path) -> None
 
     paths = schema["paths"]
     for path in ("/recommend", "/recommend/batch", "/events"):
-        assert {"401", "408", "409", "413", "422", "503"} <= set(paths[path]["post"]["responses"])
-        error = paths[path]["post"]["responses"]["413"]["content"]["application/json"]
+        answers = paths[path]["post"]["responses"]
+        assert set(answers) == {"200", "401", "408", "409", "413", "415", "422", "503"}
+        error = answers["413"]["content"]["application/json"]
         assert error["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
-    assert {"401", "403", "409"} <= set(paths["/admin/reload"]["post"]["responses"])
+        assert "WWW-Authenticate" in answers["401"]["headers"]
+    admin = paths["/admin/reload"]["post"]["responses"]
+    assert set(admin) == {"200", "401", "403", "408", "409", "413", "422"}
+    assert "WWW-Authenticate" in admin["401"]["headers"]
     assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503"}
     assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
     assert schema["components"]["securitySchemes"]["ApiKey"]["name"] == "X-API-Key"

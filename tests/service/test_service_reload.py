@@ -315,6 +315,7 @@ def test_admin_needs_the_token(client: TestClient, tiny_bundle_root: Path) -> No
     assert client.post("/admin/reload").status_code == 401
     wrong = client.post("/admin/reload", headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401
+    assert wrong.headers["www-authenticate"] == 'Bearer realm="remi-admin"'  # RFC 9110
     assert "admin token" in wrong.json()["detail"]
     basic = client.post("/admin/reload", headers={"Authorization": f"Basic {TOKEN}"})
     assert basic.status_code == 401
