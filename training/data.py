@@ -46,7 +46,8 @@ class DataConfig:
     item_col: str = "item_id"
     """Item column of CSV/Parquet input."""
     time_col: str = "timestamp"
-    """Timestamp column of CSV/Parquet input (any sortable type)."""
+    """Timestamp column of CSV/Parquet input: unix seconds, or dates (date strings, or a date
+    column), so that base data and streamed events sort together."""
     min_count: int = 5
     """Drop items, then users, with fewer interactions than this."""
     split_seed: int = 1230
@@ -413,9 +414,12 @@ def build_dataset(
     if frame.empty:
         raise DataError(f"{where}: no interactions")
     frame = frame.assign(time=pd.to_numeric(frame["time"], errors="coerce"))
-    if frame["time"].isna().any():
-        bad = int(frame["time"].isna().sum())
-        raise DataError(f"{where}: {bad} interaction(s) have a missing or non-numeric timestamp")
+    # inf (a .inter file's) would sort after every event to come, as _unix_seconds refuses it.
+    if not np.isfinite(frame["time"].to_numpy(dtype=float)).all():
+        bad = int((~np.isfinite(frame["time"].to_numpy(dtype=float))).sum())
+        raise DataError(
+            f"{where}: {bad} interaction(s) have a missing, non-numeric or infinite timestamp"
+        )
     for column in ("user", "item"):
         # Caught here, not at export: a blank id would train as an item and fail every export.
         blank = frame[column].isna() | (frame[column].astype(str) == "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -12,18 +13,20 @@ from training.categories import read_categories
 from training.run_dir import RunDir
 from training.trainer import load_run
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ExportConfig:
     """How a run becomes a bundle (the `export:` section of a config file)."""
 
     index_factory: str | None = None
-    """Faiss index factory: Flat (exact), HNSW32, IVF1024,SQ8, ...; unset: chosen by catalogue
-    size (Flat up to remi_core.index.EXACT_MAX_ITEMS items, IVF with SQ8 codes above)."""
+    """Faiss index factory: Flat (exact), HNSW32, IVF1024,SQ8, ...; unset or empty: chosen by
+    catalogue size (Flat up to remi_core.index.EXACT_MAX_ITEMS items, IVF with SQ8 codes above)."""
     search_params: str | None = None
-    """Faiss search parameters, e.g. nprobe=16 or efSearch=64; unset: the smallest nprobe or
-    efSearch whose merged Eq. 7 recall on validation users reaches recall_target (on half of them,
-    then confirmed on the other half)."""
+    """Faiss search parameters, e.g. nprobe=16 or efSearch=64; unset or empty: the smallest
+    nprobe or efSearch whose merged Eq. 7 recall on validation users reaches recall_target (on
+    half of them, then confirmed on the other half)."""
     recall_target: float = RECALL_TARGET
     """Recall@n of the merged Eq. 7 list against exact search that tuning must reach."""
     categories: str = ""
@@ -32,6 +35,15 @@ class ExportConfig:
     and serving uses the interest that produced an item as its category."""
     category_col: str = "category"
     """Category column of a CSV --categories file."""
+
+    def __post_init__(self) -> None:
+        # An empty value (a blank environment variable in a template, `search_params: ""`) is
+        # unset: given as is, "" exported an untuned IVF index (recall 0.53) or a Flat index
+        # whatever the catalogue's size, as if someone had chosen them.
+        for name in ("index_factory", "search_params"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                object.__setattr__(self, name, None)
 
 
 def export_run(
@@ -54,6 +66,12 @@ def export_run(
             Path(export.categories), dataset.item_ids, category_col=export.category_col
         )
     result = RunDir(run_dir).read_result()
+    if not result:
+        log.warning(
+            "%s has not finished (no result.json): exporting its best checkpoint so far, "
+            "without metrics in the manifest",
+            run_dir,
+        )
     metadata = {
         "dataset": {
             "name": dataset.name,

@@ -300,6 +300,12 @@ def _write_run_files(run: RunDir, dataset: SequenceDataset, cfg: TrainConfig, re
                 log.warning("a new run in %s: removing the previous run's %s", run.path, stale.name)
                 stale.unlink()
         dataset.save(run.dataset)
+    elif run.result.is_file():
+        # A finished run trained further: its result no longer describes best.safetensors (an
+        # export of a resume stopped midway published the new weights with the old metrics).
+        # The run's end writes it again.
+        log.warning("resuming %s: its result.json goes until the run finishes", run.path)
+        run.result.unlink()
     # Rewritten on resume too, so the file names the max_iters the run now goes to.
     write_json_atomic(run.config, {"train": asdict(cfg), "data": dataset.summary()})
 
@@ -481,6 +487,7 @@ def _reading(path: Path, fit: str) -> Iterator[None]:
         AttributeError,
         struct.error,
         pickle.UnpicklingError,
+        OSError,  # torch.load of some truncated archives: "[Errno 22] Invalid argument"
     ) as exc:
         first = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:2])[:300]

@@ -179,6 +179,11 @@ def test_clear_errors_name_the_file_and_problem(tmp_path):
         pd.DataFrame({"user_id": "a", "item_id": "x", "timestamp": times}).to_csv(path, index=False)
         with pytest.raises(DataError, match=f"{name}.csv: column 'timestamp' holds unparseable"):
             load_dataset(DataConfig(source=str(path)))
+    # The same in a .inter file (read without that check) sorted after every streamed event.
+    inter = tmp_path / "inf.inter"
+    inter.write_text("user_id:token\titem_id:token\ttimestamp:float\na\tx\t5\na\ty\tinf\n")
+    with pytest.raises(DataError, match="1 interaction.s. have a missing, non-numeric or infin"):
+        load_dataset(DataConfig(source=str(inter)))
     # A field more than the header (a trailing comma; an extra value, which made pandas read
     # the items as users and the timestamps as items, silently).
     for extra in ("", "1"):

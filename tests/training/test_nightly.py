@@ -110,6 +110,49 @@ def test_config_validation() -> None:
     assert NightlyConfig(admin_token="s3cret-token\n").admin_token == "s3cret-token"
     with pytest.raises(NightlyError, match="admin_token must be printable ASCII"):
         NightlyConfig(admin_token="s3cret\ntoken")
+    # urllib refused it only after publishing: a failed report, the stream not moved on.
+    for url in ("remi-api", "remi-api:8000", "ftp://remi-api", "http://"):
+        with pytest.raises(NightlyError, match="reload_url must be an http:// or https://"):
+            NightlyConfig(reload_url=url)
+    assert (
+        NightlyConfig(reload_url="https://remi-api:8000/ ").reload_url == "https://remi-api:8000/"
+    )
+    # 0 deleted tonight's run directory, the dataset `versions --dataset-dir` reads included.
+    with pytest.raises(NightlyError, match="keep_runs must be at least 1, not 0"):
+        NightlyConfig(keep_runs=0)
+
+
+def test_a_bad_value_is_named_as_the_flag_or_the_config_file_that_gave_it(tmp_path: Path) -> None:
+    # Every nightly setting error was prefixed "--config:", flags and all.
+    config = tmp_path / "c.yaml"
+    config.write_text("nightly:\n  tolerance: -2\n")
+    root = ["nightly", "--bundle-root", str(tmp_path / "b")]
+    for args, says in (
+        (["--tolerance", "-1"], "--tolerance: tolerance must be a finite number >= 0, not -1.0"),
+        (["--lock-ttl", "0"], "--lock-ttl: lock_ttl_s must be a positive number, not 0.0"),
+        (["--reload-url", "remi-api"], "--reload-url: reload_url must be an http:// or https://"),
+        (["-c", str(config)], "--config: tolerance must be a finite number >= 0, not -2"),
+    ):
+        result = CliRunner().invoke(app, [*root, *args])
+        assert result.exit_code == 2, result.output
+        assert says in result.output and "Traceback" not in result.output
+
+
+def test_config_file_settings_stand_where_no_flag_is_given(tmp_path: Path) -> None:
+    from training.commands.nightly import nightly_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("nightly:\n  progress: true\n  redis_url: redis://events:6379/2\n")
+    root = tmp_path / "bundles"
+    # progress: true was overridden by the flag's False default.
+    assert nightly_config(config, root, None, None, progress=None).progress is True
+    assert nightly_config(config, root, None, None, progress=False).progress is False
+    # bootstrap (no Redis default) dropped the file's redis_url, and published without the lock.
+    assert nightly_config(config, root, None, None, redis_default=None).redis_url == (
+        "redis://events:6379/2"
+    )
+    assert nightly_config(None, root, None, None, redis_default=None).redis_url is None
+    assert nightly_config(None, root, None, None).redis_url == NightlyConfig.redis_url
 
 
 def test_a_failed_reload_notification_never_shows_the_token() -> None:

@@ -25,7 +25,7 @@ from training.cli import app
 from training.commands.options import read_config, settings
 from training.data import DataConfig, _fingerprint, load_dataset
 from training.evaluate import evaluate_bundle
-from training.export import export_run
+from training.export import ExportConfig, export_run
 from training.run_dir import RunDir, RunError
 from training.trainer import BatchSampler, TrainConfig, load_run, train
 
@@ -391,6 +391,8 @@ def _edit_last(run_dir: Path, edit) -> None:
         (lambda ck: ck["optimizer"]["param_groups"].append({}), "last.pt: cannot be read"),
         (lambda ck: ck.update(model=[1, 2]), "last.pt: cannot be read"),
         ("junk", "last.pt: cannot be read to resume the run"),
+        # torch.load's OSError: "error: [Errno 22] Invalid argument", naming no file.
+        ("cut", "last.pt: cannot be read to resume the run"),
     ],
 )
 def test_a_damaged_last_checkpoint_is_one_line_naming_it(dataset, trained, tmp_path, edit, message):
@@ -399,10 +401,34 @@ def test_a_damaged_last_checkpoint_is_one_line_naming_it(dataset, trained, tmp_p
     shutil.copytree(trained.run_dir, run_dir)
     if edit == "junk":
         (run_dir / "last.pt").write_text("junk")
+    elif edit == "cut":
+        (run_dir / "last.pt").write_bytes((run_dir / "last.pt").read_bytes()[:5000])
     else:
         _edit_last(run_dir, edit)
     with pytest.raises(RunError, match=message):
         train(dataset, SMALL, run_dir, resume=True, progress=False)
+
+
+def test_a_finished_run_resumed_and_stopped_is_not_finished(
+    dataset, trained, tmp_path, monkeypatch, caplog
+):
+    # Its result.json stayed: an export published the resumed run's weights with the first
+    # run's metrics and best_iteration, and the run directory said "finished".
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained.run_dir, run_dir)
+
+    def stop(path, session):
+        raise KeyboardInterrupt  # as Ctrl-C at the resumed run's first validation
+
+    monkeypatch.setattr("training.trainer._save_last", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(dataset, replace(SMALL, max_iters=1500), run_dir, resume=True, progress=False)
+    assert not (run_dir / "result.json").exists()
+    path = export_run(run_dir, tmp_path / "bundles")
+    assert "has not finished (no result.json)" in caplog.text
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["metrics"]["valid"] == {}
+    assert "best_iteration" not in manifest["training"]
 
 
 def test_a_run_resumes_from_another_device_or_an_older_checkpoint(dataset, tmp_path, caplog):
@@ -535,3 +561,27 @@ def test_run_directory_describes_itself(trained):
     model, dataset, cfg = load_run(trained.run_dir)
     assert cfg == SMALL and model.item_table().shape == (dataset.num_items, SMALL.dim)
     assert np.isfinite(model.item_table().detach().numpy()).all()
+
+
+def test_an_empty_index_setting_is_unset() -> None:
+    # "" (a blank variable in a template) exported an untuned IVF index (recall@50 0.53, default
+    # nprobe) or a Flat one whatever the catalogue's size, recorded as chosen by the operator.
+    blank = ExportConfig(index_factory=" ", search_params="")
+    assert (blank.index_factory, blank.search_params) == (None, None)
+    given = ExportConfig(index_factory="IVF16,Flat", search_params="nprobe=4")
+    assert (given.index_factory, given.search_params) == ("IVF16,Flat", "nprobe=4")
+
+
+def test_a_prepared_dataset_refuses_data_settings_it_would_drop(trained, tmp_path):
+    # --min-count 50 beside --dataset-dir trained on the unfiltered data, and exited 0.
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  min_count: 50\n")
+    base = ["train", "--run-dir", str(tmp_path / "r"), "--dataset-dir",
+            str(trained.run_dir / "dataset"), "--no-progress"]  # fmt: skip
+    for extra, named in ((["--min-count", "50"], "--min-count"),
+                         (["--config", str(config)], "the config's data: section")):  # fmt: skip
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code == 2, result.output
+        assert "--dataset-dir trains on a prepared dataset as it is" in result.output
+        assert named in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()

@@ -6,7 +6,6 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -42,18 +41,30 @@ BundleRootOpt = Annotated[
 ]
 StateDirOpt = Annotated[Path | None, setting(NightlyConfig, "state_dir", envvar="REMI_STATE_DIR")]
 RedisUrlOpt = Annotated[str | None, setting(NightlyConfig, "redis_url", envvar="REMI_REDIS_URL")]
-ProgressOpt = Annotated[bool, setting(NightlyConfig, "progress", "--progress/--no-progress")]
+# None when not given: a config file's `progress: true` stands (a False default overrode it).
+ProgressOpt = Annotated[bool | None, setting(NightlyConfig, "progress", "--progress/--no-progress")]
+
+
+# Nightly settings whose flag is not the setting's name in kebab case.
+_FLAGS = {"lock_ttl_s": "--lock-ttl"}
 
 
 def nightly_config(
-    config: Path | None, bundle_root: Path, state_dir: Path | None, redis_url: str | None, **flags
+    config: Path | None,
+    bundle_root: Path,
+    state_dir: Path | None,
+    redis_url: str | None,
+    redis_default: str | None = NightlyConfig.redis_url,
+    **flags,
 ) -> NightlyConfig:
-    """NightlyConfig from a config file's sections, overridden by the flags that were given."""
+    """NightlyConfig from a config file's sections, overridden by the flags that were given;
+    `redis_default` where neither names Redis."""
     file = read_config(config)
     nightly = dict(file.get("nightly", {}))
     unknown = sorted(set(nightly) - NightlyConfig.scalar_fields())
     if unknown:
         raise CliError(f"--config: unknown nightly setting(s) {unknown}")
+    nightly.setdefault("redis_url", redis_default)
     # Published bundles' index as the export: section says, unless nightly: says otherwise.
     for key, value in checked(ExportConfig, file.get("export", {}), "export").items():
         nightly.setdefault(key, value)
@@ -71,7 +82,14 @@ def nightly_config(
             **nightly,
         )
     except (NightlyError, TypeError) as exc:
-        raise CliError(f"--config: {exc}") from None
+        # A value from a flag is named as the flag (--tolerance -1 was blamed on --config).
+        message = str(exc)
+        flag = next(
+            (_FLAGS.get(k, "--" + k.replace("_", "-")) for k, v in given.items()
+             if v is not None and message.startswith(k)),
+            "--config",
+        )  # fmt: skip
+        raise CliError(f"{flag}: {message}") from None
 
 
 @contextmanager
@@ -101,7 +119,7 @@ def nightly(
     ] = None,
     device: DeviceOpt = None,
     force: Annotated[bool, setting(NightlyConfig, "force", "--force")] = False,
-    progress: ProgressOpt = False,
+    progress: ProgressOpt = None,
 ) -> None:
     """Fold new stream events into the data, retrain, and publish only if not worse.
 
@@ -127,17 +145,17 @@ def bootstrap(
     state_dir: StateDirOpt = None,
     redis_url: RedisUrlOpt = None,
     device: DeviceOpt = None,
-    progress: ProgressOpt = False,
+    progress: ProgressOpt = None,
 ) -> None:
     """Train and publish the first bundle on the base data, unless one is already published.
 
     Safe to run on every start: with a `current` bundle it only says so. With --redis-url (or
-    REMI_REDIS_URL) it takes the nightly lock, so it never races a nightly run.
+    REMI_REDIS_URL, or the config file's nightly: redis_url) it takes the nightly lock, so it
+    never races a nightly run.
     """
-    cfg = nightly_config(config, bundle_root, state_dir, redis_url, device=device,
-                         progress=progress)  # fmt: skip
-    if redis_url is None:  # no Redis given: nothing to lock against (a plain local bootstrap)
-        cfg = replace(cfg, redis_url=None)
+    # No Redis given: nothing to lock against (a plain local bootstrap).
+    cfg = nightly_config(config, bundle_root, state_dir, redis_url, redis_default=None,
+                         device=device, progress=progress)  # fmt: skip
     lower_priority(cfg.nice)
     with sigterm_unwinds():
         run_bootstrap(cfg, emit=echo_json)

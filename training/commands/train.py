@@ -37,7 +37,11 @@ from training.trainer import load_run, train
 
 DatasetDirOpt = Annotated[
     Path | None,
-    typer.Option("--dataset-dir", help="A directory written by `prepare` (instead of --data)."),
+    typer.Option(
+        "--dataset-dir",
+        help="A directory written by `prepare`, trained on as it is (instead of --data and the "
+        "other data settings).",
+    ),
 ]
 
 
@@ -96,6 +100,15 @@ def train_command(
         dataset, cfg = _resumed(RunDir(run_dir), train_flags)
     else:
         if dataset_dir is not None:
+            # A prepared dataset is already read and filtered: data settings would be dropped
+            # without a word (--min-count 50 trained on the unfiltered data).
+            refused = [_flag(name, DATA_FLAGS) for name in data_flags]
+            refused += ["the config's data: section"] if file.get("data") else []
+            if refused:
+                raise CliError(
+                    f"--dataset-dir trains on a prepared dataset as it is; drop "
+                    f"{', '.join(refused)} (or prepare it again with them)"
+                )
             dataset = SequenceDataset.load(dataset_dir)
         else:
             dataset = load_dataset(settings(DataConfig, file, "data", **data_flags))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -54,7 +55,7 @@ class NightlyConfig:
     """Keep this many most recently published versions (a rollback counts as a publish; plus
     `current`, whatever its age)."""
     keep_runs: int = 2
-    """Training run directories kept under state_dir/runs."""
+    """Training run directories kept under state_dir/runs (at least 1: tonight's)."""
     index_factory: str | None = ExportConfig.index_factory
     """Faiss index factory of published bundles (default: the `export:` section's)."""
     search_params: str | None = ExportConfig.search_params
@@ -67,7 +68,8 @@ class NightlyConfig:
     category_col: str = ExportConfig.category_col
     """Category column of a CSV --categories file."""
     reload_url: str | None = None
-    """Service base URL; after publishing, POST <url>/admin/reload (best effort; it polls too)."""
+    """Service base URL (http:// or https://); after publishing, POST <url>/admin/reload (best
+    effort; the service polls too)."""
     admin_token: str | None = None
     """Bearer token for the reload call."""
     force: bool = False
@@ -93,8 +95,19 @@ class NightlyConfig:
                 object.__setattr__(self, name, value.strip() or None)
         if self.admin_token is not None and not all(" " <= c <= "~" for c in self.admin_token):
             raise NightlyError("admin_token must be printable ASCII, as the service's")
+        if self.reload_url is not None:
+            parts = urllib.parse.urlsplit(self.reload_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                # urllib refused it after the bundle was published: a failed report, and the
+                # stream not moved on past the events the published model had learnt.
+                raise NightlyError(
+                    f"reload_url must be an http:// or https:// URL with a host, not "
+                    f"{self.reload_url!r}"
+                )
         if self.retention < 1:
             raise NightlyError("retention must be at least 1")
+        if self.keep_runs < 1:  # 0 deleted tonight's run, the dataset the docs point at too
+            raise NightlyError(f"keep_runs must be at least 1, not {self.keep_runs}")
         if not (math.isfinite(self.lock_ttl_s) and self.lock_ttl_s > 0):
             raise NightlyError(f"lock_ttl_s must be a positive number, not {self.lock_ttl_s}")
         if self.baseline_versions < 0:

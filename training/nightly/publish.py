@@ -263,10 +263,10 @@ def _swap_in(run: NightlyRun) -> str:
 
 def notify_reload(url: str, token: str | None) -> dict[str, Any]:
     """POST <url>/admin/reload; failures are reported, not raised (the service also polls)."""
-    request = urllib.request.Request(f"{url.rstrip('/')}/admin/reload", method="POST", data=b"")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
     try:
+        request = urllib.request.Request(f"{url.rstrip('/')}/admin/reload", method="POST", data=b"")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
         with urllib.request.urlopen(request, timeout=30) as response:
             return {"ok": True, "status": response.status, "body": json.loads(response.read())}
     except (urllib.error.URLError, OSError, ValueError) as exc:
