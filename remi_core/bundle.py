@@ -31,7 +31,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -530,21 +530,24 @@ def created_at(path: Path) -> str:
     return str(manifest.get("created_at", "")) if isinstance(manifest, dict) else ""
 
 
-def prune(root: Path, keep: int) -> list[str]:
+def prune(root: Path, keep: int, unusable: Collection[str] = ()) -> list[str]:
     """Delete all but the `keep` most recently published versions (`published_versions`: a
     version rolled back to counts as just published), never the current one, and versions
     never published once they are stale (a writer killed between writing and publishing);
-    returns what went."""
+    returns what went. Versions known `unusable` (damaged files) take no place among the
+    `keep`: a damaged one rolled back to, then replaced, kept its place and an intact older
+    one went, leaving no version to roll back to."""
     if keep < 1:
         raise ValueError("keep must be at least 1")
     root = Path(root)
-    published = published_versions(root)
+    published = [v for v in published_versions(root) if v not in unusable]
     stale = time.time() - STALE_AFTER_S
     survivors = set(published[-keep:]) | {current_version(root)}
     removed = [
         v
         for v in list_versions(root)
-        if v not in survivors and (v in published or (root / v).stat().st_mtime < stale)
+        if v not in survivors
+        and (v in published or v in unusable or (root / v).stat().st_mtime < stale)
     ]
     for version in list(removed):
         if not _take_out(root, version):

@@ -76,6 +76,21 @@ def test_retention_counts_publishes_and_keeps_what_was_rolled_back_to(tmp_path):
     assert prune(root, keep=3) == ["v1", "v3"]
 
 
+def test_a_damaged_version_takes_no_place_among_those_kept(tmp_path):
+    # Rolled back to v1, v1 found damaged and replaced by v3: v1 kept its place and v2, the only
+    # intact version to roll back to, went.
+    root = tmp_path / "bundles"
+    for version in ("v1", "v2"):
+        write_tiny_bundle(root, version=version)
+    set_current(root, "v1")
+    write_tiny_bundle(root, version="v3")
+    assert published_versions(root) == ["v2", "v1", "v3"]
+    assert prune(root, keep=2, unusable=("v1",)) == ["v1"]
+    assert list_versions(root) == ["v2", "v3"]
+    # A damaged current stays (it is current), and keeps no intact version from its place.
+    assert prune(root, keep=1, unusable=("v3",)) == [] and list_versions(root) == ["v2", "v3"]
+
+
 def test_a_version_never_published_counts_for_nothing_and_goes_when_stale(tmp_path):
     # A nightly run killed between writing its version and publishing it left that version
     # behind, counted toward retention: the last good versions were pruned in its place.

@@ -393,6 +393,10 @@ def test_worse_model_is_not_published_and_retention_keeps_current(nightly_env) -
     repaired = run_nightly(replace(crippled, tolerance=1.0))
     assert repaired["decision"] == "published"
     assert "checksum mismatch" in repaired["current_unusable"]
+    # retention=2: the damaged version it replaced takes no place, so the intact `good` stays
+    # to roll back to (the damaged one had kept its place, and `good` went).
+    assert repaired["pruned"] == [relaxed["published_version"]]
+    assert set(list_versions(cfg.bundle_root)) == {good, repaired["published_version"]}
 
 
 @pytest.mark.integration

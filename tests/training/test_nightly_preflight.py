@@ -64,6 +64,26 @@ def test_index_settings_a_bundle_would_refuse_fail_before_training(
     assert not (tmp_path / "state" / "runs").exists(), "it trained before finding out"
 
 
+def test_a_category_file_the_export_cannot_read_fails_before_training(tmp_path: Path) -> None:
+    # Only its existence was checked: the export refused it after the whole training, and the
+    # error named no setting.
+    categories = tmp_path / "cats.csv"
+    categories.write_text("item_id,cat\nbooks-0001,a\n")
+    config = yaml.safe_load(TEST_CONFIG.read_text())
+    config["export"] = {"categories": str(categories)}
+    path = tmp_path / "nightly.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(
+        app,
+        ["bootstrap", "--config", str(path), "--bundle-root", str(tmp_path / "bundles"),
+         "--state-dir", str(tmp_path / "state")],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"categories: {categories}" in result.output and "category" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "state" / "runs").exists(), "it trained before finding out"
+
+
 def test_a_current_that_is_a_directory_fails_before_training(tmp_path: Path) -> None:
     # What `rsync -L` leaves: publishing refused it, after the whole training.
     (tmp_path / "bundles" / "current").mkdir(parents=True)

@@ -53,7 +53,7 @@ class NightlyConfig:
     night; 0: `current` only."""
     retention: int = 5
     """Keep this many most recently published versions (a rollback counts as a publish; plus
-    `current`, whatever its age)."""
+    `current`, whatever its age; a damaged one the run replaced does not count)."""
     keep_runs: int = 2
     """Training run directories kept under state_dir/runs (at least 1: tonight's)."""
     index_factory: str | None = ExportConfig.index_factory

@@ -68,6 +68,7 @@ from remi_core.bundle import (
 )
 from remi_core.index import ROW_OFFSET, check_index_settings, choose_factory
 from remi_core.threads import setup_threads
+from training.categories import read_categories
 from training.data import DataError, SequenceDataset, preprocess, read_interactions, stable_split
 from training.nightly import publish
 from training.nightly.config import NightlyConfig, NightlyError
@@ -329,6 +330,7 @@ def _run_steps(run: NightlyRun) -> None:
     if skip is not None and current_intact(cfg, run.published):
         run.outcome = Outcome("skipped", skip, run.published.version)
     else:
+        check_categories(cfg, run.data.dataset)
         with run.timer.stage("train"):
             run.trained = train_model(cfg, run.data.dataset, run.run_id)
         with run.timer.stage("evaluate_current"):
@@ -349,6 +351,17 @@ def _run_steps(run: NightlyRun) -> None:
         if run.outcome.decision == "published" and cfg.reload_url:
             run.outcome.details["reload"] = publish.notify_reload(cfg.reload_url, cfg.admin_token)
     commit(run)
+
+
+def check_categories(cfg: NightlyConfig, dataset: SequenceDataset) -> None:
+    """Read the category file against tonight's catalogue, as the export will: a file it cannot
+    read (a missing column, bad JSON) failed the run after training, naming no setting."""
+    if not cfg.categories:
+        return
+    try:
+        read_categories(Path(cfg.categories), dataset.item_ids, category_col=cfg.category_col)
+    except DataError as exc:
+        raise NightlyError(f"categories: {exc}") from None
 
 
 def check_writable(directory: Path, flag: str) -> None:

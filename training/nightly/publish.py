@@ -222,9 +222,13 @@ def publish(run: NightlyRun) -> Outcome:
             reason = f"{reason}; the current bundle {damaged} is damaged, so {best} replaces it"
             log.warning("the current bundle %s is damaged: %s is current again", damaged, best)
     version = current_version(root)
+    # A damaged `current` that tonight replaced keeps no place among the versions kept.
+    damaged: tuple[str, ...] = ()
+    if comparison.current_unusable is not None and run.published is not None:
+        damaged = (run.published.version,)
     # Best effort: housekeeping that fails must not block consuming the events (step 8).
     try:
-        details["pruned"] = prune(root, cfg.retention)
+        details["pruned"] = prune(root, cfg.retention, unusable=damaged)
         prune_runs(Path(cfg.state_dir) / "runs", cfg.keep_runs)
     except OSError as exc:
         log.warning("pruning failed: %s", exc)
