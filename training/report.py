@@ -137,10 +137,18 @@ class Experiment:
 
 def plan(datasets: Iterable[str], suites: Iterable[str], base: TrainConfig) -> list[Experiment]:
     """All experiments of the chosen suites: each SUITES row applied to `base`, per dataset."""
-    suites = list(suites)
+    suites, datasets = list(suites), list(datasets)
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
-        raise ValueError(f"unknown suite {unknown[0]!r}; expected one of {', '.join(SUITES)}")
+        raise ValueError(
+            f"--suites: unknown suite {unknown[0]!r}; expected one of {', '.join(SUITES)}"
+        )
+    # Checked here, not when the first run loads it: --dry-run listed a misspelt one as "not run".
+    unknown = [d for d in datasets if d not in DATASETS]
+    if unknown:
+        raise ValueError(
+            f"--datasets: unknown dataset {unknown[0]!r}; expected one of {', '.join(DATASETS)}"
+        )
     out = []
     for ds in datasets:
         for suite in suites:

@@ -7,8 +7,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from tests.helpers import REPO
+from training.cli import app
 from training.data import DataConfig, load_dataset, synthetic_interactions
 from training.report import DATASETS, find_run, plan, run_all, run_status, write_report
 from training.trainer import TrainConfig
@@ -121,3 +123,15 @@ def test_a_plain_row_that_scored_zero_has_no_gain(tmp_path):
     ]
     report = write_report(rows, tmp_path / "out", machine="m").read_text()
     assert "| 0.0500 | 0.1000 | n/a | n/a |" in report
+
+
+def test_unknown_datasets_and_suites_are_named_before_anything_runs(tmp_path):
+    # A misspelt dataset was listed by --dry-run as "not run", and failed only when loaded.
+    for flag, value in (("--datasets", "beauty,sprots"), ("--suites", "table9")):
+        result = CliRunner().invoke(
+            app,
+            ["report", "--out", str(tmp_path / "o"), "--data-root", str(tmp_path), flag, value,
+             "--dry-run"],
+        )  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert f"{flag}: unknown" in result.output and "Traceback" not in result.output
