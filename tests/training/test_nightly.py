@@ -738,6 +738,12 @@ def test_versions_and_rollback_commands(tmp_path: Path) -> None:
     os.symlink("v-gone", root / "current")
     listed = runner.invoke(app, ["versions", "--bundle-root", str(root)])
     assert "current -> v-gone: missing" in listed.output.splitlines()[-1], listed.output
+    # A copied version in its place (`cp -rL`): listed without a `*` and without a word.
+    (root / "current").unlink()
+    shutil.copytree(root / old, root / "current")
+    listed = runner.invoke(app, ["versions", "--bundle-root", str(root)])
+    assert listed.exit_code == 0, listed.output
+    assert "current is not a symlink (a copied version?)" in listed.output
 
 
 def test_bootstrap_does_nothing_when_a_bundle_exists(tmp_path: Path) -> None:

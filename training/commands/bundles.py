@@ -9,6 +9,7 @@ import typer
 
 from remi_core.bundle import (
     BundleError,
+    check_current_is_a_link,
     current_version,
     list_versions,
     load_bundle,
@@ -44,6 +45,10 @@ def versions(
         raise CliError(f"--bundle-root: {bundle_root} is not a directory")
     if dataset_dir is not None and not dataset_dir.is_dir():
         raise CliError(f"--dataset-dir: {dataset_dir} is not a directory")
+    try:
+        check_current_is_a_link(bundle_root)
+    except BundleError as exc:  # listed without a `*` and without a word before
+        typer.echo(f"warning: {exc}; no version is current", err=True)
     current = current_version(bundle_root)
     rows = [_version_row(bundle_root / v, v == current) for v in list_versions(bundle_root)]
     if dataset_dir is not None:
