@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._args import positive_float, positive_int, positive_ints  # noqa: E402
-from bench.bench_serve_load import Server, drive, machine, request_bodies  # noqa: E402
+from bench.bench_serve_load import Load, Server, drive, machine, request_bodies  # noqa: E402
 from remi_core.bundle import write_bundle  # noqa: E402
 from remi_core.models import EncoderConfig, build_encoder  # noqa: E402
 
@@ -72,32 +72,47 @@ def main() -> None:
         [f"item-{i}" for i in rng.integers(1, args.items + 1, size=20)] for _ in range(2000)
     ]
     bodies = request_bodies(histories)
-    results: dict[str, dict[int, object]] = {}
+    results: dict[str, dict[int, Load]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         root = work / "bundles"
         exact_bundle(root, args.items, args.dim, args.interests)
         for device in args.devices:
-            env = {"REMI_DEVICE": device}
-            with Server(root, env, work / f"serve-{device}.log") as server:
-                with urllib.request.urlopen(server.url + "/v1/model", timeout=10) as r:
-                    info = json.loads(r.read())
-                print(f"{device}: {info['search_backend']} search on {info['search_device']}")
-                results[device] = {}
-                for c in args.concurrency:
-                    load = drive(server, bodies, c, args.seconds, work, args.repeats)
-                    results[device][c] = load
-                    print(
-                        f"  {device:<6} c={c:<3} {load.rps:9.1f} req/s  p50 {load.p50_ms:7.2f} ms"
-                        f"  p99 {load.p99_ms:7.2f} ms  errors {load.errors}"
-                    )
+            log = work / f"serve-{device}.log"
+            server = Server(root, {"REMI_DEVICE": device}, log)
+            try:
+                server.__enter__()
+            except RuntimeError as exc:  # the log goes with the temporary directory: show it
+                server.__exit__()
+                tail = "".join(log.read_text(errors="replace").splitlines(True)[-20:])
+                sys.exit(f"error: {exc}\n{tail}")
+            try:
+                results[device] = served(server, device, bodies, args, work)
+            finally:
+                server.__exit__()
     first = args.devices[0]
     for device in args.devices[1:]:
         ratios = ", ".join(
-            f"c={c} {results[device][c].rps / results[first][c].rps:.2f}x"  # type: ignore[attr-defined]
-            for c in args.concurrency
+            f"c={c} {results[device][c].rps / results[first][c].rps:.2f}x" for c in args.concurrency
         )
         print(f"{device} vs {first}: {ratios}")
+
+
+def served(
+    server: Server, device: str, bodies: list[str], args: argparse.Namespace, work: Path
+) -> dict[int, Load]:
+    """The running server's search, then its load at each concurrency, printed as they come."""
+    with urllib.request.urlopen(server.url + "/v1/model", timeout=10) as r:
+        info = json.loads(r.read())
+    print(f"{device}: {info['search_backend']} search on {info['search_device']}")
+    loads = {}
+    for c in args.concurrency:
+        load = loads[c] = drive(server, bodies, c, args.seconds, work, args.repeats)
+        print(
+            f"  {device:<6} c={c:<3} {load.rps:9.1f} req/s  p50 {load.p50_ms:7.2f} ms"
+            f"  p99 {load.p99_ms:7.2f} ms  errors {load.errors}"
+        )
+    return loads
 
 
 if __name__ == "__main__":

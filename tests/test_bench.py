@@ -86,3 +86,11 @@ def test_the_device_benchmark_serves_over_http_on_each_device() -> None:
     served = [line.split() for line in lines if line.strip().startswith("cpu ")]
     assert [row[1] for row in served] == ["c=1", "c=4"]
     assert all(float(row[2]) > 0 and row[-1] == "0" for row in served)  # req/s, no errors
+    # A server that cannot start: its log's end, which goes with the temporary directory.
+    broken = subprocess.run(
+        [sys.executable, "bench/bench_serve_devices.py", "--items", "300", "--devices", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "REMI_MAX_N": "abc"},
+    )  # fmt: skip
+    assert broken.returncode == 1, broken.stderr[-2000:]
+    assert "remi-serve exited" in broken.stderr and "REMI_MAX_N: Input should be" in broken.stderr
