@@ -20,7 +20,6 @@ import functools
 import json
 import json.decoder
 import json.scanner
-import re
 import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
@@ -38,6 +37,7 @@ M = TypeVar("M", bound=BaseModel)
 _DECODER = json.JSONDecoder()
 _SCAN = json.scanner.make_scanner(_DECODER)  # the C scanner json.loads uses, one value per call
 _WHITESPACE = json.decoder.WHITESPACE.match  # JSON's whitespace, [ \t\n\r]*
+_NUMBER_START = frozenset("-0123456789")
 # Bodies up to this size are decoded and validated on the loop: well under a millisecond, less
 # than the two hops to a worker thread would cost every ordinary request.
 INLINE_BODY_BYTES = 64 * 1024
@@ -77,11 +77,22 @@ def _skip(s: str, i: int) -> int:
 
 
 def _scalar(s: str, i: int) -> tuple[Any, int]:
-    """A string, number or constant at s[i] (no whitespace before it), one scanner call."""
+    """The value at s[i] (no whitespace before it) in one scanner call: a string, number or
+    constant, or a container `_Pieces._whole` takes in one piece."""
     try:
         return _SCAN(s, i)
     except StopIteration as stop:
         raise json.JSONDecodeError("Expecting value", s, stop.value) from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError:
+        # int() refused a number's digits (sys.get_int_max_str_digits(), 4,300): json.loads
+        # raises that as is, without a position and telling the caller to raise the limit.
+        # Inside a container the element-by-element decoding finds the number itself.
+        if s[i : i + 1] in _NUMBER_START:
+            most = sys.get_int_max_str_digits()
+            raise json.JSONDecodeError(f"Integer with more than {most} digits", s, i) from None
+        raise
 
 
 def _next(s: str, i: int, close: str, what: str) -> tuple[bool, int]:
@@ -129,7 +140,12 @@ class _Pieces:
         fail cost at most the body's length in all, then containers go element by element."""
         s, rest = self.s, len(self.s) - i
         if rest <= MAX_WINDOW:
-            return _scalar(s, i)
+            try:
+                return _scalar(s, i)
+            except json.JSONDecodeError:
+                raise
+            except ValueError:  # a number too long for int() inside: see `_scalar`
+                return None
         width = self.window
         while self.spent < len(s):
             try:
@@ -216,22 +232,13 @@ def decode_json(raw: bytes) -> Any:
     error at the end) went to json.loads in one piece and stalled the event loop 0.2-0.35 s
     per 13 MiB. A container larger than MAX_WINDOW nested past MAX_DEPTH raises
     RecursionError (json.loads: past the interpreter's recursion limit). An integer longer than
-    Python converts (sys.get_int_max_str_digits(), 4,300) is a JSONDecodeError at its first
-    digit (json.loads: a ValueError telling the caller to raise that limit)."""
+    Python converts (sys.get_int_max_str_digits(), 4,300) is a JSONDecodeError at its start
+    (json.loads: a ValueError, without a position, telling the caller to raise that limit)."""
     try:
         s = raw.decode(json.detect_encoding(raw), "surrogatepass")  # as json.loads decodes
     except UnicodeDecodeError:
         return json.loads(raw)  # its own error, for bytes that are no text
-    try:
-        value, i = _Pieces(s).value(_skip(s, 0), 0)
-    except json.JSONDecodeError:
-        raise
-    except ValueError as exc:
-        most = sys.get_int_max_str_digits()
-        if not most or not (long := re.search(f"[0-9]{{{most + 1}}}", s)):
-            raise
-        msg = f"Integer with more than {most} digits"
-        raise json.JSONDecodeError(msg, s, long.start()) from exc
+    value, i = _Pieces(s).value(_skip(s, 0), 0)
     if (i := _skip(s, i)) != len(s):
         raise json.JSONDecodeError("Extra data", s, i)
     return value

@@ -7,6 +7,7 @@ together and runs in benchmarks (bench/bench_service.py).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -175,10 +176,25 @@ def gpu_search(device: torch.device, exact_search: str) -> bool:
     those allowed it stays on the CPU. The screens' int8 and bfloat16 kernels are the CPU's."""
     if device.type != "cuda" or exact_search not in ("auto", "dense"):
         return False
-    if torch.get_float32_matmul_precision() != "highest":
+    if _tf32_matmuls():
         log.warning("float32 matmuls may use TF32 on this process: exact search stays on the CPU")
         return False
     return True
+
+
+def _tf32_matmuls() -> bool:
+    """Whether float32 matmuls on CUDA may round to TF32 in this process, by either of torch's
+    APIs (set_float32_matmul_precision, which raises once the per-backend one was used; or
+    torch.backends.cuda.matmul.fp32_precision, "none" deferring to torch.backends') or
+    cuBLAS's own override."""
+    if os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0") not in ("", "0"):
+        return True
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if matmul is None:  # a torch before the per-backend API
+        return torch.get_float32_matmul_precision() != "highest"
+    if matmul == "none":
+        matmul = getattr(torch.backends, "fp32_precision", "none")
+    return matmul == "tf32"
 
 
 def _search_backend(

@@ -263,6 +263,12 @@ def train(
                     load_file(str(best))
             if ddp.is_main:
                 _forget_validations_after(run, session.progress.iteration)
+                if run.result.is_file():
+                    # A finished run trained further: its result stops describing
+                    # best.safetensors (an export of a resume stopped midway published new
+                    # weights with the old metrics) until the run's end writes it again.
+                    log.warning("resuming %s: result.json goes until the run ends", run.path)
+                    run.result.unlink()
             log.info("resumed %s at iteration %d", run.path, session.progress.iteration)
         _train_loop(session, cfg, run, resume, show_bar=progress and ddp.is_main)
         checksums = _replica_checksums(session.model, ddp)
@@ -300,12 +306,6 @@ def _write_run_files(run: RunDir, dataset: SequenceDataset, cfg: TrainConfig, re
                 log.warning("a new run in %s: removing the previous run's %s", run.path, stale.name)
                 stale.unlink()
         dataset.save(run.dataset)
-    elif run.result.is_file():
-        # A finished run trained further: its result no longer describes best.safetensors (an
-        # export of a resume stopped midway published the new weights with the old metrics).
-        # The run's end writes it again.
-        log.warning("resuming %s: its result.json goes until the run finishes", run.path)
-        run.result.unlink()
     # Rewritten on resume too, so the file names the max_iters the run now goes to.
     write_json_atomic(run.config, {"train": asdict(cfg), "data": dataset.summary()})
 

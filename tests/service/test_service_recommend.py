@@ -413,3 +413,29 @@ def test_explain_without_a_routing_matrix_gives_null_routing(
     assert [i["interest"] for i in explain["interests"]] == [0]  # one interest, no routing
     assert explain["interests"][0]["routing"] is None
     assert len(explain["interests"][0]["vector"]) == TINY["dim"]
+
+
+def test_tf32_is_seen_through_either_precision_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The GPU exact search stays off under TF32. set_float32_matmul_precision raised once the
+    # per-backend API had been used, failing the bundle's load with a RuntimeError.
+    from service.recommender import _tf32_matmuls
+
+    matmul, backends = torch.backends.cuda.matmul, torch.backends
+    saved = (matmul.fp32_precision, backends.fp32_precision, backends.mkldnn.matmul.fp32_precision)
+    try:
+        assert not _tf32_matmuls()
+        torch.set_float32_matmul_precision("high")
+        assert _tf32_matmuls()
+        torch.set_float32_matmul_precision("highest")
+        matmul.fp32_precision = "tf32"
+        assert _tf32_matmuls()
+        matmul.fp32_precision, backends.fp32_precision = "none", "tf32"
+        assert _tf32_matmuls()
+        matmul.fp32_precision = "ieee"
+        assert not _tf32_matmuls()
+        monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")
+        assert _tf32_matmuls()
+    finally:  # set_float32_matmul_precision sets mkldnn's too
+        matmul.fp32_precision, backends.fp32_precision, backends.mkldnn.matmul.fp32_precision = (
+            saved
+        )

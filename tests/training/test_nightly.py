@@ -111,12 +111,27 @@ def test_config_validation() -> None:
     with pytest.raises(NightlyError, match="admin_token must be printable ASCII"):
         NightlyConfig(admin_token="s3cret\ntoken")
     # urllib refused it only after publishing: a failed report, the stream not moved on.
-    for url in ("remi-api", "remi-api:8000", "ftp://remi-api", "http://"):
+    bad = (
+        "remi-api",
+        "remi-api:8000",
+        "ftp://remi-api",
+        "http://",
+        "http://[::1",
+        "http://remi-api:99999",
+        "http://remi-api:port",
+        "http://remi api/",
+        "http://h:0",
+    )
+    for url in bad:  # fmt: skip
         with pytest.raises(NightlyError, match="reload_url must be an http:// or https://"):
             NightlyConfig(reload_url=url)
     assert (
         NightlyConfig(reload_url="https://remi-api:8000/ ").reload_url == "https://remi-api:8000/"
     )
+    assert NightlyConfig(reload_url="http://[::1]:8000").reload_url == "http://[::1]:8000"
+    # Blank is unset, as in the export: section (faiss could not parse ' ').
+    blank = NightlyConfig(index_factory=" ", search_params="")
+    assert (blank.index_factory, blank.search_params) == (None, None)
     # 0 deleted tonight's run directory, the dataset `versions --dataset-dir` reads included.
     with pytest.raises(NightlyError, match="keep_runs must be at least 1, not 0"):
         NightlyConfig(keep_runs=0)
@@ -397,6 +412,22 @@ def test_worse_model_is_not_published_and_retention_keeps_current(nightly_env) -
     # to roll back to (the damaged one had kept its place, and `good` went).
     assert repaired["pruned"] == [relaxed["published_version"]]
     assert set(list_versions(cfg.bundle_root)) == {good, repaired["published_version"]}
+
+
+def test_only_a_version_whose_files_fail_their_checksums_counts_as_damaged(tmp_path: Path) -> None:
+    # Any load failure (memory, too many open files) marked `current` unusable, and the prune
+    # then deleted the intact version.
+    from training.nightly.job import Published
+    from training.nightly.publish import _damaged
+
+    root = tmp_path / "bundles"
+    version = write_tiny_bundle(root).name
+    published = Published(version, read_manifest(root / version), None)
+    assert _damaged(root, published) == ()
+    index = root / version / "index.faiss"
+    index.write_bytes(index.read_bytes()[:100])
+    assert _damaged(root, published) == (version,)
+    assert _damaged(root, Published(None, None, None)) == ()
 
 
 @pytest.mark.integration

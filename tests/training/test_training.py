@@ -407,6 +407,7 @@ def test_a_damaged_last_checkpoint_is_one_line_naming_it(dataset, trained, tmp_p
         _edit_last(run_dir, edit)
     with pytest.raises(RunError, match=message):
         train(dataset, SMALL, run_dir, resume=True, progress=False)
+    assert (run_dir / "result.json").is_file()  # nothing trained: the run is still finished
 
 
 def test_a_finished_run_resumed_and_stopped_is_not_finished(

@@ -89,21 +89,20 @@ class NightlyConfig:
         # As the service reads REMI_ADMIN_TOKEN: blanks around it (a secret file's newline) are
         # no part of it, and a header cannot carry it with them (the request failed, quoting
         # the token in the log and the report).
-        for name in ("admin_token", "reload_url"):
+        # Blank index settings are unset, as in the export: section (ExportConfig).
+        for name in ("admin_token", "reload_url", "index_factory", "search_params"):
             value = getattr(self, name)
             if isinstance(value, str):
                 object.__setattr__(self, name, value.strip() or None)
         if self.admin_token is not None and not all(" " <= c <= "~" for c in self.admin_token):
             raise NightlyError("admin_token must be printable ASCII, as the service's")
-        if self.reload_url is not None:
-            parts = urllib.parse.urlsplit(self.reload_url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                # urllib refused it after the bundle was published: a failed report, and the
-                # stream not moved on past the events the published model had learnt.
-                raise NightlyError(
-                    f"reload_url must be an http:// or https:// URL with a host, not "
-                    f"{self.reload_url!r}"
-                )
+        if self.reload_url is not None and not _http_url(self.reload_url):
+            # urllib refused it after the bundle was published: a failed report, and the
+            # stream not moved on past the events the published model had learnt.
+            raise NightlyError(
+                f"reload_url must be an http:// or https:// URL with a host (and a port from 1 "
+                f"to 65535, if any), not {self.reload_url!r}"
+            )
         if self.retention < 1:
             raise NightlyError("retention must be at least 1")
         if self.keep_runs < 1:  # 0 deleted tonight's run, the dataset the docs point at too
@@ -141,3 +140,15 @@ class NightlyConfig:
     def scalar_fields(cls) -> set[str]:
         """Settings that a config file's `nightly:` section may set."""
         return {f.name for f in fields(cls)} - {"data", "train"}
+
+
+def _http_url(url: str) -> bool:
+    """Whether urllib can send a request to url: http(s), a host, a valid port if any."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # ValueError past 65535 or for a name
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return False
+    host = parts.hostname or ""
+    fine_port = port is None or 1 <= port <= 65535
+    return parts.scheme in ("http", "https") and bool(host) and fine_port and " " not in host

@@ -22,6 +22,7 @@ from remi_core.bundle import (
     publish_or_discard,
     published_versions,
     set_current,
+    verify_files,
 )
 from training.data import SequenceDataset
 from training.evaluate import evaluate_bundle, evaluate_model, make_eval_set
@@ -30,7 +31,7 @@ from training.nightly.config import NightlyConfig
 from training.trainer import load_encoder
 
 if TYPE_CHECKING:
-    from training.nightly.job import NightlyRun
+    from training.nightly.job import NightlyRun, Published
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +224,7 @@ def publish(run: NightlyRun) -> Outcome:
             log.warning("the current bundle %s is damaged: %s is current again", damaged, best)
     version = current_version(root)
     # A damaged `current` that tonight replaced keeps no place among the versions kept.
-    damaged: tuple[str, ...] = ()
-    if comparison.current_unusable is not None and run.published is not None:
-        damaged = (run.published.version,)
+    damaged = _damaged(root, run.published) if comparison.current_unusable is not None else ()
     # Best effort: housekeeping that fails must not block consuming the events (step 8).
     try:
         details["pruned"] = prune(root, cfg.retention, unusable=damaged)
@@ -263,6 +262,20 @@ def _swap_in(run: NightlyRun) -> str:
     publish_or_discard(root, path.name, run.check_lock, expected)
     log.info("published %s", path.name)
     return path.name
+
+
+def _damaged(root: Path, published: Published | None) -> tuple[str, ...]:
+    """The published version, if its files fail their checksums: it could not load for other
+    reasons too (memory, too many open files), and an intact one must keep its place."""
+    if published is None or published.manifest is None:
+        return ()
+    try:
+        verify_files(root / published.version, published.manifest)
+    except BundleError:
+        return (published.version,)
+    except OSError:  # unreadable now is not proof of damage
+        return ()
+    return ()
 
 
 def notify_reload(url: str, token: str | None) -> dict[str, Any]:
