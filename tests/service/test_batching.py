@@ -81,13 +81,16 @@ def test_batched_answers_equal_unbatched(model: LoadedModel, workers: int) -> No
 
 @pytest.mark.parametrize("exact_search", ["dense", "screened-int8"])
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize(("seq_len", "dim"), [(20, 64), (10, 64), (2, 64), (10, 256)])
 def test_every_model_type_answers_alone_as_in_a_batch(
-    tmp_path: Path, model_type: str, exact_search: str
+    tmp_path: Path, model_type: str, exact_search: str, seq_len: int, dim: int
 ) -> None:
     # youtube-dnn, gru4rec and comirec-dr multiply one row per user, and torch's CPU GEMM picks
     # its summation order by the row count: every user's scores changed in their last bits
-    # between a batch of 1 and one of 64, and at near-ties the order of its items.
-    write_tiny_bundle(tmp_path, model_type=model_type, dim=64, num_items=2001, seq_len=20)
+    # between a batch of 1 and one of 64, and at near-ties the order of its items. ComiRec-SA
+    # and MIND have a row per position, as few as that at short windows (seq_len 10: 63 of 64
+    # users' scores changed).
+    write_tiny_bundle(tmp_path, model_type=model_type, dim=dim, num_items=2001, seq_len=seq_len)
     model = load_model(resolve_current(tmp_path), exact_search=exact_search)
     rng = np.random.default_rng(1)
     ids = tiny_item_ids(2001)[1:]
