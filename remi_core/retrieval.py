@@ -353,6 +353,9 @@ def _max_scores(scores: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
     """scores (b, N) with padding row 0 and each user's excluded rows (b, L) set to -inf."""
     scores[:, 0] = float("-inf")
     if excluded.shape[1] > 0:
+        # Rows outside the catalogue exclude nothing (as in the merge); as indices they crashed.
+        inside = (excluded > 0) & (excluded < scores.shape[1])
+        excluded = torch.where(inside, excluded, torch.zeros_like(excluded))
         scores.scatter_(1, excluded, float("-inf"))  # padding 0 is row 0 anyway
     return scores
 
@@ -398,7 +401,10 @@ def _screen_scores(interests: torch.Tensor, screen: Screen) -> tuple[torch.Tenso
         return _int8_max_scores(interests, screen)
     scores = blocked_max_scores(interests.to(torch.bfloat16), screen.table)
     norms = torch.linalg.vector_norm(interests.double(), dim=2).amax(dim=1)  # (b,)
-    return scores, (screen.slack_per_norm * norms).float()
+    # Products below float32's smallest normal number (2^-126) may be flushed to zero, on each
+    # side: an error of up to d of them per score that no relative bound covers.
+    flushed = 2 * (interests.shape[2] + 2) * 2.0**-126
+    return scores, (screen.slack_per_norm * norms + flushed).float()
 
 
 def _int8_max_scores(interests: torch.Tensor, screen: Screen) -> tuple[torch.Tensor, torch.Tensor]:

@@ -434,12 +434,16 @@ def test_screen_takes_any_embedding_size(dim, screen_type):
         assert_matches(result, reference(interests, items, 8))
 
 
-@pytest.mark.parametrize("scale", [(1e-30, 1.0), (1.0, 1e-30)])  # (interests, catalogue)
+# (interests, catalogue); the last three: products below float32's smallest normal number
+@pytest.mark.parametrize(
+    "scale", [(1e-30, 1.0), (1.0, 1e-30), (1e-19, 1e-19), (1e-30, 1e-8), (1e-21, 1e-17)]
+)
 @pytest.mark.parametrize("screen_type", SCREEN_TYPES)
 def test_screen_bound_holds_for_tiny_magnitudes(scale, screen_type):
     """Norms of tiny vectors underflow to 0 when squared in float32, which made the screen's
     slack 0 and lost rows of the top n (the bfloat16 bound now takes norms in float64, the int8
-    one works in units of the user's step)."""
+    one works in units of the user's step). Products below 2^-126 are flushed to zero, an
+    error no relative bound covers (bfloat16 dropped true top-n rows)."""
     rng = np.random.default_rng(11)
     items = (rng.standard_normal((20000, 16)) * scale[1]).astype(np.float32)
     interests = (rng.standard_normal((4, 2, 16)) * scale[0]).astype(np.float32)
@@ -523,3 +527,14 @@ def test_merge_is_bit_for_bit_the_same_whoever_shares_its_block(dim, k):
         np.testing.assert_array_equal(together[b].rows, alone[0].rows)
         np.testing.assert_array_equal(together[b].scores, alone[0].scores)
         np.testing.assert_array_equal(together[b].interests, alone[0].interests)
+
+
+@pytest.mark.parametrize("screen_type", [None, *SCREEN_TYPES])
+def test_rows_to_exclude_outside_the_catalogue_exclude_nothing(seeded, screen_type):
+    # The merge and the index path ignore them; the exact search indexed with them and crashed.
+    interests, items, exclude = seeded
+    table = torch.from_numpy(items)
+    screen = ScreenTable.of(table, screen_type) if screen_type is not None else None
+    odd = [np.concatenate([rows, [300, 10**6, -5]]) for rows in exclude]
+    got = exact_merged_topk(interests, table, 20, odd, screen=screen)
+    assert_matches(got, reference(interests, items, 20, exclude))
