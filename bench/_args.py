@@ -50,3 +50,18 @@ def existing_file(text: str) -> Path:
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{text}: no such file")
     return path
+
+
+def devices(text: str) -> list[str]:
+    """A comma-separated list of torch devices this host has ("cpu,cuda")."""
+    import torch  # here, not at import: the scripts set up OpenMP before torch loads
+
+    names = text.split(",")
+    for name in names:
+        try:
+            ok = torch.device(name).type == "cpu" or torch.cuda.is_available()
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{name!r} is not a device this host has")
+    return names

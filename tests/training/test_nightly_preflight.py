@@ -18,12 +18,21 @@ from training.cli import app
 TEST_CONFIG = REPO / "configs" / "nightly-test.yaml"
 
 
-def bootstrap(bundle_root: Path, state: Path):
+def bootstrap(bundle_root: Path, state: Path, config: Path = TEST_CONFIG):
     return CliRunner().invoke(
         app,
-        ["bootstrap", "--config", str(TEST_CONFIG), "--bundle-root", str(bundle_root),
+        ["bootstrap", "--config", str(config), "--bundle-root", str(bundle_root),
          "--state-dir", str(state)],
     )  # fmt: skip
+
+
+def bootstrap_with_export(tmp_path: Path, export: dict):
+    """bootstrap with the test config's export: section replaced, into tmp_path."""
+    config = yaml.safe_load(TEST_CONFIG.read_text())
+    config["export"] = export
+    path = tmp_path / "nightly.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return bootstrap(tmp_path / "bundles", tmp_path / "state", path)
 
 
 def test_a_bundle_root_that_cannot_be_a_directory_fails_before_training(tmp_path: Path) -> None:
@@ -50,15 +59,7 @@ def test_index_settings_a_bundle_would_refuse_fail_before_training(
     tmp_path: Path, export: dict, says: str
 ) -> None:
     # They were checked when the bundle was written: after a whole night's training.
-    config = yaml.safe_load(TEST_CONFIG.read_text())
-    config["export"] = export
-    path = tmp_path / "nightly.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = CliRunner().invoke(
-        app,
-        ["bootstrap", "--config", str(path), "--bundle-root", str(tmp_path / "bundles"),
-         "--state-dir", str(tmp_path / "state")],
-    )  # fmt: skip
+    result = bootstrap_with_export(tmp_path, export)
     assert result.exit_code == 2, result.output
     assert says in result.output and "Traceback" not in result.output
     assert not (tmp_path / "state" / "runs").exists(), "it trained before finding out"
@@ -69,15 +70,7 @@ def test_a_category_file_the_export_cannot_read_fails_before_training(tmp_path: 
     # error named no setting.
     categories = tmp_path / "cats.csv"
     categories.write_text("item_id,cat\nbooks-0001,a\n")
-    config = yaml.safe_load(TEST_CONFIG.read_text())
-    config["export"] = {"categories": str(categories)}
-    path = tmp_path / "nightly.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = CliRunner().invoke(
-        app,
-        ["bootstrap", "--config", str(path), "--bundle-root", str(tmp_path / "bundles"),
-         "--state-dir", str(tmp_path / "state")],
-    )  # fmt: skip
+    result = bootstrap_with_export(tmp_path, {"categories": str(categories)})
     assert result.exit_code == 2, result.output
     assert f"categories: {categories}" in result.output and "category" in result.output
     assert "Traceback" not in result.output
