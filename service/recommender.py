@@ -62,7 +62,6 @@ class LoadedModel:
     index_device: str  # "cpu" or "gpu"
     loaded_at: float
     search_backend: str  # what answers searches: "screened-int8", "screened", "dense", "faiss"
-    search_device: str  # where they run: "cpu", "gpu" (a faiss GPU index) or "cuda:0" (dense)
     screen: ScreenTable | None = None  # the int8 or bfloat16 copy of the table when screened
     # max_i |e_i| (`max_row_norm`), taken once at load, for the exact searches' rounding bound
     # (and that of the exact search users an index leaves short fall back to)
@@ -84,6 +83,14 @@ class LoadedModel:
     @property
     def num_interests(self) -> int:
         return self.encoder.num_interests
+
+    @property
+    def search_device(self) -> str:
+        """Where searches run: "cpu", "gpu" (a faiss GPU index) or the dense search's CUDA
+        device ("cuda:0")."""
+        if self.search_backend == "faiss":
+            return self.index_device
+        return "cpu" if self.gpu_table is None else str(self.gpu_table.device)
 
     @property
     def batches_side_by_side(self) -> bool:
@@ -198,20 +205,12 @@ def _tf32_matmuls() -> bool:
 
 
 def _search_backend(
-    index: faiss.Index,
-    items: torch.Tensor,
-    exact_search: str,
-    k: int,
-    max_norm: float,
-    on_gpu: bool = False,
+    index: faiss.Index, items: torch.Tensor, exact_search: str, k: int, max_norm: float
 ) -> tuple[str, ScreenTable | None]:
     """(what answers searches, the screen table it needs): torch for an exact (Flat) CPU index
-    unless told "faiss", the index itself otherwise; `on_gpu` (`gpu_search`): the dense search,
-    on the GPU."""
+    unless told "faiss", the index itself otherwise."""
     if not isinstance(index, faiss.IndexFlat) or exact_search == "faiss":
         return "faiss", None
-    if on_gpu:
-        return "dense", None
     names = list(SCREENS) if exact_search == "auto" else [exact_search]
     screens = {
         name: None if SCREENS[name] is None else ScreenTable.of(items, SCREENS[name])
@@ -236,7 +235,10 @@ def model_from_bundle(
     max_norm = max_row_norm(item_table)  # once: every search's rounding bound needs it
     device = torch.device(device)
     on_gpu = isinstance(index, faiss.IndexFlat) and gpu_search(device, exact_search)
-    backend, screen = _search_backend(index, item_table, exact_search, k, max_norm, on_gpu)
+    if on_gpu:
+        backend, screen = "dense", None
+    else:
+        backend, screen = _search_backend(index, item_table, exact_search, k, max_norm)
     embeddings.setflags(write=False)
     popularity = bundle.popularity
     popularity.setflags(write=False)
@@ -253,14 +255,10 @@ def model_from_bundle(
     if encoder.cfg.model_type in PER_USER_PRODUCTS and weights.device.type == "cpu":
         _in_float64_after_the_table(encoder)
     gpu_table = None
-    if backend == "dense" and on_gpu:
+    if on_gpu:
         # load_bundle checked the encoder's table equals the catalogue's: the copy already on
         # the GPU serves the search too.
         gpu_table = weights if weights.dtype == item_table.dtype else item_table.to(device)
-    if backend == "faiss":
-        search_device = index_device
-    else:
-        search_device = "cpu" if gpu_table is None else str(gpu_table.device)
     return LoadedModel(
         version=bundle.version,
         path=bundle.path,
@@ -276,7 +274,6 @@ def model_from_bundle(
         index_device=index_device,
         loaded_at=time.time(),
         search_backend=backend,
-        search_device=search_device,
         screen=screen,
         max_item_norm=max_norm,
         categories=bundle.categories,

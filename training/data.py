@@ -415,8 +415,9 @@ def build_dataset(
         raise DataError(f"{where}: no interactions")
     frame = frame.assign(time=pd.to_numeric(frame["time"], errors="coerce"))
     # inf (a .inter file's) would sort after every event to come, as _unix_seconds refuses it.
-    if not np.isfinite(frame["time"].to_numpy(dtype=float)).all():
-        bad = int((~np.isfinite(frame["time"].to_numpy(dtype=float))).sum())
+    finite = np.isfinite(frame["time"].to_numpy(dtype=float))
+    if not finite.all():
+        bad = int((~finite).sum())
         raise DataError(
             f"{where}: {bad} interaction(s) have a missing, non-numeric or infinite timestamp"
         )

@@ -224,10 +224,10 @@ def publish(run: NightlyRun) -> Outcome:
             log.warning("the current bundle %s is damaged: %s is current again", damaged, best)
     version = current_version(root)
     # A damaged `current` that tonight replaced keeps no place among the versions kept.
-    damaged = _damaged(root, run.published) if comparison.current_unusable is not None else ()
+    unusable = _damaged(root, run.published) if comparison.current_unusable is not None else ()
     # Best effort: housekeeping that fails must not block consuming the events (step 8).
     try:
-        details["pruned"] = prune(root, cfg.retention, unusable=damaged)
+        details["pruned"] = prune(root, cfg.retention, unusable=unusable)
         prune_runs(Path(cfg.state_dir) / "runs", cfg.keep_runs)
     except OSError as exc:
         log.warning("pruning failed: %s", exc)
@@ -267,14 +267,13 @@ def _swap_in(run: NightlyRun) -> str:
 def _damaged(root: Path, published: Published | None) -> tuple[str, ...]:
     """The published version, if its files fail their checksums: it could not load for other
     reasons too (memory, too many open files), and an intact one must keep its place."""
-    if published is None or published.manifest is None:
-        return ()
-    try:
-        verify_files(root / published.version, published.manifest)
-    except BundleError:
-        return (published.version,)
-    except OSError:  # unreadable now is not proof of damage
-        return ()
+    if published is not None and published.manifest is not None:
+        try:
+            verify_files(root / published.version, published.manifest)
+        except BundleError:
+            return (published.version,)
+        except OSError:  # unreadable now is not proof of damage
+            pass
     return ()
 
 
