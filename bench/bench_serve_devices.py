@@ -1,9 +1,12 @@
-"""Load-test the real `remi-serve` over HTTP with the encoder and exact search on each device.
+"""Load-test the real `remi-serve` over HTTP with the encoder and its search on each device.
 
     python bench/bench_serve_devices.py --items 1000000 --devices cpu,cuda   # a GPU host
+    python bench/bench_serve_devices.py --items 1000000 --index IVF2048,SQ8 \
+        --search-params nprobe=32                                            # an IVF bundle
     python bench/bench_serve_devices.py --items 20000 --seconds 2            # mechanics, no GPU
 
-Writes one exact (Flat) bundle from a random encoder (weights do not change the cost), starts
+Writes one bundle from a random encoder (weights do not change the cost; exact, Flat, unless
+--index names a faiss factory, searched with --search-params), starts
 `remi-serve` once per REMI_DEVICE value and drives POST /recommend with `wrk` (a Python load
 generator where wrk is missing) at each concurrency, with random histories of 20 known items
 and n=50. Prints req/s, p50 and p99 per device and concurrency, each device's req/s as a ratio
@@ -30,11 +33,14 @@ sys.path.insert(0, str(ROOT))
 from bench._args import devices, positive_float, positive_int, positive_ints  # noqa: E402
 from bench.bench_serve_load import Load, Server, drive, machine, request_bodies  # noqa: E402
 from remi_core.bundle import write_bundle  # noqa: E402
+from remi_core.index import RECALL_TARGET, check_index_settings  # noqa: E402
 from remi_core.models import EncoderConfig, build_encoder  # noqa: E402
 
 
-def exact_bundle(root: Path, items: int, dim: int, k: int) -> None:
-    """A published Flat bundle of `items` items from a seeded random encoder."""
+def random_bundle(
+    root: Path, items: int, dim: int, k: int, factory: str = "Flat", search_params: str = ""
+) -> None:
+    """A published bundle of `items` items from a seeded random encoder."""
     torch.manual_seed(0)
     cfg = EncoderConfig(num_items=items + 1, dim=dim, num_interests=k, seq_len=20)
     write_bundle(
@@ -43,7 +49,8 @@ def exact_bundle(root: Path, items: int, dim: int, k: int) -> None:
         item_ids=[None] + [f"item-{i}" for i in range(1, items + 1)],
         popularity=np.arange(1, min(items, 1000) + 1),
         metadata={"dataset": "synthetic"},
-        index_factory="Flat",
+        index_factory=factory,
+        search_params=search_params,
     )
 
 
@@ -54,10 +61,17 @@ def main() -> None:
     parser.add_argument("--interests", type=positive_int, default=4)
     parser.add_argument("--devices", type=devices, default="cpu,cuda",
                         help="REMI_DEVICE values, comma-separated")  # fmt: skip
+    parser.add_argument("--index", default="Flat", help="The bundle's faiss index factory.")
+    parser.add_argument("--search-params", default="",
+                        help="Its search parameters, e.g. nprobe=32 (none for Flat).")  # fmt: skip
     parser.add_argument("--concurrency", type=positive_ints, default=[1, 16, 64])
     parser.add_argument("--seconds", type=positive_float, default=6.0, help="Seconds a run.")
     parser.add_argument("--repeats", type=positive_int, default=1, help="Runs a cell (median).")
     args = parser.parse_args()
+    try:  # a misspelt factory fails here, not after the catalogue is drawn
+        check_index_settings(args.dim, args.index, args.search_params, RECALL_TARGET)
+    except ValueError as exc:
+        parser.error(f"--index/--search-params: {exc}")
 
     print(machine())
     rng = np.random.default_rng(0)
@@ -69,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         root = work / "bundles"
-        exact_bundle(root, args.items, args.dim, args.interests)
+        random_bundle(root, args.items, args.dim, args.interests, args.index, args.search_params)
         for device in args.devices:
             log = work / f"serve-{device}.log"
             server = Server(root, {"REMI_DEVICE": device}, log)

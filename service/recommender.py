@@ -177,14 +177,18 @@ def choose_exact_search(
 
 
 def gpu_search(device: torch.device, exact_search: str) -> bool:
-    """Whether an exact bundle's search runs on the encoder's GPU: the dense search ("auto" or
-    "dense"), in plain float32. Its rounding bound (`exact_merged_topk`) assumes float32
-    products; TF32 ones (torch.set_float32_matmul_precision("high")) are far coarser, so with
-    those allowed it stays on the CPU. The screens' int8 and bfloat16 kernels are the CPU's."""
+    """Whether searches run on the encoder's GPU: the dense search ("auto" or "dense"), in
+    plain float32, for every bundle. An approximate (IVF, HNSW) bundle's index then goes
+    unused: exact Eq. 7 on the GPU, over the table the encoder already keeps there, answers
+    better and faster than the index on the host's CPU ("faiss" keeps the index).
+
+    The rounding bound (`exact_merged_topk`) assumes float32 products; TF32 ones
+    (torch.set_float32_matmul_precision("high")) are far coarser, so with those allowed it
+    stays on the CPU. The screens' int8 and bfloat16 kernels are the CPU's."""
     if device.type != "cuda" or exact_search not in ("auto", "dense"):
         return False
     if _tf32_matmuls():
-        log.warning("float32 matmuls may use TF32 on this process: exact search stays on the CPU")
+        log.warning("float32 matmuls may use TF32 in this process: no search on the GPU")
         return False
     return True
 
@@ -228,13 +232,15 @@ def model_from_bundle(
     exact index the torch search chosen (`EXACT_SEARCH`)."""
     if exact_search not in EXACT_SEARCH:
         raise ValueError(f"exact_search must be one of {EXACT_SEARCH}, not {exact_search!r}")
-    index, index_device = to_best_device(bundle.index)
+    device = torch.device(device)
+    on_gpu = gpu_search(device, exact_search)
+    # Searched on the encoder's GPU, the bundle's index is not searched at all: moved to a GPU
+    # too (faiss GPU builds), it would only take memory there.
+    index, index_device = (bundle.index, "cpu") if on_gpu else to_best_device(bundle.index)
     embeddings = bundle.item_embeddings
     item_table = torch.from_numpy(embeddings)  # shares memory; made before the array is frozen
     k = bundle.encoder.num_interests
     max_norm = max_row_norm(item_table)  # once: every search's rounding bound needs it
-    device = torch.device(device)
-    on_gpu = isinstance(index, faiss.IndexFlat) and gpu_search(device, exact_search)
     if on_gpu:
         backend, screen = "dense", None
     else:

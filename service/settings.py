@@ -51,9 +51,10 @@ class Settings(BaseSettings):
     device: str = Field(
         "cpu",
         description="Torch device for the user encoder (cpu, cuda, cuda:1, ...); a device this "
-        "host lacks stops remi-serve at start with one line. On a CUDA device the exact search "
-        "of a Flat bundle runs there too (REMI_EXACT_SEARCH). The Faiss index goes to the GPU "
-        "on its own when the installed faiss has GPU support and a GPU is present.",
+        "host lacks stops remi-serve at start with one line. On a CUDA device the search runs "
+        "there too, exact for every bundle (REMI_EXACT_SEARCH). Otherwise the Faiss index "
+        "goes to the GPU on its own when the installed faiss has GPU support and a GPU is "
+        "present.",
     )
     verify_checksums: bool = Field(
         True, description="Check every bundle file against the manifest's sha256 when loading."
@@ -204,7 +205,9 @@ class Settings(BaseSettings):
         "rescored in float32: the same answers, faster on CPUs with int8 or bfloat16 dot "
         "products), 'faiss' (the bundle's IndexFlatIP), or 'auto': the fastest of the torch "
         "three on this host, timed when a bundle loads. With REMI_DEVICE on a CUDA device, "
-        "'dense' and 'auto' run the dense search on that GPU. GET /v1/model shows the choice "
+        "'dense' and 'auto' run the dense search on that GPU for every bundle, an approximate "
+        "(IVF, HNSW) one too: its answers are then exact, and 'faiss' keeps its index. "
+        "GET /v1/model shows the choice "
         "as search_backend and search_device; see docs/benchmarks.md.",
     )
     admin_token: SecretStr | None = Field(

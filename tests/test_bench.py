@@ -57,6 +57,11 @@ def test_an_unknown_variant_is_named_in_the_error():
         ("bench_service.py", ["--devices", "cpu,tpu"], "--devices: 'tpu' is not a device"),
         ("bench_service.py", ["--batches", "1,0"], "--batches: comma-separated whole numbers"),
         ("bench_serve_devices.py", ["--devices", "tpu"], "--devices: 'tpu' is not a device"),
+        (
+            "bench_serve_devices.py",
+            ["--devices", "cpu", "--index", "IVF"],
+            "--index/--search-params: invalid Faiss",
+        ),
     ],
 )
 def test_bench_scripts_name_a_bad_flag(script: str, args: list[str], says: str) -> None:
@@ -86,6 +91,15 @@ def test_the_device_benchmark_serves_over_http_on_each_device() -> None:
     served = [line.split() for line in lines if line.strip().startswith("cpu ")]
     assert [row[1] for row in served] == ["c=1", "c=4"]
     assert all(float(row[2]) > 0 and row[-1] == "0" for row in served)  # req/s, no errors
+    # An approximate bundle: faiss on a CPU host (the dense search on a GPU one).
+    ivf = subprocess.run(
+        [sys.executable, "bench/bench_serve_devices.py", "--items", "3000", "--devices", "cpu",
+         "--seconds", "1", "--concurrency", "2", "--index", "IVF16,Flat",
+         "--search-params", "nprobe=4"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ivf.returncode == 0, ivf.stderr[-2000:]
+    assert "cpu: faiss search on cpu" in ivf.stdout.splitlines()
     # A server that cannot start: its log's end, which goes with the temporary directory.
     broken = subprocess.run(
         [sys.executable, "bench/bench_serve_devices.py", "--items", "300", "--devices", "cpu"],

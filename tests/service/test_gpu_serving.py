@@ -9,10 +9,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from remi_core.bundle import load_bundle, resolve_current
 from service.app import create_app
 from service.recommender import load_model, recommend_batch
 from service.settings import Settings
-from tests.helpers import dead_redis_url, random_histories
+from tests.helpers import assert_brute_force, dead_redis_url, random_histories, write_tiny_bundle
 
 pytestmark = [
     pytest.mark.gpu,
@@ -46,6 +47,25 @@ def test_an_exact_bundle_is_searched_on_the_encoders_gpu(tiny_bundle_root: Path)
     assert model.gpu_table is not None
     assert model.gpu_table.data_ptr() == model.encoder.item_table().data_ptr()
     assert not model.batches_side_by_side
+
+
+def test_an_approximate_bundle_is_searched_exactly_on_the_gpu(tmp_path: Path) -> None:
+    root = tmp_path / "bundles"
+    write_tiny_bundle(root, index_factory="IVF8,Flat", search_params="nprobe=1")
+    gpu = load_model(root, device="cuda")
+    assert (gpu.search_backend, gpu.search_device, gpu.index_device) == ("dense", "cuda:0", "cpu")
+    kept = load_model(root, device="cuda", exact_search="faiss")
+    assert (kept.search_backend, kept.search_device) == ("faiss", "cpu")
+    bundle = load_bundle(resolve_current(root))
+    users = random_histories(32, seed=8)
+    exact = recommend_batch(gpu, users, n=20)
+    for history, result in zip(users, exact, strict=True):
+        body = {"items": [{"item_id": i.item_id, "score": i.score, "interest": i.interest}
+                          for i in result.items]}  # fmt: skip
+        assert_brute_force(bundle, history, body, n=20, exclude_history=True)
+    # One IVF list of eight probed: the index alone misses some of those items.
+    approximate = recommend_batch(kept, users, n=20)
+    assert any(a.item_ids != b.item_ids for a, b in zip(exact, approximate, strict=True))
 
 
 @pytest.mark.parametrize("exact_search", ["screened", "screened-int8", "faiss"])
