@@ -31,7 +31,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -393,16 +393,19 @@ def _write_index(index: faiss.Index, path: Path) -> None:
         raise OSError(f"cannot write {path.name}: {exc}") from None
 
 
-def _record_published(root: Path, version: str) -> tuple[int, int]:
-    """Append `version` to the log; returns where its entry starts and ends. A write that fails
-    is cut back off, and an entry never continues a line a crash left unfinished."""
+def _record_published(root: Path, version: str) -> tuple[int, int, bool]:
+    """Append `version` to the log; returns where its entry starts and ends, and whether this
+    created the log. A write that fails is cut back off (a log it created goes again: left
+    empty, it would say nothing was ever published, and retention would delete a root from
+    before the log), and an entry never continues a line a crash left unfinished."""
     log_path = root / PUBLISHED
+    created = not log_path.exists()  # under the root's lock: no other switch creates it
     # A root from before the log (it has `current`; a new root has not, and its versions
     # written with --no-publish were never published): its versions so far were all
     # published, oldest first, and the one `current` names (perhaps rolled back to, and older)
     # last, as the latest publish.
     serving = current_version(root)
-    pre_log = not log_path.exists() and serving is not None
+    pre_log = created and serving is not None
     earlier = [v for v in list_versions(root) if v != version] if pre_log else []
     if serving in earlier:
         earlier = [v for v in earlier if v != serving] + [serving]
@@ -421,23 +424,31 @@ def _record_published(root: Path, version: str) -> tuple[int, int]:
                 written += os.write(fd, entry[written:])
             os.fsync(fd)
         except OSError:
-            os.ftruncate(fd, start)  # shrinking needs no free block
+            if created:
+                log_path.unlink()
+            else:
+                os.ftruncate(fd, start)  # shrinking needs no free block
             raise
     except OSError as exc:
         raise BundleError(f"cannot record {version} in {log_path}: {exc}") from None
     finally:
         if fd >= 0:
             os.close(fd)
-    return start, start + len(entry)
+    return start, start + len(entry), created
 
 
-def _unrecord(root: Path, entry: tuple[int, int]) -> None:
-    """Take a logged entry back out, unless someone appended after it (a writer that does not
-    take the root's lock: an older version of this code)."""
+def _unrecord(root: Path, entry: tuple[int, int, bool]) -> None:
+    """Take a logged entry back out (the log with it, if the entry created it), unless someone
+    appended after it (a writer that does not take the root's lock: an older version of this
+    code)."""
     log_path = root / PUBLISHED
+    start, end, created = entry
     with contextlib.suppress(OSError):
-        if log_path.stat().st_size == entry[1]:
-            os.truncate(log_path, entry[0])
+        if log_path.stat().st_size == end:
+            if created:
+                log_path.unlink()
+            else:
+                os.truncate(log_path, start)
 
 
 def published_log(root: Path) -> list[str]:
@@ -530,6 +541,21 @@ def created_at(path: Path) -> str:
     return str(manifest.get("created_at", "")) if isinstance(manifest, dict) else ""
 
 
+def rolled_back_from(named: Sequence[str], when: Mapping[str, str]) -> set[str]:
+    """Versions whose last publish in `named` (published_log) was followed by one of an older
+    version (a rollback), by `when` (version -> `created_at`); a version without a readable
+    creation time tells no age, so nothing is concluded from it."""
+    last = {version: i for i, version in enumerate(named)}
+    return {
+        version
+        for version, i in last.items()
+        if i + 1 < len(named)
+        and when.get(version)
+        and when.get(named[i + 1])
+        and when[named[i + 1]] < when[version]
+    }
+
+
 def prune(root: Path, keep: int, unusable: Collection[str] = ()) -> list[str]:
     """Delete all but the `keep` most recently published versions (`published_versions`: a
     version rolled back to counts as just published), never the current one, and versions
@@ -581,6 +607,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except FileNotFoundError:
         raise BundleError(f"{manifest_path} is missing") from None
+    except OSError as exc:  # unreadable (permissions, I/O): this version cannot be used
+        raise BundleError(f"cannot read {manifest_path}: {exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict):
@@ -636,7 +664,10 @@ def load_bundle(path: Path, device: str | torch.device = "cpu", verify: bool = T
             f"name {path.name!r}"
         )
     if verify:
-        verify_files(path, manifest)
+        try:
+            verify_files(path, manifest)
+        except OSError as exc:  # verify_files raises it apart for `publish._damaged`
+            raise BundleError(f"cannot read bundle {path}: {exc}") from None
     try:
         files = {role: path / entry["path"] for role, entry in manifest["files"].items()}
         cfg = EncoderConfig.from_dict(manifest["model"])

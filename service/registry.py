@@ -20,6 +20,7 @@ from remi_core.bundle import (
     published_log,
     published_versions,
     resolve_current,
+    rolled_back_from,
 )
 from service.errors import ModelNotLoaded
 from service.metrics import Metrics
@@ -44,6 +45,20 @@ class ReloadOutcome:
     previous: str | None
     target: str | None  # what `current` pointed at
     error: str | None = None
+
+
+def printable(text: str) -> str:
+    """`text` as it can go into JSON and logs: a non-UTF-8 file name (`current` pointed at one)
+    is held by Python as lone surrogates, which no UTF-8 encoder takes (/readyz answered 500);
+    its bytes are shown as escapes instead."""
+    try:
+        text.encode()
+        return text
+    except UnicodeEncodeError:
+        try:
+            return os.fsencode(text).decode(errors="backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte
+            return text.encode(errors="backslashreplace").decode()
 
 
 def load_servable(
@@ -92,21 +107,7 @@ def _fallbacks(root: Path, rejected: str | None) -> list[str]:
             older = set(named[: named.index(rejected)] if rejected in named else [])
     except OSError:
         return []
-    return [v for v in reversed(published) if v in older - _rolled_back_from(named, when)]
-
-
-def _rolled_back_from(named: list[str], when: dict[str, str]) -> set[str]:
-    """Versions whose last publish was followed by one of an older version (a rollback); a
-    version without a readable creation time tells no age, so nothing is concluded from it."""
-    last = {version: i for i, version in enumerate(named)}
-    return {
-        version
-        for version, i in last.items()
-        if i + 1 < len(named)
-        and when.get(version)
-        and when.get(named[i + 1])
-        and when[named[i + 1]] < when[version]
-    }
+    return [v for v in reversed(published) if v in older - rolled_back_from(named, when)]
 
 
 class ModelRegistry:
@@ -172,8 +173,8 @@ class ModelRegistry:
                 path = resolve_current(self.root)  # read the link once: target and path agree
             except (BundleError, OSError) as exc:  # e.g. it names a version that is gone
                 return self._failed(previous, state[0], str(exc), state)
-            target = path.name
-            if target == self._name:
+            target = printable(path.name)
+            if path.name == self._name:
                 # `current` is back on the served bundle (e.g. rolled back after a rejected
                 # one): nothing is pending, so an earlier failure no longer applies.
                 self._clear_failure()
@@ -186,7 +187,7 @@ class ModelRegistry:
             model = await anyio.to_thread.run_sync(self._load, path)
             if isinstance(model, str):
                 return self._failed(previous, target, model, state)
-            self._swap(model, target)
+            self._swap(model, path.name)
             with self.metrics.writing():
                 self.metrics.reloads.labels(result="success").inc()
             log.info("now serving bundle %s (was %s)", model.version, previous)
@@ -234,6 +235,7 @@ class ModelRegistry:
     def _failed(
         self, previous: str | None, target: str | None, error: str, state: LinkState
     ) -> ReloadOutcome:
+        error, target = printable(error), None if target is None else printable(target)
         if error != self.last_error:  # a poller hitting the same problem logs it once
             log.error("bundle %s rejected, still serving %s: %s", target, previous, error)
         # The same target failing again, unchanged: wait twice as long before the next try.

@@ -25,6 +25,7 @@ from remi_core.bundle import (
     publish_or_discard,
     published_log,
     published_versions,
+    read_manifest,
     set_current,
     write_bundle,
 )
@@ -234,7 +235,8 @@ from pathlib import Path
 from remi_core.bundle import BundleError, set_current
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
 root = Path(sys.argv[1])
-size = (root / "published.log").stat().st_size + 2  # room for two of the entry's bytes
+log = root / "published.log"
+size = (log.stat().st_size if log.exists() else 0) + 2  # room for two of the entry's bytes
 resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 try:
     set_current(root, "v2")
@@ -257,6 +259,43 @@ def test_a_log_entry_the_disk_cuts_short_is_taken_back(tmp_path):
     assert "cannot record v2 in" in out.stdout and "File too large" in out.stdout
     assert (root / "published.log").read_bytes() == before
     assert current_version(root) == "v1" and published_log(root) == ["v1"]
+
+
+def test_a_failed_first_log_write_leaves_a_root_from_before_the_log_as_it_was(
+    tmp_path, monkeypatch
+):
+    # The first switch creates the log with every earlier version in it; cut short, it was
+    # left empty, which says nothing was ever published: the next prune deleted every version
+    # but the new one (the one serving until then too).
+    root = tmp_path / "bundles"
+    for version in ("v1", "v2"):
+        write_tiny_bundle(root, version=version)
+    write_tiny_bundle(root, version="v3", publish=False)
+    (root / bundle.PUBLISHED).unlink()  # as written by a version of this code without the log
+    out = subprocess.run([sys.executable, "-c", LOG_FILLS_UP, str(root)], capture_output=True,
+                         text=True, cwd=Path(__file__).parents[2], timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "cannot record v2 in" in out.stdout and "File too large" in out.stdout
+    assert not (root / bundle.PUBLISHED).exists()
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(dst).name == "current":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as patch:  # logged, then the link could not be swapped
+        patch.setattr(bundle.os, "replace", failing_replace)
+        with pytest.raises(BundleError, match="cannot point .*current at v3"):
+            set_current(root, "v3")
+    assert not (root / bundle.PUBLISHED).exists()
+    assert current_version(root) == "v2" and published_versions(root) == ["v1", "v2", "v3"]
+    old = time.time() - bundle.STALE_AFTER_S - 60
+    for version in ("v1", "v2", "v3"):
+        os.utime(root / version, (old, old))
+    write_tiny_bundle(root, version="v4")
+    assert prune(root, keep=3) == ["v1"]
+    assert published_versions(root) == ["v3", "v2", "v4"]  # v2 served last before v4
 
 
 def test_a_switch_that_fails_takes_its_log_entry_back(tmp_path, monkeypatch):
@@ -357,6 +396,26 @@ def test_a_manifest_that_is_no_object_leaves_the_other_versions_listed(tmp_path)
     (root / "v1" / "manifest.json").write_text("null")
     assert set(list_versions(root)) == {"v1", "v2"}  # it raised AttributeError
     assert prune(root, keep=1) == ["v1"]
+
+
+def test_an_unreadable_version_is_a_bundle_error(tmp_path, monkeypatch):
+    # An OSError (a version's files chmod 000) escaped as itself: one unreadable old version
+    # failed every nightly run after its training (the drift guard reads recent versions).
+    root = tmp_path / "bundles"
+    write_tiny_bundle(root, version="v1")
+    write_tiny_bundle(root, version="v2")
+    manifest = root / "v1" / "manifest.json"
+    manifest.unlink()
+    manifest.mkdir()  # IsADirectoryError: unreadable even where tests run as root
+    with pytest.raises(BundleError, match="cannot read .*manifest.json: .*Is a directory"):
+        read_manifest(root / "v1")
+
+    def unreadable(path: Path) -> str:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(bundle, "sha256_of", unreadable)
+    with pytest.raises(BundleError, match="cannot read bundle .*v2: .*Permission denied"):
+        load_bundle(root / "v2")
 
 
 FULL_DISK = """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import re
 import shutil
 import threading
@@ -180,6 +181,21 @@ def test_a_current_naming_a_missing_version_is_reported_as_rejected(
     detail = r.json()["detail"]
     assert detail.startswith(f"bundle {gone.name} rejected, still serving {old_version}")
     assert client.get("/readyz").json()["reload"]["rejected_target"] == gone.name
+
+
+def test_a_current_naming_a_non_utf8_name_is_reported(
+    client: TestClient, tiny_bundle_root: Path
+) -> None:
+    # Python holds the name's undecodable byte as a lone surrogate, which no UTF-8 encoder
+    # takes: /readyz answered 500, and a readiness probe took a serving worker out.
+    link = os.fsencode(tiny_bundle_root / "current.tmp")
+    os.symlink(b"v\xff", link)
+    os.replace(link, os.fsencode(tiny_bundle_root / "current"))
+    r = client.post("/admin/reload", headers=AUTH)
+    assert r.status_code == 409 and "v\\xff" in r.json()["detail"]
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["reload"]["rejected_target"] == "v\\xff"
 
 
 def test_a_manifest_naming_another_version_is_rejected(

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -455,6 +456,27 @@ def test_a_damaged_current_gives_way_to_a_recent_version_that_beat_tonights_mode
 
 
 @pytest.mark.integration
+def test_a_version_rolled_back_from_is_neither_restored_nor_a_baseline(nightly_env) -> None:
+    # The operator rolled back from a newer version; then `current` was damaged and tonight's
+    # model lost to that newer version, which the drift guard held up as its baseline and
+    # restored: the version taken out of service was served again, and the only one kept.
+    cfg, client = nightly_env
+    good = current_version(cfg.bundle_root)
+    xadd_events(client, new_item_events())
+    taken_out = run_nightly(replace(cfg, tolerance=1.0))["published_version"]
+    set_current(cfg.bundle_root, good)  # remi-train rollback
+    index = Path(cfg.bundle_root) / good / "index.faiss"
+    index.write_bytes(index.read_bytes()[:100])
+    crippled = replace(cfg, train=replace(cfg.train, lr=0.0), force=True)
+
+    report = run_nightly(crippled)
+
+    assert report["metrics"]["recent_versions"] == {}
+    assert "restored_version" not in report and report["decision"] == "published"
+    assert current_version(cfg.bundle_root) == report["published_version"] != taken_out
+
+
+@pytest.mark.integration
 def test_a_night_with_new_bundle_or_split_settings_is_not_skipped(nightly_env) -> None:
     # Only the data and the training settings were compared: a new index factory (or split
     # seed, or category file) was never shipped until new events came.
@@ -726,7 +748,7 @@ def test_overlapping_run_is_refused_by_the_cli(redis_server, tmp_path: Path) -> 
 # --- versions and rollback ------------------------------------------------------------------------
 
 
-def test_versions_and_rollback_commands(tmp_path: Path) -> None:
+def test_versions_and_rollback_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "bundles"
     old = write_tiny_bundle(root, seed=0).name
     time.sleep(1.1)
@@ -764,6 +786,22 @@ def test_versions_and_rollback_commands(tmp_path: Path) -> None:
         assert listed.exit_code == 0 and "Traceback" not in listed.output, listed.output
     nope = runner.invoke(app, ["versions", "--bundle-root", str(root), "--dataset-dir", "nope"])
     assert nope.exit_code == 2 and "--dataset-dir: nope is not a directory" in nope.output
+    # An unreadable manifest (chmod 000, which root, running these tests in CI, reads anyway):
+    # marked in its row, where the listing stopped with the PermissionError.
+    unreadable = root / new / "manifest.json"
+    read_text = Path.read_text
+
+    def denied(path: Path, *args: Any, **kwargs: Any) -> str:
+        if path == unreadable:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return read_text(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "read_text", denied)
+        listed = runner.invoke(app, ["versions", "--bundle-root", str(root), "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = {row["version"]: row for row in json.loads(listed.output)["versions"]}
+    assert "cannot read" in rows[new]["error"] and "error" not in rows[old]
     # `current` naming a version that is gone: no `*` anywhere said nothing about it.
     (root / "current").unlink()
     os.symlink("v-gone", root / "current")

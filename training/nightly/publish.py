@@ -16,11 +16,14 @@ import numpy as np
 from remi_core.bundle import (
     Bundle,
     BundleError,
+    created_at,
     current_version,
     load_bundle,
     prune,
     publish_or_discard,
+    published_log,
     published_versions,
+    rolled_back_from,
     set_current,
     verify_files,
 )
@@ -190,8 +193,17 @@ def _recent_versions(
     root: Path, current: str | None, count: int, dataset: SequenceDataset
 ) -> dict[str, dict[str, float]]:
     """Test metrics on tonight's users of the `count` most recently published versions other
-    than `current` (a version written but never published vouches for nothing)."""
-    versions = [v for v in published_versions(root) if v != current][-count:] if count else []
+    than `current` (a version written but never published vouches for nothing), leaving out
+    those an operator rolled back from: the drift guard then held every night to a model
+    taken out of service (a rejected night publishes nothing, so it never left the window),
+    and a damaged `current` was replaced by it (`publish`)."""
+    published = [v for v in published_versions(root) if v != current]
+    try:
+        named = published_log(root)
+    except FileNotFoundError:  # a root from before the log: no rollback on record
+        named = []
+    taken_out = rolled_back_from(named, {v: created_at(root / v) for v in set(named)})
+    versions = [v for v in published if v not in taken_out][-count:] if count else []
     out = {}
     for version in versions:
         try:
