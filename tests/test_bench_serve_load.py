@@ -3,9 +3,15 @@
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -55,13 +61,69 @@ def test_the_benchmark_runs_and_writes_its_section(tmp_path: Path) -> None:
     assert "| 50k | IVF512,SQ8 |" in section and "| 50k | defaults | 16 |" in section
 
 
-def test_a_rerun_replaces_the_section_and_keeps_the_rest(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def module(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_serve_load", BENCH)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look it up there
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def flaky_server() -> Iterator[str]:
+    """Every 4th request takes 2.5 s, every 4th (another) has its connection cut unanswered."""
+    count = [0]
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            with lock:
+                count[0] += 1
+                i = count[0]
+            if i % 4 == 2:
+                self.close_connection = True
+                return
+            if i % 4 == 1:
+                time.sleep(2.5)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_python_load_counts_what_failed(module: ModuleType, flaky_server: str) -> None:
+    # Cut connections killed its client threads: a dead server's rate before it died was
+    # reported with no error at all.
+    load = module.run_python_load(flaky_server, ['{"history": []}'], 4, 4.0)
+    assert load.errors > 0 and load.p99_ms >= 2500
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk")
+def test_wrk_counts_what_failed_and_keeps_slow_requests(
+    module: ModuleType, flaky_server: str, tmp_path: Path
+) -> None:
+    # wrk's default timeout (2 s) left the slow requests out of the latencies and the errors.
+    load = module.run_wrk(flaky_server, ['{"history": []}'], 4, 4.0, tmp_path)
+    assert load.errors > 0 and load.p99_ms >= 2500
+
+
+def test_a_rerun_replaces_the_section_and_keeps_the_rest(
+    tmp_path: Path, module: ModuleType
+) -> None:
     out = tmp_path / "docs" / "benchmarks.md"
     module.write_section(out, "first")  # a missing file is created
     assert out.read_text() == f"{module.START}\nfirst\n{module.END}\n"
