@@ -11,10 +11,12 @@ Continuous batching alone can lock into lopsided batches. With 16 clients that s
 request as soon as they have an answer, a batch of 14 computes while the 2 answered before it
 come back and queue; those 2 then run alone (a batch's fixed costs spread over 2 users) while the
 14 come back, and so on: measured batches of 2 and 14 alternating, 3.4 ms of compute per user in
-the small ones against 1.1 ms in the large. So when a thread frees up with fewer users queued
+the small ones against 1.1 ms in the large. So when a thread frees up with fewer requests queued
 than half of what the last batch plus the queue hold, the collector waits up to `balance_ms` (from
 that moment) for the answered clients to come back, and the batches even out (8 and 8). At
-concurrency 1 the queue already holds what the last batch held, so nothing waits.
+concurrency 1 the queue already holds what the last batch held, so nothing waits. Requests, not
+users, since a client has one request in flight: counted in users, a lone client's single after
+its batch of 50 waited out the whole window for 25 users that nobody would send.
 
 Everything CPU-heavy happens in a compute thread: encode, search, merge, and `render` (each
 caller's function that turns its results into response bytes), so the loop only parses
@@ -126,7 +128,7 @@ class MicroBatcher:
         self,
         max_wait_ms: float,
         max_users: int,
-        on_batch: Callable[[int, list[Result], bool], None] | None = None,
+        on_batch: Callable[[str, int, list[Result], bool], None] | None = None,
         workers: int = 1,
         balance_ms: float = 0.0,
         parallel: Callable[[LoadedModel], int] | None = None,
@@ -142,12 +144,13 @@ class MicroBatcher:
         self.balance_s = balance_ms / 1000
         self.inline_s = inline_ms / 1000
         self.max_users = max_users
-        self._last_batch = 0  # users in the batch dispatched last
+        self._last_batch = 0  # requests in the batch dispatched last
         # (model, seconds per user) of its recent plain batches, on the loop or in the thread:
         # one tuple, replaced whole, as a compute thread writes it and the loop reads it. The
         # model by weak reference: after a reload the old one goes as soon as requests let go.
         self._cost: tuple[weakref.ref[LoadedModel], float] | None = None
-        self.on_batch = on_batch  # called with (users, results, on the loop) after each batch
+        # called after each batch with (its model's version, users, results, on the loop)
+        self.on_batch = on_batch
         self._metrics_logged_at = -math.inf  # time.monotonic() of the last on_batch failure logged
         self.stats = BatchStats()
         self._queue: deque[_Job] = deque()
@@ -251,11 +254,11 @@ class MicroBatcher:
             # Fill up to max_users until the oldest request's max_wait runs out; and, right after
             # a thread frees up, up to an even share of the last batch (see the module docstring).
             deadline = self._queue[0].arrived + self.max_wait_s
-            even_share = min(self.max_users, (self._last_batch + self._queued_users + 1) // 2)
+            even_share = (self._last_batch + len(self._queue) + 1) // 2  # requests
             balance_deadline = free_at + self.balance_s
             while self._queued_users < self.max_users:
                 now = loop.time()
-                if self._queued_users < even_share and now < balance_deadline:
+                if len(self._queue) < even_share and now < balance_deadline:
                     remaining = max(deadline, balance_deadline) - now
                 else:
                     remaining = deadline - now
@@ -276,8 +279,8 @@ class MicroBatcher:
         no job of this one: after a reload that would keep the old model alive."""
         if not jobs:  # every one taken was answered already: its client went away
             return False
-        self._last_batch = sum(len(job) for job in jobs)
-        if self._fits_on_loop(jobs, self._last_batch):
+        self._last_batch = len(jobs)
+        if self._fits_on_loop(jobs, sum(len(job) for job in jobs)):
             try:
                 outcomes = self._compute(jobs, on_loop=True)
             except Exception as exc:  # as in _dispatch: fail these, keep collecting
@@ -417,7 +420,7 @@ class MicroBatcher:
             self.stats.record(users)
         if self.on_batch is not None:
             try:
-                self.on_batch(users, results, on_loop)
+                self.on_batch(group[0].model.version, users, results, on_loop)
             except Exception:
                 # The answers stand: raising here would retry the batch one request at a time
                 # (each failing the same way) and count its users again, so a metrics fault (a

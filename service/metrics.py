@@ -228,16 +228,20 @@ class Metrics:
         if shared_across_workers():
             multiprocess.mark_process_dead(os.getpid())
 
-    def record_batch(self, users: int, results: Sequence[Any], on_loop: bool) -> None:
-        """Called by the micro-batcher after every batch (in its compute thread, or on the
-        loop)."""
+    def record_batch(self, version: str, users: int, results: Sequence[Any], on_loop: bool) -> None:
+        """Called by the micro-batcher after every batch of a model `version` (in its compute
+        thread, or on the loop)."""
         self.batch_users.observe(users)
         if on_loop:
             self.loop_batches.inc()
         self.recommendations.inc(len(results))
         self.fallbacks.inc(sum(r.fallback for r in results))
         self.unknown_ids.inc(sum(len(r.unknown_ids) for r in results))
-        self.interests.observe(results)
+        if version == self._version:
+            # Not a batch of the model a reload replaced, still computing: its rows are another
+            # catalogue's, and counted in the new model's fresh window they showed coverage of
+            # items it had never served.
+            self.interests.observe(results)
 
     def set_model(
         self, version: str, loaded_at: float, num_rows: int = 0, num_interests: int = 0

@@ -148,10 +148,10 @@ class Settings(BaseSettings):
         2.0,
         ge=0,
         le=100,
-        description="Micro-batching: when a compute thread frees up with fewer users queued "
-        "than half of the last batch plus the queue, the longest it waits (ms, from that moment) "
-        "for more, so that clients answered together do not split into a tiny batch and a big "
-        "one. Never delays a request at concurrency 1. 0 turns it off.",
+        description="Micro-batching: when a compute thread frees up with fewer requests "
+        "queued than half of the last batch's plus the queue's, the longest it waits (ms, from "
+        "that moment) for more, so that clients answered together do not split into a tiny "
+        "batch and a big one. Never delays a request at concurrency 1. 0 turns it off.",
     )
     batch_max_users: int = Field(
         128,

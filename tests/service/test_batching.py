@@ -110,7 +110,7 @@ def one_user(i: int) -> dict:
 async def lopsided_then_stragglers(batcher: MicroBatcher, model: LoadedModel) -> list[int]:
     """A batch of 14, then 2 requests at once and 6 more 50 ms later; returns the batch sizes."""
     sizes: list[int] = []
-    batcher.on_batch = lambda users, results, on_loop: sizes.append(users)
+    batcher.on_batch = lambda version, users, results, on_loop: sizes.append(users)
 
     def submit(i: int):
         return batcher.submit(model, render=lambda results: results, **one_user(i))
@@ -146,6 +146,22 @@ def test_the_balance_window_never_delays_one_client_at_a_time(model: LoadedModel
     # Each request finds the queue holding what the last batch held (1 user): no wait, where a
     # wrong rule would add the whole 2 s window to every request.
     assert asyncio.run(one_by_one(MicroBatcher(0, 64, balance_ms=2000))) < 1.0
+
+
+def test_the_balance_window_counts_requests_not_users(model: LoadedModel) -> None:
+    async def batch_then_single(batcher: MicroBatcher) -> float:
+        loop = asyncio.get_running_loop()
+        batch = one_user(0)
+        many = {key: value * 50 for key, value in batch.items()}
+        async with batcher:
+            await batcher.submit(model, render=lambda r: r, **many)
+            start = loop.time()
+            await batcher.submit(model, render=lambda r: r, **one_user(1))
+            return loop.time() - start
+
+    # One client: a request of 50 users, then one of 1. Counted in users, the single was short
+    # of an even share (26) and waited out the whole window.
+    assert asyncio.run(batch_then_single(MicroBatcher(0, 64, balance_ms=2000))) < 1.0
 
 
 def test_unbatched_mode_runs_one_request_at_a_time(model: LoadedModel) -> None:
@@ -196,7 +212,7 @@ def test_a_failing_metrics_callback_fails_no_request(
     requests = seeded_requests(6, seed=5)
     calls = []
 
-    def broken(users, results, on_loop):
+    def broken(version, users, results, on_loop):
         calls.append(users)
         raise OSError("no space left on device")
 
@@ -281,7 +297,7 @@ def run_in_rounds(
     batches: list[tuple[int, bool, bool]] = []
     loop_thread = threading.get_ident()
 
-    def record(users: int, results: list, on_loop: bool) -> None:
+    def record(version: str, users: int, results: list, on_loop: bool) -> None:
         batches.append((users, on_loop, threading.get_ident() == loop_thread))
 
     batcher.on_batch = record
@@ -343,7 +359,7 @@ def test_the_loop_takes_a_turn_between_its_own_batches(model: LoadedModel) -> No
     turns = 0
     seen: list[tuple[bool, int]] = []
     batcher = MicroBatcher(0, 2, inline_ms=1000)
-    batcher.on_batch = lambda users, results, on_loop: seen.append((on_loop, turns))
+    batcher.on_batch = lambda version, users, results, on_loop: seen.append((on_loop, turns))
 
     async def run() -> None:
         nonlocal turns
@@ -385,7 +401,7 @@ def test_the_batcher_lets_a_replaced_model_go(tmp_path: Path) -> None:
     write_tiny_bundle(tmp_path, seed=5)
     batcher = MicroBatcher(0, 64, inline_ms=1000)
     where: list[bool] = []
-    batcher.on_batch = lambda users, results, on_loop: where.append(on_loop)
+    batcher.on_batch = lambda version, users, results, on_loop: where.append(on_loop)
 
     async def run() -> bool:
         old = load_model(resolve_current(tmp_path))
@@ -407,7 +423,7 @@ def test_requests_whose_client_went_away_leave_the_queue(model: LoadedModel) -> 
     """While a batch computes, two queued clients go away: they get ClientGone at once, and
     the next batch holds only the client still waiting."""
     sizes: list[int] = []
-    batcher = MicroBatcher(0, 64, on_batch=lambda users, results, on_loop: sizes.append(users))
+    batcher = MicroBatcher(0, 64, on_batch=lambda _, users, results, on_loop: sizes.append(users))
 
     started, release = threading.Event(), threading.Event()
 
@@ -494,7 +510,7 @@ def most_batches_at_once(batcher: MicroBatcher, model: LoadedModel) -> int:
     lock = threading.Lock()
     computing, most = 0, 0
 
-    def hold(users: int, results: list, on_loop: bool) -> None:
+    def hold(version: str, users: int, results: list, on_loop: bool) -> None:
         nonlocal computing, most
         with lock:
             computing += 1

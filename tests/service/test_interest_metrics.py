@@ -152,3 +152,32 @@ def test_an_idle_workers_coverage_gauges_keep_moving():
     assert gauge("remi_served_items_distinct", window="current") == 0
     assert gauge("remi_served_items_distinct", window="last") == 0
     assert gauge("remi_catalogue_coverage") == 0
+
+
+def test_a_batch_of_a_replaced_model_leaves_the_new_models_coverage_alone():
+    # A batch still computing when a reload swapped the model was recorded after it: the old
+    # catalogue's rows landed in the new model's fresh window (coverage 1.0 of a model that had
+    # served nothing) and its slots in the new model's counts.
+    from service.metrics import Metrics
+    from service.recommender import Result
+
+    def answer(rows: list[int]) -> Result:
+        return Result(
+            item_ids=[f"i{r}" for r in rows], scores=[1.0] * len(rows), interests=[0] * len(rows),
+            unknown_ids=[], known_count=2, fallback=False, rows=np.array(rows),
+        )  # fmt: skip
+
+    metrics = Metrics()
+    metrics.set_model("v1", 0.0, num_rows=11, num_interests=2)
+    metrics.set_model("v2", 1.0, num_rows=5, num_interests=2)
+    metrics.record_batch("v1", 1, [answer([7, 8, 9, 10])], False)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert sample("remi_served_items_distinct", window="current") == 0
+    assert not sample("remi_items_by_interest_total", interest="0")
+    assert sample("remi_recommendations_total") == 1  # it was still answered
+    metrics.record_batch("v2", 1, [answer([1, 2])], False)
+    assert sample("remi_served_items_distinct", window="current") == 2
+    assert sample("remi_items_by_interest_total", interest="0") == 2
