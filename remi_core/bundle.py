@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -92,6 +93,11 @@ OPTIONAL_FILES = {
 
 class BundleError(Exception):
     """A bundle is missing, incomplete, corrupt or inconsistent."""
+
+
+class BundleUnreadable(BundleError):
+    """A bundle's files could not be read (permissions, I/O errors, too many open files): no
+    evidence that it is damaged, so nothing should be deleted or replaced on its account."""
 
 
 @dataclass
@@ -399,7 +405,14 @@ def _record_published(root: Path, version: str) -> tuple[int, int, bool]:
     empty, it would say nothing was ever published, and retention would delete a root from
     before the log), and an entry never continues a line a crash left unfinished."""
     log_path = root / PUBLISHED
-    created = not log_path.exists()  # under the root's lock: no other switch creates it
+    # Under the root's lock: no other switch creates it. A log without entries (a crash between
+    # its creation and its first write) is no log: started afresh like a missing one.
+    try:
+        created = not log_path.read_text().split()
+    except FileNotFoundError:
+        created = True
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"cannot record {version} in {log_path}: {exc}") from None
     # A root from before the log (it has `current`; a new root has not, and its versions
     # written with --no-publish were never published): its versions so far were all
     # published, oldest first, and the one `current` names (perhaps rolled back to, and older)
@@ -453,8 +466,14 @@ def _unrecord(root: Path, entry: tuple[int, int, bool]) -> None:
 
 def published_log(root: Path) -> list[str]:
     """Every version `current` was pointed at, oldest first, repeats included (published.log);
-    FileNotFoundError for a root from before the log."""
-    return (Path(root) / PUBLISHED).read_text().split()
+    FileNotFoundError for a root from before the log, or a log without entries (left by a crash
+    between its creation and its first write: read as empty, every version before it counted
+    as never published, and retention deleted them)."""
+    path = Path(root) / PUBLISHED
+    named = path.read_text().split()
+    if not named:
+        raise FileNotFoundError(errno.ENOENT, "no entries in the publish log", str(path))
+    return named
 
 
 def published_versions(root: Path) -> list[str]:
@@ -527,8 +546,18 @@ def list_versions(root: Path) -> list[str]:
         for p in root.iterdir()
         if p.is_dir() and not p.is_symlink() and not p.name.startswith(".") and p.name != CURRENT
     ]
-    versions = [p for p in versions if (p / MANIFEST).is_file()]
+    versions = [p for p in versions if _has_manifest(p)]
     return [p.name for p in sorted(versions, key=lambda p: (created_at(p), p.name))]
+
+
+def _has_manifest(path: Path) -> bool:
+    """Whether a directory holds a manifest (a complete version); one that cannot be looked
+    into (permissions) counts, so it is listed, and fails when read, rather than stopping
+    every listing with its OSError."""
+    try:
+        return (path / MANIFEST).is_file()
+    except OSError:
+        return True
 
 
 def created_at(path: Path) -> str:
@@ -543,17 +572,20 @@ def created_at(path: Path) -> str:
 
 def rolled_back_from(named: Sequence[str], when: Mapping[str, str]) -> set[str]:
     """Versions whose last publish in `named` (published_log) was followed by one of an older
-    version (a rollback), by `when` (version -> `created_at`); a version without a readable
-    creation time tells no age, so nothing is concluded from it."""
+    version (a rollback). Older by `when` (version -> `created_at`) or, where either time is
+    unreadable (a damaged manifest, perhaps of the version rolled back to), by the order of
+    their first publishes in the log."""
+    first: dict[str, int] = {}
+    for i, version in enumerate(named):
+        first.setdefault(version, i)
     last = {version: i for i, version in enumerate(named)}
-    return {
-        version
-        for version, i in last.items()
-        if i + 1 < len(named)
-        and when.get(version)
-        and when.get(named[i + 1])
-        and when[named[i + 1]] < when[version]
-    }
+
+    def older(a: str, b: str) -> bool:
+        if when.get(a) and when.get(b):
+            return when[a] < when[b]
+        return first[a] < first[b]
+
+    return {v for v, i in last.items() if i + 1 < len(named) and older(named[i + 1], v)}
 
 
 def prune(root: Path, keep: int, unusable: Collection[str] = ()) -> list[str]:
@@ -607,8 +639,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except FileNotFoundError:
         raise BundleError(f"{manifest_path} is missing") from None
-    except OSError as exc:  # unreadable (permissions, I/O): this version cannot be used
-        raise BundleError(f"cannot read {manifest_path}: {exc}") from None
+    except OSError as exc:  # permissions, I/O: this version cannot be used, not now
+        raise BundleUnreadable(f"cannot read {manifest_path}: {exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict):
@@ -653,9 +685,12 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
 def load_bundle(path: Path, device: str | torch.device = "cpu", verify: bool = True) -> Bundle:
     """Load a version directory (or a root, meaning its current version) and check it."""
     path = Path(path)
-    if (path / CURRENT).is_symlink():
-        path = resolve_current(path)
-    path = path.resolve()
+    try:
+        if (path / CURRENT).is_symlink():
+            path = resolve_current(path)
+        path = path.resolve()
+    except OSError as exc:  # a version directory this process may not look into
+        raise BundleUnreadable(f"cannot read bundle {path}: {exc}") from None
     manifest = read_manifest(path)
     if manifest.get("version") != path.name:
         # Served, reported and rolled back by this name; the manifest is not checksummed.
@@ -667,7 +702,7 @@ def load_bundle(path: Path, device: str | torch.device = "cpu", verify: bool = T
         try:
             verify_files(path, manifest)
         except OSError as exc:  # verify_files raises it apart for `publish._damaged`
-            raise BundleError(f"cannot read bundle {path}: {exc}") from None
+            raise BundleUnreadable(f"cannot read bundle {path}: {exc}") from None
     try:
         files = {role: path / entry["path"] for role, entry in manifest["files"].items()}
         cfg = EncoderConfig.from_dict(manifest["model"])

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -188,6 +189,9 @@ class Metrics:
         )
         self.interests = InterestSignals(r, coverage_window_s)
         self._version: str | None = None
+        # Held by set_model (the loop) and by record_batch's check-and-record (a compute
+        # thread): a batch of the replaced model cannot land in the new model's window between.
+        self._model_lock = threading.Lock()
         self._write_failed_at = -math.inf
 
     @contextlib.contextmanager
@@ -237,25 +241,27 @@ class Metrics:
         self.recommendations.inc(len(results))
         self.fallbacks.inc(sum(r.fallback for r in results))
         self.unknown_ids.inc(sum(len(r.unknown_ids) for r in results))
-        if version == self._version:
-            # Not a batch of the model a reload replaced, still computing: its rows are another
-            # catalogue's, and counted in the new model's fresh window they showed coverage of
-            # items it had never served.
-            self.interests.observe(results)
+        with self._model_lock:
+            if version == self._version:
+                # Not a batch of the model a reload replaced, still computing: its rows are
+                # another catalogue's, and counted in the new model's fresh window they showed
+                # coverage of items it had never served.
+                self.interests.observe(results)
 
     def set_model(
         self, version: str, loaded_at: float, num_rows: int = 0, num_interests: int = 0
     ) -> None:
         # The new model's state first: a write that fails (a full disk under --workers N) then
         # leaves at worst the old version's 1 beside the new one's, not no version served.
-        previous, self._version = self._version, version
-        try:
-            self.model_info.labels(version=version).set(1)
-            if previous is not None and previous != version:
-                if shared_across_workers():  # series cannot be removed from the shared files
-                    self.model_info.labels(version=previous).set(0)
-                else:
-                    self.model_info.remove(previous)
-        finally:
-            self.model_loaded_at.set(loaded_at)
-            self.interests.set_model(num_rows, num_interests)
+        with self._model_lock:
+            previous, self._version = self._version, version
+            try:
+                self.model_info.labels(version=version).set(1)
+                if previous is not None and previous != version:
+                    if shared_across_workers():  # series cannot be removed from shared files
+                        self.model_info.labels(version=previous).set(0)
+                    else:
+                        self.model_info.remove(previous)
+            finally:
+                self.model_loaded_at.set(loaded_at)
+                self.interests.set_model(num_rows, num_interests)

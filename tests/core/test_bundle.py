@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from remi_core import atomic, bundle
 from remi_core.bundle import (
     BundleError,
+    BundleUnreadable,
     current_version,
     list_versions,
     load_bundle,
@@ -26,6 +27,7 @@ from remi_core.bundle import (
     published_log,
     published_versions,
     read_manifest,
+    rolled_back_from,
     set_current,
     write_bundle,
 )
@@ -296,6 +298,51 @@ def test_a_failed_first_log_write_leaves_a_root_from_before_the_log_as_it_was(
     write_tiny_bundle(root, version="v4")
     assert prune(root, keep=3) == ["v1"]
     assert published_versions(root) == ["v3", "v2", "v4"]  # v2 served last before v4
+
+
+def test_a_publish_log_without_entries_is_no_log(tmp_path):
+    # A crash between the log's creation and its first write left it empty: read as "nothing
+    # published", the next publish logged itself alone and retention deleted the others.
+    root = tmp_path / "bundles"
+    for version in ("v1", "v2"):
+        write_tiny_bundle(root, version=version)
+    (root / bundle.PUBLISHED).write_text("")
+    assert published_versions(root) == ["v1", "v2"]
+    write_tiny_bundle(root, version="v3")
+    assert published_log(root) == ["v1", "v2", "v3"]
+    assert prune(root, keep=3) == []
+
+
+def test_a_rollback_is_told_by_the_log_where_a_manifest_tells_no_age():
+    when = {"a": "2026-01-01", "b": "2026-01-02"}
+    assert rolled_back_from(["a", "b", "a"], when) == {"b"}
+    # a's manifest damaged (the version rolled back to, say): its first publish came first
+    assert rolled_back_from(["a", "b", "a"], {"b": when["b"]}) == {"b"}
+    assert rolled_back_from(["a", "b"], {"b": when["b"]}) == set()  # published in order
+    assert rolled_back_from(["a", "b", "b"], {}) == set()
+
+
+def test_a_version_that_cannot_be_looked_into_is_listed_and_unreadable(tmp_path, monkeypatch):
+    # A version directory without search permission (PermissionError from is_file, which
+    # root, running the tests in CI, never gets): it stopped every listing and load.
+    root = tmp_path / "bundles"
+    write_tiny_bundle(root, version="v1")
+    write_tiny_bundle(root, version="v2")
+    is_file, is_symlink = Path.is_file, Path.is_symlink
+
+    def denied(real):
+        def check(path: Path) -> bool:
+            if path.parent.name == "v1":
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real(path)
+
+        return check
+
+    monkeypatch.setattr(Path, "is_file", denied(is_file))
+    monkeypatch.setattr(Path, "is_symlink", denied(is_symlink))
+    assert list_versions(root) == ["v1", "v2"]  # v1 without a readable age: first
+    with pytest.raises(BundleUnreadable, match="cannot read bundle .*v1.*Permission denied"):
+        load_bundle(root / "v1")
 
 
 def test_a_switch_that_fails_takes_its_log_entry_back(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Interest signals in /metrics: routing concentration, items per interest slot, coverage."""
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +171,7 @@ def test_a_batch_of_a_replaced_model_leaves_the_new_models_coverage_alone():
     metrics = Metrics()
     metrics.set_model("v1", 0.0, num_rows=11, num_interests=2)
     metrics.set_model("v2", 1.0, num_rows=5, num_interests=2)
-    metrics.record_batch("v1", 1, [answer([7, 8, 9, 10])], False)
+    metrics.record_batch("v1", 1, [answer([1, 2, 3, 4])], False)
 
     def sample(name: str, **labels: str) -> float | None:
         return metrics.registry.get_sample_value(name, labels)
@@ -181,3 +182,11 @@ def test_a_batch_of_a_replaced_model_leaves_the_new_models_coverage_alone():
     metrics.record_batch("v2", 1, [answer([1, 2])], False)
     assert sample("remi_served_items_distinct", window="current") == 2
     assert sample("remi_items_by_interest_total", interest="0") == 2
+    # Recorded while the swap is under way, it waits for it, then sees the new version.
+    with metrics._model_lock:
+        late = threading.Thread(target=metrics.record_batch, args=("v2", 1, [answer([3])], False))
+        late.start()
+        late.join(0.2)
+        assert late.is_alive() and sample("remi_served_items_distinct", window="current") == 2
+    late.join()
+    assert sample("remi_served_items_distinct", window="current") == 3

@@ -29,6 +29,7 @@ import remi_core.bundle
 import training.nightly.publish as nightly_publish
 from remi_core.bundle import (
     BundleError,
+    BundleUnreadable,
     current_version,
     list_versions,
     load_bundle,
@@ -413,6 +414,36 @@ def test_worse_model_is_not_published_and_retention_keeps_current(nightly_env) -
     # to roll back to (the damaged one had kept its place, and `good` went).
     assert repaired["pruned"] == [relaxed["published_version"]]
     assert set(list_versions(cfg.bundle_root)) == {good, repaired["published_version"]}
+
+
+def test_a_current_that_cannot_be_read_now_is_neither_replaced_nor_judged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An I/O error reading `current`'s files made it "unusable": the drift guard's baseline was
+    # restored over a `current` the API may read fine. The night fails instead, as it did when
+    # the OSError went through.
+    from types import SimpleNamespace
+
+    root = tmp_path / "bundles"
+    older = write_tiny_bundle(root, seed=0).name
+    current = write_tiny_bundle(root, seed=1).name
+    sha256_of = remi_core.bundle.sha256_of
+
+    def failing(path: Path) -> str:
+        if current in str(path):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return sha256_of(path)
+
+    monkeypatch.setattr(remi_core.bundle, "sha256_of", failing)
+    monkeypatch.setattr(
+        nightly_publish, "evaluate_bundle", lambda bundle, *args: {"recall@50": 0.3}
+    )
+    cfg = SimpleNamespace(bundle_root=root, compare_metric="recall@50", tolerance=0.01,
+                          baseline_versions=4)  # fmt: skip
+    worse = {split: {"recall@50": 0.2} for split in ("valid", "test")}
+    with pytest.raises(BundleUnreadable, match="Input/output error"):
+        nightly_publish.compare(cfg, worse, current, dataset=None)
+    assert current_version(root) == current and set(list_versions(root)) == {older, current}
 
 
 def test_only_a_version_whose_files_fail_their_checksums_counts_as_damaged(tmp_path: Path) -> None:

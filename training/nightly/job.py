@@ -59,6 +59,7 @@ from remi_core.atomic import write_json_atomic
 from remi_core.bundle import (
     FILES,
     BundleError,
+    BundleUnreadable,
     check_current_is_a_link,
     current_version,
     read_manifest,
@@ -389,6 +390,8 @@ def published_bundle(root: Path) -> Published:
         return Published(None, None, None)
     try:
         manifest = read_manifest(resolve_current(root))
+    except BundleUnreadable:
+        raise  # permissions or I/O: fail the night before training, not decide on a guess
     except BundleError as exc:
         log.warning("current bundle unreadable: %s", exc)
         return Published(version, None, None)
@@ -549,6 +552,7 @@ def _redis_client(url: str) -> Any:
         encoding_errors="surrogateescape",
         socket_timeout=30,
         socket_connect_timeout=10,
+        protocol=2,  # redis-py 8 speaks RESP3 (HELLO 3) by default, which Redis 5 lacks
     )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from remi_core.bundle import (
     Bundle,
     BundleError,
+    BundleUnreadable,
     created_at,
     current_version,
     load_bundle,
@@ -129,6 +130,10 @@ def compare(
         try:
             bundle = load_bundle(root)
             current = {s: evaluate_bundle(bundle, dataset, s) for s in ("valid", "test")}
+        except BundleUnreadable:
+            # Not evidence of damage (permissions, an I/O error): the night fails, as it would
+            # with no comparison to make, rather than replace a `current` the API may read fine.
+            raise
         except BundleError as exc:
             unusable = str(exc)
             bundle = None
