@@ -148,15 +148,22 @@ for slot, events in pairs(pending) do
   local tail_items, tail_times = {}, {}
   local newest = redis.call('LINDEX', times, -1)
   if newest and when(newest) > events[1][1] then
-    -- Entries newer than the oldest event come off once and merge with the events.
-    local all = redis.call('LRANGE', times, 0, -1)
-    local keep = #all
-    while keep > 0 and when(all[keep]) > events[1][1] do
-      keep = keep - 1
-    end
+    -- Entries newer than the oldest event come off once and merge with the events. Only the
+    -- list's tail is read, twice as much at a time until it reaches an older entry: a slightly
+    -- late event at a cap of 10^6 read every timestamp (a second of Redis blocked for all).
+    local read, tail, stay = 64, {}, 0
+    repeat
+      tail = redis.call('LRANGE', times, -read, -1)
+      stay = #tail
+      while stay > 0 and when(tail[stay]) > events[1][1] do
+        stay = stay - 1
+      end
+      read = read * 2
+    until stay > 0 or #tail == size
+    local keep = size - #tail + stay
     tail_items = redis.call('LRANGE', items, keep, -1)
-    for k = keep + 1, #all do
-      tail_times[#tail_times + 1] = all[k]
+    for k = stay + 1, #tail do
+      tail_times[#tail_times + 1] = tail[k]
     end
     if keep == 0 then  -- LTRIM 0 -1 would keep everything
       redis.call('DEL', items, times)
@@ -252,6 +259,9 @@ class HistoryStore:
             # a hung Redis. One immediate retry on a broken connection replaces a stale
             # pooled one after a Redis restart (the /events script is safe to retry).
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            # RESP2: redis-py 8 opens each connection with HELLO 3, a command Redis 5 lacks,
+            # which failed every call there (docs/serving.md says Redis 5 or newer).
+            protocol=2,
             decode_responses=True,
             # Bytes a foreign writer stored that are not UTF-8 decode to U+FFFD and so count
             # as unknown ids, instead of failing the request. Outgoing strings are always

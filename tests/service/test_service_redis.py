@@ -589,6 +589,45 @@ def test_stored_histories_match_a_stable_sort_by_timestamp(redis_server: RedisSe
         assert redis.lrange(history_key(user), 0, -1) == expected, user
 
 
+def test_a_late_event_reads_only_the_entries_newer_than_it(
+    tiny_bundle_root: Path, redis_server: RedisServer
+) -> None:
+    # The script read every stored timestamp for an event a second late: at a cap of 10^6, a
+    # second of Redis blocked for every client. It now reads the tail, doubling: these land
+    # 100 entries from the end (past the first 64 read), at the start, and before everything.
+    redis = redis_server.client()
+    stored = [f"s{k}" for k in range(1000)]
+    redis.rpush(history_key("gus"), *stored)
+    redis.rpush(history_times_key("gus"), *[str(1_700_000_000 + k) for k in range(1000)])
+    settings = redis_settings(tiny_bundle_root, redis_server, history_cap=2000)
+    late = [("late-1", 899.5), ("late-2", 10.5), ("late-3", -1.0)]
+    body = {"events": [{"user_id": "gus", "item_id": i, "timestamp": 1_700_000_000 + t}
+                       for i, t in late]}  # fmt: skip
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/events", json=body).status_code == 200
+    expected = ["late-3", *stored[:11], "late-2", *stored[11:900], "late-1", *stored[900:]]
+    assert redis.lrange(history_key("gus"), 0, -1) == expected
+    times = [float(t) for t in redis.lrange(history_times_key("gus"), 0, -1)]
+    assert times == sorted(times) and len(times) == 1003
+
+
+def test_a_redis_without_hello_is_served(tiny_bundle_root: Path, tmp_path: Path) -> None:
+    # redis-py 8 opens every connection with HELLO 3, which Redis 5 (documented as enough)
+    # does not know: every history read and event write was a 503 there.
+    old_redis = RedisServer(tmp_path / "redis")
+    old_redis.start(10.0, "--rename-command", "HELLO", "")
+    try:
+        settings = redis_settings(tiny_bundle_root, old_redis)
+        with TestClient(create_app(settings)) as client:
+            r = client.post("/events", json=events("hal", ["books-0001", "books-0002"]))
+            assert r.status_code == 200, r.text
+            r = client.post("/recommend", json={"user_id": "hal", "n": 3})
+            assert r.status_code == 200 and r.json()["known_history_length"] == 2, r.text
+            assert client.get("/readyz").json()["redis"]["ok"]
+    finally:
+        old_redis.stop()
+
+
 def test_a_long_late_batch_is_stored_in_one_pass(
     tiny_bundle_root: Path, redis_server: RedisServer
 ) -> None:
