@@ -405,10 +405,11 @@ def _record_published(root: Path, version: str) -> tuple[int, int, bool]:
     empty, it would say nothing was ever published, and retention would delete a root from
     before the log), and an entry never continues a line a crash left unfinished."""
     log_path = root / PUBLISHED
-    # Under the root's lock: no other switch creates it. A log without entries (a crash between
-    # its creation and its first write) is no log: started afresh like a missing one.
+    # Under the root's lock: no other switch creates it. A log without entries is no log
+    # (`published_log`): started afresh like a missing one.
     try:
-        created = not log_path.read_text().split()
+        published_log(root)
+        created = False
     except FileNotFoundError:
         created = True
     except (OSError, UnicodeDecodeError) as exc:

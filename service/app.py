@@ -147,7 +147,7 @@ router = APIRouter()
 # load balancers' health checks and uptime monitors may use. Out of the schema: FastAPI would give
 # the two methods of one handler the same operation id.
 RETRY_AFTER = {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
-CHALLENGE = {"description": "How to authenticate.", "schema": {"type": "string"}}
+CHALLENGE_HEADER = {"description": "How to authenticate.", "schema": {"type": "string"}}
 # Every route that takes a JSON body.
 ERRORS: dict[int | str, dict[str, Any]] = {
     408: {
@@ -176,7 +176,7 @@ STORE_ERRORS: dict[int | str, dict[str, Any]] = {
         "model": ErrorResponse,
         "description": "Missing or wrong X-API-Key, only when API keys are configured "
         "(REMI_API_KEYS); /recommend* need it only for entries given by user_id.",
-        "headers": {"WWW-Authenticate": CHALLENGE},
+        "headers": {"WWW-Authenticate": CHALLENGE_HEADER},
     },
     409: {
         "model": ErrorResponse,
@@ -201,7 +201,7 @@ ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {
         "model": ErrorResponse,
         "description": "Missing or wrong admin bearer token.",
-        "headers": {"WWW-Authenticate": CHALLENGE},
+        "headers": {"WWW-Authenticate": CHALLENGE_HEADER},
     },
     403: {"model": ErrorResponse, "description": "Admin is off: REMI_ADMIN_TOKEN is not set."},
     409: {

@@ -35,10 +35,21 @@ REQUIRE_REDIS = os.environ.get("REMI_REQUIRE_REDIS") == "1"
 @pytest.fixture
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A fresh, empty redis-server for one test; `.url`, `.stop()`, `.start()`, `.client()`."""
+    yield from _redis(tmp_path_factory)
+
+
+@pytest.fixture
+def redis_without_hello(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server without the HELLO command, as Redis 5 (redis-py 8 opens connections with
+    HELLO 3 unless told to speak RESP2); its `.client()` therefore does not work."""
+    yield from _redis(tmp_path_factory, "--rename-command", "HELLO", "")
+
+
+def _redis(factory: pytest.TempPathFactory, *extra: str) -> Iterator[RedisServer]:
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
+    server = RedisServer(factory.mktemp("redis"))
+    server.start(10.0, *extra)
     try:
         yield server
     finally:

@@ -247,6 +247,26 @@ except BundleError as exc:
 """
 
 
+def switch_to_v2_with_a_full_disk(root: Path) -> str:
+    """What set_current(root, "v2") says when the log can grow by two bytes only."""
+    out = subprocess.run([sys.executable, "-c", LOG_FILLS_UP, str(root)], capture_output=True,
+                         text=True, cwd=Path(__file__).parents[2], timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def fail_replacing_current(patch: pytest.MonkeyPatch) -> None:
+    """Make the link swap of a switch (os.replace onto `current`) fail as on a full disk."""
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(dst).name == "current":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    patch.setattr(bundle.os, "replace", failing_replace)
+
+
 def test_a_log_entry_the_disk_cuts_short_is_taken_back(tmp_path):
     # The log was written buffered: its failed flush was retried by truncate(), which failed
     # too, so the bytes that made it stayed ("v2" of its entry's three): a version never
@@ -255,10 +275,8 @@ def test_a_log_entry_the_disk_cuts_short_is_taken_back(tmp_path):
     write_tiny_bundle(root, version="v1")
     write_tiny_bundle(root, version="v2", publish=False)
     before = (root / "published.log").read_bytes()
-    out = subprocess.run([sys.executable, "-c", LOG_FILLS_UP, str(root)], capture_output=True,
-                         text=True, cwd=Path(__file__).parents[2], timeout=120)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert "cannot record v2 in" in out.stdout and "File too large" in out.stdout
+    said = switch_to_v2_with_a_full_disk(root)
+    assert "cannot record v2 in" in said and "File too large" in said
     assert (root / "published.log").read_bytes() == before
     assert current_version(root) == "v1" and published_log(root) == ["v1"]
 
@@ -274,20 +292,11 @@ def test_a_failed_first_log_write_leaves_a_root_from_before_the_log_as_it_was(
         write_tiny_bundle(root, version=version)
     write_tiny_bundle(root, version="v3", publish=False)
     (root / bundle.PUBLISHED).unlink()  # as written by a version of this code without the log
-    out = subprocess.run([sys.executable, "-c", LOG_FILLS_UP, str(root)], capture_output=True,
-                         text=True, cwd=Path(__file__).parents[2], timeout=120)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert "cannot record v2 in" in out.stdout and "File too large" in out.stdout
+    said = switch_to_v2_with_a_full_disk(root)
+    assert "cannot record v2 in" in said and "File too large" in said
     assert not (root / bundle.PUBLISHED).exists()
-    real_replace = os.replace
-
-    def failing_replace(src, dst):
-        if Path(dst).name == "current":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_replace(src, dst)
-
     with monkeypatch.context() as patch:  # logged, then the link could not be swapped
-        patch.setattr(bundle.os, "replace", failing_replace)
+        fail_replacing_current(patch)
         with pytest.raises(BundleError, match="cannot point .*current at v3"):
             set_current(root, "v3")
     assert not (root / bundle.PUBLISHED).exists()
@@ -361,15 +370,8 @@ def test_a_switch_that_fails_takes_its_log_entry_back(tmp_path, monkeypatch):
     assert list_versions(root) == ["v1", "v2"]  # the directory named current is no version
     (root / "current").rmdir()
     os.symlink("v1", root / "current")
-    real_replace = os.replace
-
-    def failing_replace(src, dst):
-        if Path(dst).name == "current":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_replace(src, dst)
-
     with monkeypatch.context() as patch:
-        patch.setattr(bundle.os, "replace", failing_replace)
+        fail_replacing_current(patch)
         with pytest.raises(BundleError, match="cannot point .*current at v2: .*No space left"):
             set_current(root, "v2")
     assert (root / "published.log").read_bytes() == before

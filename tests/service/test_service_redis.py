@@ -611,21 +611,18 @@ def test_a_late_event_reads_only_the_entries_newer_than_it(
     assert times == sorted(times) and len(times) == 1003
 
 
-def test_a_redis_without_hello_is_served(tiny_bundle_root: Path, tmp_path: Path) -> None:
+def test_a_redis_without_hello_is_served(
+    tiny_bundle_root: Path, redis_without_hello: RedisServer
+) -> None:
     # redis-py 8 opens every connection with HELLO 3, which Redis 5 (documented as enough)
     # does not know: every history read and event write was a 503 there.
-    old_redis = RedisServer(tmp_path / "redis")
-    old_redis.start(10.0, "--rename-command", "HELLO", "")
-    try:
-        settings = redis_settings(tiny_bundle_root, old_redis)
-        with TestClient(create_app(settings)) as client:
-            r = client.post("/events", json=events("hal", ["books-0001", "books-0002"]))
-            assert r.status_code == 200, r.text
-            r = client.post("/recommend", json={"user_id": "hal", "n": 3})
-            assert r.status_code == 200 and r.json()["known_history_length"] == 2, r.text
-            assert client.get("/readyz").json()["redis"]["ok"]
-    finally:
-        old_redis.stop()
+    settings = redis_settings(tiny_bundle_root, redis_without_hello)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/events", json=events("hal", ["books-0001", "books-0002"]))
+        assert r.status_code == 200, r.text
+        r = client.post("/recommend", json={"user_id": "hal", "n": 3})
+        assert r.status_code == 200 and r.json()["known_history_length"] == 2, r.text
+        assert client.get("/readyz").json()["redis"]["ok"]
 
 
 def test_a_long_late_batch_is_stored_in_one_pass(

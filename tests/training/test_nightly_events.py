@@ -218,17 +218,8 @@ def test_the_cli_reports_a_damaged_events_file_without_a_traceback(redis_server,
     assert printed["status"] == "failed" and "DataError" in printed["error"]
 
 
-def test_the_nightly_client_reads_a_redis_without_hello(tmp_path: Path) -> None:
+def test_the_nightly_client_reads_a_redis_without_hello(redis_without_hello) -> None:
     # redis-py 8 opens connections with HELLO 3, which Redis 5 lacks: every night failed there.
-    from tests.helpers import REDIS_SERVER, RedisServer
-
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed")
-    old_redis = RedisServer(tmp_path / "redis")
-    old_redis.start(10.0, "--rename-command", "HELLO", "")
-    try:
-        client = _redis_client(old_redis.url)
-        client.xadd("remi:events", {"user_id": "u", "item_id": "i", "timestamp": "1"})
-        assert client.xlen("remi:events") == 1
-    finally:
-        old_redis.stop()
+    client = _redis_client(redis_without_hello.url)
+    client.xadd("remi:events", {"user_id": "u", "item_id": "i", "timestamp": "1"})
+    assert client.xlen("remi:events") == 1
