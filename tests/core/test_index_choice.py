@@ -20,6 +20,7 @@ from remi_core.bundle import (
 )
 from remi_core.index import (
     GPU_MAX_K,
+    IVF_MAX_LISTS,
     MIN_TUNING_USERS,
     apply_search_params,
     assess,
@@ -42,10 +43,12 @@ ITEMS = 6000
 
 def test_choose_factory_by_size() -> None:
     assert choose_factory(1000, exact_max_items=1000) == "Flat"
-    assert choose_factory(1001, exact_max_items=1000) == "IVF64,SQ8"  # 2 sqrt(N) ~ 63
-    assert choose_factory(1_000_000) == "IVF2048,SQ8"
+    assert choose_factory(1001, exact_max_items=1000) == "IVF128,SQ8"  # 4 sqrt(N) ~ 127
+    assert choose_factory(1_000_000) == "IVF4096,SQ8"
     assert choose_factory(100_000) == "Flat"
-    # A catalogue too small for 2 sqrt(N) lists gets no more lists than items (k-means fails).
+    # k-means costs grow with the square of the lists: at most IVF_MAX_LISTS.
+    assert choose_factory(10_000_000) == f"IVF{IVF_MAX_LISTS},SQ8" == "IVF8192,SQ8"
+    # A catalogue too small for 4 sqrt(N) lists gets no more lists than items (k-means fails).
     assert choose_factory(3, exact_max_items=1) == "IVF2,SQ8"
     assert choose_factory(2, exact_max_items=1) == "IVF2,SQ8"
 
@@ -108,7 +111,7 @@ def ann_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_export_picks_ann_above_the_threshold_and_reaches_the_target(ann_bundle: Path) -> None:
     bundle = load_bundle(ann_bundle)
     index = bundle.manifest["index"]
-    assert index["factory"] == choose_factory(ITEMS, 1000) == "IVF128,SQ8"
+    assert index["factory"] == choose_factory(ITEMS, 1000) == "IVF256,SQ8"
     assert index["chosen_by"] == "size"
     recall = index["recall"]
     assert recall["reached"] and recall["recall"] >= 0.95 and recall["n"] == 50
