@@ -65,8 +65,8 @@ def choose_factory(num_items: int, exact_max_items: int = EXACT_MAX_ITEMS) -> st
     merge rescores every candidate exactly, and no measurable recall: on the 1M-item benchmark
     catalogue IVF2048,SQ8 and IVF2048,Flat reached the same recall@50 at the same nprobe, SQ8
     about 1.5-2x faster. More, shorter lists scan less for the same recall: there, tuned to
-    recall@50 0.95, 4,096 lists (nprobe=64) answered 1.38x the users/s of 2,048 (nprobe=48) and
-    as many as 8,192 (nprobe=96), whose build took 3x as long (docs/serving.md)."""
+    recall@50 0.95, 4,096 lists (nprobe=64) answered 1.18-1.38x the users/s of 2,048 (nprobe=48)
+    and more than 8,192 (nprobe=96), whose build took 3-4x as long (bench/bench_ivf_lists.py)."""
     if num_items <= exact_max_items:
         return "Flat"
     nlist = 2 ** round(math.log2(4 * math.sqrt(num_items)))

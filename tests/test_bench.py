@@ -54,6 +54,8 @@ def test_an_unknown_variant_is_named_in_the_error():
         ("bench_train.py", ["--data", "/nonexistent.txt"], "--data: /nonexistent.txt: file not"),
         ("bench_diversity.py", ["--ns", "50,x"], "--ns: comma-separated whole numbers >= 1"),
         ("bench_serve_load.py", ["--sizes", "5"], "--sizes: 2 or 3 catalogue sizes, not 1"),
+        ("bench_ivf_lists.py", ["--lists", "64,x"], "--lists: comma-separated whole numbers"),
+        ("bench_ivf_lists.py", ["--items", "100", "--lists", "128"], "--lists: 128 lists for 100"),
         ("bench_service.py", ["--devices", "cpu,tpu"], "--devices: 'tpu' is not a device"),
         ("bench_service.py", ["--batches", "1,0"], "--batches: comma-separated whole numbers"),
         ("bench_serve_devices.py", ["--devices", "tpu"], "--devices: 'tpu' is not a device"),

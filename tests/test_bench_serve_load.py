@@ -135,3 +135,21 @@ def test_a_rerun_replaces_the_section_and_keeps_the_rest(
     assert out.read_text() == (
         f"# Benchmarks\n\nbefore\n\n{module.START}\n| second |\n{module.END}\n\nafter\n"
     )
+
+
+@pytest.mark.skipif(not (DATA / "amazon_sports").is_dir(), reason="needs REMI_DATA_ROOT")
+def test_the_ivf_list_benchmark_tunes_and_times_each_list_count(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_ivf_lists.py"), "--data-root", str(DATA),
+         "--work-dir", str(tmp_path), "--train-iters", "30", "--items", "30000",
+         "--lists", "64,128", "--users", "300", "--rounds", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| IVF")]
+    assert [row.split(" | ")[0] for row in rows] == ["| IVF64,SQ8", "| IVF128,SQ8"]
+    assert rows[0].split(" | ")[5] == "1.00x"  # the first list count is the reference
+    for row in rows:  # each tuned to the target on validation users, recall measured on others
+        assert row.split(" | ")[1].startswith("nprobe=")
+        assert float(row.split(" | ")[2].split(" ")[0]) >= 0.9
