@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from bench._args import positive_int, positive_ints  # noqa: E402
 from bench.bench_serve_load import (  # noqa: E402
     SPORTS,
+    catalogue_rows,
     grow_table,
     machine,
     split_histories,
@@ -77,21 +78,19 @@ def main() -> None:
     if args.items < len(bundle.item_ids) - 1:
         sys.exit(f"error: --items: {args.items} is smaller than the trained catalogue")
     valid, test = split_histories(args.work_dir / "sports-run")
-    row_of = bundle.row_of()
-
-    def encoded(histories: list[list[str]]) -> tuple[np.ndarray, list[np.ndarray]]:
-        rows = [np.array([row_of[i] for i in h if i in row_of], dtype=np.int64) for h in histories]
-        return encode_histories(bundle.encoder, rows)  # (U, K, d) and each user's history
-
-    tune, tune_exclude = encoded(valid[:TUNE_USERS])
-    users, exclude = encoded([h[-args.history :] for h in test[: args.users]])
+    # (U, K, d) interests and each user's history to exclude
+    tune, tune_exclude = encode_histories(
+        bundle.encoder, catalogue_rows(bundle, valid[:TUNE_USERS])
+    )
+    sent = [h[-args.history :] for h in test[: args.users]]
+    users, exclude = encode_histories(bundle.encoder, catalogue_rows(bundle, sent))
     table = grow_table(bundle.item_embeddings, args.items)  # (N + 1, d)
     items = torch.from_numpy(table)
 
     rows = []
+    faiss.omp_set_num_threads(torch.get_num_threads())  # the builds as export runs them
     for nlist in args.lists:
         factory = f"IVF{nlist},SQ8"
-        faiss.omp_set_num_threads(torch.get_num_threads())  # the build as export runs it
         start = time.perf_counter()
         index = build_index(table, factory)
         built = time.perf_counter() - start

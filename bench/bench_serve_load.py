@@ -58,7 +58,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._args import positive_float, positive_int, positive_ints  # noqa: E402
-from remi_core.bundle import TUNE_USERS, encode_histories, load_bundle, write_bundle  # noqa: E402
+from remi_core.bundle import (  # noqa: E402
+    TUNE_USERS,
+    Bundle,
+    encode_histories,
+    load_bundle,
+    write_bundle,
+)
 from remi_core.index import EXACT_MAX_ITEMS, mean_and_error, recall_per_user  # noqa: E402
 from remi_core.models import EncoderConfig, build_encoder, cpu_state_dict  # noqa: E402
 from remi_core.threads import available_cpus  # noqa: E402
@@ -144,6 +150,13 @@ def grow_table(table: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+def catalogue_rows(bundle: Bundle, histories: list[list[str]]) -> list[np.ndarray]:
+    """Each history's catalogue rows, ids the bundle does not know dropped (as serving drops
+    them)."""
+    row_of = bundle.row_of()
+    return [np.array([row_of[i] for i in h if i in row_of], dtype=np.int64) for h in histories]
+
+
 def write_catalogue(
     base: Path, root: Path, size: int, tune: list[list[str]], exact_max_items: int
 ) -> Path:
@@ -160,15 +173,13 @@ def write_catalogue(
     encoder.load_state_dict(state)
     real = len(bundle.item_ids)
     ids = bundle.item_ids + [f"synthetic-{r}" for r in range(real, size + 1)]
-    row_of = bundle.row_of()
-    rows = [np.array([row_of[i] for i in h if i in row_of], dtype=np.int64) for h in tune]
     return write_bundle(
         root,
         encoder=encoder,
         item_ids=ids,
         popularity=bundle.popularity,
         metadata={"dataset": {"name": f"sports-grown-{size}", "base": bundle.version}},
-        tune_histories=rows,
+        tune_histories=catalogue_rows(bundle, tune),
         exact_max_items=exact_max_items,
     )
 
@@ -214,9 +225,7 @@ def recall_at_50(path: Path, histories: list[list[str]]) -> tuple[float, float]:
     """Recall@50 of the served index against exact Eq. 7, on histories not used for tuning, and
     its standard error."""
     bundle = load_bundle(path, verify=False)
-    row_of = bundle.row_of()
-    rows = [np.array([row_of[i] for i in h if i in row_of], dtype=np.int64) for h in histories]
-    interests, exclude = encode_histories(bundle.encoder, rows)
+    interests, exclude = encode_histories(bundle.encoder, catalogue_rows(bundle, histories))
     table = torch.from_numpy(bundle.item_embeddings)
     return mean_and_error(recall_per_user(bundle.index, interests, table, 50, exclude))
 

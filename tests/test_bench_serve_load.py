@@ -23,9 +23,9 @@ DATA = Path(os.environ.get("REMI_DATA_ROOT", ROOT.parent / "shared" / "data"))
 pytestmark = pytest.mark.integration
 
 
-def bench(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def bench(*args: str, timeout: int = 600, script: Path = BENCH) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(BENCH), *args],
+        [sys.executable, str(script), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -140,12 +140,10 @@ def test_a_rerun_replaces_the_section_and_keeps_the_rest(
 
 @pytest.mark.skipif(not (DATA / "amazon_sports").is_dir(), reason="needs REMI_DATA_ROOT")
 def test_the_ivf_list_benchmark_tunes_and_times_each_list_count(tmp_path: Path) -> None:
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_ivf_lists.py"), "--data-root", str(DATA),
-         "--work-dir", str(tmp_path), "--train-iters", "30", "--items", "30000",
-         "--lists", "64,128", "--users", "300", "--rounds", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    run = bench(
+        "--data-root", str(DATA), "--work-dir", str(tmp_path), "--train-iters", "30",
+        "--items", "30000", "--lists", "64,128", "--users", "300", "--rounds", "1",
+        script=ROOT / "bench" / "bench_ivf_lists.py",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith("| IVF")]
